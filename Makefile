@@ -1,0 +1,41 @@
+# lightning_sp — every target sets up .venv on first use (pip install -e '.[dev]'), then does its job.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+VARIANT ?= pooling
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help setup train data tokenizer test tensorboard clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install the package with its dev extras
+
+train: $(STAMP) ## train the embedded default: make train VARIANT=pooling|mlp|cropping ARGS="trainer.max_steps=50"
+	$(PY) -m lightning_sp train variant=$(VARIANT) $(ARGS)
+
+data: $(STAMP) ## generate + shard the synthetic spatial-VQA data (train does this when missing)
+	$(PY) -m lightning_sp prepare-data $(ARGS)
+
+tokenizer: $(STAMP) ## rebuild the shipped tokenizer in data/tokenizer
+	$(PY) -m lightning_sp.data.tokenizer --out data/tokenizer
+
+test: $(STAMP) ## run the test suite on CPU (nothing downloaded)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+tensorboard: $(STAMP) ## TensorBoard on runs/
+	$(VENV)/bin/tensorboard --logdir runs
+
+clean: ## remove generated data and runs (keeps .venv and the shipped tokenizer)
+	rm -rf runs data/synthetic data/shards

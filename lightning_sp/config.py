@@ -1,0 +1,277 @@
+"""Typed config schema and OmegaConf composition.
+
+A run's config is composed from `conf/base.yaml`, then one YAML per *group* (`model/`, `data/`, `stage/`,
+`trainer/`, `variant/`), then the user's dotlist overrides. A group is selected with `group=name`
+(`variant=pooling`); any other `a.b=value` overrides a field. Everything is merged into the structured schema
+below, so an unknown key or a wrong type fails here, before any model is built, with a message that names the
+key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# Applied in this order: later groups refine earlier ones (a model preset may adjust the stage's learning
+# rates, a variant the projector a model preset sized).
+GROUPS = ("stage", "model", "data", "trainer", "variant")
+
+
+@dataclass
+class VisionConfig:
+    name_or_path: Optional[str] = None  # HF id or local dir; None builds a random-init CLIP from the fields below
+    image_size: int = 336
+    patch_size: int = 14
+    hidden_size: int = 64
+    num_layers: int = 3
+    num_heads: int = 4
+    intermediate_size: int = 256
+    select_layer: int = -2  # LLaVA-1.5: penultimate block, CLS dropped
+    init_seed: int = 0  # random-init encoders are rebuilt from this seed when a checkpoint is loaded
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LLMConfig:
+    name_or_path: Optional[str] = None  # HF id or local dir; None builds a random-init Llama from the fields below
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 344
+    max_position_embeddings: int = 2048
+    init_seed: int = 0
+    dtype: str = "float32"  # weights of the frozen LLM: float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoraConfig:
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    # Extra LLM modules trained in full (peft `modules_to_save`); the tiny random default trains its embeddings.
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    tokenizer: str = "data/tokenizer"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class ProjectorConfig:
+    name: str = "pooling"  # a key of lightning_sp.models.projectors.PROJECTORS
+    sp_width: int = 512  # D, width of the SP branch (paper: 512)
+    dfi: bool = True  # Detail Feature Integrator on the SP tokens
+    head_bias: Optional[bool] = None  # bias of W_s; None = the released variant's choice
+
+
+@dataclass
+class SyntheticDataConfig:
+    raw_dir: str = "data/synthetic"
+    n_train: int = 4000
+    n_val: int = 300
+    turns: int = 3
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    train_dir: str = MISSING  # WebDataset shards + index.json
+    val_dir: Optional[str] = None
+    batch_size: int = 16
+    val_batch_size: int = 32
+    num_workers: int = 1
+    shuffle_buffer: int = 500
+    max_length: int = 2048
+    shard_size: int = 1000
+    synthetic: Optional[SyntheticDataConfig] = None  # set: generate + convert the data when shards are missing
+
+
+@dataclass
+class StageConfig:
+    name: str = "finetune"  # align | finetune
+    template: str = "vicuna_v1"  # plain | vicuna_v1
+    lora: bool = True  # attach LoRA adapters to the LLM (finetune); align trains the projector only
+
+
+@dataclass
+class OptimConfig:
+    lr_projector: float = 2e-5
+    lr_lora: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_steps: int = 300
+    val_check_interval: int = 100  # optimizer steps... counted in training batches, as Lightning does
+    limit_val_batches: Optional[int] = None
+    num_sanity_val_steps: int = 0
+    log_every_n_steps: int = 10
+    gradient_clip_val: Optional[float] = 1.0
+    accumulate_grad_batches: int = 1
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 8
+
+
+@dataclass
+class RunConfig:
+    choices: dict[str, str] = field(default_factory=dict)  # group -> selected YAML name (filled by compose)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    run_dir: Optional[str] = None  # default: runs/<variant>/<timestamp>
+    save_top_k: int = 1
+
+
+class ConfigError(ValueError):
+    """A config that cannot be composed or validated; the message names the key and the fix."""
+
+
+def group_choices(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
+    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        return OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors: say which file
+        raise ConfigError(f"cannot parse {path}: {e}") from e
+
+
+def _valid_keys(schema: DictConfig, dotted: str) -> list[str]:
+    """The keys allowed at the parent of `dotted` (for error messages)."""
+    node: Any = schema
+    for part in dotted.split(".")[:-1]:
+        if not isinstance(node, DictConfig) or part not in node:
+            return []
+        node = node[part]
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _explain(e: Exception, schema: DictConfig, source: str) -> ConfigError:
+    key = getattr(e, "full_key", None) or ""
+    if isinstance(e, (ConfigKeyError, ConfigAttributeError)):
+        valid = _valid_keys(schema, key)
+        hint = difflib.get_close_matches(key.split(".")[-1], valid, n=1)
+        did = f" Did you mean '{hint[0]}'?" if hint else ""
+        return ConfigError(f"unknown config key '{key}' (from {source}).{did} Valid keys here: {', '.join(valid)}")
+    if isinstance(e, ValidationError):
+        return ConfigError(f"bad value for config key '{key}' (from {source}): {e.msg}")
+    return ConfigError(f"{source}: {e}")
+
+
+def _merge(base: DictConfig, other: Any, schema: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except (ConfigKeyError, ConfigAttributeError, ValidationError) as e:
+        raise _explain(e, schema, source) from e
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | str = CONF_DIR) -> DictConfig:
+    """Compose base + groups + dotlist overrides into a validated, read-only RunConfig."""
+    conf_dir = Path(conf_dir)
+    schema = OmegaConf.structured(RunConfig)
+    base = _load_yaml(conf_dir / "base.yaml")
+    choices = dict(base.pop("defaults", {}) or {})
+    field_overrides = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, value = item.split("=", 1)
+        if key in GROUPS:
+            choices[key] = value
+        elif key == "defaults":
+            raise ConfigError("'defaults' is reserved; select groups with group=name, e.g. variant=pooling")
+        else:
+            field_overrides.append(item)
+
+    cfg = _merge(schema, base, schema, str(conf_dir / "base.yaml"))
+    for group in GROUPS:
+        name = choices.get(group)
+        if name is None:
+            raise ConfigError(f"no '{group}' selected; choose one of: {', '.join(group_choices(group, conf_dir))}")
+        path = conf_dir / group / f"{name}.yaml"
+        if not path.is_file():
+            valid = group_choices(group, conf_dir)
+            raise ConfigError(f"unknown {group} '{name}'; valid choices: {', '.join(valid)} (files in {path.parent})")
+        cfg = _merge(cfg, _load_yaml(path), schema, str(path))
+    try:
+        dotlist = OmegaConf.from_dotlist(field_overrides)
+    except Exception as e:
+        raise ConfigError(f"cannot parse overrides {field_overrides}: {e}") from e
+    cfg = _merge(cfg, dotlist, schema, "command line")
+    cfg.choices = {g: choices[g] for g in GROUPS}
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cross-field checks that a type schema cannot express; all run before any model is built."""
+    from lightning_sp.models.projectors import PROJECTORS
+
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        raise ConfigError(f"missing required config keys: {', '.join(sorted(missing))}")
+    if cfg.projector.name not in PROJECTORS:
+        raise ConfigError(
+            f"unknown projector '{cfg.projector.name}' (key projector.name); valid: {', '.join(sorted(PROJECTORS))}"
+        )
+    PROJECTORS[cfg.projector.name].check_config(cfg.projector, grid=cfg.model.vision.image_size // cfg.model.vision.patch_size)
+    if cfg.stage.name not in ("align", "finetune"):
+        raise ConfigError(f"stage.name must be 'align' or 'finetune', got '{cfg.stage.name}'")
+    from lightning_sp.data.conversation import TEMPLATES
+
+    if cfg.stage.template not in TEMPLATES:
+        raise ConfigError(f"unknown template '{cfg.stage.template}' (key stage.template); valid: {', '.join(TEMPLATES)}")
+    if cfg.model.vision.image_size % cfg.model.vision.patch_size:
+        raise ConfigError("model.vision.image_size must be a multiple of model.vision.patch_size")
+    if cfg.model.llm.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.llm.dtype must be float32, bfloat16 or float16, got '{cfg.model.llm.dtype}'")
+
+
+def save(cfg: DictConfig, path: Path | str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, path, resolve=True)
+
+
+def load_saved(path: Path | str) -> DictConfig:
+    """Load a resolved config saved in a run directory, re-validated against the schema."""
+    schema = OmegaConf.structured(RunConfig)
+    cfg = _merge(schema, _load_yaml(Path(path)), schema, str(path))
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg

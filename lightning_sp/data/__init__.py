@@ -1,0 +1,1 @@
+"""Data layer: tokenizer, conversation templates and label masks."""

@@ -1,0 +1,1 @@
+"""Model components: vision encoder, LLM, projectors and the VLM that joins them."""

@@ -1,0 +1,162 @@
+"""LLaVA-SP projectors: Spatial Feature Extractor (SFE) + Detail Feature Integrator (DFI) + W_s + W_p.
+
+Shapes (LLAVA_SP.md §2): patches Z (B, G*G, C) -> 6 SP tokens (B, 6, D) -> W_s -> (B, 6, H), placed before
+W_p(Z) (B, G*G, H). At G=24 the windows are exactly the paper's; other grids scale them proportionally.
+
+Every SFE convolution covers its whole input window (kernel = window), so each output token is one dot
+product over the flattened window. We keep the weights in Conv2d layout (D, C, k, k) — the checkpoint format —
+and compute with a matmul over the flattened window instead of `F.conv2d`: same numbers, and on CPU the
+backward of a 24×24×1024 kernel is >10× faster as a matmul than through the convolution kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_sp.models.projectors import register
+from lightning_sp.models.projectors.base import Projector, ProjectorConfigError, TokenLayout
+from lightning_sp.models.projectors.mlp import patch_head
+
+PAPER_GRID = 24
+PAPER_SIDES = (4, 8, 12, 16, 20, 24)  # one SP token per window side, centre first, global last
+PAPER_DFI_KERNEL, DFI_STRIDE = 16, 2  # 24x24 -> 5x5 = 25 K/V tokens
+
+
+def scaled_sides(grid: int) -> list[int]:
+    """Window sides for a grid; at 24 these are the paper's (4, 8, ..., 24)."""
+    return [max(1, round(s * grid / PAPER_GRID)) for s in PAPER_SIDES]
+
+
+def conv_weight(out_ch: int, in_ch: int, k: int) -> nn.Parameter:
+    """A Conv2d-layout weight with nn.Conv2d's default init (the official code left these uninitialised)."""
+    w = torch.empty(out_ch, in_ch, k, k)
+    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+    return nn.Parameter(w)
+
+
+def window_dot(window: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Conv2d with kernel == window size, as a matmul: (B, C, k, k) x (D, C, k, k) -> (B, D)."""
+    return window.reshape(window.shape[0], -1) @ weight.reshape(weight.shape[0], -1).t()
+
+
+class SpatialFeatureExtractor(nn.Module):
+    """Six multi-scale tokens from the patch grid: centred crops (`cropping`) or adaptive pools (`pooling`)."""
+
+    def __init__(self, mode: str, vision_width: int, sp_width: int, grid: int) -> None:
+        super().__init__()
+        if mode not in ("cropping", "pooling"):
+            raise ValueError(f"SFE mode must be 'cropping' or 'pooling', got '{mode}'")
+        self.mode, self.grid = mode, grid
+        self.sides = scaled_sides(grid)
+        self.weights = nn.ParameterList(conv_weight(sp_width, vision_width, s) for s in self.sides)
+
+    def boxes(self) -> list[tuple[int, int, int, int]]:
+        """(row0, col0, row1, col1) of each token's window on the grid (pooling tokens see the whole grid)."""
+        if self.mode == "pooling":
+            return [(0, 0, self.grid, self.grid)] * len(self.sides)
+        return [((self.grid - s) // 2, (self.grid - s) // 2, (self.grid + s) // 2, (self.grid + s) // 2) for s in self.sides]
+
+    def forward(self, grid_features: torch.Tensor) -> torch.Tensor:
+        """(B, C, G, G) -> (B, 6, D)."""
+        tokens = []
+        for side, weight, (r0, c0, r1, c1) in zip(self.sides, self.weights, self.boxes()):
+            if self.mode == "cropping":
+                window = grid_features[:, :, r0:r1, c0:c1]
+            elif side == self.grid:
+                window = grid_features  # the global token is the conv alone, no pooling
+            else:
+                window = F.adaptive_avg_pool2d(grid_features, side)
+            tokens.append(window_dot(window, weight))
+        return torch.stack(tokens, dim=1)
+
+
+class DetailFeatureIntegrator(nn.Module):
+    """Cross-attention from the SP tokens (queries) to K/V tokens of a strided conv over the grid.
+
+    Single head, no output projection, no residual; the result is concatenated to the SP tokens (B, S, 2D).
+    The attention is written out by hand rather than with `F.scaled_dot_product_attention` because its weights
+    (B, S, 25) are a product output (visualised), and at S=6 x 25 there is nothing for a fused kernel to win.
+    """
+
+    def __init__(self, vision_width: int, sp_width: int, grid: int) -> None:
+        super().__init__()
+        self.kernel = max(1, round(PAPER_DFI_KERNEL * grid / PAPER_GRID))
+        self.stride = DFI_STRIDE
+        self.kv_side = (grid - self.kernel) // self.stride + 1
+        self.kv_weight = conv_weight(sp_width, vision_width, self.kernel)
+
+        def ln_linear() -> nn.Sequential:  # indices match the official `{query,key,value}_projector.{0,1}`
+            return nn.Sequential(nn.LayerNorm(sp_width), nn.Linear(sp_width, sp_width))
+
+        self.query, self.key, self.value = ln_linear(), ln_linear(), ln_linear()
+
+    def kv_tokens(self, grid_features: torch.Tensor) -> torch.Tensor:
+        """Conv2d(C, D, k, stride 2) as unfold + matmul: (B, C, G, G) -> (B, kv_side**2, D)."""
+        cols = F.unfold(grid_features, self.kernel, stride=self.stride)  # (B, C*k*k, L)
+        return cols.transpose(1, 2) @ self.kv_weight.reshape(self.kv_weight.shape[0], -1).t()
+
+    def forward(self, sp_raw: torch.Tensor, grid_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = self.kv_tokens(grid_features)
+        q, k, v = self.query(sp_raw), self.key(kv), self.value(kv)
+        attention = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)
+        return torch.cat([sp_raw, attention @ v], dim=-1), attention
+
+
+class SpatialProjector(Projector):
+    """SFE (+ DFI) -> W_s for 6 SP tokens, W_p for the patch tokens; SP tokens first."""
+
+    sfe_mode: str = ""
+    default_head_bias: bool = False
+
+    def __init__(self, cfg, vision_width: int, llm_width: int, grid: int) -> None:
+        super().__init__()
+        self.layout = TokenLayout(num_sp_tokens=len(PAPER_SIDES), patch_grid=(grid, grid))
+        self.grid = grid
+        d = cfg.sp_width
+        self.sfe = SpatialFeatureExtractor(self.sfe_mode, vision_width, d, grid)
+        self.dfi = DetailFeatureIntegrator(vision_width, d, grid) if cfg.dfi else None
+        # SFE-only arms use an unbiased head (official code); with DFI the released variant decides.
+        bias = cfg.head_bias if cfg.head_bias is not None else (self.default_head_bias and cfg.dfi)
+        self.spatial_head = nn.Sequential(nn.GELU(), nn.Linear(2 * d if cfg.dfi else d, llm_width, bias=bias))
+        self.patch_head = patch_head(vision_width, llm_width)
+
+    @classmethod
+    def check_config(cls, cfg, grid: int) -> None:
+        sides = scaled_sides(grid)
+        if len(set(sides)) != len(sides):
+            raise ProjectorConfigError(
+                f"projector '{cfg.name}' needs six distinct window sizes, but a {grid}x{grid} patch grid only gives "
+                f"{sides}; use an encoder with a grid of at least 6x6 (image_size / patch_size >= 6)"
+            )
+        if cfg.sp_width < 1:
+            raise ProjectorConfigError(f"projector.sp_width must be positive, got {cfg.sp_width}")
+
+    def sp_boxes(self) -> list[tuple[int, int, int, int]]:
+        return self.sfe.boxes()
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        b, n, c = patches.shape
+        if n != self.grid * self.grid:
+            raise ValueError(f"expected {self.grid * self.grid} patch tokens ({self.grid}x{self.grid} grid), got {n}")
+        grid_features = patches.transpose(1, 2).reshape(b, c, self.grid, self.grid)  # row-major: patch r*G+c
+        sp = self.sfe(grid_features)
+        if self.dfi is not None:
+            sp, attention = self.dfi(sp, grid_features)
+            self.last_attention = attention.detach()
+        return torch.cat([self.spatial_head(sp), self.patch_head(patches)], dim=1)
+
+
+@register("cropping")
+class CroppingProjector(SpatialProjector):
+    sfe_mode = "cropping"
+    default_head_bias = True  # the released Cropping checkpoint has `conv_linear.1.bias`
+
+
+@register("pooling")
+class PoolingProjector(SpatialProjector):
+    sfe_mode = "pooling"
+    default_head_bias = False

@@ -1,0 +1,104 @@
+"""The vision-language model: encoder -> projector -> visual tokens spliced into the LLM's input embeddings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lightning_sp.models.llm import attach_lora, build_llm
+from lightning_sp.models.projectors import Projector, build_projector
+from lightning_sp.models.vision import VisionTower
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    logits: Optional[torch.Tensor]
+
+
+class LlavaSP(nn.Module):
+    """Vision tower (frozen) + projector + causal LM (frozen, optionally with LoRA).
+
+    A batch carries each sample's `<image>` placeholder already expanded to `projector.layout.num_tokens`
+    copies (the collator does it), so splicing is a single gather + `torch.where` over the whole batch, with no
+    per-sample Python and no host sync. Text-only samples still run through the tower and projector (zero
+    image, no placeholder): every rank then issues the same collectives under DDP/FSDP.
+    """
+
+    def __init__(self, vision: VisionTower, projector: Projector, llm: nn.Module, image_token_id: int) -> None:
+        super().__init__()
+        self.vision = vision
+        self.projector = projector
+        self.llm = llm
+        self.image_token_id = image_token_id
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer) -> "LlavaSP":
+        vision = VisionTower.from_config(cfg.model.vision)
+        llm = build_llm(cfg.model.llm, tokenizer)
+        projector = build_projector(
+            cfg.projector, vision_width=vision.hidden_size, llm_width=llm.config.hidden_size, grid=vision.grid
+        )
+        if cfg.stage.lora:
+            llm = attach_lora(llm, cfg.model.lora)
+        return cls(vision, projector, llm, tokenizer.convert_tokens_to_ids("<image>"))
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return self.projector.layout.num_tokens
+
+    def visual_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, T, H) visual tokens in the projector's layout."""
+        features = self.vision(pixel_values)
+        return self.projector(features.to(self._projector_dtype()))
+
+    def _projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with every `<image>` position replaced by the sample's visual tokens, in order."""
+        is_image = input_ids == self.image_token_id
+        embeddings = self.llm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+        visual = self.visual_tokens(pixel_values).to(embeddings.dtype)
+        # k-th image position of a sample takes its k-th visual token.
+        order = (is_image.cumsum(dim=1) - 1).clamp(0, visual.shape[1] - 1)
+        gathered = torch.gather(visual, 1, order.unsqueeze(-1).expand(-1, -1, visual.shape[-1]))
+        return torch.where(is_image.unsqueeze(-1), gathered, embeddings)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        **_: object,
+    ):
+        return self.llm(
+            inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask, labels=labels
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        max_new_tokens: int = 16,
+        eos_token_id: Optional[int] = None,
+        pad_token_id: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Greedy decoding from LEFT-padded prompts; returns only the new tokens (B, <=max_new_tokens)."""
+        if prompt_attention_mask[:, -1].min() == 0:
+            raise ValueError("generation prompts must be left-padded (last column of the attention mask all ones)")
+        return self.llm.generate(
+            inputs_embeds=self.embed(prompt_ids, pixel_values),
+            attention_mask=prompt_attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )

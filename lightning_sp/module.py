@@ -1,0 +1,128 @@
+"""LightningModule: stage-aware trainable sets, AdamW param groups, cosine schedule, trainable-only checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+
+import lightning as L
+import torch
+from transformers import get_cosine_schedule_with_warmup
+
+from lightning_sp.data.answers import normalize_answer
+from lightning_sp.models.vlm import LlavaSP
+from lightning_sp.trainable import parameter_table, set_trainable
+
+log = logging.getLogger(__name__)
+
+
+class LlavaSPModule(L.LightningModule):
+    def __init__(self, cfg, tokenizer) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.model = LlavaSP.from_config(cfg, tokenizer)
+        set_trainable(self.model, cfg.stage)
+        # Checkpoints hold trainable state only; frozen weights are rebuilt from the config on load.
+        self.strict_loading = False
+        self._val_hits: dict[str, list[int]] = defaultdict(list)
+        self._step_start = 0.0
+
+    # ---- training -------------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        out = self.model(**batch)
+        supervised = (batch["labels"] != -100).sum()
+        tokens = batch["attention_mask"].sum()
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
+        self.log("train/supervised_fraction", supervised.float() / tokens.float(), batch_size=bs)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False, batch_size=bs)
+        return out.loss
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        elapsed = time.perf_counter() - self._step_start
+        if elapsed > 0:
+            bs = batch["input_ids"].shape[0]
+            self.log("train/samples_per_sec", bs / elapsed, batch_size=bs)
+            self.log("train/tokens_per_sec", batch["attention_mask"].numel() / elapsed, batch_size=bs)
+
+    # ---- validation: teacher-forced loss + greedy answer accuracy ------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        bs = batch["input_ids"].shape[0]
+        out = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            labels=batch["labels"],
+        )
+        self.log("val/loss", out.loss, prog_bar=True, batch_size=bs, sync_dist=True)
+        predictions = self.generate_answers(batch)
+        for pred, ref, qtype in zip(predictions, batch["answers"], batch["qtypes"]):
+            hit = int(normalize_answer(pred) == normalize_answer(ref))
+            self._val_hits["all"].append(hit)
+            self._val_hits[qtype].append(hit)
+
+    def generate_answers(self, batch) -> list[str]:
+        new_tokens = self.model.generate(
+            batch["prompt_ids"],
+            batch["prompt_attention_mask"],
+            batch["pixel_values"],
+            max_new_tokens=self.cfg.eval.max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+    def on_validation_epoch_end(self):
+        for key, hits in sorted(self._val_hits.items()):
+            name = "val/accuracy" if key == "all" else f"val/accuracy_{key}"
+            acc = torch.tensor(sum(hits) / max(1, len(hits)), dtype=torch.float32)
+            self.log(name, acc, prog_bar=key == "all", sync_dist=True)
+        self._val_hits.clear()
+
+    # ---- optimisation ---------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        groups = {"projector": [], "lora": []}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                groups["projector" if name.startswith("projector.") else "lora"].append(p)
+        lrs = {"projector": self.cfg.optim.lr_projector, "lora": self.cfg.optim.lr_lora}
+        param_groups = [
+            {"params": ps, "lr": lrs[name], "name": name} for name, ps in groups.items() if ps
+        ]
+        optimizer = torch.optim.AdamW(
+            param_groups, weight_decay=self.cfg.optim.weight_decay, betas=tuple(self.cfg.optim.betas)
+        )
+        total = self.trainer.max_steps
+        warmup = int(round(self.cfg.optim.warmup_ratio * total))
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self):
+        table = parameter_table(self.model)
+        log.info("trainable parameters:\n%s", table)
+        if self.trainer.is_global_zero:
+            print(table, flush=True)
+
+    # ---- checkpoints: trainable state only -------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["lightning_sp_config"] = self.cfg_container()
+
+    def on_load_checkpoint(self, checkpoint):
+        # strict_loading is off only so that frozen weights may be absent; a missing *trainable* tensor
+        # (say, the projector) must still be an error, never a silently random module.
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(trainable - set(checkpoint["state_dict"]))
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[:5]}")
+
+    def cfg_container(self):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(self.cfg, resolve=True)

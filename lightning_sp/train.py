@@ -1,0 +1,110 @@
+"""`train(cfg) -> metrics`: build the model, the data and the Lightning Trainer, fit, summarise."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import datetime
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_sp import config as config_lib
+from lightning_sp.data.datamodule import ShardDataModule
+from lightning_sp.data.prepare import ensure_synthetic
+from lightning_sp.data.tokenizer import load_tokenizer
+from lightning_sp.module import LlavaSPModule
+from lightning_sp.paths import resolve
+
+log = logging.getLogger(__name__)
+
+
+def run_dir_for(cfg: DictConfig) -> Path:
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    return Path("runs") / cfg.choices.get("variant", cfg.projector.name) / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def build_datamodule(cfg: DictConfig, tokenizer, num_visual_tokens: int) -> ShardDataModule:
+    data = cfg.data
+    return ShardDataModule(
+        train_dir=data.train_dir,
+        val_dir=data.val_dir,
+        tokenizer=tokenizer,
+        template=cfg.stage.template,
+        num_visual_tokens=num_visual_tokens,
+        image_size=cfg.model.vision.image_size,
+        batch_size=data.batch_size,
+        val_batch_size=data.val_batch_size,
+        num_workers=data.num_workers,
+        shuffle_buffer=data.shuffle_buffer,
+        max_length=data.max_length,
+        seed=cfg.seed,
+    )
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    t = cfg.trainer
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="step{step:06d}",
+        auto_insert_metric_name=False,
+        save_last=True,
+        save_top_k=cfg.save_top_k,
+        monitor="step",
+        mode="max",
+        every_n_train_steps=t.val_check_interval,
+    )
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        precision=t.precision,
+        max_steps=t.max_steps,
+        val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches,
+        num_sanity_val_steps=t.num_sanity_val_steps,
+        log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        enable_progress_bar=t.enable_progress_bar,
+        logger=TensorBoardLogger(save_dir=str(run_dir), name="tb", version=""),
+        callbacks=[checkpoint],
+        default_root_dir=str(run_dir),
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train one run; returns the final logged metrics (also written to `<run_dir>/metrics.json`)."""
+    started = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = run_dir_for(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_lib.save(cfg, run_dir / "config.yaml")
+
+    if cfg.data.synthetic is not None:
+        ensure_synthetic(cfg.data, image_size=cfg.model.vision.image_size)
+    tokenizer = load_tokenizer(str(resolve(cfg.model.tokenizer)))
+    module = LlavaSPModule(cfg, tokenizer)
+    datamodule = build_datamodule(cfg, tokenizer, module.model.num_visual_tokens)
+    trainer = build_trainer(cfg, run_dir)
+    trainer.fit(module, datamodule=datamodule)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics["wall_time_s"] = time.perf_counter() - started
+    if trainer.is_global_zero:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("train/loss", "val/loss", "val/accuracy") if k in metrics)
+        print(f"run finished in {metrics['wall_time_s']:.0f}s: {shown} -> {run_dir}", flush=True)
+    return metrics
+
+
+def train_from_overrides(overrides: list[str]) -> dict[str, float]:
+    cfg = config_lib.compose(overrides)
+    log.info("config:\n%s", OmegaConf.to_yaml(cfg))
+    return train(cfg)

@@ -1,0 +1,51 @@
+"""Which parameters train in a stage, and the table of trainable/frozen counts printed at start."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from torch import nn
+
+
+def set_trainable(model: nn.Module, stage_cfg) -> None:
+    """Vision frozen; the whole projector (SFE, DFI, W_s, W_p) trains in every stage; the LLM trains only
+    through its LoRA adapters (and peft `modules_to_save`), which exist only when `stage.lora` is set."""
+    model.vision.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    if not stage_cfg.lora:
+        model.llm.requires_grad_(False)
+    trainable_llm = [n for n, p in model.llm.named_parameters() if p.requires_grad]
+    if stage_cfg.lora and not trainable_llm:
+        raise RuntimeError("stage.lora is set but the LLM has no trainable LoRA parameters")
+
+
+def _component(name: str) -> str:
+    parts = name.split(".")
+    if parts[0] == "projector":
+        return "projector." + parts[1]
+    if parts[0] == "llm":
+        if "lora_" in name:
+            return "llm (LoRA)"
+        if "modules_to_save" in name:
+            return "llm (modules_to_save)"
+        return "llm"
+    return parts[0]
+
+
+def parameter_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """component -> (trainable, frozen) parameter counts."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for name, p in model.named_parameters():
+        counts[_component(name)][0 if p.requires_grad else 1] += p.numel()
+    return {k: (v[0], v[1]) for k, v in counts.items()}
+
+
+def parameter_table(model: nn.Module) -> str:
+    counts = parameter_counts(model)
+    rows = [(k, *counts[k]) for k in sorted(counts)]
+    total_t, total_f = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    rows.append(("total", total_t, total_f))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'component':<{width}}  {'trainable':>13}  {'frozen':>13}"]
+    lines += [f"{n:<{width}}  {t:>13,}  {f:>13,}" for n, t, f in rows]
+    return "\n".join(lines)

@@ -1,0 +1,115 @@
+"""Projectors against an independent nn.Conv2d / nn.AdaptiveAvgPool2d restatement of LLAVA_SP.md §2."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from lightning_sp.models.projectors import PROJECTORS, ProjectorConfigError, build_projector
+from lightning_sp.models.projectors.spatial import scaled_sides
+
+C, D, H, G = 16, 8, 24, 24
+
+
+def proj_cfg(name, dfi=True, head_bias=None, sp_width=D):
+    return OmegaConf.create({"name": name, "sp_width": sp_width, "dfi": dfi, "head_bias": head_bias})
+
+
+def reference_forward(proj, z, mode, dfi):
+    """Straight-line §2 with torch's own Conv2d/AdaptiveAvgPool2d modules, sharing the projector's weights."""
+    b = z.shape[0]
+    zmap = z.transpose(1, 2).reshape(b, C, G, G)
+    windows = [(10, 14), (8, 16), (6, 18), (4, 20), (2, 22), (0, 24)]
+    tokens = []
+    for (lo, hi), w in zip(windows, proj.sfe.weights):
+        k = hi - lo
+        conv = nn.Conv2d(C, D, k, bias=False).double()
+        conv.weight.data.copy_(w.data)
+        if mode == "cropping":
+            x = zmap[:, :, lo:hi, lo:hi]
+        else:
+            x = zmap if k == 24 else nn.AdaptiveAvgPool2d(k)(zmap)
+        tokens.append(conv(x).reshape(b, D))
+    sp = torch.stack(tokens, 1)
+    if dfi:
+        kv_conv = nn.Conv2d(C, D, 16, stride=2, bias=False).double()
+        kv_conv.weight.data.copy_(proj.dfi.kv_weight.data)
+        kv = kv_conv(zmap).flatten(2).transpose(1, 2)
+        assert kv.shape[1] == 25
+        q = proj.dfi.query(sp)
+        k_ = proj.dfi.key(kv)
+        v = proj.dfi.value(kv)
+        a = (q @ k_.transpose(1, 2) / math.sqrt(D)).softmax(-1)
+        sp = torch.cat([sp, a @ v], -1)
+    sp_out = proj.spatial_head[1](F.gelu(sp))
+    patch_out = proj.patch_head[2](F.gelu(proj.patch_head[0](z)))
+    return torch.cat([sp_out, patch_out], 1)
+
+
+@pytest.mark.parametrize("mode", ["pooling", "cropping"])
+@pytest.mark.parametrize("dfi", [True, False])
+def test_spatial_projector_matches_conv2d_reference(mode, dfi):
+    torch.manual_seed(0)
+    proj = build_projector(proj_cfg(mode, dfi=dfi), vision_width=C, llm_width=H, grid=G).double()
+    z = torch.randn(3, G * G, C, dtype=torch.float64)
+    out = proj(z)
+    assert out.shape == (3, 6 + 576, H)
+    torch.testing.assert_close(out, reference_forward(proj, z, mode, dfi), rtol=1e-10, atol=1e-10)
+    if dfi:
+        assert proj.last_attention.shape == (3, 6, 25)
+        torch.testing.assert_close(proj.last_attention.sum(-1), torch.ones(3, 6, dtype=torch.float64))
+
+
+def test_mlp_projector_is_mlp2x_gelu():
+    torch.manual_seed(0)
+    proj = build_projector(proj_cfg("mlp"), vision_width=C, llm_width=H, grid=G)
+    z = torch.randn(2, G * G, C)
+    expected = F.linear(F.gelu(F.linear(z, proj.patch_head[0].weight, proj.patch_head[0].bias)),
+                        proj.patch_head[2].weight, proj.patch_head[2].bias)
+    torch.testing.assert_close(proj(z), expected)
+    assert proj.layout.num_sp_tokens == 0 and proj.layout.num_tokens == 576
+
+
+@pytest.mark.parametrize("name,dfi,bias", [("pooling", True, False), ("cropping", True, True),
+                                           ("pooling", False, False), ("cropping", False, False)])
+def test_parameter_counts_and_head_bias_follow_the_release(name, dfi, bias):
+    proj = build_projector(proj_cfg(name, dfi=dfi), vision_width=C, llm_width=H, grid=G)
+    sfe = sum(C * D * s * s for s in (4, 8, 12, 16, 20, 24))
+    dfi_params = (C * D * 16 * 16 + 3 * (2 * D + D * D + D)) if dfi else 0
+    head = (2 * D if dfi else D) * H + (H if bias else 0)
+    w_p = C * H + H + H * H + H
+    assert sum(p.numel() for p in proj.parameters()) == sfe + dfi_params + head + w_p
+    assert (proj.spatial_head[1].bias is not None) == bias
+    assert proj.layout.num_sp_tokens == 6 and proj.layout.patch_grid == (24, 24)
+
+
+def test_paper_shape_parameter_count():
+    """At C=1024, D=512 the SP part is ~0.90 B parameters and the 24x24 conv alone 302 M (LLAVA_SP.md §2)."""
+    with torch.device("meta"):  # shapes only: 3.6 GB of real weights would be slow to initialise
+        proj = build_projector(proj_cfg("pooling", sp_width=512), vision_width=1024, llm_width=8, grid=24)
+    assert proj.sfe.weights[-1].numel() == 301_989_888
+    sp = sum(p.numel() for n, p in proj.named_parameters() if not n.startswith(("patch_head", "spatial_head")))
+    assert 0.89e9 < sp < 0.91e9
+
+
+def test_cropping_boxes_are_the_papers_windows():
+    proj = build_projector(proj_cfg("cropping"), vision_width=C, llm_width=H, grid=G)
+    assert proj.sp_boxes() == [(10, 10, 14, 14), (8, 8, 16, 16), (6, 6, 18, 18), (4, 4, 20, 20), (2, 2, 22, 22),
+                               (0, 0, 24, 24)]
+
+
+def test_grid_too_small_is_refused_at_config_time():
+    assert scaled_sides(24) == [4, 8, 12, 16, 20, 24]
+    with pytest.raises(ProjectorConfigError, match="grid"):
+        PROJECTORS["pooling"].check_config(proj_cfg("pooling"), grid=4)
+
+
+def test_gradients_reach_every_projector_parameter():
+    for name in ("pooling", "cropping", "mlp"):
+        proj = build_projector(proj_cfg(name), vision_width=C, llm_width=H, grid=G)
+        proj(torch.randn(2, G * G, C)).square().mean().backward()
+        for pname, p in proj.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: no gradient for {pname}"
