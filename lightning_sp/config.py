@@ -241,7 +241,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | str = 
 
 def validate(cfg: DictConfig) -> None:
     """Cross-field checks that a type schema cannot express; all run before any model is built."""
-    from lightning_sp.models.projectors import PROJECTORS
+    from lightning_sp.models.projectors import PROJECTORS, ProjectorConfigError
 
     missing = OmegaConf.missing_keys(cfg)
     if missing:
@@ -250,7 +250,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"unknown projector '{cfg.projector.name}' (key projector.name); valid: {', '.join(sorted(PROJECTORS))}"
         )
-    PROJECTORS[cfg.projector.name].check_config(cfg.projector, grid=cfg.model.vision.image_size // cfg.model.vision.patch_size)
+    try:
+        PROJECTORS[cfg.projector.name].check_config(cfg.projector, grid=cfg.model.vision.image_size // cfg.model.vision.patch_size)
+    except ProjectorConfigError as e:
+        raise ConfigError(str(e)) from e
     if cfg.stage.name not in ("align", "finetune"):
         raise ConfigError(f"stage.name must be 'align' or 'finetune', got '{cfg.stage.name}'")
     from lightning_sp.data.conversation import TEMPLATES

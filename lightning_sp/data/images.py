@@ -9,6 +9,7 @@ Here the same steps run on uint8 tensors with torchvision, so no PIL round trip 
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import torch
@@ -19,6 +20,11 @@ from torchvision.transforms.v2 import functional as F
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# torchvision 0.29 deprecates its decoders in favour of torchcodec (not a dependency here). They still work; the
+# warning would otherwise fire for every image decoded in every data worker.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 
 class ImageDecodeError(ValueError):

@@ -89,7 +89,8 @@ def default_corpus() -> list[str]:
     numbers = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
     texts = [
-        f"{VICUNA_SYSTEM} USER: {IMAGE_TOKEN}\nWhat is in the image? ASSISTANT: A red circle.</s>USER: Thanks. ASSISTANT: You are welcome.</s>",
+        f"{VICUNA_SYSTEM} USER: {IMAGE_TOKEN}\nWhat is in the image? ASSISTANT: A red circle.</s>"
+        "USER: Thanks. ASSISTANT: You are welcome.</s>",
         "Answer the question using a single word or phrase.",
         "Answer with the option's letter from the given choices directly.",
         "Describe the image. Describe the image briefly. Render a clear and concise summary of the photo.",
@@ -104,6 +105,7 @@ def default_corpus() -> list[str]:
         texts += [
             f"What shape is in the {pos} cell? A {shape}. The {shape} is in the {pos}.",
             f"Where is the {shape}? In the {pos} of the grid. {pos.capitalize()}.",
+            f"What color is the shape in the {pos} cell? none",  # lowercase short answers, as generated
         ]
     for row, col in itertools.product(rows, cols):
         texts.append(f"Which shape is in the {row} row and the {col} column? Row {row}, column {col}.")

@@ -1,0 +1,254 @@
+"""Conversation templates and label masks for LLaVA-format records.
+
+A record is ``{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value": str}, ...]}``.
+
+Label masks are built in a single tokenizer pass: the whole conversation is rendered to one string while
+the char spans of the assistant answers are recorded, the string is tokenised once with offsets, and a
+token is supervised iff its chars overlap an answer span. The official LLaVA code instead re-tokenises
+each round and subtracts lengths; when the two tokenisations disagree at a boundary it silently zeroes the
+whole sample ("tokenization mismatch"). Offsets cannot disagree with the tokens they describe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lightning_sp.data.tokenizer import IMAGE_TOKEN, VICUNA_SYSTEM
+
+IGNORE_INDEX = -100
+HUMAN, GPT = "human", "gpt"
+
+
+class RecordError(ValueError):
+    """A training record that cannot be used; the dataset layer drops it and counts the reason."""
+
+    def __init__(self, record_id, reason: str, fix: str = ""):
+        self.record_id, self.reason, self.fix = record_id, reason, fix
+        super().__init__(f"record {record_id!r}: {reason}" + (f" (fix: {fix})" if fix else ""))
+
+    def __reduce__(self):  # exceptions travel between DataLoader worker processes by pickle
+        return type(self), (self.record_id, self.reason, self.fix)
+
+
+@dataclass(frozen=True)
+class Template:
+    """A conversation format. ``plain`` is LLaVA's align-stage format (no system prompt, no roles)."""
+
+    name: str
+    system: str = ""
+    roles: tuple[str, str] = ("USER", "ASSISTANT")
+    sep: str = " "  # after the system prompt and after each human turn
+    sep2: str = "</s>"  # after each answer: the end-of-turn token the model must learn to emit
+    plain: bool = False
+
+    def render(self, turns: list[tuple[str, str]], prompt_only: bool = False) -> tuple[str, list[tuple[int, int]]]:
+        """Render validated ``(role, text)`` turns. Returns the text and the char spans to supervise.
+
+        With ``prompt_only`` the turns must end with a human turn and the text ends where the model's
+        answer would begin (after ``ASSISTANT:``); no spans are returned.
+        """
+        if self.plain:
+            # LLaVA preprocess_plain: the human text (an instruction) is replaced by the bare image token.
+            if prompt_only:
+                return IMAGE_TOKEN, []
+            text = IMAGE_TOKEN + turns[1][1] + self.sep
+            return text, [(len(IMAGE_TOKEN), len(text))]
+        user, assistant = self.roles
+        text, spans = self.system + self.sep, []
+        for role, value in turns:
+            if role == HUMAN:
+                text += f"{user}: {value}{self.sep}"
+            else:
+                text += f"{assistant}: "
+                spans.append((len(text), len(text) + len(value) + len(self.sep2)))
+                text += value + self.sep2
+        if prompt_only:
+            text += f"{assistant}:"  # LLaVA's get_prompt for an empty last message: no trailing space
+            spans = []
+        return text, spans
+
+
+TEMPLATES: dict[str, Template] = {
+    "plain": Template("plain", system="", roles=("", ""), sep="\n", sep2="", plain=True),
+    "vicuna_v1": Template("vicuna_v1", system=VICUNA_SYSTEM),
+}
+
+
+def get_template(name: str | Template) -> Template:
+    if isinstance(name, Template):
+        return name
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise KeyError(f"unknown conversation template {name!r}; valid: {sorted(TEMPLATES)}") from None
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]  # contains the single <image> placeholder id when has_image
+    labels: list[int]  # IGNORE_INDEX where not supervised
+    has_image: bool
+    num_supervised: int
+
+
+def _parse(record, template: Template, need_answer: bool) -> tuple[list[tuple[str, str]], bool]:
+    """Validate a record and return its turns, ``<image>`` moved to the front of the first human turn."""
+    rid = record.get("id", "<no id>") if isinstance(record, dict) else "<not a dict>"
+
+    def fail(reason: str, fix: str = "") -> RecordError:
+        return RecordError(rid, reason, fix)
+
+    if not isinstance(record, dict):
+        raise fail(f"record is a {type(record).__name__}, not a dict", "use the LLaVA JSON format")
+    convs = record.get("conversations")
+    if not isinstance(convs, list):
+        raise fail("missing 'conversations' list", "add 'conversations': [{'from': 'human', 'value': ...}, ...]")
+    if not convs:
+        raise fail("empty conversation", "drop the record")
+    for i, turn in enumerate(convs):
+        if not (isinstance(turn, dict) and turn.get("from") in (HUMAN, GPT) and isinstance(turn.get("value"), str)):
+            raise fail(f"turn {i} is not {{'from': 'human'|'gpt', 'value': str}}", "fix the turn's keys/types")
+    if convs[0]["from"] == GPT:
+        # LLaVA drops these too: the answer would have no question to condition on.
+        raise fail("gpt-first conversation", "drop the leading gpt turn or the record")
+    for i, turn in enumerate(convs):
+        if turn["from"] != (HUMAN if i % 2 == 0 else GPT):
+            raise fail(f"roles do not alternate human/gpt at turn {i}", "merge or remove consecutive turns")
+        if turn["from"] == GPT and not turn["value"].strip():
+            raise fail(f"empty answer at turn {i}", "remove the empty round")
+    if need_answer and convs[-1]["from"] != GPT:
+        raise fail("conversation ends with a human turn (nothing to supervise)", "remove the last turn")
+
+    n_image = sum(turn["value"].count(IMAGE_TOKEN) for turn in convs)
+    has_image = bool(record.get("image"))
+    if n_image > 1:
+        raise fail(f"{n_image} {IMAGE_TOKEN} placeholders; one image per record is supported", "keep one")
+    if n_image == 1 and IMAGE_TOKEN not in convs[0]["value"]:
+        raise fail(f"{IMAGE_TOKEN} is not in the first human turn", "move it into the first human turn")
+    if n_image == 1 and not has_image:
+        raise fail(f"text contains {IMAGE_TOKEN} but the record has no 'image'", "add 'image' or drop the token")
+
+    turns = [(turn["from"], turn["value"]) for turn in convs]
+    if has_image:
+        # Same normalisation as LLaVA's preprocess_multimodal. An image record without the placeholder
+        # (LLaVA would crash on it) gets one prepended: the image is evidently meant to be seen.
+        turns[0] = (HUMAN, IMAGE_TOKEN + "\n" + turns[0][1].replace(IMAGE_TOKEN, "").strip())
+    if template.plain and not (has_image and len(convs) <= 2):
+        raise fail("the plain template needs an image record with one human/gpt pair", "use vicuna_v1")
+    return turns, has_image
+
+
+def _check_tokenizer(tokenizer, template: Template) -> int:
+    """Configuration errors (not record errors): fail loudly once rather than drop every record."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError("a fast tokenizer is required (label masks use char offsets)")
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if image_id is None or image_id == tokenizer.unk_token_id:
+        raise ValueError(f"tokenizer has no {IMAGE_TOKEN} token; load it with "
+                         "lightning_sp.data.tokenizer.load_tokenizer")
+    if template.sep2 and template.sep2 not in tokenizer.all_special_tokens:
+        # Otherwise "</s>" would be split into text pieces and the model would never learn to stop.
+        raise ValueError(f"template {template.name!r} ends turns with {template.sep2!r}, "
+                         "which is not a special token of this tokenizer")
+    return image_id
+
+
+def _check_image(ids: list[int], image_id: int, has_image: bool, rid) -> None:
+    count = ids.count(image_id)
+    if count != int(has_image):  # e.g. a literal "<image>" the validation could not see
+        raise RecordError(rid, f"tokenised text has {count} {IMAGE_TOKEN} ids, expected {int(has_image)}")
+
+
+def encode(record: dict, tokenizer, template: str | Template, max_length: int | None = None) -> Encoded:
+    """Tokenise a training record and build its label mask (answers and their end-of-turn supervised).
+
+    ``max_length`` counts the ``<image>`` placeholder as one token; to bound the sequence after visual
+    expansion pass ``max_length - (num_visual_tokens - 1)``. Raises :class:`RecordError` for unusable records.
+    """
+    tpl = get_template(template)
+    image_id = _check_tokenizer(tokenizer, tpl)
+    turns, has_image = _parse(record, tpl, need_answer=True)
+    rid = record.get("id", "<no id>")
+    text, spans = tpl.render(turns)
+
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+    ids: list[int] = enc["input_ids"]
+    supervised = bytearray(len(text))  # 1 for every char inside an answer span
+    for start, end in spans:
+        supervised[start:end] = b"\x01" * (end - start)
+    # Zero-width tokens (BOS added by the post-processor) never overlap, so they are never supervised.
+    labels = [tid if end > start and supervised.find(1, start, end) != -1 else IGNORE_INDEX
+              for tid, (start, end) in zip(ids, enc["offset_mapping"])]
+    _check_image(ids, image_id, has_image, rid)
+
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        if max_length < 1:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        ids, labels = ids[:max_length], labels[:max_length]
+        if has_image and image_id not in ids:
+            raise RecordError(rid, f"too long: truncation to {max_length} tokens cuts {IMAGE_TOKEN}",
+                              "raise max_length or drop the record")
+    num_supervised = sum(label != IGNORE_INDEX for label in labels)
+    if num_supervised == 0:
+        reason = f"too long: no supervised token within {max_length} tokens" if truncated else "no supervised tokens"
+        raise RecordError(rid, reason, "raise max_length or drop the record")
+    return Encoded(ids, labels, has_image, num_supervised)
+
+
+def expand_image_token(
+    input_ids, labels, image_token_id: int, num_visual_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repeat the single ``<image>`` id ``num_visual_tokens`` times (labels IGNORE_INDEX there).
+
+    Returns new 1-D LongTensors; text-only samples come back unchanged (as copies).
+    """
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    lab = torch.as_tensor(labels, dtype=torch.long)
+    if ids.dim() != 1 or ids.shape != lab.shape:
+        raise ValueError(f"expected 1-D input_ids and labels of equal length, "
+                         f"got {tuple(ids.shape)} and {tuple(lab.shape)}")
+    positions = (ids == image_token_id).nonzero().flatten()
+    if positions.numel() == 0:
+        return ids.clone(), lab.clone()
+    if positions.numel() > 1:
+        raise ValueError(f"{positions.numel()} image tokens; expected at most one")
+    if num_visual_tokens < 1:
+        raise ValueError(f"num_visual_tokens must be >= 1, got {num_visual_tokens}")
+    p = int(positions[0])
+    fill_ids = ids.new_full((num_visual_tokens,), image_token_id)
+    fill_lab = lab.new_full((num_visual_tokens,), IGNORE_INDEX)
+    return torch.cat([ids[:p], fill_ids, ids[p + 1:]]), torch.cat([lab[:p], fill_lab, lab[p + 1:]])
+
+
+def _prompt_turns(record, tpl: Template) -> tuple[list[tuple[str, str]], bool]:
+    turns, has_image = _parse(record, tpl, need_answer=False)
+    if turns[-1][0] == GPT:
+        turns = turns[:-1]  # the last answer is the reference, not part of the prompt
+    return turns, has_image
+
+
+def render_prompt(record: dict, template: str | Template) -> str:
+    """The conversation up to and including the ``ASSISTANT:`` of the last human turn (for generation)."""
+    tpl = get_template(template)
+    return tpl.render(_prompt_turns(record, tpl)[0], prompt_only=True)[0]
+
+
+def encode_prompt(record: dict, tokenizer, template: str | Template) -> list[int]:
+    """Token ids of :func:`render_prompt` (BOS first, one ``<image>`` id for image records)."""
+    tpl = get_template(template)
+    image_id = _check_tokenizer(tokenizer, tpl)
+    turns, has_image = _prompt_turns(record, tpl)
+    ids = tokenizer(tpl.render(turns, prompt_only=True)[0], add_special_tokens=True)["input_ids"]
+    _check_image(ids, image_id, has_image, record.get("id", "<no id>"))
+    return ids
+
+
+def reference_answer(record: dict) -> str | None:
+    """The last turn's answer (the generation target), or None when the record ends with a question."""
+    convs = record.get("conversations") if isinstance(record, dict) else None
+    if not convs or not isinstance(convs[-1], dict) or convs[-1].get("from") != GPT:
+        return None
+    return convs[-1].get("value")

@@ -1,0 +1,273 @@
+"""LLaVA JSON + image root -> WebDataset tar shards + ``index.json`` (sample counts the datamodule plans with).
+
+Why shards: the 665K mix is one ~1 GB JSON array plus ~600K loose image files; streaming a few hundred tars is
+what keeps multi-worker, multi-rank loading fast and lets every rank be given the same number of batches.
+
+How it stays cheap and safe:
+- The JSON array is scanned once with ``JSONDecoder.raw_decode`` over buffered text, keeping only each record's
+  byte span and key; pool workers re-read their records by seek, so no process ever holds the whole data set.
+- Bad images (missing, empty, undecodable, or a path escaping the image root) are found here, once, and listed
+  in ``skipped.jsonl`` -- not discovered as crashes in the middle of a training run.
+- Each shard is written to ``*.tar.tmp`` and renamed, after its stats sidecar, so a killed run leaves only
+  complete shards; re-running with the same arguments resumes and produces the identical index.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing as mp
+import os
+import random
+import re
+import tarfile
+from collections import Counter
+from pathlib import Path, PurePosixPath
+
+from PIL import Image
+from tqdm import tqdm
+
+ARGS_FILE = "convert_args.json"  # what the shards in a directory were made from; guards resume
+_WS = re.compile(r"[ \t\n\r]*")
+_MTIME = 1_600_000_000  # fixed member mtime: identical inputs give byte-identical shards
+
+
+class ConvertError(RuntimeError):
+    pass
+
+
+def iter_json_array(path, chunk_chars: int = 1 << 20):
+    """Yield ``(element, byte_offset, byte_length)`` for each element of the top-level JSON array in ``path``,
+    reading ``chunk_chars`` characters at a time."""
+    decoder = json.JSONDecoder()
+    # newline="" keeps "\r\n" as two characters, so character spans map back to byte spans exactly.
+    with open(path, encoding="utf-8", newline="") as f:
+        buf, pos, byte_pos, eof = "", 0, 0, False  # byte_pos: file offset of buf[pos]
+
+        def advance(new_pos: int) -> None:
+            nonlocal pos, byte_pos
+            byte_pos += len(buf[pos:new_pos].encode("utf-8"))
+            pos = new_pos
+
+        def fill() -> None:
+            nonlocal buf, pos, eof
+            more = f.read(chunk_chars)
+            eof = not more
+            buf, pos = buf[pos:] + more, 0
+
+        def next_char() -> str:  # first non-blank character, reading on as needed; "" at end of file
+            while True:
+                advance(_WS.match(buf, pos).end())
+                if pos < len(buf) or eof:
+                    return buf[pos:pos + 1]
+                fill()
+
+        fill()
+        if buf.startswith("\ufeff"):  # a UTF-8 byte-order mark is 3 bytes on disk
+            advance(1)
+        if next_char() != "[":
+            raise ConvertError(f"{path}: expected a JSON array (a list of LLaVA records)")
+        advance(pos + 1)
+        first = True
+        while True:
+            ch = next_char()
+            if ch == "]":
+                return
+            if not first:
+                if ch != ",":
+                    raise ConvertError(f"{path}: expected ',' or ']' at byte {byte_pos}, found {ch!r}")
+                advance(pos + 1)
+                next_char()
+            while True:
+                try:
+                    element, end = decoder.raw_decode(buf, pos)
+                    if end < len(buf) or eof:  # a number at the buffer's end might continue in the next chunk
+                        break
+                except json.JSONDecodeError as exc:
+                    if eof:
+                        raise ConvertError(f"{path}: invalid JSON near byte {byte_pos}: {exc.msg}") from exc
+                fill()
+            start = byte_pos
+            advance(end)
+            yield element, start, byte_pos - start
+            first = False
+
+
+def sanitize_key(raw) -> str:
+    """WebDataset splits member names at the first dot and treats "/" as folders: keep [A-Za-z0-9_-] only."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", str(raw)) or "record"
+
+
+def _plan(json_path: str, shard_size: int, seed: int) -> tuple[list[list[tuple[int, int, str]]], int]:
+    """Scan the JSON once: (shards of (byte_offset, byte_length, key) in shuffled order, number of records)."""
+    entries, seen = [], set()
+    for i, (record, offset, length) in enumerate(iter_json_array(json_path)):
+        rid = record.get("id") if isinstance(record, dict) else None
+        key = base = sanitize_key(rid if rid is not None else f"record_{i}")
+        n = 0
+        while key in seen:  # ids that collide (or sanitise to the same key) get a stable suffix, file order
+            n += 1
+            key = f"{base}_dup{n}"
+        seen.add(key)
+        entries.append((offset, length, key))
+    random.Random(seed).shuffle(entries)
+    return [entries[i:i + shard_size] for i in range(0, len(entries), shard_size)], len(entries)
+
+
+def _image_problem(root: Path, rel) -> tuple[str, str] | None:
+    """(reason, detail) if the image cannot be used, else None. Reasons are stable codes for the index."""
+    if not isinstance(rel, str) or not rel:
+        return "malformed", f"image must be a non-empty string, got {rel!r}"
+    posix = PurePosixPath(rel.replace("\\", "/"))
+    if posix.is_absolute() or os.path.isabs(rel) or ".." in posix.parts:
+        return "escapes_root", "absolute paths and '..' are refused"
+    path = root / posix
+    if not path.is_file():
+        return "missing", f"no file at {path}"
+    if path.stat().st_size == 0:
+        return "empty", "zero bytes"
+    return None
+
+
+def _image_ext(rel: str, data: bytes) -> str:
+    """Extension for the tar member (normalised jpeg -> jpg); raises if PIL cannot parse the image."""
+    with Image.open(io.BytesIO(data)) as img:
+        fmt = (img.format or "").lower()
+        img.verify()  # structure/CRC check without a full decode
+    ext = PurePosixPath(rel).suffix.lower().lstrip(".")
+    if not ext.isalnum() or ext == "json":
+        ext = fmt
+    return {"jpeg": "jpg", "tif": "tiff"}.get(ext, ext)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), _MTIME, 0o444
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_shard(task: tuple) -> dict:
+    index, entries, json_path, image_root, out_dir = task
+    name = f"shard-{index:06d}.tar"
+    stats = {"name": name, "samples": 0, "images": 0, "text_only": 0, "skipped": []}
+    root, out = Path(image_root), Path(out_dir)
+    tmp = out / (name + ".tmp")
+    with open(json_path, "rb") as src, tarfile.open(tmp, "w") as tar:
+        for offset, length, key in entries:
+            src.seek(offset)
+            record = json.loads(src.read(length))
+            rid = record.get("id", key) if isinstance(record, dict) else key
+            rel = record.get("image") if isinstance(record, dict) else None
+            problem = None
+            if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+                problem = ("malformed", "not a record with a 'conversations' list")
+            elif "image" in record:
+                problem = _image_problem(root, rel)
+                if problem is None:
+                    data = (root / PurePosixPath(rel.replace("\\", "/"))).read_bytes()
+                    try:
+                        ext = _image_ext(rel, data)
+                    except Exception as exc:  # noqa: BLE001 -- PIL raises many types for bad files
+                        problem = ("corrupt", f"{type(exc).__name__}: {exc}")
+            if problem is not None:
+                stats["skipped"].append({"id": rid, "path": rel, "reason": problem[0], "detail": problem[1]})
+                continue
+            _add(tar, f"{key}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))
+            if "image" in record:
+                _add(tar, f"{key}.{ext}", data)
+                stats["images"] += 1
+            else:
+                stats["text_only"] += 1
+            stats["samples"] += 1
+    # Sidecar first, tar last: a present .tar always has its stats, a killed run leaves at most a .tmp.
+    (out / (name[:-4] + ".stats.json")).write_text(json.dumps(stats))
+    os.replace(tmp, out / name)
+    return stats
+
+
+def _check_resume(out: Path, args: dict) -> None:
+    """Refuse to mix shards made from different inputs; allow resuming the same conversion."""
+    args_path = out / ARGS_FILE
+    if args_path.is_file():
+        old = json.loads(args_path.read_text())
+        if old != args:
+            diff = {k: (old.get(k), args.get(k)) for k in sorted(set(old) | set(args)) if old.get(k) != args.get(k)}
+            raise ConvertError(
+                f"{out} holds shards made with different arguments (old, new): {diff}. "
+                "Use another out_dir or delete this one."
+            )
+    elif out.exists() and any(out.iterdir()):
+        raise ConvertError(f"{out} is not empty and has no {ARGS_FILE}; convert into an empty or new directory")
+
+
+def convert(json_path, image_root, out_dir, shard_size: int = 1000, workers: int = 2, seed: int = 0,
+            progress: bool = True) -> dict:
+    """Convert a LLaVA-format JSON list (+ images under ``image_root``) into shuffled WebDataset shards.
+
+    Each sample is ``<key>.json`` (the record) and, for records with an image, ``<key>.<ext>`` (the file's bytes
+    as-is). Returns the index, also written to ``out_dir/index.json``; skipped records go to ``skipped.jsonl``.
+    """
+    json_path, image_root, out = Path(json_path).resolve(), Path(image_root).resolve(), Path(out_dir)
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    stat = json_path.stat()
+    args = {"json_path": str(json_path), "image_root": str(image_root), "shard_size": shard_size, "seed": seed,
+            "json_size": stat.st_size, "json_mtime_ns": stat.st_mtime_ns}
+    _check_resume(out, args)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ARGS_FILE).write_text(json.dumps(args, indent=1))
+
+    shards, n_records = _plan(str(json_path), shard_size, seed)
+    results: dict[int, dict] = {}
+    tasks = []
+    for i, entries in enumerate(shards):
+        tar, sidecar = out / f"shard-{i:06d}.tar", out / f"shard-{i:06d}.stats.json"
+        if tar.is_file() and sidecar.is_file():
+            results[i] = json.loads(sidecar.read_text())  # complete from an earlier run
+        else:
+            tasks.append((i, entries, str(json_path), str(image_root), str(out)))
+
+    bar = tqdm(total=n_records, initial=n_records - sum(len(t[1]) for t in tasks), unit="rec",
+               desc=f"sharding {json_path.name}", disable=not progress)
+    if workers > 1 and len(tasks) > 1:
+        # spawn, not fork: the caller may be a training process with live threads.
+        with mp.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+            for stats in pool.imap_unordered(_write_shard, tasks):
+                results[int(stats["name"][6:12])] = stats
+                bar.update(stats["samples"] + len(stats["skipped"]))
+    else:
+        for task in tasks:
+            stats = _write_shard(task)
+            results[task[0]] = stats
+            bar.update(stats["samples"] + len(stats["skipped"]))
+    bar.close()
+
+    ordered = [results[i] for i in range(len(shards))]
+    skipped = [s for st in ordered for s in st["skipped"]]
+    with open(out / "skipped.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped)
+    index = {
+        "source": str(json_path),
+        "image_root": str(image_root),
+        "shard_size": shard_size,
+        "seed": seed,
+        "shards": [{k: st[k] for k in ("name", "samples", "images", "text_only")} for st in ordered],
+        "totals": {
+            "records": n_records,
+            "samples": sum(st["samples"] for st in ordered),
+            "images": sum(st["images"] for st in ordered),
+            "text_only": sum(st["text_only"] for st in ordered),
+            "skipped": len(skipped),
+            "skipped_by_reason": dict(sorted(Counter(s["reason"] for s in skipped).items())),
+        },
+    }
+    (out / "index.json").write_text(json.dumps(index, indent=1))
+    return index
+
+
+def load_index(shard_dir) -> dict:
+    """The index of a shard directory, with a message naming the fix when it is missing."""
+    path = Path(shard_dir) / "index.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: make shards with lightning_sp.data.shards.convert(...)")
+    return json.loads(path.read_text())

@@ -1,0 +1,202 @@
+"""Golden label masks and record validation for lightning_sp.data.conversation.
+
+Expected masks are written two independent ways: (1) the supervised tokens, decoded run by run, must be
+exactly the answers with their "</s>"; (2) a mask assembled from hand-written pieces, each tokenised alone
+and split where the tokenizer would split anyway (before a space-led word or at a special token).
+"""
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_sp.data.conversation import (
+    IGNORE_INDEX, TEMPLATES, RecordError, encode, encode_prompt, expand_image_token, get_template,
+    reference_answer, render_prompt,
+)
+from lightning_sp.data.tokenizer import IMAGE_TOKEN, VICUNA_SYSTEM, load_tokenizer
+
+SHIPPED = Path(__file__).resolve().parents[1] / "data" / "tokenizer"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(SHIPPED)
+
+
+def rec(*values, image="img.jpg", id="r1"):
+    """A record whose turns alternate human/gpt starting with human."""
+    record = {"id": id, "conversations": [{"from": ("human", "gpt")[i % 2], "value": v} for i, v in enumerate(values)]}
+    if image is not None:
+        record["image"] = image
+    return record
+
+
+def supervised_runs(tok, enc):
+    """Decoded maximal runs of supervised tokens."""
+    runs, cur = [], []
+    for tid, label in zip(enc.input_ids, enc.labels):
+        if label != IGNORE_INDEX:
+            assert label == tid
+            cur.append(tid)
+        elif cur:
+            runs, cur = runs + [cur], []
+    runs += [cur] if cur else []
+    return [tok.decode(run) for run in runs]
+
+
+def from_pieces(tok, pieces):
+    """(ids, labels) from (text, supervised) pieces, BOS first."""
+    ids, labels = [tok.bos_token_id], [IGNORE_INDEX]
+    for text, sup in pieces:
+        piece = tok(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if sup else [IGNORE_INDEX] * len(piece)
+    return ids, labels
+
+
+def check(tok, enc, pieces, answers):
+    assert supervised_runs(tok, enc) == answers
+    assert (enc.input_ids, enc.labels) == from_pieces(tok, pieces)
+    assert enc.num_supervised == sum(label != IGNORE_INDEX for label in enc.labels)
+
+
+def test_vicuna_single_turn_with_image(tok):
+    enc = encode(rec("What color is the circle?\n<image>", "Red."), tok, "vicuna_v1")
+    # The first answer token carries the separating space (like Llama's "▁Red").
+    check(tok, enc, [(f"{VICUNA_SYSTEM} USER: ", False), (IMAGE_TOKEN, False),
+                     ("\nWhat color is the circle? ASSISTANT:", False), (" Red.</s>", True)], [" Red.</s>"])
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert enc.has_image and enc.input_ids.count(image_id) == 1
+    assert enc.labels[enc.input_ids.index(image_id)] == IGNORE_INDEX
+    assert enc.input_ids[0] == tok.bos_token_id
+
+
+def test_vicuna_three_turns(tok):
+    qa = ["<image>\nWhat shape is in the top left?", "A circle.", "What color is it?", "Blue.",
+          "How many squares are there?", "3"]
+    enc = encode(rec(*qa), tok, "vicuna_v1")
+    check(tok, enc, [(f"{VICUNA_SYSTEM} USER: ", False), (IMAGE_TOKEN, False),
+                     ("\nWhat shape is in the top left? ASSISTANT:", False), (" A circle.</s>", True),
+                     ("USER: What color is it? ASSISTANT:", False), (" Blue.</s>", True),
+                     ("USER: How many squares are there? ASSISTANT:", False), (" 3</s>", True)],
+          [" A circle.</s>", " Blue.</s>", " 3</s>"])
+    assert enc.input_ids.count(tok.eos_token_id) == 3
+
+
+def test_text_only_record(tok):
+    enc = encode(rec("Name a colour.", "Purple.", "Another?", "Orange.", image=None), tok, "vicuna_v1")
+    check(tok, enc, [(f"{VICUNA_SYSTEM} USER: Name a colour. ASSISTANT:", False), (" Purple.</s>", True),
+                     ("USER: Another? ASSISTANT:", False), (" Orange.</s>", True)], [" Purple.</s>", " Orange.</s>"])
+    assert not enc.has_image and tok.convert_tokens_to_ids(IMAGE_TOKEN) not in enc.input_ids
+
+
+def test_unusual_answer_characters(tok):
+    enc = encode(rec("<image>\nQ?", "(B) élan 😀 <s> A.\n"), tok, "vicuna_v1")
+    # "<s>" inside text is the BOS special token, as in LLaVA; it is still part of the answer span.
+    assert supervised_runs(tok, enc) == [" (B) élan 😀 <s> A.\n</s>"]
+
+
+def test_image_moved_to_front_and_prepended(tok):
+    front = encode(rec("<image>\nWhat is this?", "A square."), tok, "vicuna_v1")
+    after = encode(rec("What is this?\n<image>", "A square."), tok, "vicuna_v1")
+    missing = encode(rec("What is this?", "A square."), tok, "vicuna_v1")  # image key, no placeholder
+    assert front == after == missing
+    assert f"USER: {IMAGE_TOKEN}\nWhat is this? ASSISTANT:" in render_prompt(rec("What is this? <image>"), "vicuna_v1")
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"id": "r1", "conversations": [{"from": "gpt", "value": "Hi."}, {"from": "human", "value": "Q?"}]}, "gpt-first"),
+    (rec("<image> <image>\nQ?", "A."), "placeholders"),
+    (rec("<image>\nQ?", "A <image>."), "placeholders"),
+    (rec(image=None), "empty conversation"),
+    ({"id": "r1", "image": "x.jpg"}, "missing 'conversations'"),
+    ({"id": "r1", "conversations": "Q? A."}, "missing 'conversations'"),
+    ({"id": "r1", "conversations": ["Q?", "A."]}, "turn 0"),
+    ({"id": "r1", "conversations": [{"from": "user", "value": "Q?"}]}, "turn 0"),
+    ({"id": "r1", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": 3}]}, "turn 1"),
+    ({"id": "r1", "conversations": [{"from": "human"}, {"from": "gpt", "value": "A."}]}, "turn 0"),
+    ({"id": "r1", "conversations": [{"from": f, "value": "x"} for f in ("human", "human", "gpt")]}, "alternate"),
+    (rec("Q?", "A.", "Q2?"), "ends with a human turn"),
+    (rec("Q?", " "), "empty answer"),
+    (rec("<image>\nQ?", "A.", image=None), "no 'image'"),
+    (rec("Q?", "A.", "<image>\nQ2?", "A2."), "first human turn"),
+])
+def test_record_errors(tok, record, reason):
+    with pytest.raises(RecordError) as info:
+        encode(record, tok, "vicuna_v1")
+    assert reason in info.value.reason
+    assert info.value.record_id == "r1" and "'r1'" in str(info.value) and "fix:" in str(info.value)
+
+
+def test_record_error_non_dict_and_pickle(tok):
+    with pytest.raises(RecordError, match="not a dict"):
+        encode(["Q?", "A."], tok, "vicuna_v1")
+    err = pickle.loads(pickle.dumps(RecordError("r9", "too long", "raise max_length")))
+    assert (err.record_id, err.reason, str(err)) == ("r9", "too long", "record 'r9': too long (fix: raise max_length)")
+
+
+def test_plain_template(tok):
+    enc = encode(rec("<image>\nDescribe the image briefly.", "A red circle."), tok, "plain")
+    # The instruction is dropped; caption and the trailing "\n" are supervised, no </s>.
+    check(tok, enc, [(IMAGE_TOKEN, False), ("A red circle.\n", True)], ["A red circle.\n"])
+    assert render_prompt(rec("<image>\nDescribe."), "plain") == IMAGE_TOKEN
+    for bad in (rec("Describe.", "A circle.", image=None), rec("<image>\nQ?", "A.", "Q?", "A.")):
+        with pytest.raises(RecordError, match="plain template"):
+            encode(bad, tok, "plain")
+
+
+def test_max_length_truncation(tok):
+    record = rec("<image>\nWhat shape?", "A circle.", "And the colour?", "Green.")
+    full = encode(record, tok, "vicuna_v1")
+    first_eos = full.input_ids.index(tok.eos_token_id)
+    cut = encode(record, tok, "vicuna_v1", max_length=first_eos + 1)  # keeps exactly the first answer
+    assert cut.input_ids == full.input_ids[:first_eos + 1] and cut.labels == full.labels[:first_eos + 1]
+    assert supervised_runs(tok, cut) == [" A circle.</s>"] and cut.num_supervised >= 1
+    assert encode(record, tok, "vicuna_v1", max_length=len(full.input_ids)) == full
+    first_sup = next(i for i, label in enumerate(full.labels) if label != IGNORE_INDEX)
+    assert encode(record, tok, "vicuna_v1", max_length=first_sup + 1).num_supervised == 1
+    with pytest.raises(RecordError, match="too long") as info:
+        encode(record, tok, "vicuna_v1", max_length=first_sup)  # no answer token left
+    assert "too long" in info.value.reason
+    image_pos = full.input_ids.index(tok.convert_tokens_to_ids(IMAGE_TOKEN))
+    with pytest.raises(RecordError, match="cuts <image>"):
+        encode(record, tok, "vicuna_v1", max_length=image_pos)
+
+
+def test_expand_image_token(tok):
+    ids, labels = expand_image_token([1, 7, 4, 8, 9], [-100, -100, -100, 8, 9], image_token_id=4, num_visual_tokens=3)
+    assert ids.tolist() == [1, 7, 4, 4, 4, 8, 9] and labels.tolist() == [-100] * 5 + [8, 9]
+    assert ids.dtype == labels.dtype == torch.long
+    text_ids = torch.tensor([1, 7, 8])
+    out_ids, out_labels = expand_image_token(text_ids, torch.tensor([-100, 7, 8]), 4, 582)
+    assert out_ids.tolist() == [1, 7, 8] and out_labels.tolist() == [-100, 7, 8] and out_ids is not text_ids
+    with pytest.raises(ValueError, match="at most one"):
+        expand_image_token([4, 4], [-100, -100], 4, 2)
+    enc = encode(rec("<image>\nQ?", "A."), tok, "vicuna_v1")
+    ids, labels = expand_image_token(enc.input_ids, enc.labels, tok.convert_tokens_to_ids(IMAGE_TOKEN), 582)
+    assert len(ids) == len(enc.input_ids) + 581 and (labels != IGNORE_INDEX).sum() == enc.num_supervised
+
+
+def test_prompt_matches_training_encoding(tok):
+    record = rec("<image>\nWhat shape?", "A circle.", "Where is it?", "Top left.")
+    prompt = render_prompt(record, "vicuna_v1")
+    assert prompt == (f"{VICUNA_SYSTEM} USER: {IMAGE_TOKEN}\nWhat shape? ASSISTANT: A circle.</s>"
+                      "USER: Where is it? ASSISTANT:")
+    assert reference_answer(record) == "Top left."
+    ids = encode_prompt(record, tok, "vicuna_v1")
+    assert ids == tok(prompt)["input_ids"] and ids.count(tok.convert_tokens_to_ids(IMAGE_TOKEN)) == 1
+    # Generation continues exactly where training's supervised answer begins.
+    answer = tok(" Top left.</s>", add_special_tokens=False)["input_ids"]
+    assert encode(record, tok, "vicuna_v1").input_ids == ids + answer
+    open_ended = rec("<image>\nWhat shape?")
+    assert render_prompt(open_ended, "vicuna_v1").endswith("USER: <image>\nWhat shape? ASSISTANT:")
+    assert reference_answer(open_ended) is None
+
+
+def test_template_registry(tok):
+    assert set(TEMPLATES) == {"plain", "vicuna_v1"}
+    assert get_template("vicuna_v1") is TEMPLATES["vicuna_v1"] and get_template(TEMPLATES["plain"]).plain
+    with pytest.raises(KeyError, match="plain.*vicuna_v1"):
+        get_template("vicuna")

@@ -1,0 +1,164 @@
+"""ShardDataModule on real shards made from synthetic data: batch layout, equal epochs per rank, eval fields."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_sp.data import shards, synthetic
+from lightning_sp.data.conversation import IGNORE_INDEX
+from lightning_sp.data.datamodule import ShardDataModule, collate_train
+from lightning_sp.data.tokenizer import IMAGE_TOKEN
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
+
+N_VIS, SIZE, BATCH = 6, 32, 4
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """38 train samples in 6 uneven shards (one text-only, one the encoder rejects), 10 val samples in 3 shards."""
+    root = tmp_path_factory.mktemp("data")
+    synthetic.generate(root, n_train=36, n_val=10, seed=0, image_size=SIZE, turns=2, progress=False)
+    train = json.loads((root / "train.json").read_text())
+    train.append({"id": "text_only", "conversations": [{"from": "human", "value": "Say hi."},
+                                                       {"from": "gpt", "value": "hi"}]})
+    train.append({"id": "gpt_first", "conversations": [{"from": "gpt", "value": "no question"}]})
+    (root / "train.json").write_text(json.dumps(train))
+    shards.convert(root / "train.json", root, root / "train", shard_size=7, workers=1, progress=False)
+    shards.convert(root / "val.json", root, root / "val", shard_size=4, workers=1, progress=False)
+    val = {r["id"]: r for r in json.loads((root / "val.json").read_text())}
+    return root, val
+
+
+def make(root, tokenizer, **kw):
+    args = dict(train_dir=root / "train", val_dir=root / "val", tokenizer=tokenizer, template="vicuna_v1",
+                num_visual_tokens=N_VIS, image_size=SIZE, batch_size=BATCH, val_batch_size=4, num_workers=0,
+                shuffle_buffer=8, max_length=512, seed=0)
+    dm = ShardDataModule(**{**args, **kw})
+    dm.setup("fit")
+    return dm
+
+
+def check_training_fields(batch, tokenizer):
+    image_id, pad_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.pad_token_id
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    b, length = ids.shape
+    assert ids.dtype == labels.dtype == mask.dtype == torch.long and labels.shape == mask.shape == (b, length)
+    assert batch["pixel_values"].shape == (b, 3, SIZE, SIZE) and batch["pixel_values"].dtype == torch.float32
+    assert batch["has_image"].dtype == torch.bool and batch["has_image"].shape == (b,)
+    counts = (ids == image_id).sum(1)
+    assert torch.equal(counts, batch["has_image"].long() * N_VIS)  # N image tokens or none
+    assert (labels[ids == image_id] == IGNORE_INDEX).all()
+    assert (labels[mask == 0] == IGNORE_INDEX).all() and (ids[mask == 0] == pad_id).all()
+    assert (mask.sum(1) > 0).all() and ((labels != IGNORE_INDEX).sum(1) > 0).all()  # every row supervised
+    for row in range(b):  # right padding: ones then zeros
+        n = int(mask[row].sum())
+        assert mask[row, :n].all() and not mask[row, n:].any()
+    text_only = ~batch["has_image"]
+    assert (batch["pixel_values"][text_only] == 0).all()
+    assert (batch["pixel_values"][batch["has_image"]].flatten(1).std(1) > 0).all()
+
+
+def test_train_batches(data, tokenizer):
+    root, _ = data
+    dm = make(root, tokenizer)
+    assert dm.steps_per_epoch == 38 // BATCH
+    loader = dm.train_dataloader()
+    assert len(loader) == dm.steps_per_epoch
+    seen, skipped, text_only = [], 0, 0
+    for epoch in range(2):
+        batches = list(loader)
+        assert len(batches) == dm.steps_per_epoch
+        for batch in batches:
+            assert len(batch["ids"]) == BATCH  # no partial batches in training
+            check_training_fields(batch, tokenizer)
+            skipped += batch["skipped"]
+            text_only += int((~batch["has_image"]).sum())
+            seen += batch["ids"]
+    assert skipped >= 1 and "gpt_first" not in seen  # the rejected record is counted, never batched
+    assert text_only >= 1
+    assert len(set(seen)) == 37  # two epochs of 36 samples cover all 37 usable records
+
+
+def test_every_rank_gets_the_same_number_of_batches(data, tokenizer, monkeypatch):
+    """Two simulated ranks with two workers each over 6 uneven shards: equal batch counts, disjoint shards."""
+    root, _ = data
+    ids = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        dm = make(root, tokenizer, num_workers=2)
+        assert dm.steps_per_epoch == 38 // (BATCH * 2)
+        loader = dm.train_dataloader()
+        ids[rank] = set()
+        for _ in range(2):
+            batches = list(loader)
+            assert len(batches) == dm.steps_per_epoch
+            ids[rank].update(i for b in batches for i in b["ids"])
+    assert ids[0] and ids[1] and not ids[0] & ids[1]
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match="non-empty shards"):
+        make(root, tokenizer, num_workers=2).train_dataloader()
+
+
+def test_val_batches(data, tokenizer, monkeypatch):
+    root, val = data
+    image_id, pad_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.pad_token_id
+    suffix = tokenizer("x ASSISTANT:", add_special_tokens=False)["input_ids"][1:]
+    got = []
+    for rank in (0, 1):  # also: ranks x workers split the val samples exactly, even with few shards
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        for batch in make(root, tokenizer, num_workers=2).val_dataloader():
+            check_training_fields(batch, tokenizer)
+            prompts, pmask = batch["prompt_ids"], batch["prompt_attention_mask"]
+            assert prompts.dtype == pmask.dtype == torch.long and prompts.shape == pmask.shape
+            for row, rid in enumerate(batch["ids"]):
+                n = int(pmask[row].sum())
+                assert not pmask[row, :-n].any() and pmask[row, -n:].all()  # LEFT padded
+                assert (prompts[row, :-n] == pad_id).all()
+                assert prompts[row, -len(suffix):].tolist() == suffix  # ends where the answer starts
+                assert int((prompts[row] == image_id).sum()) == N_VIS
+                assert batch["answers"][row] == val[rid]["conversations"][-1]["value"]
+                assert batch["qtypes"][row] == val[rid]["qtype"]
+                got.append(rid)
+    assert sorted(got) == sorted(val)
+
+
+def test_collate_rejects_wrong_image_token_count(tokenizer):
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    sample = {"id": "x", "input_ids": torch.tensor([1, image_id, image_id, 5]), "labels": torch.full((4,), -100),
+              "pixel_values": torch.zeros(3, 2, 2), "has_image": True}
+    with pytest.raises(ValueError, match="'x' has 2 image tokens, expected 3"):
+        collate_train([sample], 0, image_token_id=image_id, num_visual_tokens=3)
+
+
+class _CountingModule(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.steps_per_epoch = []
+
+    def on_train_epoch_start(self):
+        self.steps_per_epoch.append(0)
+
+    def training_step(self, batch, batch_idx):
+        self.steps_per_epoch[-1] += 1
+        return (self.weight * batch["pixel_values"].mean()).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_lightning_runs_planned_epochs(data, tokenizer):
+    root, _ = data
+    dm = ShardDataModule(root / "train", None, tokenizer, "vicuna_v1", num_visual_tokens=N_VIS, image_size=SIZE,
+                         batch_size=BATCH, val_batch_size=4, num_workers=0, shuffle_buffer=8, max_length=512)
+    module = _CountingModule()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    assert module.steps_per_epoch == [dm.steps_per_epoch] * 2

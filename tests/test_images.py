@@ -1,0 +1,88 @@
+"""ImageProcessor against an independent PIL implementation of LLaVA-1.5's expand2square + CLIP preprocessing."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lightning_sp.data.images import CLIP_MEAN, CLIP_STD, ImageDecodeError, ImageProcessor
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
+
+MEAN, STD = np.array(CLIP_MEAN), np.array(CLIP_STD)
+FILL = tuple(round(255 * m) for m in CLIP_MEAN)
+
+
+def encode(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, fmt)
+    return buf.getvalue()
+
+
+def pil_reference(data: bytes, size: int) -> torch.Tensor:
+    """LLaVA: expand2square(img, mean colour) -> CLIP processor (bicubic resize, /255, normalise)."""
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = img.size
+    side = max(w, h)
+    square = Image.new("RGB", (side, side), FILL)
+    square.paste(img, ((side - w) // 2, (side - h) // 2))
+    arr = np.asarray(square.resize((size, size), Image.BICUBIC)).astype(np.float64) / 255
+    return torch.from_numpy((arr - MEAN) / STD).permute(2, 0, 1).float()
+
+
+def scene(h: int, w: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = np.stack([xx * 255 // w, yy * 255 // h, (3 * xx + yy) % 256], -1).astype(np.uint8)
+    arr[h // 4: h // 2, w // 5: w // 2] = (250, 20, 20)  # sharp edges stress the resampling kernels
+    return arr
+
+
+@pytest.mark.parametrize("h,w,size", [(90, 160, 336), (160, 90, 336), (300, 200, 64), (50, 50, 64)])
+def test_matches_pil_reference(h, w, size):
+    data = encode(scene(h, w))
+    out = ImageProcessor(size)(data)
+    ref = pil_reference(data, size)
+    assert out.shape == (3, size, size) and out.dtype == torch.float32
+    diff = (out - ref).abs()
+    # One uint8 level is 1/255/std ~= 0.015 after normalisation: allow rounding, not a shifted or blurred image.
+    assert diff.mean() < 0.005 and diff.max() < 0.05
+
+
+@pytest.mark.parametrize("h,w", [(24, 40), (25, 40), (40, 23)])
+def test_padding_geometry_exact(h, w):
+    """With S equal to the long side there is no resampling: every pixel is either image or mean colour."""
+    colour = np.array([10, 200, 30], dtype=np.uint8)
+    side = max(h, w)
+    out = ImageProcessor(side)(torch.from_numpy(np.broadcast_to(colour, (h, w, 3)).copy()).permute(2, 0, 1))
+    top, left = (side - h) // 2, (side - w) // 2  # PIL paste offset: the odd pixel goes bottom/right
+    expected = np.broadcast_to(np.array(FILL, dtype=np.float64), (side, side, 3)).copy()
+    expected[top:top + h, left:left + w] = colour
+    expected = torch.from_numpy((expected / 255 - MEAN) / STD).permute(2, 0, 1).float()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_bytes_and_tensor_agree_and_grayscale_becomes_rgb():
+    arr = scene(30, 50)
+    proc = ImageProcessor(32)
+    torch.testing.assert_close(proc(encode(arr)), proc(torch.from_numpy(arr).permute(2, 0, 1).contiguous()))
+    gray = proc(encode(arr[..., 0]))
+    assert gray.shape == (3, 32, 32)
+    torch.testing.assert_close(gray, pil_reference(encode(arr[..., 0]), 32), atol=0.05, rtol=0)
+    jpeg = proc(encode(arr, "JPEG"))  # a lossy format decodes too
+    assert jpeg.shape == (3, 32, 32)
+
+
+def test_bad_input_raises_clear_errors():
+    proc = ImageProcessor(32)
+    with pytest.raises(ImageDecodeError, match="0 bytes"):
+        proc(b"")
+    with pytest.raises(ImageDecodeError, match="cannot decode"):
+        proc(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(ImageDecodeError):
+        proc(encode(scene(40, 40), "JPEG")[:200])  # truncated JPEG
+    with pytest.raises(ValueError, match="uint8"):
+        proc(torch.zeros(3, 8, 8))
+    with pytest.raises(TypeError):
+        proc("image.jpg")
