@@ -71,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Our own logger only: Lightning configures its own, and a root handler would print its lines twice.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    package_log = logging.getLogger("lightning_sp")
+    package_log.addHandler(handler)
+    package_log.setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)

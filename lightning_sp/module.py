@@ -8,6 +8,7 @@ from collections import defaultdict
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import get_cosine_schedule_with_warmup
 
 from lightning_sp.data.answers import normalize_answer
@@ -103,10 +104,7 @@ class LlavaSPModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_fit_start(self):
-        table = parameter_table(self.model)
-        log.info("trainable parameters:\n%s", table)
-        if self.trainer.is_global_zero:
-            print(table, flush=True)
+        rank_zero_info("trainable parameters:\n" + parameter_table(self.model))
 
     # ---- checkpoints: trainable state only -------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint):

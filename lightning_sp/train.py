@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lightning_sp import config as config_lib
 from lightning_sp.data.datamodule import ShardDataModule
@@ -86,6 +86,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_dir = run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_lib.save(cfg, run_dir / "config.yaml")
+    log.info("run directory %s (resolved config in config.yaml)", run_dir)
 
     if cfg.data.synthetic is not None:
         ensure_synthetic(cfg.data, image_size=cfg.model.vision.image_size)
@@ -105,6 +106,4 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def train_from_overrides(overrides: list[str]) -> dict[str, float]:
-    cfg = config_lib.compose(overrides)
-    log.info("config:\n%s", OmegaConf.to_yaml(cfg))
-    return train(cfg)
+    return train(config_lib.compose(overrides))

@@ -72,6 +72,8 @@ def test_bytes_and_tensor_agree_and_grayscale_becomes_rgb():
     torch.testing.assert_close(gray, pil_reference(encode(arr[..., 0]), 32), atol=0.05, rtol=0)
     jpeg = proc(encode(arr, "JPEG"))  # a lossy format decodes too
     assert jpeg.shape == (3, 32, 32)
+    # torchvision has no BMP decoder; the PIL fallback must give the same pixels as PNG.
+    torch.testing.assert_close(proc(encode(arr, "BMP")), proc(encode(arr)))
 
 
 def test_bad_input_raises_clear_errors():

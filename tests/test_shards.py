@@ -45,6 +45,7 @@ def source(tmp_path):
         {"id": "corrupt", "image": "coco/corrupt.jpg", "conversations": conv("c")},
         {"id": "dotdot", "image": "../outside.jpg", "conversations": conv("d")},
         {"id": "absolute", "image": str(tmp_path / "outside.jpg"), "conversations": conv("a")},
+        {"id": "no_conversations", "image": "coco/a.jpg"},
     ]
     path = tmp_path / "data.json"
     path.write_text(json.dumps(records, indent=2, ensure_ascii=False), encoding="utf-8")  # pretty + non-ASCII
@@ -89,13 +90,14 @@ def test_round_trip_and_skips(source, tmp_path):
     skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     reasons = {s["id"]: s["reason"] for s in skipped}
     assert reasons == {"missing": "missing", "empty": "empty", "corrupt": "corrupt", "dotdot": "escapes_root",
-                       "absolute": "escapes_root"}
+                       "absolute": "escapes_root", "no_conversations": "malformed"}
     assert all(s["path"] and s["detail"] for s in skipped)
 
     assert index == json.loads((out / "index.json").read_text())
-    assert index["totals"] == {"records": 11, "samples": 6, "images": 4, "text_only": 2, "skipped": 5,
-                               "skipped_by_reason": {"corrupt": 1, "empty": 1, "escapes_root": 2, "missing": 1}}
-    assert [s["name"] for s in index["shards"]] == [f"shard-{i:06d}.tar" for i in range(4)]  # ceil(11 / 3)
+    assert index["totals"] == {"records": 12, "samples": 6, "images": 4, "text_only": 2, "skipped": 6,
+                               "skipped_by_reason": {"corrupt": 1, "empty": 1, "escapes_root": 2, "malformed": 1,
+                                                     "missing": 1}}
+    assert [s["name"] for s in index["shards"]] == [f"shard-{i:06d}.tar" for i in range(4)]  # 12 / 3
     for shard in index["shards"]:
         with tarfile.open(out / shard["name"]) as tar:
             names = tar.getnames()
@@ -113,7 +115,10 @@ def test_webdataset_reads_the_shards(source, tmp_path):
     urls = [str(out / s["name"]) for s in index["shards"]]
     got = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
     assert len(got) == index["totals"]["samples"]
-    assert {json.loads(s["json"])["conversations"][0]["value"] for s in got} >= {records[0]["conversations"][0]["value"]}
+    for sample in got:  # webdataset groups each record with its image (and only image records have one)
+        record = json.loads(sample["json"])
+        assert len([k for k in sample if not k.startswith("__") and k != "json"]) == ("image" in record)
+    assert records[0] in [json.loads(sample["json"]) for sample in got]  # non-ASCII text survives
 
 
 def test_idempotent_resume_and_argument_guard(source, tmp_path):

@@ -3,7 +3,8 @@
 Multi-rank training with WebDataset hangs when one rank runs out of data before the others (the others wait
 in a collective forever). Here the train stream repeats its shards without end and every (rank, worker) is
 cut to a planned number of batches, computed from the sample counts in ``index.json``, so every rank yields
-exactly ``steps_per_epoch`` batches whatever the shard sizes or the records skipped on the way.
+exactly ``steps_per_epoch`` batches whatever the shard sizes or the records skipped on the way. An epoch is
+therefore about one pass, not exactly one: each epoch starts a fresh, reshuffled pass over the rank's shards.
 
 Bad records (``RecordError`` from the conversation encoder, undecodable images) are skipped and counted, never
 fatal: each batch carries ``skipped``, the number dropped since the previous batch of the same worker.
@@ -83,7 +84,8 @@ class SampleBuilder:
             except (RecordError, ImageDecodeError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 reason = exc.reason if isinstance(exc, RecordError) else f"{type(exc).__name__}: {exc}"
                 self.skipped[reason.split(":")[0]] += 1
-                log.warning("skipping record %s from %s: %s", sample.get("__key__"), sample.get("__url__"), reason)
+                rid = getattr(exc, "record_id", sample.get("__key__"))
+                log.warning("skipping record %r from %s: %s", rid, sample.get("__url__"), reason)
                 dropped += 1
                 continue
             out["skipped"], dropped = dropped, 0
@@ -157,6 +159,10 @@ def split_samples(src):
 # ---- datamodule ------------------------------------------------------------------------------------------
 
 class ShardDataModule(L.LightningDataModule):
+    """Train: endless shuffled stream cut to ``steps_per_epoch`` batches per rank. Val: one ordered pass whose
+    batches hold the training fields (val loss) plus left-padded prompts, reference ``answers`` and ``qtypes``.
+    ``train_dir``/``val_dir`` are shard directories made by :func:`lightning_sp.data.shards.convert`."""
+
     def __init__(self, train_dir, val_dir=None, tokenizer=None, template: str = "vicuna_v1",
                  num_visual_tokens: int = 582, image_size: int = 336, batch_size: int = 16,
                  val_batch_size: int = 32, num_workers: int = 1, shuffle_buffer: int = 500,
@@ -164,6 +170,9 @@ class ShardDataModule(L.LightningDataModule):
         super().__init__()
         if tokenizer is None:
             raise ValueError("ShardDataModule needs a tokenizer (object or path for load_tokenizer)")
+        if max_length is not None and max_length <= num_visual_tokens:
+            raise ValueError(f"max_length={max_length} leaves no room for text after {num_visual_tokens} visual "
+                             "tokens; raise data.max_length")
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
         self.train_dir, self.val_dir = Path(train_dir), Path(val_dir) if val_dir else None
         self.template, self.num_visual_tokens, self.image_size = template, num_visual_tokens, image_size
@@ -176,17 +185,14 @@ class ShardDataModule(L.LightningDataModule):
         return {"pad_token_id": self.tokenizer.pad_token_id, "num_visual_tokens": self.num_visual_tokens,
                 "image_token_id": self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}
 
-    def _world(self) -> tuple[int, int]:
-        """(rank, world_size) as the trainer sees it, else as WebDataset's node splitter will see it."""
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        rank, world_size, _, _ = pytorch_worker_info()
-        return rank, world_size
+    def _world_size(self) -> int:
+        """As the trainer sees it, else as WebDataset's node splitter will (RANK/WORLD_SIZE or torch.distributed)."""
+        return self.trainer.world_size if self.trainer is not None else pytorch_worker_info()[1]
 
     def setup(self, stage: str | None = None) -> None:
         self.train_index = load_index(self.train_dir)
         self.val_index = load_index(self.val_dir) if self.val_dir else None
-        _, world_size = self._world()
+        world_size = self._world_size()
         self.steps_per_epoch = self.train_index["totals"]["samples"] // (self.batch_size * world_size)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{self.train_dir} has {self.train_index['totals']['samples']} samples: fewer than "
@@ -206,7 +212,7 @@ class ShardDataModule(L.LightningDataModule):
         if self.train_index is None:
             self.setup("fit")
         urls = self._urls(self.train_dir, self.train_index)
-        _, world_size = self._world()
+        world_size = self._world_size()
         needed = world_size * max(1, self.num_workers)
         if len(urls) < needed:
             raise ValueError(

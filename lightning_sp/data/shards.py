@@ -114,30 +114,37 @@ def _plan(json_path: str, shard_size: int, seed: int) -> tuple[list[list[tuple[i
     return [entries[i:i + shard_size] for i in range(0, len(entries), shard_size)], len(entries)
 
 
-def _image_problem(root: Path, rel) -> tuple[str, str] | None:
-    """(reason, detail) if the image cannot be used, else None. Reasons are stable codes for the index."""
+class _Skip(Exception):
+    """A record the converter leaves out; ``reason`` is a stable code counted in the index."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _load_image(root: Path, rel) -> tuple[bytes, str]:
+    """The image's bytes and its tar extension (jpeg -> jpg), or raise :class:`_Skip`."""
     if not isinstance(rel, str) or not rel:
-        return "malformed", f"image must be a non-empty string, got {rel!r}"
+        raise _Skip("malformed", f"image must be a non-empty string, got {rel!r}")
     posix = PurePosixPath(rel.replace("\\", "/"))
     if posix.is_absolute() or os.path.isabs(rel) or ".." in posix.parts:
-        return "escapes_root", "absolute paths and '..' are refused"
+        raise _Skip("escapes_root", "absolute paths and '..' are refused")
     path = root / posix
     if not path.is_file():
-        return "missing", f"no file at {path}"
-    if path.stat().st_size == 0:
-        return "empty", "zero bytes"
-    return None
-
-
-def _image_ext(rel: str, data: bytes) -> str:
-    """Extension for the tar member (normalised jpeg -> jpg); raises if PIL cannot parse the image."""
-    with Image.open(io.BytesIO(data)) as img:
-        fmt = (img.format or "").lower()
-        img.verify()  # structure/CRC check without a full decode
-    ext = PurePosixPath(rel).suffix.lower().lstrip(".")
-    if not ext.isalnum() or ext == "json":
+        raise _Skip("missing", f"no file at {path}")
+    data = path.read_bytes()
+    if not data:
+        raise _Skip("empty", "zero bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = (img.format or "").lower()
+            img.verify()  # structure/CRC check without a full decode
+    except Exception as exc:  # noqa: BLE001 -- PIL raises many types for bad files
+        raise _Skip("corrupt", f"{type(exc).__name__}: {exc}") from None
+    ext = posix.suffix.lower().lstrip(".")
+    if not ext.isalnum() or ext == "json":  # no usable extension: name it after the detected format
         ext = fmt
-    return {"jpeg": "jpg", "tif": "tiff"}.get(ext, ext)
+    return data, {"jpeg": "jpg", "tif": "tiff"}.get(ext, ext)
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -156,25 +163,19 @@ def _write_shard(task: tuple) -> dict:
         for offset, length, key in entries:
             src.seek(offset)
             record = json.loads(src.read(length))
-            rid = record.get("id", key) if isinstance(record, dict) else key
-            rel = record.get("image") if isinstance(record, dict) else None
-            problem = None
-            if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
-                problem = ("malformed", "not a record with a 'conversations' list")
-            elif "image" in record:
-                problem = _image_problem(root, rel)
-                if problem is None:
-                    data = (root / PurePosixPath(rel.replace("\\", "/"))).read_bytes()
-                    try:
-                        ext = _image_ext(rel, data)
-                    except Exception as exc:  # noqa: BLE001 -- PIL raises many types for bad files
-                        problem = ("corrupt", f"{type(exc).__name__}: {exc}")
-            if problem is not None:
-                stats["skipped"].append({"id": rid, "path": rel, "reason": problem[0], "detail": problem[1]})
+            is_record = isinstance(record, dict)
+            try:
+                if not is_record or not isinstance(record.get("conversations"), list):
+                    raise _Skip("malformed", "not a record with a 'conversations' list")
+                image = _load_image(root, record["image"]) if "image" in record else None
+            except _Skip as skip:
+                stats["skipped"].append({"id": record.get("id", key) if is_record else key,
+                                         "path": record.get("image") if is_record else None,
+                                         "reason": skip.reason, "detail": skip.detail})
                 continue
             _add(tar, f"{key}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))
-            if "image" in record:
-                _add(tar, f"{key}.{ext}", data)
+            if image is not None:
+                _add(tar, f"{key}.{image[1]}", image[0])
                 stats["images"] += 1
             else:
                 stats["text_only"] += 1
@@ -230,8 +231,10 @@ def convert(json_path, image_root, out_dir, shard_size: int = 1000, workers: int
     bar = tqdm(total=n_records, initial=n_records - sum(len(t[1]) for t in tasks), unit="rec",
                desc=f"sharding {json_path.name}", disable=not progress)
     if workers > 1 and len(tasks) > 1:
-        # spawn, not fork: the caller may be a training process with live threads.
-        with mp.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+        # fork where there is one: spawn would re-import the caller's __main__ in every worker (fails for stdin
+        # scripts, recurses in scripts without a main guard). The workers use only PIL, json and tarfile.
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ctx.Pool(min(workers, len(tasks))) as pool:
             for stats in pool.imap_unordered(_write_shard, tasks):
                 results[int(stats["name"][6:12])] = stats
                 bar.update(stats["samples"] + len(stats["skipped"]))

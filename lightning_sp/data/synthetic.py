@@ -196,8 +196,9 @@ def generate(out_dir, n_train: int, n_val: int, seed: int = 0, image_size: int =
              workers: int | None = None, progress: bool = True) -> dict:
     """Write ``train.json``, ``val.json`` and ``images/<split>/<id>.jpg`` under ``out_dir``.
 
-    Train records have ``turns`` Q/A turns (record key ``qtypes``), val records one (record key ``qtype``,
-    types in rotation so every type gets the same number of questions). Deterministic given ``seed``.
+    Train records have ``turns`` Q/A turns (their types in record key ``qtypes``; ``qtype`` when single-turn),
+    val records one (record key ``qtype``, types in rotation so every type gets the same number of questions).
+    Deterministic given ``seed`` (and independent of ``workers``).
     """
     out = Path(out_dir)
     train, train_scenes = _build_split("train", n_train, seed, turns, exclude=set())
@@ -209,8 +210,10 @@ def generate(out_dir, n_train: int, n_val: int, seed: int = 0, image_size: int =
 
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
     bar = tqdm(total=len(jobs), desc="rendering synthetic images", unit="img", disable=not progress)
-    if workers > 1 and len(jobs) >= 1000:  # a pool costs ~0.3 s to start; worth it only for big sets
-        with mp.get_context("spawn").Pool(workers) as pool:
+    if workers > 1 and len(jobs) >= 1000:  # a pool is worth its start-up only for big sets
+        # fork where there is one: spawn would re-import the caller's __main__ in every worker.
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ctx.Pool(workers) as pool:
             for _ in pool.imap_unordered(_render_job, jobs, chunksize=64):
                 bar.update()
     else:
