@@ -34,6 +34,9 @@ class VisionConfig:
     num_heads: int = 4
     intermediate_size: int = 256
     select_layer: int = -2  # LLaVA-1.5: penultimate block, CLS dropped
+    # Random-init encoders only: "sincos" gives patch features a clear 2-D position, as a trained CLIP's have;
+    # "hf" keeps transformers' N(0, 0.02) table, which a random encoder's patch content drowns out.
+    position_init: str = "sincos"
     init_seed: int = 0  # random-init encoders are rebuilt from this seed when a checkpoint is loaded
     trust_remote_code: bool = False
 
@@ -79,6 +82,8 @@ class ProjectorConfig:
     name: str = "pooling"  # a key of lightning_sp.models.projectors.PROJECTORS
     sp_width: int = 512  # D, width of the SP branch (paper: 512)
     dfi: bool = True  # Detail Feature Integrator on the SP tokens
+    dfi_kv_tokens: int = 25  # K/V tokens of the DFI: a square number (25 = 5x5 as released, 49 = 7x7)
+    sides: Optional[list[int]] = None  # SP window sides on the paper's 24x24 grid; None = [4, 8, 12, 16, 20, 24]
     head_bias: Optional[bool] = None  # bias of W_s; None = the released variant's choice
 
 
@@ -115,6 +120,9 @@ class StageConfig:
 class OptimConfig:
     lr_projector: float = 2e-5
     lr_lora: float = 2e-4
+    # Full-window SP convolutions (fan-in up to 24*24*C): Adam moves every weight by ~lr per step, so their
+    # outputs move by ~lr * fan_in; None = lr_projector (the official recipe).
+    lr_sp_conv: Optional[float] = None
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     betas: tuple[float, float] = (0.9, 0.999)
@@ -262,6 +270,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown template '{cfg.stage.template}' (key stage.template); valid: {', '.join(TEMPLATES)}")
     if cfg.model.vision.image_size % cfg.model.vision.patch_size:
         raise ConfigError("model.vision.image_size must be a multiple of model.vision.patch_size")
+    if cfg.model.vision.position_init not in ("sincos", "hf"):
+        raise ConfigError(f"model.vision.position_init must be 'sincos' or 'hf', got '{cfg.model.vision.position_init}'")
     if cfg.model.llm.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.llm.dtype must be float32, bfloat16 or float16, got '{cfg.model.llm.dtype}'")
 

@@ -18,6 +18,16 @@ from lightning_sp.trainable import parameter_table, set_trainable
 log = logging.getLogger(__name__)
 
 
+SP_CONV_SUFFIXES = ("sfe.weights", "dfi.kv_weight")  # the full-window convolution weights of spatial projectors
+
+
+def param_group(name: str) -> str:
+    """Optimizer group of a trainable parameter: `sp_conv`, `projector` (the rest of it) or `lora` (the LLM)."""
+    if not name.startswith("projector."):
+        return "lora"
+    return "sp_conv" if any(s in name for s in SP_CONV_SUFFIXES) else "projector"
+
+
 class LlavaSPModule(L.LightningModule):
     def __init__(self, cfg, tokenizer) -> None:
         super().__init__()
@@ -87,11 +97,13 @@ class LlavaSPModule(L.LightningModule):
 
     # ---- optimisation ---------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        groups = {"projector": [], "lora": []}
+        groups = {"projector": [], "sp_conv": [], "lora": []}
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                groups["projector" if name.startswith("projector.") else "lora"].append(p)
-        lrs = {"projector": self.cfg.optim.lr_projector, "lora": self.cfg.optim.lr_lora}
+                groups[param_group(name)].append(p)
+        optim = self.cfg.optim
+        lr_sp_conv = optim.lr_sp_conv if optim.lr_sp_conv is not None else optim.lr_projector
+        lrs = {"projector": optim.lr_projector, "sp_conv": lr_sp_conv, "lora": optim.lr_lora}
         param_groups = [
             {"params": ps, "lr": lrs[name], "name": name} for name, ps in groups.items() if ps
         ]

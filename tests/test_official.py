@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 
+from lightning_sp.config import ProjectorConfig
 from lightning_sp.models.official import (
     KEY_TABLE,
     PEFT_PREFIX,
@@ -238,7 +238,8 @@ def test_wrong_shapes_are_all_named_with_the_expected_shape():
 def test_a_head_without_dfi_width_is_a_shape_error():
     sd = random_official("pooling")
     sd[PEFT_PREFIX + "model.conv_linear.1.weight"] = torch.zeros(H, D)  # an SFE-only arm's W_s
-    with pytest.raises(OfficialCheckpointError, match=rf"conv_linear\.1\.weight: got \[{H}, {D}\], expected \[{H}, {2 * D}\]"):
+    match = rf"conv_linear\.1\.weight: got \[{H}, {D}\], expected \[{H}, {2 * D}\]"
+    with pytest.raises(OfficialCheckpointError, match=match):
         load_official_projector(sd, "pooling")
 
 
@@ -254,7 +255,8 @@ def test_non_finite_weights_are_named(bad):
     sd = random_official("cropping")
     sd[PEFT_PREFIX + "model.conv_16.weight"][0, 0, 0, 0] = bad
     sd[PEFT_PREFIX + "model.value_projector.1.bias"][3] = bad
-    with pytest.raises(OfficialCheckpointError, match=r"non-finite.*model\.conv_16\.weight, model\.value_projector") as e:
+    match = r"non-finite.*model\.conv_16\.weight, model\.value_projector"
+    with pytest.raises(OfficialCheckpointError, match=match) as e:
         load_official_projector(sd, "cropping")
     assert e.value.bad == ["model.conv_16.weight", "model.value_projector.1.bias"]
 
@@ -302,7 +304,8 @@ def test_unknown_variant_and_missing_file():
 
 def test_split_separates_llm_weights_but_keeps_stray_projector_keys():
     sd = random_official("pooling")
-    llm = {PEFT_PREFIX + "model.embed_tokens.weight": torch.zeros(5, 8), PEFT_PREFIX + "lm_head.weight": torch.zeros(5, 8),
+    llm = {PEFT_PREFIX + "model.embed_tokens.weight": torch.zeros(5, 8),
+           PEFT_PREFIX + "lm_head.weight": torch.zeros(5, 8),
            "model.layers.0.mlp.up_proj.weight": torch.zeros(2, 2)}
     with pytest.raises(OfficialCheckpointError, match=r"(?s)unexpected \(3\).*split_official_state_dict") as e:
         load_official_projector({**sd, **llm}, "pooling")
@@ -320,8 +323,7 @@ def test_split_separates_llm_weights_but_keeps_stray_projector_keys():
 
 def random_projector(variant, seed=0):
     torch.manual_seed(seed)
-    cfg = OmegaConf.create({"name": variant, "sp_width": D, "dfi": True, "head_bias": None})
-    proj = build_projector(cfg, vision_width=C, llm_width=H, grid=G)
+    proj = build_projector(ProjectorConfig(name=variant, sp_width=D), vision_width=C, llm_width=H, grid=G)
     with torch.no_grad():  # LayerNorms start at 1/0: perturb so that a swapped mapping would show
         for p in proj.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -358,15 +360,27 @@ def test_safetensors_export_records_its_variant(tmp_path):
 def test_export_refuses_layouts_the_release_cannot_express(tmp_path):
     with pytest.raises(OfficialCheckpointError, match="cannot export a pooling projector as variant 'cropping'"):
         official_state_dict(random_projector("pooling"), "cropping")
-    for overrides, match in (({"dfi": False}, r"lacks .*dfi\.kv_weight"), ({"head_bias": False}, r"lacks \[spatial_head\.1\.bias\]")):
-        cfg = OmegaConf.create({"name": "cropping", "sp_width": D, "dfi": True, "head_bias": None, **overrides})
+    arms = [({"dfi": False}, r"lacks .*dfi\.kv_weight"),
+            ({"head_bias": False}, r"lacks \[spatial_head\.1\.bias\]$"),
+            ({"sides": [8, 16, 24]}, r"lacks \[sfe\.weights\.\{3-5\}\]$"),
+            ({"sides": [2, 4, 8, 12, 16, 24]},
+             r"model\.conv_4\.weight: got \[16, 32, 2, 2\], expected \[16, 32, 4, 4\]"),
+            ({"dfi_kv_tokens": 49}, r"model\.conv_CM\.weight: got \[16, 32, 12, 12\], expected \[16, 32, 16, 16\]")]
+    for overrides, match in arms:
+        cfg = ProjectorConfig(**{"name": "cropping", "sp_width": D, **overrides})
         with pytest.raises(OfficialCheckpointError, match=match):
             official_state_dict(build_projector(cfg, vision_width=C, llm_width=H, grid=G), "cropping")
-    mlp = build_projector(OmegaConf.create({"name": "mlp"}), vision_width=C, llm_width=H, grid=G)
+    nan = random_projector("cropping")
+    with torch.no_grad():
+        nan.dfi.value[1].weight[0, 0] = float("nan")
+    with pytest.raises(OfficialCheckpointError, match=r"non-finite.*model\.value_projector\.1\.weight"):
+        export_official_projector(nan, tmp_path / "w.bin", "cropping")
+    mlp = build_projector(ProjectorConfig(name="mlp"), vision_width=C, llm_width=H, grid=G)
     with pytest.raises(OfficialCheckpointError, match="MLPProjector"):
         official_state_dict(mlp, "pooling")
     with pytest.raises(OfficialCheckpointError, match="extension"):
         export_official_projector(random_projector("pooling"), tmp_path / "w.ckpt", "pooling")
+    assert not list(tmp_path.iterdir())
 
 
 def test_compact_keys():

@@ -14,8 +14,9 @@ from lightning_sp.models.projectors.spatial import scaled_sides
 C, D, H, G = 16, 8, 24, 24
 
 
-def proj_cfg(name, dfi=True, head_bias=None, sp_width=D):
-    return OmegaConf.create({"name": name, "sp_width": sp_width, "dfi": dfi, "head_bias": head_bias})
+def proj_cfg(name, dfi=True, head_bias=None, sp_width=D, sides=None, dfi_kv_tokens=25):
+    return OmegaConf.create({"name": name, "sp_width": sp_width, "dfi": dfi, "head_bias": head_bias, "sides": sides,
+                             "dfi_kv_tokens": dfi_kv_tokens})
 
 
 def reference_forward(proj, z, mode, dfi):
@@ -113,3 +114,30 @@ def test_gradients_reach_every_projector_parameter():
         proj(torch.randn(2, G * G, C)).square().mean().backward()
         for pname, p in proj.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: no gradient for {pname}"
+
+
+@pytest.mark.parametrize("sides,count", [([24], 1), ([8, 16, 24], 3), (list(range(2, 25, 2)), 12)])
+@pytest.mark.parametrize("mode", ["pooling", "cropping"])
+def test_sp_token_count_arms(mode, sides, count):
+    proj = build_projector(proj_cfg(mode, sides=sides), vision_width=C, llm_width=H, grid=G)
+    assert proj.layout.num_sp_tokens == count
+    assert proj(torch.randn(2, G * G, C)).shape == (2, count + 576, H)
+    assert [w.shape[-1] for w in proj.sfe.weights] == sides
+
+
+def test_dfi_with_49_kv_tokens_matches_a_conv_k12_s2():
+    torch.manual_seed(0)
+    proj = build_projector(proj_cfg("pooling", dfi_kv_tokens=49), vision_width=C, llm_width=H, grid=G).double()
+    assert proj.dfi.kernel == 12
+    zmap = torch.randn(2, C, G, G, dtype=torch.float64)
+    expected = F.conv2d(zmap, proj.dfi.kv_weight, stride=2).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(proj.dfi.kv_tokens(zmap), expected)
+    proj(torch.randn(2, G * G, C, dtype=torch.float64))
+    assert proj.last_attention.shape == (2, 6, 49)
+
+
+def test_bad_arm_options_are_refused():
+    with pytest.raises(ProjectorConfigError, match="dfi_kv_tokens"):
+        PROJECTORS["pooling"].check_config(proj_cfg("pooling", dfi_kv_tokens=30), grid=24)
+    with pytest.raises(ProjectorConfigError, match="sides"):
+        PROJECTORS["cropping"].check_config(proj_cfg("cropping", sides=[4, 30]), grid=24)

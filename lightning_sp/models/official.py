@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional, Union
 
 import torch
-from omegaconf import OmegaConf
 
+from lightning_sp.config import ProjectorConfig
 from lightning_sp.models.projectors import build_projector
 from lightning_sp.models.projectors.spatial import PAPER_GRID, PAPER_SIDES, SpatialProjector
 
@@ -231,14 +231,16 @@ def _strip(raw: dict, where: str) -> dict[str, torch.Tensor]:
     return stripped
 
 
-def _spatial_cfg(variant: str, sp_width: int):
-    return OmegaConf.create({"name": variant, "sp_width": sp_width, "dfi": True, "head_bias": variant == "cropping"})
+def _release_cfg(variant: str, sp_width: int) -> ProjectorConfig:
+    """The released configuration: the paper's six windows, DFI with 25 K/V tokens, W_s bias for cropping only."""
+    return ProjectorConfig(name=variant, sp_width=sp_width, dfi=True, dfi_kv_tokens=25, sides=None,
+                           head_bias=variant == "cropping")
 
 
 def _meta_projector(variant: str, widths: OfficialWidths, grid: int) -> SpatialProjector:
     """The projector `variant` at these widths, with no storage: its parameter shapes are the expected ones."""
     with torch.device("meta"):
-        projector = build_projector(_spatial_cfg(variant, widths.D), vision_width=widths.C, llm_width=widths.H,
+        projector = build_projector(_release_cfg(variant, widths.D), vision_width=widths.C, llm_width=widths.H,
                                     grid=grid)
     ours = set(projector.state_dict())
     table = {row.ours for row in KEY_TABLE[variant]}
@@ -374,24 +376,30 @@ def split_official_state_dict(state_dict: StateDict) -> tuple[dict[str, torch.Te
 def official_state_dict(projector: SpatialProjector, variant: str, *, prefix: bool = True) -> dict[str, torch.Tensor]:
     """Our projector's tensors under the official names (with `base_model.model.` unless prefix=False).
 
-    The tensors are detached views of the projector's parameters (no copy). Only the released layouts
-    (pooling+DFI without W_s bias, cropping+DFI with it) can be expressed; anything else raises.
+    The tensors are detached views of the projector's parameters (no copy). Only the released layouts can be
+    expressed (the paper's six windows, DFI with 25 K/V tokens, W_s bias for cropping only, finite weights);
+    anything else raises `OfficialCheckpointError`.
     """
     _check_variant(variant)
     if not isinstance(projector, SpatialProjector):
-        raise OfficialCheckpointError(f"only LLaVA-SP projectors have an official layout, got {type(projector).__name__}")
+        raise OfficialCheckpointError(
+            f"only LLaVA-SP projectors have an official layout, got {type(projector).__name__}")
     if projector.sfe_mode != variant:
         raise OfficialCheckpointError(f"cannot export a {projector.sfe_mode} projector as variant {variant!r}")
     ours = projector.state_dict()
     names = {row.ours for row in KEY_TABLE[variant]}
     missing, unexpected = sorted(names - set(ours)), sorted(set(ours) - names)
     if missing or unexpected:
+        parts = [f"{label} [{compact_keys(keys)}]" for label, keys in (("lacks", missing), ("has extra", unexpected))
+                 if keys]
         raise OfficialCheckpointError(
             f"this {variant} projector has no official layout (the release is {variant}+DFI, W_s bias "
-            f"{'yes' if variant == 'cropping' else 'no'}): lacks [{compact_keys(missing)}], "
-            f"has extra [{compact_keys(unexpected)}]", missing=missing, unexpected=unexpected)
+            f"{'yes' if variant == 'cropping' else 'no'}): {', '.join(parts)}", missing=missing, unexpected=unexpected)
+    state = {row.official: ours[row.ours].detach() for row in KEY_TABLE[variant]}
+    # Same names is not enough (other window sides, 49 K/V tokens): check shapes and values as an import would.
+    _validate(state, variant, projector.grid, f"the {type(projector).__name__} to export", {})
     lead = PEFT_PREFIX if prefix else ""
-    return {lead + row.official: ours[row.ours].detach() for row in KEY_TABLE[variant]}
+    return {lead + name: tensor for name, tensor in state.items()}
 
 
 def export_official_projector(projector: SpatialProjector, path: Union[str, os.PathLike], variant: str, *,

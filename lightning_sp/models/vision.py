@@ -9,6 +9,23 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from lightning_sp.models.seeding import seeded
 
 
+def sincos_2d(grid: int, width: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position table (grid*grid, width), row-major, as in MAE: half the channels encode
+    the row, half the column."""
+    if width % 4:
+        raise ValueError(f"sincos position embeddings need a width divisible by 4, got {width}")
+    quarter = width // 4
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * freqs
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()
+
+
 class VisionTower(nn.Module):
     """Wraps `CLIPVisionModel`; returns patch features (B, grid*grid, C) from `select_layer`, never trains."""
 
@@ -34,6 +51,10 @@ class VisionTower(nn.Module):
             )
             with seeded(cfg.init_seed):
                 model = CLIPVisionModel(config)
+            if cfg.position_init == "sincos":
+                table = model.vision_model.embeddings.position_embedding.weight
+                table.data[1:] = sincos_2d(config.image_size // config.patch_size, config.hidden_size)
+                table.data[0] = 0.0  # CLS
         tower = cls(model, cfg.select_layer)
         if tower.image_size != cfg.image_size or tower.patch_size != cfg.patch_size:
             raise ValueError(

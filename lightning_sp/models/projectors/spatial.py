@@ -23,12 +23,18 @@ from lightning_sp.models.projectors.mlp import patch_head
 
 PAPER_GRID = 24
 PAPER_SIDES = (4, 8, 12, 16, 20, 24)  # one SP token per window side, centre first, global last
-PAPER_DFI_KERNEL, DFI_STRIDE = 16, 2  # 24x24 -> 5x5 = 25 K/V tokens
+DFI_STRIDE = 2  # released DFI: Conv2d(k=16, s=2) on 24x24 -> 5x5 = 25 K/V tokens
 
 
-def scaled_sides(grid: int) -> list[int]:
-    """Window sides for a grid; at 24 these are the paper's (4, 8, ..., 24)."""
-    return [max(1, round(s * grid / PAPER_GRID)) for s in PAPER_SIDES]
+def scaled_sides(grid: int, sides=None) -> list[int]:
+    """Window sides (given on the paper's 24x24 grid) scaled to `grid`; at 24 they are unchanged."""
+    return [max(1, round(s * grid / PAPER_GRID)) for s in (sides or PAPER_SIDES)]
+
+
+def dfi_kernel(grid: int, kv_tokens: int) -> int:
+    """Kernel of the stride-2 DFI conv that yields `kv_tokens` = n*n K/V tokens: 16 for 25 and 12 for 49 at 24."""
+    side = math.isqrt(kv_tokens)
+    return grid - DFI_STRIDE * (side - 1)
 
 
 def conv_weight(out_ch: int, in_ch: int, k: int) -> nn.Parameter:
@@ -46,12 +52,12 @@ def window_dot(window: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 class SpatialFeatureExtractor(nn.Module):
     """Six multi-scale tokens from the patch grid: centred crops (`cropping`) or adaptive pools (`pooling`)."""
 
-    def __init__(self, mode: str, vision_width: int, sp_width: int, grid: int) -> None:
+    def __init__(self, mode: str, vision_width: int, sp_width: int, grid: int, sides=None) -> None:
         super().__init__()
         if mode not in ("cropping", "pooling"):
             raise ValueError(f"SFE mode must be 'cropping' or 'pooling', got '{mode}'")
         self.mode, self.grid = mode, grid
-        self.sides = scaled_sides(grid)
+        self.sides = scaled_sides(grid, sides)
         self.weights = nn.ParameterList(conv_weight(sp_width, vision_width, s) for s in self.sides)
 
     def boxes(self) -> list[tuple[int, int, int, int]]:
@@ -82,11 +88,11 @@ class DetailFeatureIntegrator(nn.Module):
     (B, S, 25) are a product output (visualised), and at S=6 x 25 there is nothing for a fused kernel to win.
     """
 
-    def __init__(self, vision_width: int, sp_width: int, grid: int) -> None:
+    def __init__(self, vision_width: int, sp_width: int, grid: int, kv_tokens: int = 25) -> None:
         super().__init__()
-        self.kernel = max(1, round(PAPER_DFI_KERNEL * grid / PAPER_GRID))
+        self.kernel = dfi_kernel(grid, kv_tokens)
         self.stride = DFI_STRIDE
-        self.kv_side = (grid - self.kernel) // self.stride + 1
+        self.kv_side = math.isqrt(kv_tokens)
         self.kv_weight = conv_weight(sp_width, vision_width, self.kernel)
 
         def ln_linear() -> nn.Sequential:  # indices match the official `{query,key,value}_projector.{0,1}`
@@ -114,11 +120,11 @@ class SpatialProjector(Projector):
 
     def __init__(self, cfg, vision_width: int, llm_width: int, grid: int) -> None:
         super().__init__()
-        self.layout = TokenLayout(num_sp_tokens=len(PAPER_SIDES), patch_grid=(grid, grid))
         self.grid = grid
         d = cfg.sp_width
-        self.sfe = SpatialFeatureExtractor(self.sfe_mode, vision_width, d, grid)
-        self.dfi = DetailFeatureIntegrator(vision_width, d, grid) if cfg.dfi else None
+        self.sfe = SpatialFeatureExtractor(self.sfe_mode, vision_width, d, grid, cfg.sides)
+        self.layout = TokenLayout(num_sp_tokens=len(self.sfe.sides), patch_grid=(grid, grid))
+        self.dfi = DetailFeatureIntegrator(vision_width, d, grid, cfg.dfi_kv_tokens) if cfg.dfi else None
         # SFE-only arms use an unbiased head (official code); with DFI the released variant decides.
         bias = cfg.head_bias if cfg.head_bias is not None else (self.default_head_bias and cfg.dfi)
         self.spatial_head = nn.Sequential(nn.GELU(), nn.Linear(2 * d if cfg.dfi else d, llm_width, bias=bias))
@@ -126,14 +132,22 @@ class SpatialProjector(Projector):
 
     @classmethod
     def check_config(cls, cfg, grid: int) -> None:
-        sides = scaled_sides(grid)
+        if cfg.sides is not None and (not cfg.sides or any(not 1 <= s <= PAPER_GRID for s in cfg.sides)):
+            raise ProjectorConfigError(f"projector.sides must be a non-empty list of sides in 1..24, got {cfg.sides}")
+        sides = scaled_sides(grid, cfg.sides)
         if len(set(sides)) != len(sides):
             raise ProjectorConfigError(
-                f"projector '{cfg.name}' needs six distinct window sizes, but a {grid}x{grid} patch grid only gives "
-                f"{sides}; use an encoder with a grid of at least 6x6 (image_size / patch_size >= 6)"
+                f"projector '{cfg.name}' needs {len(sides)} distinct window sizes, but a {grid}x{grid} patch grid "
+                f"only gives {sides}; use an encoder with a larger grid (image_size / patch_size) or fewer sides"
             )
         if cfg.sp_width < 1:
             raise ProjectorConfigError(f"projector.sp_width must be positive, got {cfg.sp_width}")
+        if cfg.dfi:
+            n = cfg.dfi_kv_tokens
+            if n < 1 or math.isqrt(n) ** 2 != n or dfi_kernel(grid, n) < 1:
+                raise ProjectorConfigError(
+                    f"projector.dfi_kv_tokens must be a square number n*n with 2*(n-1) < grid ({grid}), got {n}"
+                )
 
     def sp_boxes(self) -> list[tuple[int, int, int, int]]:
         return self.sfe.boxes()
