@@ -9,8 +9,9 @@ STAMP := $(VENV)/.installed
 VARIANT ?= pooling
 ARGS ?=
 PYTEST_ARGS ?=
+RUN ?=
 
-.PHONY: help setup train data tokenizer test tensorboard clean
+.PHONY: help setup train data tokenizer test tensorboard clean notebook
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,6 +37,9 @@ test: $(STAMP) ## run the test suite on CPU (nothing downloaded)
 
 tensorboard: $(STAMP) ## TensorBoard on runs/
 	$(VENV)/bin/tensorboard --logdir runs
+
+notebook: $(STAMP) ## execute notebooks/attention_maps.ipynb on the newest run (or RUN=dir) -> <run>/attention_maps.ipynb
+	$(PY) -m lightning_sp.notebook notebooks/attention_maps.ipynb $(if $(RUN),--run-dir $(RUN))
 
 clean: ## remove generated data and runs (keeps .venv and the shipped tokenizer)
 	rm -rf runs data/synthetic data/shards

@@ -4,6 +4,11 @@
     python -m lightning_sp prepare-data [overrides]      # generate + shard the synthetic data of a config
     python -m lightning_sp convert --json X.json --image-root DIR --out data/shards/NAME
     python -m lightning_sp config variant=cropping       # print the composed, validated config
+    python -m lightning_sp eval ckpt=RUN/checkpoints/last.ckpt benchmark=pope questions=F.jsonl image_root=DIR
+    python -m lightning_sp ablate study=default trainer.max_steps=20   # every arm x seed, then results.md/csv
+    python -m lightning_sp export ckpt=RUN out=DIR [dtype=bfloat16]   # merged HF dir (Llava / trust_remote_code)
+    python -m lightning_sp import-official --lora-dir DIR --variant pooling --llm ID --vision ID --out RUN
+    python -m lightning_sp export-official --ckpt RUN --out DIR         # back to adapter + non_lora_trainables.bin
 """
 
 from __future__ import annotations
@@ -47,6 +52,59 @@ def _convert(args) -> None:
     print(f"wrote {len(index['shards'])} shards to {args.out}")
 
 
+def _eval(args) -> None:
+    from lightning_sp.evaluate import EvalDataError, evaluate_from_args
+
+    try:
+        evaluate_from_args(args.overrides)
+    except (FileNotFoundError, EvalDataError) as e:
+        print(f"eval error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _ablate(args) -> None:
+    from lightning_sp.ablate import ablate_from_args
+
+    if ablate_from_args(args.overrides)["failed"]:
+        raise SystemExit(1)
+
+
+def _export(args) -> None:
+    from lightning_sp.export import export_from_args
+
+    print(f"exported to {export_from_args(args.overrides)}")
+
+
+def _official_errors(fn):
+    """Release-layout problems end the command with their message (exit 2), not a traceback."""
+    def run(args) -> None:
+        from lightning_sp.models.official import OfficialCheckpointError
+
+        try:
+            fn(args)
+        except (FileNotFoundError, OfficialCheckpointError) as e:
+            print(f"{args.command} error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return run
+
+
+@_official_errors
+def _import_official(args) -> None:
+    from lightning_sp.models.import_official import import_official
+
+    path = import_official(args.lora_dir, args.variant, args.out, llm=args.llm, vision=args.vision,
+                           tokenizer=args.tokenizer, preset=args.preset, overrides=args.overrides)
+    print(f"wrote {path} (use init={args.out} to warm-start a run from it)")
+
+
+@_official_errors
+def _export_official(args) -> None:
+    from lightning_sp.models.import_official import export_official
+
+    print(f"wrote {export_official(args.ckpt, args.out)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lightning_sp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", _train, "train a model (config overrides as key=value)"),
         ("config", _config, "print the composed config without building anything"),
         ("prepare-data", _prepare, "generate and shard the synthetic data of a config"),
+        ("eval", _eval, "evaluate a checkpoint: ckpt=PATH benchmark=pope|vqa|synthetic [questions=F key=value]"),
+        ("ablate", _ablate, "run an ablation study (study=default) and write its results table"),
+        ("export", _export, "merged Hugging Face dir of a checkpoint: ckpt=PATH out=DIR [dtype=bfloat16]"),
     ):
         p = sub.add_parser(name, help=help_)
         p.add_argument("overrides", nargs="*", help="group=name (variant=pooling) or key=value (seed=3)")
@@ -67,6 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_convert)
+    p = sub.add_parser("import-official", help="released LLaVA-SP LoRA dir + base LLM + vision -> our run dir")
+    p.add_argument("--lora-dir", required=True, help="adapter_config.json, adapter_model.*, non_lora_trainables.bin")
+    p.add_argument("--variant", required=True, choices=["pooling", "cropping"], help="the release does not record it")
+    p.add_argument("--llm", help="base LLM id or dir (default: adapter_config's base_model_name_or_path)")
+    p.add_argument("--vision", help="vision encoder id or dir (default: config.json's mm_vision_tower)")
+    p.add_argument("--tokenizer", help="default: the LLM's")
+    p.add_argument("--preset", default="llava7b", help="model config group the run config starts from")
+    p.add_argument("--out", required=True, help="run directory to write (config.yaml + checkpoints/last.ckpt)")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.llm.dtype=float32")
+    p.set_defaults(fn=_import_official)
+    p = sub.add_parser("export-official", help="our pooling/cropping checkpoint -> the released LoRA layout")
+    p.add_argument("--ckpt", required=True, help="checkpoint file or run directory")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=_export_official)
     return parser
 
 

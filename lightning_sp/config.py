@@ -10,6 +10,7 @@ key and the valid choices.
 from __future__ import annotations
 
 import difflib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -18,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+log = logging.getLogger(__name__)
 
 # Applied in this order: later groups refine earlier ones (a model preset may adjust the stage's learning
 # rates, a variant the projector a model preset sized).
@@ -85,6 +87,10 @@ class ProjectorConfig:
     dfi_kv_tokens: int = 25  # K/V tokens of the DFI: a square number (25 = 5x5 as released, 49 = 7x7)
     sides: Optional[list[int]] = None  # SP window sides on the paper's 24x24 grid; None = [4, 8, 12, 16, 20, 24]
     head_bias: Optional[bool] = None  # bias of W_s; None = the released variant's choice
+    # `cropping_transformer` only: pre-norm TransformerEncoderLayers (width D) shared by all windows, and their
+    # heads (must divide sp_width).
+    extractor_layers: int = 1
+    extractor_heads: int = 8
 
 
 @dataclass
@@ -150,6 +156,15 @@ class EvalConfig:
 
 
 @dataclass
+class VizConfig:
+    """Attention-map images in TensorBoard (lightning_sp/callbacks/attention.py): a few fixed val images."""
+
+    enabled: bool = True
+    every_n_val: int = 1  # every n-th validation run (validation itself runs every trainer.val_check_interval)
+    num_images: int = 2
+
+
+@dataclass
 class RunConfig:
     choices: dict[str, str] = field(default_factory=dict)  # group -> selected YAML name (filled by compose)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -159,9 +174,13 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    viz: VizConfig = field(default_factory=VizConfig)
     seed: int = 0
     run_dir: Optional[str] = None  # default: runs/<variant>/<timestamp>
     save_top_k: int = 1
+    # Warm start (not resume): a checkpoint file or run directory whose trainable tensors (projector required,
+    # LoRA if present) initialise this run; optimizer, schedule and step start fresh. See lightning_sp/warm_start.py.
+    init: Optional[str] = None
 
 
 class ConfigError(ValueError):
@@ -274,6 +293,40 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model.vision.position_init must be 'sincos' or 'hf', got '{cfg.model.vision.position_init}'")
     if cfg.model.llm.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.llm.dtype must be float32, bfloat16 or float16, got '{cfg.model.llm.dtype}'")
+    if cfg.viz.every_n_val < 1 or cfg.viz.num_images < 1:
+        raise ConfigError(f"viz.every_n_val and viz.num_images must be >= 1 (viz.enabled=false turns the "
+                          f"attention maps off), got {cfg.viz.every_n_val} and {cfg.viz.num_images}")
+    _validate_distribution(cfg)
+
+
+def global_batch_size(cfg: DictConfig) -> Optional[int]:
+    """Samples per optimizer step: per-device batch x devices x accumulation (None while `trainer.devices`
+    is -1/"auto", which only the launcher resolves; train.py logs the resolved value)."""
+    devices = cfg.trainer.devices
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    n = len(devices) if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)) else devices
+    if not isinstance(n, int) or n < 1:
+        return None
+    return cfg.data.batch_size * n * cfg.trainer.accumulate_grad_batches
+
+
+def _validate_distribution(cfg: DictConfig) -> None:
+    t = cfg.trainer
+    if t.strategy == "fsdp" and str(t.precision) in ("16-mixed", "16", "16-true", "half"):
+        raise ConfigError(
+            f"trainer.precision={t.precision} with trainer.strategy=fsdp: fp16 overflows in LLaVA-style training and "
+            "FSDP2 has no loss scaler here; use trainer.precision=bf16-mixed (bf16 compute, fp32 trainable weights)"
+        )
+    if t.strategy == "fsdp" and str(t.precision) == "bf16-true":
+        raise ConfigError(
+            "trainer.precision=bf16-true with trainer.strategy=fsdp would store the trainable weights and optimizer "
+            "state in bf16; use trainer.precision=bf16-mixed (FSDP2 computes in bf16, keeps fp32 trainable weights) "
+            "and model.llm.dtype=bfloat16 for bf16 frozen weights"
+        )
+    total = global_batch_size(cfg)
+    log.info("global batch = %d per device x %s devices x %d accumulation%s", cfg.data.batch_size, t.devices,
+             t.accumulate_grad_batches, f" = {total}" if total else " (devices resolved at launch)")
 
 
 def save(cfg: DictConfig, path: Path | str) -> None:

@@ -39,6 +39,7 @@ class LlavaSPModule(L.LightningModule):
         self.strict_loading = False
         self._val_hits: dict[str, list[int]] = defaultdict(list)
         self._step_start = 0.0
+        self._fsdp_units = None  # set by configure_model under FSDP2Strategy
 
     # ---- training -------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -48,6 +49,9 @@ class LlavaSPModule(L.LightningModule):
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
         self.log("train/supervised_fraction", supervised.float() / tokens.float(), batch_size=bs)
+        # Records the data pipeline dropped (named in its warnings) since the previous batch, summed per epoch.
+        self.log("train/skipped_records", float(batch.get("skipped", 0)), reduce_fx="sum", on_step=False,
+                 on_epoch=True, batch_size=bs)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False, batch_size=bs)
         return out.loss
 
@@ -85,15 +89,41 @@ class LlavaSPModule(L.LightningModule):
             max_new_tokens=self.cfg.eval.max_new_tokens,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
+            # Sharded weights: every rank must run the same number of decoding steps (all-gathers in each).
+            synced_gpus=self._fsdp_units is not None and self.trainer.world_size > 1,
         )
         return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
     def on_validation_epoch_end(self):
-        for key, hits in sorted(self._val_hits.items()):
+        # Pool (hits, count) over ranks first: every rank then logs the same keys (a question type seen on one
+        # rank only would otherwise leave the ranks' sync_dist collectives mismatched) and accuracies are
+        # weighted by sample count, not averaged per rank.
+        counts = {key: (sum(hits), len(hits)) for key, hits in self._val_hits.items()}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, counts)
+            counts = defaultdict(lambda: (0, 0))
+            for rank_counts in gathered:
+                for key, (h, n) in rank_counts.items():
+                    counts[key] = (counts[key][0] + h, counts[key][1] + n)
+        for key, (h, n) in sorted(counts.items()):
             name = "val/accuracy" if key == "all" else f"val/accuracy_{key}"
-            acc = torch.tensor(sum(hits) / max(1, len(hits)), dtype=torch.float32)
+            acc = torch.tensor(h / max(1, n), dtype=torch.float32)
             self.log(name, acc, prog_bar=key == "all", sync_dist=True)
         self._val_hits.clear()
+
+    # ---- sharding (trainer.strategy=fsdp) --------------------------------------------------------------------
+    def configure_model(self):
+        """FSDP2 wrap (lightning_sp/distributed.py) under FSDP2Strategy; nothing under DDP or a single device.
+        Lightning calls this before configure_optimizers, and again for each later fit/validate: idempotent."""
+        from lightning_sp.distributed import BF16_PRECISIONS, FSDP2Strategy, describe_units, shard_model
+
+        if self._fsdp_units is not None or not isinstance(self.trainer.strategy, FSDP2Strategy):
+            return
+        bf16 = str(self.trainer.precision) in BF16_PRECISIONS
+        self._fsdp_units = shard_model(self.model, self.device_mesh["data_parallel"], bf16=bf16)
+        rank_zero_info(f"FSDP2 units ({'bf16 compute, fp32 reduce' if bf16 else 'fp32'}):\n"
+                       + describe_units(self._fsdp_units))
 
     # ---- optimisation ---------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -101,6 +131,12 @@ class LlavaSPModule(L.LightningModule):
         for name, p in self.model.named_parameters():
             if p.requires_grad:
                 groups[param_group(name)].append(p)
+        if self._fsdp_units is not None:  # the optimizer must hold the sharded parameters, not stale originals
+            from torch.distributed.tensor import DTensor
+
+            plain = [n for n, p in self.model.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
+            if plain:
+                raise RuntimeError(f"configure_optimizers ran before sharding: {plain[:3]} are not DTensors")
         optim = self.cfg.optim
         lr_sp_conv = optim.lr_sp_conv if optim.lr_sp_conv is not None else optim.lr_projector
         lrs = {"projector": optim.lr_projector, "sp_conv": lr_sp_conv, "lora": optim.lr_lora}
@@ -127,8 +163,12 @@ class LlavaSPModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         # strict_loading is off only so that frozen weights may be absent; a missing *trainable* tensor
         # (say, the projector) must still be an error, never a silently random module.
+        if "state_dict" in checkpoint:  # absent under FSDP: FSDP2Strategy.load_checkpoint checked and loaded it
+            self.check_trainable_keys(checkpoint["state_dict"])
+
+    def check_trainable_keys(self, keys) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        missing = sorted(trainable - set(checkpoint["state_dict"]))
+        missing = sorted(trainable - set(keys))
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[:5]}")
 

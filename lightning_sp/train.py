@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -17,15 +18,21 @@ from lightning_sp import config as config_lib
 from lightning_sp.data.datamodule import ShardDataModule
 from lightning_sp.data.prepare import ensure_synthetic
 from lightning_sp.data.tokenizer import load_tokenizer
+from lightning_sp.distributed import RankSummary, build_strategy, launched_rank
 from lightning_sp.module import LlavaSPModule
 from lightning_sp.paths import resolve
 
 log = logging.getLogger(__name__)
 
 
+RUN_DIR_ENV = "LIGHTNING_SP_RUN_DIR"  # rank 0's timestamped run directory, inherited by the ranks it launches
+
+
 def run_dir_for(cfg: DictConfig) -> Path:
     if cfg.run_dir:
         return Path(cfg.run_dir)
+    if launched_rank() != 0 and os.environ.get(RUN_DIR_ENV):  # a later timestamp would split the run in two
+        return Path(os.environ[RUN_DIR_ENV])
     return Path("runs") / cfg.choices.get("variant", cfg.projector.name) / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
@@ -44,7 +51,18 @@ def build_datamodule(cfg: DictConfig, tokenizer, num_visual_tokens: int) -> Shar
         shuffle_buffer=data.shuffle_buffer,
         max_length=data.max_length,
         seed=cfg.seed,
+        # Sharded weights all-gather in every forward: each rank must run the same number of val batches.
+        equal_val_shares=cfg.trainer.strategy == "fsdp",
     )
+
+
+def viz_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """Attention-map images in TensorBoard (`viz` config section; lightning_sp/callbacks/attention.py)."""
+    if not cfg.viz.enabled:
+        return []
+    from lightning_sp.callbacks import AttentionMapLogger
+
+    return [AttentionMapLogger(every_n_val=cfg.viz.every_n_val, num_images=cfg.viz.num_images)]
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
@@ -62,7 +80,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
-        strategy=t.strategy,
+        strategy=build_strategy(cfg),
         precision=t.precision,
         max_steps=t.max_steps,
         val_check_interval=t.val_check_interval,
@@ -74,9 +92,25 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         accumulate_grad_batches=t.accumulate_grad_batches,
         enable_progress_bar=t.enable_progress_bar,
         logger=TensorBoardLogger(save_dir=str(run_dir), name="tb", version=""),
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, RankSummary(run_dir), *viz_callbacks(cfg)],
         default_root_dir=str(run_dir),
+        inference_mode=t.strategy != "fsdp",  # FSDP's all-gathered weights must not become inference tensors
     )
+
+
+def run_summary(module: LlavaSPModule, trainer: L.Trainer, cfg: DictConfig, fit_seconds: float) -> dict[str, float]:
+    """Size and speed of a run, for ablation tables (lightning_sp/ablate.py): parameter counts, visual tokens,
+    fit time (validation included) and the samples per second it amounts to."""
+    params = list(module.model.named_parameters())
+    samples = trainer.global_step * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * trainer.world_size
+    return {
+        "num_visual_tokens": float(module.model.num_visual_tokens),
+        "params/total": float(sum(p.numel() for _, p in params)),
+        "params/trainable": float(sum(p.numel() for _, p in params if p.requires_grad)),
+        "params/projector": float(sum(p.numel() for n, p in params if n.startswith("projector."))),
+        "fit_time_s": fit_seconds,
+        "fit_samples_per_sec": samples / fit_seconds if fit_seconds > 0 else 0.0,
+    }
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -85,18 +119,31 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     run_dir = run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_lib.save(cfg, run_dir / "config.yaml")
-    log.info("run directory %s (resolved config in config.yaml)", run_dir)
+    if launched_rank() == 0:
+        os.environ[RUN_DIR_ENV] = str(run_dir)
+        config_lib.save(cfg, run_dir / "config.yaml")
+        log.info("run directory %s (resolved config in config.yaml)", run_dir)
 
     if cfg.data.synthetic is not None:
         ensure_synthetic(cfg.data, image_size=cfg.model.vision.image_size)
     tokenizer = load_tokenizer(str(resolve(cfg.model.tokenizer)))
     module = LlavaSPModule(cfg, tokenizer)
+    if cfg.init:  # warm start: weights only; optimizer, schedule and step start fresh
+        from lightning_sp.warm_start import warm_start
+
+        warm_start(module, resolve(cfg.init), cfg)
     datamodule = build_datamodule(cfg, tokenizer, module.model.num_visual_tokens)
     trainer = build_trainer(cfg, run_dir)
+    if launched_rank() == 0:
+        log.info("global batch %d = %d per device x %d devices x %d accumulation", trainer.world_size
+                 * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches, cfg.data.batch_size,
+                 trainer.world_size, cfg.trainer.accumulate_grad_batches)
+    fit_started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
+    fit_seconds = time.perf_counter() - fit_started
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics.update(run_summary(module, trainer, cfg, fit_seconds))
     metrics["wall_time_s"] = time.perf_counter() - started
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))

@@ -156,6 +156,26 @@ def split_samples(src):
     yield from islice(src, rank * num_workers + worker, None, world_size * num_workers)
 
 
+class EqualShare:
+    """Every (rank, worker) keeps exactly ``total // (ranks x workers)`` samples, so every rank runs the same
+    number of eval batches; the remainder (fewer than ranks x workers samples) is left out. Needed when the
+    weights are sharded (FSDP): each forward all-gathers, and a rank with one batch more would wait forever."""
+
+    def __init__(self, total: int):
+        self.total = total
+
+    def __call__(self, src):
+        rank, world_size, worker, num_workers = pytorch_worker_info()
+        share = self.total // (world_size * num_workers)
+        produced = 0
+        for sample in islice(src, share):
+            produced += 1
+            yield sample
+        if produced < share:  # failing beats leaving the other ranks waiting in a collective
+            raise RuntimeError(f"rank {rank} worker {worker} produced {produced} of {share} eval samples "
+                               "(see the skipped-record warnings)")
+
+
 # ---- datamodule ------------------------------------------------------------------------------------------
 
 class ShardDataModule(L.LightningDataModule):
@@ -166,7 +186,7 @@ class ShardDataModule(L.LightningDataModule):
     def __init__(self, train_dir, val_dir=None, tokenizer=None, template: str = "vicuna_v1",
                  num_visual_tokens: int = 582, image_size: int = 336, batch_size: int = 16,
                  val_batch_size: int = 32, num_workers: int = 1, shuffle_buffer: int = 500,
-                 max_length: int | None = 2048, seed: int = 0):
+                 max_length: int | None = 2048, seed: int = 0, equal_val_shares: bool = False):
         super().__init__()
         if tokenizer is None:
             raise ValueError("ShardDataModule needs a tokenizer (object or path for load_tokenizer)")
@@ -178,6 +198,7 @@ class ShardDataModule(L.LightningDataModule):
         self.template, self.num_visual_tokens, self.image_size = template, num_visual_tokens, image_size
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.shuffle_buffer, self.max_length, self.seed = shuffle_buffer, max_length, seed
+        self.equal_val_shares = equal_val_shares  # see EqualShare; train.py sets it for trainer.strategy=fsdp
         self.steps_per_epoch: int | None = None
         self.train_index = self.val_index = None
 
@@ -244,6 +265,9 @@ class ShardDataModule(L.LightningDataModule):
                                  nodesplitter=None, workersplitter=None, shardshuffle=False, empty_check=False)
         builder = SampleBuilder(self.tokenizer, self.template, self.num_visual_tokens, self.image_size,
                                 self.max_length, for_eval=True)
-        dataset = dataset.compose(split_samples, builder).batched(
+        dataset = dataset.compose(split_samples, builder)
+        if self.equal_val_shares:
+            dataset = dataset.compose(EqualShare(self.val_index["totals"]["samples"]))
+        dataset = dataset.batched(
             self.val_batch_size, collation_fn=partial(collate_eval, **self._collate_kwargs()), partial=True)
         return self._loader(dataset)

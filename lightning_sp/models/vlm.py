@@ -89,6 +89,7 @@ class LlavaSP(nn.Module):
         max_new_tokens: int = 16,
         eos_token_id: Optional[int] = None,
         pad_token_id: Optional[int] = None,
+        synced_gpus: Optional[bool] = None,  # None: HF decides (True when FSDP-managed and world size > 1)
     ) -> torch.Tensor:
         """Greedy decoding from LEFT-padded prompts; returns only the new tokens (B, <=max_new_tokens)."""
         if prompt_attention_mask[:, -1].min() == 0:
@@ -101,4 +102,5 @@ class LlavaSP(nn.Module):
             num_beams=1,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
+            synced_gpus=synced_gpus,
         )

@@ -49,16 +49,30 @@ def window_dot(window: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return window.reshape(window.shape[0], -1) @ weight.reshape(weight.shape[0], -1).t()
 
 
-class SpatialFeatureExtractor(nn.Module):
-    """Six multi-scale tokens from the patch grid: centred crops (`cropping`) or adaptive pools (`pooling`)."""
+class SpatialWindows(nn.Module):
+    """The SP windows, no weights: centred crops (`cropping`) or adaptive pools (`pooling`) of the patch grid.
+    Extractors (this file's SFE, the ablation arms in baselines.py) subclass it and turn each window into a token."""
 
-    def __init__(self, mode: str, vision_width: int, sp_width: int, grid: int, sides=None) -> None:
+    def __init__(self, mode: str, grid: int, sides=None) -> None:
         super().__init__()
         if mode not in ("cropping", "pooling"):
             raise ValueError(f"SFE mode must be 'cropping' or 'pooling', got '{mode}'")
         self.mode, self.grid = mode, grid
         self.sides = scaled_sides(grid, sides)
-        self.weights = nn.ParameterList(conv_weight(sp_width, vision_width, s) for s in self.sides)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.sides)
+
+    def windows(self, grid_features: torch.Tensor):
+        """Each token's input window (B, C', s, s), in token order; any channel count C'."""
+        for side, (r0, c0, r1, c1) in zip(self.sides, self.boxes()):
+            if self.mode == "cropping":
+                yield grid_features[:, :, r0:r1, c0:c1]
+            elif side == self.grid:
+                yield grid_features  # the global token is the conv alone, no pooling
+            else:
+                yield F.adaptive_avg_pool2d(grid_features, side)
 
     def boxes(self) -> list[tuple[int, int, int, int]]:
         """(row0, col0, row1, col1) of each token's window on the grid (pooling tokens see the whole grid)."""
@@ -66,17 +80,17 @@ class SpatialFeatureExtractor(nn.Module):
             return [(0, 0, self.grid, self.grid)] * len(self.sides)
         return [((self.grid - s) // 2, (self.grid - s) // 2, (self.grid + s) // 2, (self.grid + s) // 2) for s in self.sides]
 
+
+class SpatialFeatureExtractor(SpatialWindows):
+    """Six multi-scale tokens from the patch grid: one full-window conv per crop (`cropping`) or pool (`pooling`)."""
+
+    def __init__(self, mode: str, vision_width: int, sp_width: int, grid: int, sides=None) -> None:
+        super().__init__(mode, grid, sides)
+        self.weights = nn.ParameterList(conv_weight(sp_width, vision_width, s) for s in self.sides)
+
     def forward(self, grid_features: torch.Tensor) -> torch.Tensor:
         """(B, C, G, G) -> (B, 6, D)."""
-        tokens = []
-        for side, weight, (r0, c0, r1, c1) in zip(self.sides, self.weights, self.boxes()):
-            if self.mode == "cropping":
-                window = grid_features[:, :, r0:r1, c0:c1]
-            elif side == self.grid:
-                window = grid_features  # the global token is the conv alone, no pooling
-            else:
-                window = F.adaptive_avg_pool2d(grid_features, side)
-            tokens.append(window_dot(window, weight))
+        tokens = [window_dot(window, weight) for window, weight in zip(self.windows(grid_features), self.weights)]
         return torch.stack(tokens, dim=1)
 
 
@@ -122,13 +136,18 @@ class SpatialProjector(Projector):
         super().__init__()
         self.grid = grid
         d = cfg.sp_width
-        self.sfe = SpatialFeatureExtractor(self.sfe_mode, vision_width, d, grid, cfg.sides)
-        self.layout = TokenLayout(num_sp_tokens=len(self.sfe.sides), patch_grid=(grid, grid))
+        self.sfe = self.build_extractor(cfg, vision_width, d, grid)
+        self.layout = TokenLayout(num_sp_tokens=self.sfe.num_tokens, patch_grid=(grid, grid))
         self.dfi = DetailFeatureIntegrator(vision_width, d, grid, cfg.dfi_kv_tokens) if cfg.dfi else None
         # SFE-only arms use an unbiased head (official code); with DFI the released variant decides.
         bias = cfg.head_bias if cfg.head_bias is not None else (self.default_head_bias and cfg.dfi)
         self.spatial_head = nn.Sequential(nn.GELU(), nn.Linear(2 * d if cfg.dfi else d, llm_width, bias=bias))
         self.patch_head = patch_head(vision_width, llm_width)
+
+    def build_extractor(self, cfg, vision_width: int, sp_width: int, grid: int) -> nn.Module:
+        """The SP-token extractor: (B, C, G, G) -> (B, num_tokens, D), with `num_tokens` and `boxes()`.
+        Ablation arms (baselines.py) override this to swap the extractor and keep DFI, W_s and W_p."""
+        return SpatialFeatureExtractor(self.sfe_mode, vision_width, sp_width, grid, cfg.sides)
 
     @classmethod
     def check_config(cls, cfg, grid: int) -> None:

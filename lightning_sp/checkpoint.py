@@ -1,0 +1,109 @@
+"""Our checkpoints outside Lightning's fit loop: find, read, rebuild a module from, and write them.
+
+A checkpoint (what `LlavaSPModule.on_save_checkpoint` writes) holds `state_dict` with the *trainable* tensors only
+(projector, LoRA, peft `modules_to_save`) under the module's parameter names, and `lightning_sp_config`, the
+resolved run config. Frozen weights (vision tower, base LLM) are rebuilt from that config, so a checkpoint plus
+the config's `name_or_path` models (or, for random-init models, their seeds) is the whole model.
+
+A run directory stands for its `checkpoints/last.ckpt`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_sp import config as config_lib
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+CONFIG_KEY = "lightning_sp_config"
+
+
+def resolve_checkpoint(path: PathLike) -> Path:
+    """A `.ckpt` file as given; a run directory -> its `checkpoints/last.ckpt` (or `last.ckpt`)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir():
+        for candidate in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(f"{p} is a directory without checkpoints/last.ckpt (nor last.ckpt); pass a .ckpt file")
+    raise FileNotFoundError(f"checkpoint not found: {p}")
+
+
+def read_checkpoint(path: PathLike) -> dict:
+    """The checkpoint dict (tensors on CPU), read with `torch.load(weights_only=True)`: never unpickles code."""
+    p = resolve_checkpoint(path)
+    ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
+        raise ValueError(f"{p} is not a lightning_sp checkpoint (no 'state_dict')")
+    return dict(ckpt)
+
+
+def checkpoint_config(ckpt: Mapping, overrides: Iterable[str] = ()) -> DictConfig:
+    """The run config stored in a checkpoint, validated against the schema; `overrides` as `a.b=value`."""
+    if CONFIG_KEY not in ckpt:
+        raise ValueError(f"checkpoint has no '{CONFIG_KEY}': it was not written by lightning_sp")
+    schema = OmegaConf.structured(config_lib.RunConfig)
+    cfg = config_lib._merge(schema, OmegaConf.create(ckpt[CONFIG_KEY]), schema, "checkpoint config")
+    overrides = list(overrides)
+    if overrides:
+        cfg = config_lib._merge(cfg, OmegaConf.from_dotlist(overrides), schema, "overrides")
+    config_lib.validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def load_module(path: PathLike, overrides: Iterable[str] = (), tokenizer=None):
+    """Rebuild `LlavaSPModule` from a checkpoint (config + frozen weights from their sources) and load its
+    trainable tensors strictly: every trainable parameter must be in the file and nothing else may be.
+
+    `overrides` change the stored config before building (say `model.llm.dtype=float32`, or a local
+    `model.llm.name_or_path`). Returns the module in eval mode.
+    """
+    from lightning_sp.data.tokenizer import load_tokenizer
+    from lightning_sp.module import LlavaSPModule
+    from lightning_sp.paths import resolve
+
+    ckpt = read_checkpoint(path)
+    cfg = checkpoint_config(ckpt, overrides)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(str(resolve(cfg.model.tokenizer)))
+    module = LlavaSPModule(cfg, tokenizer)
+    module.on_load_checkpoint(ckpt)  # raises if a trainable tensor is missing
+    result = module.load_state_dict(ckpt["state_dict"], strict=False)
+    if result.unexpected_keys:
+        raise KeyError(f"{resolve_checkpoint(path)} holds {len(result.unexpected_keys)} tensors this model does not "
+                       f"have, e.g. {sorted(result.unexpected_keys)[:5]}")
+    module.eval()
+    return module
+
+
+def save_module_checkpoint(module, run_dir: PathLike, extra: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write `run_dir/config.yaml` and `run_dir/checkpoints/last.ckpt` as a training run would (trainable tensors
+    + `lightning_sp_config`, via `module.on_save_checkpoint`), with step 0 and no optimizer state: the file
+    serves `init=` and evaluation, not `resume`. `extra`: more top-level entries (plain data and tensors)."""
+    import lightning
+
+    run_dir = Path(run_dir)
+    checkpoint: dict[str, Any] = {"state_dict": module.state_dict(), "epoch": 0, "global_step": 0,
+                                  "pytorch-lightning_version": lightning.__version__}
+    module.on_save_checkpoint(checkpoint)
+    checkpoint["state_dict"] = {k: v.detach().cpu().contiguous() for k, v in checkpoint["state_dict"].items()}
+    checkpoint.update(extra or {})
+    config_lib.save(module.cfg, run_dir / "config.yaml")
+    path = run_dir / "checkpoints" / "last.ckpt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+    log.info("wrote %s (%d trainable tensors)", path, len(checkpoint["state_dict"]))
+    return path

@@ -1,0 +1,39 @@
+"""LLaVA-SP configuration for `trust_remote_code` loading (written by lightning_sp's `export`; no lightning_sp
+import). Layout: a CLIP vision config, a causal-LM text config, and the spatial projector's settings."""
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto import CONFIG_MAPPING
+
+
+class LlavaSPConfig(PretrainedConfig):
+    """`projector`: {"name": "pooling"|"cropping", "sp_width": D, "dfi": bool, "dfi_kv_tokens": n*n,
+    "sides": window sides on the paper's 24x24 grid or None (4..24), "head_bias": bool}. The visual tokens of an
+    image are the SP tokens followed by the grid*grid patch tokens: `image_seq_length` of them, which is how many
+    `image_token_index` placeholders each image needs in `input_ids`."""
+
+    model_type = "llava_sp"
+    attribute_map = {"image_token_id": "image_token_index"}
+    sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig}
+
+    def __init__(self, vision_config=None, text_config=None, image_token_index=None, vision_feature_layer=-2,
+                 projector=None, image_seq_length=None, **kwargs):
+        if isinstance(vision_config, dict):
+            vision_config = dict(vision_config)
+            vision_config["model_type"] = vision_config.get("model_type", "clip_vision_model")
+            vision_config = CONFIG_MAPPING[vision_config["model_type"]](**vision_config)
+        elif vision_config is None:
+            vision_config = CONFIG_MAPPING["clip_vision_model"]()
+        if isinstance(text_config, dict):
+            text_config = dict(text_config)
+            text_config["model_type"] = text_config.get("model_type", "llama")
+            text_config = CONFIG_MAPPING[text_config["model_type"]](**text_config)
+        elif text_config is None:
+            text_config = CONFIG_MAPPING["llama"]()
+        self.vision_config, self.text_config = vision_config, text_config
+        self.image_token_index = image_token_index
+        self.vision_feature_layer = vision_feature_layer
+        self.projector = dict(projector or {"name": "pooling", "sp_width": 512, "dfi": True, "dfi_kv_tokens": 25,
+                                            "sides": None, "head_bias": False})
+        self.image_seq_length = image_seq_length
+        kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
+        super().__init__(**kwargs)

@@ -1,0 +1,155 @@
+"""A finished run, for inspection: find it, load its model, take validation samples, draw its attention maps.
+
+    run = load_run()                      # the newest runs/*/*/ (or runs/*/) with checkpoints/last.ckpt
+    batch = val_batch(run, batch_size=4)  # the first validation batch of the run's own data config
+    maps = attention_maps(run, batch)     # lightning_sp.viz.AttentionMaps per sample
+
+The model comes from `<run>/checkpoints/last.ckpt` alone (trainable tensors + `lightning_sp_config`; frozen
+weights rebuilt from that config) through :func:`lightning_sp.checkpoint.load_module`. This is what
+`notebooks/attention_maps.ipynb` calls; the notebook holds no logic of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+
+PathLike = Union[str, Path]
+CHECKPOINT = Path("checkpoints") / "last.ckpt"
+NO_RUN_HELP = ("No run with checkpoints/last.ckpt under {root}/. Train one first (a few minutes on CPU):\n"
+               "    make train VARIANT=pooling\n"
+               "or point RUN_DIR at a run directory (runs/<variant>/<timestamp>).")
+
+
+@dataclass
+class Run:
+    run_dir: Path
+    module: object  # LlavaSPModule, eval mode
+
+    @property
+    def cfg(self):
+        return self.module.cfg
+
+    @property
+    def model(self):
+        return self.module.model
+
+    @property
+    def tokenizer(self):
+        return self.module.tokenizer
+
+    def describe(self) -> str:
+        cfg = self.cfg
+        step = torch.load(self.run_dir / CHECKPOINT, map_location="cpu", weights_only=True).get("global_step")
+        layout = self.model.projector.layout
+        return (f"{self.run_dir}: projector {cfg.projector.name} ({layout.num_sp_tokens} SP tokens + "
+                f"{layout.patch_grid[0]}x{layout.patch_grid[1]} patches), stage {cfg.stage.name}, step {step}")
+
+
+def latest_run(root: PathLike = "runs") -> Optional[Path]:
+    """The run directory under `root` (`root/<variant>/<timestamp>/` or `root/<name>/`) whose last.ckpt is newest."""
+    from lightning_sp.paths import resolve
+
+    root = resolve(root)
+    found = [p for pattern in ("*/*" / CHECKPOINT, "*" / CHECKPOINT) for p in root.glob(str(pattern))]
+    if not found:
+        return None
+    return max(found, key=lambda p: p.stat().st_mtime).parent.parent
+
+
+def load_run(run_dir: Optional[PathLike] = None, overrides: Iterable[str] = (), root: PathLike = "runs") -> Run:
+    """Load a run's model from `<run_dir>/checkpoints/last.ckpt` (default: :func:`latest_run`); eval mode, CPU.
+    `overrides` (`a.b=value`) change the stored config before building (say a local `model.llm.name_or_path`)."""
+    from lightning_sp.checkpoint import load_module
+
+    if run_dir is None:
+        run_dir = latest_run(root)
+        if run_dir is None:
+            raise FileNotFoundError(NO_RUN_HELP.format(root=root))
+    run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT).is_file():
+        raise FileNotFoundError(f"{run_dir} has no {CHECKPOINT}; " + NO_RUN_HELP.format(root=root).split(". ", 1)[1])
+    return Run(run_dir, load_module(run_dir, overrides))
+
+
+def _anchored(path: Optional[str]) -> Optional[str]:
+    """A config path as training saw it: relative paths are relative to the directory `make train` ran in, the
+    repository root, whatever the working directory now is (a notebook runs in notebooks/)."""
+    from lightning_sp.paths import REPO_ROOT
+
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() or p.exists() else REPO_ROOT / p)
+
+
+def val_batch(run: Run, batch_size: int = 4) -> dict:
+    """The first validation batch of the run's data config (regenerating synthetic data if it was removed)."""
+    from omegaconf import OmegaConf
+
+    from lightning_sp.data.prepare import ensure_synthetic
+    from lightning_sp.train import build_datamodule
+
+    cfg = run.cfg
+    if not cfg.data.val_dir:
+        raise ValueError(f"run {run.run_dir} has no data.val_dir: nothing to take samples from")
+    data = {"train_dir": _anchored(cfg.data.train_dir), "val_dir": _anchored(cfg.data.val_dir)}
+    if cfg.data.synthetic is not None:
+        data["synthetic"] = {"raw_dir": _anchored(cfg.data.synthetic.raw_dir)}
+    cfg = OmegaConf.merge(cfg, {"data": data})
+    if not (Path(cfg.data.val_dir) / "index.json").is_file():
+        if cfg.data.synthetic is None:
+            raise FileNotFoundError(f"validation shards {cfg.data.val_dir} are missing (data.val_dir of {run.run_dir})")
+        ensure_synthetic(cfg.data, image_size=cfg.model.vision.image_size)
+    datamodule = build_datamodule(cfg, run.tokenizer, run.model.num_visual_tokens)
+    datamodule.val_batch_size, datamodule.num_workers = batch_size, 0
+    datamodule.setup("validate")
+    return next(iter(datamodule.val_dataloader()))
+
+
+def prompt_ids(run: Run, question: str) -> torch.Tensor:
+    """Prompt ids for a question of your own about an image, in the run's template, image placeholder expanded."""
+    from lightning_sp.data.conversation import IGNORE_INDEX, encode_prompt, expand_image_token
+    from lightning_sp.data.tokenizer import IMAGE_TOKEN
+
+    record = {"id": "custom", "image": "custom", "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}]}
+    ids = encode_prompt(record, run.tokenizer, run.cfg.stage.template)
+    image_id = run.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    return expand_image_token(ids, [IGNORE_INDEX] * len(ids), image_id, run.model.num_visual_tokens)[0]
+
+
+def sample_maps(run: Run, batch: dict, index: int = 0, question: Optional[str] = None):
+    """Attention maps of sample `index` of `batch`, asked its own question or `question` (then no target)."""
+    from lightning_sp.viz import compute_sample_maps, template_roles
+
+    if question is None:
+        return attention_maps(run, batch, [index])[0]
+    return compute_sample_maps(run.model, run.tokenizer, batch["pixel_values"][index], prompt_ids(run, question),
+                               sample_id=str(batch["ids"][index]) if "ids" in batch else str(index),
+                               max_new_tokens=run.cfg.eval.max_new_tokens,
+                               roles=template_roles(run.cfg.stage.template))
+
+
+def export_pngs(run: Run, out_dir: PathLike, index: int = 0, prefix: Optional[str] = None,
+                batch_size: int = 4) -> list[Path]:
+    """PNGs of the maps of validation sample `index` (``<prefix>_dfi.png``, ``<prefix>_llm.png``) plus
+    ``<prefix>_qa.md``; prefix defaults to the projector name."""
+    from lightning_sp.viz import qa_markdown, save_pngs
+
+    maps = sample_maps(run, val_batch(run, batch_size), index)
+    prefix = prefix or run.cfg.projector.name
+    paths = save_pngs(maps, out_dir, prefix)
+    qa = Path(out_dir) / f"{prefix}_qa.md"
+    qa.write_text(qa_markdown(maps) + "\n")
+    return [*paths, qa]
+
+
+def attention_maps(run: Run, batch: dict, indices: Optional[Sequence[int]] = None):
+    """:func:`lightning_sp.viz.compute_maps` with the run's generation length and conversation roles."""
+    from lightning_sp.viz import compute_maps, template_roles
+
+    return compute_maps(run.model, run.tokenizer, batch, indices, max_new_tokens=run.cfg.eval.max_new_tokens,
+                        roles=template_roles(run.cfg.stage.template))

@@ -1,0 +1,534 @@
+"""Model internals as pictures: DFI cross-attention, LLM attention over the visual tokens, question and answers.
+
+Two steps, kept apart so that tests and notebooks can check the numbers without drawing anything:
+
+1. :func:`compute_maps` (or :func:`compute_sample_maps` for one image + prompt) runs the model on a few samples
+   and returns :class:`AttentionMaps` -- plain numpy arrays:
+
+   * ``sp_attention``: the attention of each of the S spatial (SP) tokens, from ``projector.last_attention``.
+     ``sp_attention_kind == "dfi"``: the Detail Feature Integrator's weights over its n x n K/V tokens, (S, n, n).
+     ``sp_attention_map`` (S, H, W) spreads each K/V token's weight evenly over its receptive field (the k x k
+     patches its stride-2 convolution reads), so every map still sums to 1 and lies where the K/V token looked
+     -- a bilinear resize of the 5 x 5 grid would put token (0, 0), which reads the top-left 16 x 16 patches, at
+     the image corner. The receptive fields overlap (16 x 16 windows at stride 2 on 24 x 24 all read the
+     centre), so even uniform attention piles up in the middle; the overlay therefore shows
+     ``sp_attention_shown`` = map / (the map uniform attention would give): 1 is "as uniform", above 1 is where
+     this SP token looks more than average. ``"extractor"`` (SP arms whose extractor attends and that have no
+     DFI: ``cropping_transformer``, ``learned_queries``): weights over the patch grid, (S, gh, gw), shown as is.
+     ``None`` for projectors without attention (``mlp``, ``conv49``, SFE arms without DFI).
+   * ``llm_sp`` (S,) and ``llm_patches`` (gh, gw): the LLM's attention from the answer to the visual tokens,
+     averaged over layers, heads and the rows that produced the answer tokens (the row of the token *before*
+     each answer token). Values are fractions of that attention (the rows sum to 1 over the whole sequence).
+     The LLM must run with eager attention to return weights; :func:`eager_attention` switches the
+     implementation for that one pass on one sample and restores it, so training keeps SDPA/flash.
+   * ``windows``: what each SP token summarises, in pixels: a crop box (cropping) or the cells of the pooling
+     grid (pooling), from ``projector.sp_boxes()`` / the SFE sides, scaled from the patch grid to the image.
+
+2. :func:`sp_attention_figure`, :func:`llm_figure` return matplotlib figures; :func:`render_sp_attention`,
+   :func:`render_llm` the same as (H, W, 3) uint8 arrays (TensorBoard); :func:`qa_markdown` the question, the
+   target and the prediction; :func:`save_pngs` writes the figures.
+
+Nothing here hard-codes 576 patches, a 24 x 24 grid or six SP tokens: all come from ``projector.layout``.
+Figures are built with ``matplotlib.figure.Figure`` (no pyplot): no global state, any backend, thread-safe.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lightning_sp.data.images import CLIP_MEAN, CLIP_STD
+
+Box = tuple[float, float, float, float]  # pixels: (x0, y0, x1, y1)
+GridBox = tuple[int, int, int, int]  # patch grid: (row0, col0, row1, col1), end exclusive
+
+
+# ---- geometry -----------------------------------------------------------------------------------------------
+
+def denormalize(pixel_values: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
+    """A normalised (3, H, W) image (or a (B, 3, H, W) batch) -> (H, W, 3) (or (B, H, W, 3)) uint8."""
+    x = pixel_values.detach().float().cpu()
+    shape = (3, 1, 1) if x.ndim == 3 else (1, 3, 1, 1)
+    x = x * torch.tensor(std).view(shape) + torch.tensor(mean).view(shape)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    return x.movedim(-3, -1).numpy()
+
+
+def scale_box(box: GridBox, patch_grid: tuple[int, int], image_hw: tuple[int, int]) -> Box:
+    """Patch-grid box (row0, col0, row1, col1) -> pixel box (x0, y0, x1, y1) on an (H, W) image."""
+    (gh, gw), (h, w) = patch_grid, image_hw
+    r0, c0, r1, c1 = box
+    sy, sx = h / gh, w / gw
+    return (c0 * sx, r0 * sy, c1 * sx, r1 * sy)
+
+
+def pooling_cells(side: int, grid: int) -> list[GridBox]:
+    """The bins of ``adaptive_avg_pool2d(x, side)`` on a grid x grid map (PyTorch's rule: floor start, ceil end)."""
+    edges = [(math.floor(i * grid / side), math.ceil((i + 1) * grid / side)) for i in range(side)]
+    return [(r0, c0, r1, c1) for r0, r1 in edges for c0, c1 in edges]
+
+
+@dataclass
+class SPWindow:
+    """What one SP token summarises: a label and pixel boxes (one crop box, or the cells of a pooling grid)."""
+
+    label: str
+    boxes: list[Box]
+
+
+def sp_windows(projector, image_hw: tuple[int, int]) -> list[SPWindow]:
+    """One window per SP token (``layout.num_sp_tokens``; [] for ``mlp``): its crop box or pooling grid cells in
+    pixels. Tokens without a fixed window (learned queries) get a label and no boxes."""
+    layout = projector.layout
+    grid_boxes = projector.sp_boxes()
+    sfe = getattr(projector, "sfe", None)
+    sides, mode = getattr(sfe, "sides", None), getattr(sfe, "mode", None)
+    windows = []
+    for k in range(layout.num_sp_tokens):
+        box = grid_boxes[k] if k < len(grid_boxes) else None
+        side = sides[k] if sides is not None and k < len(sides) else None
+        if box is None:
+            label, cells = ("query" if sfe is not None else "SP") + f" {k}", []
+        elif mode == "pooling" and side is not None:
+            r0, c0, r1, c1 = box
+            if side == r1 - r0:  # the global token: the convolution alone, no pooling; its cells are the patches
+                label, cells = f"global {side}x{side}", [box]
+            else:
+                label = f"pool {side}x{side}"
+                cells = [(r0 + a, c0 + b, r0 + c, c0 + d) for a, b, c, d in pooling_cells(side, r1 - r0)]
+        elif mode == "cropping" and side is not None:
+            label, cells = f"crop {side}x{side}", [box]
+        else:
+            label, cells = f"SP {k}", [box]
+        windows.append(SPWindow(label, [scale_box(c, layout.patch_grid, image_hw) for c in cells]))
+    return windows
+
+
+def dfi_footprint(attention: torch.Tensor, grid: tuple[int, int], kernel: int, stride: int) -> torch.Tensor:
+    """(S, n, n) DFI weights -> (S, gh, gw) on the patch grid: each K/V token's weight spread evenly over the
+    kernel x kernel patches its convolution reads (a transposed convolution with a 1/k^2 box). Mass-preserving."""
+    s, n, m = attention.shape
+    box = torch.full((1, 1, kernel, kernel), 1.0 / kernel**2, dtype=torch.float32)
+    out = F.conv_transpose2d(attention.float().cpu().unsqueeze(1), box, stride=stride).squeeze(1)
+    if tuple(out.shape[-2:]) != tuple(grid):
+        raise ValueError(f"DFI K/V grid {n}x{m} (kernel {kernel}, stride {stride}) covers {tuple(out.shape[-2:])} "
+                         f"patches, not the {grid} patch grid")
+    return out
+
+
+def upsample_to_image(grid_map: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+    """(..., gh, gw) per-patch values -> (..., H, W), nearest (each patch covers its pixels), mass-preserving."""
+    lead = grid_map.shape[:-2]
+    x = grid_map.float().reshape(-1, 1, *grid_map.shape[-2:])
+    up = F.interpolate(x, size=image_hw, mode="nearest")
+    up = up * (grid_map.shape[-2] * grid_map.shape[-1]) / (image_hw[0] * image_hw[1])
+    return up.reshape(*lead, *image_hw)
+
+
+# ---- eager attention for one pass ---------------------------------------------------------------------------
+
+def _base_model(llm):
+    """The HF model under a peft wrapper (or the model itself)."""
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+
+def attn_implementation(llm) -> str:
+    return _base_model(llm).config._attn_implementation
+
+
+def _set_attn_implementation(model, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):  # transformers >= 4.56: also updates sub-models
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
+
+
+@contextmanager
+def eager_attention(llm) -> Iterator[None]:
+    """Run the LLM with eager attention (the only kind that returns weights) inside the block; restore after."""
+    model = _base_model(llm)
+    previous = model.config._attn_implementation
+    if previous == "eager":
+        yield
+        return
+    _set_attn_implementation(model, "eager")
+    try:
+        yield
+    finally:
+        _set_attn_implementation(model, previous)
+
+
+# ---- computing the maps -------------------------------------------------------------------------------------
+
+@dataclass
+class AttentionMaps:
+    """Everything one sample's pictures show, as numpy arrays (see the module docstring)."""
+
+    image: np.ndarray  # (H, W, 3) uint8, un-normalised
+    patch_grid: tuple[int, int]
+    windows: list[SPWindow]
+    llm_sp: np.ndarray  # (S,) attention fraction on each SP token (S may be 0)
+    llm_patches: np.ndarray  # (gh, gw) attention fraction on each patch token
+    llm_visual_share: float  # fraction of the answer's attention on all visual tokens
+    answer_rows: int  # number of attention rows averaged (= answer tokens)
+    sp_attention_kind: Optional[str] = None  # "dfi" | "extractor" | None (no SP-token attention)
+    sp_attention: Optional[np.ndarray] = None  # dfi: (S, n, n) K/V weights; extractor: (S, gh, gw)
+    sp_attention_map: Optional[np.ndarray] = None  # (S, H, W) on the image, each sums to 1
+    sp_attention_shown: Optional[np.ndarray] = None  # (S, H, W) what the overlay shows (dfi: map / uniform map)
+    question: str = ""
+    target: Optional[str] = None
+    prediction: str = ""
+    sample_id: str = ""
+    qtype: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_sp_tokens(self) -> int:
+        return len(self.llm_sp)
+
+    @property
+    def llm_patch_map(self) -> np.ndarray:
+        """(H, W) patch attention upsampled to the image (sums to the patch tokens' share)."""
+        return upsample_to_image(torch.from_numpy(self.llm_patches), self.image.shape[:2]).numpy()
+
+
+def question_text(tokenizer, prompt_ids: Sequence[int], image_token_id: int, roles=("USER", "ASSISTANT")) -> str:
+    """The last human turn of a prompt, without the image tokens, the system prompt and the role names."""
+    ids = [int(i) for i in prompt_ids if int(i) != image_token_id]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    user, assistant = roles
+    if user and f"{user}:" in text:
+        text = text.rsplit(f"{user}:", 1)[1]
+    if assistant and text.rstrip().endswith(f"{assistant}:"):
+        text = text.rstrip()[: -len(assistant) - 1]
+    return text.strip()
+
+
+def _strip_answer(new_tokens: torch.Tensor, eos_token_id: Optional[int], pad_token_id: Optional[int]) -> list[int]:
+    """Generated ids up to and including the first EOS (the decision to stop is part of the answer)."""
+    out = []
+    for t in new_tokens.tolist():
+        if eos_token_id is not None and t == eos_token_id:
+            out.append(t)
+            break
+        if pad_token_id is not None and t == pad_token_id and pad_token_id != eos_token_id:
+            break
+        out.append(t)
+    return out
+
+
+@torch.no_grad()
+def llm_answer_attention(model, prompt_ids: torch.Tensor, pixel_values: torch.Tensor,
+                         answer_ids: Sequence[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One eager forward of prompt + answer; returns the attention of the answer rows over the visual tokens,
+    averaged over layers, heads and rows, as (T,) in the projector's layout (SP tokens, then patches row-major),
+    and ``projector.last_attention`` of that same forward for this sample, (S, K), or None.
+
+    ``prompt_ids`` (L,) unpadded with the image placeholders expanded; ``pixel_values`` (3, H, W).
+    """
+    device = next(model.parameters()).device
+    answer = torch.as_tensor(list(answer_ids), dtype=torch.long)
+    if answer.numel() == 0:
+        raise ValueError("answer_ids is empty: nothing to take the attention of")
+    ids = torch.cat([prompt_ids.cpu().long(), answer]).unsqueeze(0).to(device)
+    mask = torch.ones_like(ids)
+    rows = torch.arange(prompt_ids.numel() - 1, ids.shape[1] - 1, device=device)  # rows that predict the answer
+    image_pos = (ids[0] == model.image_token_id).nonzero().squeeze(1)
+    if image_pos.numel() != model.num_visual_tokens:
+        raise ValueError(f"prompt holds {image_pos.numel()} image tokens, the projector emits "
+                         f"{model.num_visual_tokens} (expand the <image> placeholder first)")
+    model.projector.last_attention = None
+    with eager_attention(model.llm):
+        embeds = model.embed(ids, pixel_values.unsqueeze(0).to(device))
+        sp_attention = model.projector.last_attention
+        out = model.llm(inputs_embeds=embeds, attention_mask=mask, output_attentions=True, use_cache=False)
+    if not out.attentions or out.attentions[0] is None:
+        raise RuntimeError("the LLM returned no attention weights although it ran with eager attention")
+    # (layers, heads, rows, L) -> mean over layers, heads, rows -> (L,)
+    att = torch.stack([a[0][:, rows].float() for a in out.attentions]).mean(dim=(0, 1, 2))
+    visual = att[image_pos].cpu()
+    return visual, (sp_attention[0].float().cpu() if sp_attention is not None else None)
+
+
+@torch.no_grad()
+def compute_sample_maps(model, tokenizer, pixel_values: torch.Tensor, prompt_ids: torch.Tensor, *,
+                        target: Optional[str] = None, sample_id: str = "", qtype: str = "",
+                        max_new_tokens: int = 8, answer_ids: Optional[Sequence[int]] = None,
+                        roles=("USER", "ASSISTANT"), synced_gpus: Optional[bool] = None) -> AttentionMaps:
+    """Maps of one sample: ``pixel_values`` (3, H, W) normalised, ``prompt_ids`` (L,) unpadded with the image
+    placeholder expanded. Generates the answer greedily unless ``answer_ids`` is given (then it is scored).
+    ``synced_gpus``: as in HF generate (True under multi-rank FSDP, so every rank decodes as many steps)."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        prompt_ids = prompt_ids.cpu().long()
+        if answer_ids is None:
+            new = model.generate(prompt_ids.unsqueeze(0).to(device), torch.ones(1, prompt_ids.numel(),
+                                 dtype=torch.long, device=device), pixel_values.unsqueeze(0).to(device),
+                                 max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus)
+            answer_ids = _strip_answer(new[0].cpu(), tokenizer.eos_token_id, tokenizer.pad_token_id)
+            if not answer_ids:
+                answer_ids = [tokenizer.eos_token_id]
+        visual, sp_attention = llm_answer_attention(model, prompt_ids, pixel_values, answer_ids)
+    finally:
+        model.train(was_training)
+
+    projector = model.projector
+    layout = projector.layout
+    image = denormalize(pixel_values)
+    hw = image.shape[:2]
+    s = layout.num_sp_tokens
+    maps = AttentionMaps(
+        image=image,
+        patch_grid=tuple(layout.patch_grid),
+        windows=sp_windows(projector, hw),
+        llm_sp=visual[:s].numpy(),
+        llm_patches=visual[s:].reshape(layout.patch_grid).numpy(),
+        llm_visual_share=float(visual.sum()),
+        answer_rows=len(answer_ids),
+        question=question_text(tokenizer, prompt_ids, model.image_token_id, roles),
+        target=target,
+        prediction=tokenizer.decode(list(answer_ids), skip_special_tokens=True).strip(),
+        sample_id=sample_id,
+        qtype=qtype,
+    )
+    (maps.sp_attention_kind, maps.sp_attention, maps.sp_attention_map,
+     maps.sp_attention_shown) = sp_attention_images(projector, sp_attention, hw)
+    return maps
+
+
+def sp_attention_images(projector, attention: Optional[torch.Tensor], image_hw: tuple[int, int]):
+    """One sample's ``last_attention`` (S, K) -> (kind, raw, map, shown) as numpy, or four Nones.
+
+    raw: (S, n, n) DFI K/V weights or (S, gh, gw) extractor weights; map: (S, H, W), each sums to the token's
+    attention mass (1); shown: what the overlay draws (DFI: map / the map of uniform attention, 1 = uniform).
+    """
+    kind = sp_attention_kind(projector, attention)
+    grid = tuple(projector.layout.patch_grid)
+    if kind == "dfi":
+        side = math.isqrt(attention.shape[-1])
+        kv = attention.float().cpu().reshape(attention.shape[0], side, side)
+        dfi = projector.dfi
+        if hasattr(dfi, "kernel"):
+            def spread(a):
+                return dfi_footprint(a, grid, dfi.kernel, dfi.stride)
+        else:  # unknown K/V geometry: an even split of the grid
+            def spread(a):
+                return upsample_to_image(a, grid)
+        footprint = spread(kv)
+        coverage = spread(torch.full_like(kv[:1], 1.0 / kv[0].numel()))  # what uniform attention would give
+        relative = footprint / coverage.clamp_min(1e-12)  # a ratio: resized, not mass-preserved
+        shown = F.interpolate(relative.unsqueeze(1), size=image_hw, mode="nearest")[:, 0]
+        return kind, kv.numpy(), upsample_to_image(footprint, image_hw).numpy(), shown.numpy()
+    if kind == "extractor":
+        grid_att = attention.float().cpu().reshape(attention.shape[0], *grid)
+        mapped = upsample_to_image(grid_att, image_hw).numpy()
+        return kind, grid_att.numpy(), mapped, mapped
+    return None, None, None, None
+
+
+def sp_attention_kind(projector, attention: Optional[torch.Tensor]) -> Optional[str]:
+    """What ``projector.last_attention`` holds: "dfi" (over the DFI's K/V tokens), "extractor" (over the patch
+    grid), or None (nothing, or a shape this module cannot place on the image)."""
+    if attention is None:
+        return None
+    if getattr(projector, "dfi", None) is not None:
+        return "dfi" if math.isqrt(attention.shape[-1]) ** 2 == attention.shape[-1] else None
+    if attention.shape[-1] == projector.layout.num_patch_tokens:
+        return "extractor"
+    return None
+
+
+def compute_maps(model, tokenizer, batch: dict, indices: Optional[Sequence[int]] = None, *,
+                 max_new_tokens: int = 8, roles=("USER", "ASSISTANT")) -> list[AttentionMaps]:
+    """Maps for samples of a validation batch (``pixel_values``, left-padded ``prompt_ids`` +
+    ``prompt_attention_mask``, optional ``answers``/``ids``/``qtypes``); all samples unless ``indices``."""
+    n = batch["pixel_values"].shape[0]
+    out = []
+    for i in (range(n) if indices is None else indices):
+        prompt = batch["prompt_ids"][i][batch["prompt_attention_mask"][i].bool()]
+        out.append(compute_sample_maps(
+            model, tokenizer, batch["pixel_values"][i], prompt,
+            target=batch["answers"][i] if "answers" in batch else None,
+            sample_id=str(batch["ids"][i]) if "ids" in batch else str(i),
+            qtype=str(batch["qtypes"][i]) if "qtypes" in batch else "",
+            max_new_tokens=max_new_tokens, roles=roles,
+        ))
+    return out
+
+
+def template_roles(template: str) -> tuple[str, str]:
+    from lightning_sp.data.conversation import get_template
+
+    return tuple(get_template(template).roles)
+
+
+# ---- drawing ------------------------------------------------------------------------------------------------
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.55, cmap: str = "jet",
+            lo: Optional[float] = None, hi: Optional[float] = None) -> np.ndarray:
+    """Blend a non-negative (H, W) map, scaled from ``lo`` to ``hi``, over an (H, W, 3) uint8 image; returns
+    uint8. Defaults: 0 to max(map max, 2 x map mean), so a flat map shows mid-scale everywhere instead of
+    stretching float noise over the whole colour range, and anything at twice the mean or more stands out."""
+    from matplotlib import colormaps
+
+    h = np.asarray(heat, dtype=np.float64)
+    lo = 0.0 if lo is None else lo
+    hi = max(float(h.max()), 2 * float(h.mean())) if hi is None else hi
+    h = ((h - lo) / (hi - lo) if hi > lo else np.zeros_like(h)).clip(0, 1)
+    colour = colormaps[cmap](h)[..., :3]
+    a = alpha * (0.25 + 0.75 * h)[..., None]  # faint where the map is low: the image stays readable
+    out = (1 - a) * image.astype(np.float64) / 255 + a * colour
+    return (out.clip(0, 1) * 255).round().astype(np.uint8)
+
+
+def _draw_window(ax, window: SPWindow, colour: str = "white") -> None:
+    from matplotlib.patches import Rectangle
+
+    many = len(window.boxes) > 1
+    for x0, y0, x1, y1 in window.boxes:
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour,
+                               linewidth=0.4 if many else 1.8, alpha=0.5 if many else 1.0))
+
+
+def _image_axis(ax, image: np.ndarray, title: str) -> None:
+    ax.imshow(image)
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def sp_attention_figure(maps: AttentionMaps, panel: float = 1.9, columns: int = 6):
+    """Each SP token's attention over the image with its window / pooling cells drawn (DFI: relative to uniform
+    attention, plus the raw n x n K/V weights below). None when the projector has no SP-token attention."""
+    from matplotlib.figure import Figure
+
+    if maps.sp_attention_kind is None:
+        return None
+    dfi = maps.sp_attention_kind == "dfi"
+    s = maps.sp_attention.shape[0]
+    cols = min(s, columns)
+    blocks = math.ceil(s / cols)
+    per_block = 2 if dfi else 1
+    fig = Figure(figsize=(panel * cols, (panel + 0.25) * per_block * blocks + 0.4), dpi=90, layout="constrained")
+    axes = fig.subplots(per_block * blocks, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for k in range(s):
+        row, col = per_block * (k // cols), k % cols
+        window = maps.windows[k] if k < len(maps.windows) else SPWindow(f"SP {k}", [])
+        shown = maps.sp_attention_shown[k]
+        ax = axes[row, col]
+        ax.set_axis_on()
+        if dfi:
+            title = f"SP {k}: {window.label}\n{shown.min():.2f}x-{shown.max():.2f}x uniform"
+        else:
+            title = f"SP {k}: {window.label}\nmax {maps.sp_attention[k].max():.3f} per patch"
+        _image_axis(ax, overlay(maps.image, shown), title)
+        _draw_window(ax, window)
+        if dfi:
+            ax = axes[row + 1, col]
+            ax.set_axis_on()
+            w = maps.sp_attention[k]
+            vmax = max(float(w.max()), 2.0 / w.size)  # uniform attention shows mid-scale
+            ax.imshow(w, cmap="viridis", vmin=0, vmax=vmax)
+            if w.shape[0] <= 7:
+                for r in range(w.shape[0]):
+                    for c in range(w.shape[1]):
+                        ax.text(c, r, f"{w[r, c]:.2f}", ha="center", va="center", fontsize=5.5,
+                                color="white" if w[r, c] < 0.6 * vmax else "black")
+            ax.set_title(f"K/V weights {w.shape[0]}x{w.shape[1]} (max {w.max():.2f})", fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if dfi:
+        fig.suptitle("DFI cross-attention of each SP token: K/V weights spread over their receptive fields, "
+                     "relative to uniform attention", fontsize=9)
+    else:
+        fig.suptitle("SP extractor attention of each SP token over the patch grid", fontsize=9)
+    return fig
+
+
+def llm_figure(maps: AttentionMaps, panel: float = 3.0):
+    """Left: answer -> patch-token attention over the image; right (SP projectors): answer -> SP tokens,
+    with the mean per-patch-token attention as a reference line."""
+    from matplotlib.figure import Figure
+
+    has_sp = maps.num_sp_tokens > 0
+    height = max(panel, 0.16 * maps.num_sp_tokens + 0.8) + 0.4
+    fig = Figure(figsize=(panel * (2.2 if has_sp else 1.1), height), dpi=90, layout="constrained")
+    axes = fig.subplots(1, 2 if has_sp else 1, squeeze=False, width_ratios=[1, 1.2] if has_sp else [1])[0]
+    patch_share = float(maps.llm_patches.sum())
+    _image_axis(axes[0], overlay(maps.image, maps.llm_patch_map),
+                f"answer -> {maps.llm_patches.size} patch tokens\n({100 * patch_share:.1f}% of the attention)")
+    if has_sp:
+        ax = axes[1]
+        labels = [w.label for w in maps.windows]
+        y = np.arange(maps.num_sp_tokens)
+        ax.barh(y, maps.llm_sp * 100, color="tab:orange")
+        ax.axvline(100 * maps.llm_patches.mean(), color="tab:blue", linestyle="--", linewidth=1,
+                   label="mean per patch token")
+        ax.set_yticks(y, labels, fontsize=7 if maps.num_sp_tokens <= 12 else 5)
+        ax.invert_yaxis()
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_xlabel("% of the answer's attention", fontsize=7)
+        ax.set_title(f"answer -> SP tokens ({100 * float(maps.llm_sp.sum()):.1f}% in all)", fontsize=8)
+        ax.legend(fontsize=6, loc="lower right")
+    fig.suptitle(f"LLM attention, mean over layers, heads and {maps.answer_rows} answer rows "
+                 f"(visual tokens: {100 * maps.llm_visual_share:.1f}%)", fontsize=8)
+    return fig
+
+
+def figure_to_array(fig) -> np.ndarray:
+    """Render a matplotlib figure to an (H, W, 3) uint8 array (Agg canvas; works under any backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def render_sp_attention(maps: AttentionMaps) -> Optional[np.ndarray]:
+    fig = sp_attention_figure(maps)
+    return None if fig is None else figure_to_array(fig)
+
+
+def render_llm(maps: AttentionMaps) -> np.ndarray:
+    return figure_to_array(llm_figure(maps))
+
+
+def qa_markdown(maps: AttentionMaps) -> str:
+    """Question, target and prediction as markdown (TensorBoard text, notebooks)."""
+    lines = [f"**sample** `{maps.sample_id}`" + (f" ({maps.qtype})" if maps.qtype else "")]
+    lines.append(f"**question:** {maps.question}")
+    if maps.target is not None:
+        from lightning_sp.data.answers import normalize_answer
+
+        ok = normalize_answer(maps.prediction) == normalize_answer(maps.target)
+        lines.append(f"**target:** {maps.target}")
+        lines.append(f"**predicted:** {maps.prediction} ({'correct' if ok else 'wrong'})")
+    else:
+        lines.append(f"**predicted:** {maps.prediction}")
+    return "  \n".join(lines)
+
+
+def save_pngs(maps: AttentionMaps, out_dir: Path | str, prefix: str = "attention") -> list[Path]:
+    """Write ``<prefix>_<kind>.png`` (the SP-token attention, kind ``dfi``/``extractor``, if any) and
+    ``<prefix>_llm.png``; returns the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, fig in ((maps.sp_attention_kind, sp_attention_figure(maps)), ("llm", llm_figure(maps))):
+        if fig is not None:
+            path = out_dir / f"{prefix}_{name}.png"
+            fig.savefig(path, dpi=fig.dpi)
+            paths.append(path)
+    return paths

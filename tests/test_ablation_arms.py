@@ -1,0 +1,320 @@
+"""Every ablation arm (LLAVA_SP.md §5) is a registered projector selected by a variant YAML alone.
+
+Each arm: its YAML composes, it builds at tiny widths, its token count is §5's, its parameter count is the
+hand-computed one, its numbers equal an independent torch restatement, every parameter trains, bad grids are
+refused at config time with a message that says why.
+"""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from lightning_sp.config import ConfigError, compose, group_choices
+from lightning_sp.models.official import OfficialCheckpointError, official_state_dict
+from lightning_sp.models.projectors import PROJECTORS, ProjectorConfigError, build_projector
+
+C, D, H, G = 16, 8, 24, 24
+PAPER_WINDOWS = [(10, 14), (8, 16), (6, 18), (4, 20), (2, 22), (0, 24)]  # crops of sides 4..24 at grid 24
+W_P = C * H + H + H * H + H  # mlp2x_gelu
+
+
+def dfi_params(kernel=16):
+    return C * D * kernel**2 + 3 * (2 * D + D * D + D)  # K/V conv + 3 x (LayerNorm + Linear)
+
+
+# SP tokens of every variant at grid 24 (§5: 1, 3, 6, 12 SP tokens; 49 conv tokens for the control).
+SP_TOKENS = {
+    "mlp": 0, "pooling": 6, "cropping": 6,
+    "pooling_nodfi": 6, "cropping_nodfi": 6, "pooling_dfi49": 6, "cropping_dfi49": 6,
+    "pooling_sp1": 1, "pooling_sp3": 3, "pooling_sp12": 12, "cropping_sp1": 1, "cropping_sp3": 3, "cropping_sp12": 12,
+    "cropping_transformer": 6, "cropping_stacked": 6, "pooling_stacked": 6, "conv49": 49, "learned_queries": 6,
+}
+# Parameters invariant by construction: a bias on the DFI keys shifts all logits of a query equally (softmax
+# ignores it), so its gradient is zero up to rounding.
+SOFTMAX_SHIFT_INVARIANT = ("dfi.key.0.bias", "dfi.key.1.bias")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tensors here are tiny: intra-op threads only add synchronisation (and spin when the cores are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.lru_cache(maxsize=None)
+def composed(variant):
+    return compose([f"variant={variant}", f"projector.sp_width={D}"])
+
+
+def proj_cfg(name, **kw):
+    base = {"name": name, "sp_width": D, "dfi": True, "dfi_kv_tokens": 25, "sides": None, "head_bias": None,
+            "extractor_layers": 1, "extractor_heads": 8}
+    return OmegaConf.create({**base, **kw})
+
+
+def build(name, grid=G, dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    return build_projector(proj_cfg(name, **kw), vision_width=C, llm_width=H, grid=grid).to(dtype)
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---- every variant YAML and every registered projector ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", group_choices("variant"))
+def test_every_variant_composes_builds_and_trains(variant):
+    cfg = composed(variant)
+    assert cfg.choices.variant == variant
+    torch.manual_seed(0)
+    proj = build_projector(cfg.projector, vision_width=C, llm_width=H, grid=G)
+    out = proj(torch.randn(2, G * G, C))
+    assert out.shape == (2, proj.layout.num_tokens, H)
+    assert proj.layout.patch_grid == (G, G)
+    if variant in SP_TOKENS:
+        assert proj.layout.num_sp_tokens == SP_TOKENS[variant]
+        assert proj.layout.num_tokens == SP_TOKENS[variant] + 576
+    if cfg.projector.dfi and proj.layout.num_sp_tokens and getattr(proj, "dfi", None) is not None:
+        assert proj.last_attention.shape == (2, proj.layout.num_sp_tokens, cfg.projector.dfi_kv_tokens)
+    boxes = proj.sp_boxes()
+    assert boxes == [] or len(boxes) == proj.layout.num_sp_tokens
+    out.square().mean().backward()
+    for name, p in proj.named_parameters():
+        assert p.grad is not None, f"{variant}: {name} is not in the graph"
+        if not name.endswith(SOFTMAX_SHIFT_INVARIANT):
+            assert p.grad.abs().sum() > 0, f"{variant}: zero gradient for {name}"
+
+
+def test_token_count_table_names_existing_variants():
+    assert set(SP_TOKENS) <= set(group_choices("variant"))
+
+
+def test_every_registered_projector_has_a_variant_yaml():
+    """"A new arm = one class + one YAML": every registry name is selectable by `variant=` alone."""
+    selected = {composed(v).projector.name for v in group_choices("variant")}
+    assert set(PROJECTORS) <= selected, f"no conf/variant/*.yaml selects {sorted(set(PROJECTORS) - selected)}"
+
+
+@pytest.mark.parametrize("name", ["cropping_transformer", "cropping_stacked", "pooling_stacked", "learned_queries"])
+def test_new_spatial_arms_have_no_official_layout(name):
+    proj = build(name)
+    for variant in ("pooling", "cropping"):
+        with pytest.raises(OfficialCheckpointError):
+            official_state_dict(proj, variant)
+
+
+# ---- conv49 ----------------------------------------------------------------------------------------------------
+
+
+def test_conv49_tokens_equal_a_strided_conv2d():
+    proj = build("conv49", dfi=False, dtype=torch.float64)
+    z = torch.randn(2, G * G, C, dtype=torch.float64)
+    zmap = z.transpose(1, 2).reshape(2, C, G, G)
+    conv = F.conv2d(zmap, proj.conv_tokens.weight, stride=2)  # weight (D, C, 12, 12)
+    assert proj.conv_tokens.weight.shape == (D, C, 12, 12) and conv.shape == (2, D, 7, 7)
+    tokens = conv.flatten(2).transpose(1, 2)  # row-major 7x7
+    torch.testing.assert_close(proj.conv_tokens(zmap), tokens)
+    head = proj.spatial_head[1]
+    expected = torch.cat([F.linear(F.gelu(tokens), head.weight, head.bias), proj.patch_head(z)], dim=1)
+    torch.testing.assert_close(proj(z), expected)
+    assert proj.layout.num_sp_tokens == 49 and proj.layout.num_tokens == 49 + 576
+    assert proj.last_attention is None
+
+
+def test_conv49_parameter_count_and_boxes():
+    proj = build("conv49", dfi=False)
+    assert n_params(proj) == C * D * 12 * 12 + D * H + W_P  # conv (no bias) + unbiased Linear(D, H) + W_p
+    assert n_params(build("conv49", dfi=False, head_bias=True)) == n_params(proj) + H
+    boxes = proj.sp_boxes()
+    assert len(boxes) == 49 and boxes[0] == (0, 0, 12, 12) and boxes[1] == (0, 2, 0 + 12, 14)
+    assert boxes[7] == (2, 0, 14, 12) and boxes[-1] == (12, 12, 24, 24)
+
+
+@pytest.mark.parametrize("grid,kernel", [(13, 1), (16, 4), (30, 18)])
+def test_conv49_keeps_49_tokens_on_other_grids(grid, kernel):
+    proj = build("conv49", grid=grid, dfi=False)
+    assert proj.conv_tokens.kernel == kernel and len(proj.sp_boxes()) == 49
+    zmap = torch.randn(1, C, grid, grid)
+    torch.testing.assert_close(proj.conv_tokens(zmap),
+                               F.conv2d(zmap, proj.conv_tokens.weight, stride=2).flatten(2).transpose(1, 2))
+    assert proj(torch.randn(1, grid * grid, C)).shape == (1, 49 + grid * grid, H)
+
+
+def test_conv49_refuses_what_it_cannot_honour():
+    with pytest.raises(ProjectorConfigError, match=r"at least 13x13.*got 12x12"):
+        PROJECTORS["conv49"].check_config(proj_cfg("conv49", dfi=False), grid=12)
+    with pytest.raises(ProjectorConfigError, match=r"projector\.dfi=false"):
+        PROJECTORS["conv49"].check_config(proj_cfg("conv49", dfi=True), grid=24)
+    with pytest.raises(ProjectorConfigError, match=r"projector\.sides"):
+        PROJECTORS["conv49"].check_config(proj_cfg("conv49", dfi=False, sides=[24]), grid=24)
+    with pytest.raises(ConfigError, match="13x13"):
+        compose(["variant=conv49", "model.vision.image_size=168"])  # 12x12 grid
+
+
+# ---- stacked small convs ---------------------------------------------------------------------------------------
+
+
+def stacked_reference(proj, zmap, mode):
+    """nn.Conv2d(C, D, 4, s=4) -> GELU -> nn.Conv2d(D, D, side/4) per window, sharing the projector's weights."""
+    b = zmap.shape[0]
+    tokens = []
+    for (lo, hi), reduce, merge in zip(PAPER_WINDOWS, proj.sfe.reduce, proj.sfe.merge):
+        side = hi - lo
+        conv1 = nn.Conv2d(C, D, 4, stride=4).double()
+        conv1.load_state_dict(reduce.state_dict())
+        conv2 = nn.Conv2d(D, D, side // 4, bias=False).double()
+        conv2.weight.data.copy_(merge.data)
+        if mode == "cropping":
+            x = zmap[:, :, lo:hi, lo:hi]
+        else:
+            x = zmap if side == G else nn.AdaptiveAvgPool2d(side)(zmap)
+        tokens.append(conv2(F.gelu(conv1(x))).reshape(b, D))
+    return torch.stack(tokens, 1)
+
+
+@pytest.mark.parametrize("mode", ["cropping", "pooling"])
+def test_stacked_equals_an_nn_conv2d_chain(mode):
+    proj = build(f"{mode}_stacked", dfi=False, dtype=torch.float64)
+    z = torch.randn(2, G * G, C, dtype=torch.float64)
+    zmap = z.transpose(1, 2).reshape(2, C, G, G)
+    sp = stacked_reference(proj, zmap, mode)
+    torch.testing.assert_close(proj.sfe(zmap), sp, rtol=1e-10, atol=1e-10)
+    expected = torch.cat([proj.spatial_head[1](F.gelu(sp)), proj.patch_head(z)], dim=1)
+    torch.testing.assert_close(proj(z), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode,head_bias", [("cropping", True), ("pooling", False)])
+@pytest.mark.parametrize("dfi", [True, False])
+def test_stacked_parameter_count(mode, head_bias, dfi):
+    proj = build(f"{mode}_stacked", dfi=dfi)
+    sfe = sum(C * D * 4 * 4 + D + D * D * (s // 4) ** 2 for s in (4, 8, 12, 16, 20, 24))
+    head = (2 * D if dfi else D) * H + (H if head_bias and dfi else 0)  # the family's released head-bias rule
+    assert n_params(proj) == sfe + (dfi_params() if dfi else 0) + head + W_P
+    assert n_params(proj.sfe) == sfe
+
+
+def test_stacked_refuses_sides_not_divisible_by_4():
+    for name in ("pooling_stacked", "cropping_stacked"):
+        with pytest.raises(ProjectorConfigError, match=r"multiple of 4.*\[3, 7, 10, 13, 17, 20\]"):
+            PROJECTORS[name].check_config(proj_cfg(name), grid=20)
+    with pytest.raises(ProjectorConfigError, match=r"multiple of 4.*\[2, 6, 10"):
+        PROJECTORS["cropping_stacked"].check_config(proj_cfg("cropping_stacked", sides=list(range(2, 25, 2))), 24)
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        compose(["variant=pooling_stacked", "model.vision.image_size=280"])  # 20x20 grid
+    proj = build("pooling_stacked", grid=48, dfi=False)  # sides 8..48: all fine
+    assert proj(torch.randn(1, 48 * 48, C)).shape == (1, 6 + 48 * 48, H)
+
+
+# ---- transformer extractor -------------------------------------------------------------------------------------
+
+
+def transformer_params(s=6, layers=1, grid=G):
+    layer = 3 * D * D + 3 * D + D * D + D + 2 * (D * 4 * D) + 4 * D + D + 4 * D  # attn, out, FFN, 2 LayerNorms
+    return C * D + D + grid * grid * D + s * D + layers * layer  # embed + positions + queries + layers
+
+
+@pytest.mark.parametrize("dfi", [True, False])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_transformer_parameter_count(dfi, layers):
+    proj = build("cropping_transformer", dfi=dfi, extractor_layers=layers)
+    assert transformer_params(layers=layers) == 12 * D * D * layers + 13 * D * layers + C * D + D + 582 * D
+    head = (2 * D + 1) * H if dfi else D * H  # cropping: W_s biased with DFI
+    assert n_params(proj) == transformer_params(layers=layers) + (dfi_params() if dfi else 0) + head + W_P
+
+
+def test_transformer_token_is_the_query_output_over_its_crop():
+    proj = build("cropping_transformer", dfi=False, dtype=torch.float64)
+    z = torch.randn(2, G * G, C, dtype=torch.float64)
+    sfe = proj.sfe
+    x = (sfe.embed(z) + sfe.position).reshape(2, G, G, D)
+    expected = []
+    for i, (lo, hi) in enumerate(PAPER_WINDOWS):
+        window = x[:, lo:hi, lo:hi].reshape(2, -1, D)
+        seq = torch.cat([sfe.queries[i].expand(2, 1, D), window], dim=1)
+        expected.append(sfe.layers[0](seq)[:, 0])
+    sp = torch.stack(expected, 1)
+    torch.testing.assert_close(sfe(z.transpose(1, 2).reshape(2, C, G, G)), sp)
+    torch.testing.assert_close(proj(z), torch.cat([proj.spatial_head(sp), proj.patch_head(z)], 1))
+    assert proj.sp_boxes() == [(lo, lo, hi, hi) for lo, hi in PAPER_WINDOWS]
+
+
+def test_transformer_tokens_only_see_their_crop_and_attention_is_recorded():
+    proj = build("cropping_transformer", dfi=False)
+    z = torch.randn(1, G * G, C)
+    before = proj.sfe(z.transpose(1, 2).reshape(1, C, G, G))
+    att = proj.sfe.last_attention
+    z2 = z.clone().reshape(1, G, G, C)
+    z2[:, 0] += 1.0  # top row: outside every crop but the global one
+    after = proj.sfe(z2.reshape(1, G * G, C).transpose(1, 2).reshape(1, C, G, G))
+    torch.testing.assert_close(after[:, :5], before[:, :5])
+    assert not torch.allclose(after[:, 5], before[:, 5])
+    # (B, S, G*G) over the patch grid, zero outside each crop, < 1 in total (the query also attends to itself)
+    assert att.shape == (1, 6, G * G)
+    maps = att.reshape(6, G, G)
+    for k, (lo, hi) in enumerate(PAPER_WINDOWS):
+        inside = maps[k, lo:hi, lo:hi]
+        assert (inside > 0).all() and maps[k].sum() == pytest.approx(inside.sum()) and 0 < inside.sum() < 1
+    proj(z)
+    assert proj.last_attention.shape == (1, 6, G * G)  # no DFI: the extractor's attention
+    with_dfi = build("cropping_transformer")
+    with_dfi(z)
+    assert with_dfi.last_attention.shape == (1, 6, 25) and with_dfi.sfe.last_attention.shape == (1, 6, G * G)
+
+
+def test_transformer_has_no_dropout():
+    proj = build("cropping_transformer", dfi=False)
+    z = torch.randn(2, G * G, C)
+    proj.train()
+    a = proj(z)
+    proj.eval()
+    with torch.no_grad():
+        b = proj(z)
+    torch.testing.assert_close(a.detach(), b, rtol=1e-4, atol=1e-5)
+
+
+def test_transformer_grids_and_options():
+    proj = build("cropping_transformer", grid=12, dfi=False)  # sides 2, 4, ..., 12
+    assert proj(torch.randn(1, 144, C)).shape == (1, 6 + 144, H)
+    cls = PROJECTORS["cropping_transformer"]
+    with pytest.raises(ProjectorConfigError, match=r"extractor_heads \(3\).*sp_width \(8\)"):
+        cls.check_config(proj_cfg("cropping_transformer", extractor_heads=3), grid=24)
+    with pytest.raises(ProjectorConfigError, match="extractor_layers"):
+        cls.check_config(proj_cfg("cropping_transformer", extractor_layers=0), grid=24)
+    with pytest.raises(ProjectorConfigError, match="grid"):
+        cls.check_config(proj_cfg("cropping_transformer"), grid=4)
+
+
+# ---- learned queries -------------------------------------------------------------------------------------------
+
+
+def test_learned_queries_are_single_head_cross_attention():
+    proj = build("learned_queries", dfi=False, dtype=torch.float64)
+    z = torch.randn(2, G * G, C, dtype=torch.float64)
+    e = proj.sfe
+    x = F.layer_norm(z @ e.embed.weight.t() + e.embed.bias + e.position, (D,), e.norm.weight, e.norm.bias)
+    k, v = x @ e.key.weight.t(), x @ e.value.weight.t() + e.value.bias
+    sp = F.scaled_dot_product_attention(e.queries.expand(2, 6, D), k, v)
+    torch.testing.assert_close(proj(z), torch.cat([proj.spatial_head[1](F.gelu(sp)), proj.patch_head(z)], 1))
+    assert proj.layout.num_sp_tokens == 6 and proj.sp_boxes() == []
+    att = proj.last_attention
+    assert att.shape == (2, 6, G * G)
+    torch.testing.assert_close(att.sum(-1), torch.ones(2, 6, dtype=torch.float64))
+    assert proj.spatial_head[1].bias is None  # SFE-only rule: unbiased W_s
+
+
+@pytest.mark.parametrize("dfi", [False, True])
+def test_learned_queries_parameter_count(dfi):
+    proj = build("learned_queries", dfi=dfi)
+    s = 6
+    extractor = C * D + D + G * G * D + s * D + 2 * D + D * D + D * D + D  # embed, positions, queries, LN, Wk, Wv
+    assert n_params(proj.sfe) == extractor
+    assert n_params(proj) == extractor + (dfi_params() + 2 * D * H if dfi else D * H) + W_P
+    assert build("learned_queries", dfi=False, sides=[8, 16, 24]).layout.num_sp_tokens == 3

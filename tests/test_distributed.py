@@ -1,0 +1,218 @@
+"""Multi-rank training on CPU: 2 processes over gloo, FSDP2 (trainer=fsdp) and DDP (trainer=ddp_cpu).
+
+The training data is built so that one run covers the classic multi-rank hangs at once: three shards of
+different sizes (8 image / 4 text-only / 12 image samples), which the node splitter deals out as rank 0 <- the
+two image shards (20 samples), rank 1 <- the text-only shard (4 samples). Every step, rank 1's batch is
+text-only and rank 0's is not, and rank 1 runs out of data five times sooner. Both ranks must still finish the
+same number of steps, and every FSDP collective (all-gathers of the vision tower and projector included) must
+match. Each run is a subprocess under a hard timeout (its whole process group is killed), so a hang fails the
+test instead of blocking the suite. Each rank writes `<run_dir>/ranks/rank<r>.json` (train.RankSummary).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY
+
+from lightning_sp import config as config_lib
+from lightning_sp.config import ConfigError
+from lightning_sp.data import shards, synthetic
+from lightning_sp.distributed import MixedUnitError, Unit, check_units, plan_units
+from lightning_sp.paths import REPO_ROOT
+
+LAUNCH_TIMEOUT_S = 240
+STEPS = 4
+
+
+# ---- fast checks: wrap plan and config validation (no processes) ---------------------------------------------
+
+def test_wrap_plan_keeps_trainable_and_frozen_apart(tiny_cfg, tokenizer):
+    from lightning_sp.module import LlavaSPModule
+
+    model = LlavaSPModule(tiny_cfg(), tokenizer).model  # LoRA + modules_to_save (embed_tokens, lm_head)
+    units = plan_units(model)
+    check_units(units, model)
+    owned = [n for u in units for n in u.params]
+    assert sorted(owned) == sorted(n for n, _ in model.named_parameters())  # each parameter exactly once
+    by_name = {u.name: u for u in units}
+    layers = model.llm.get_base_model().model.layers
+    for i, layer in enumerate(layers):
+        lora = next(u for u in units if u.modules[0] in layer.modules() and u.trainable)
+        assert all("lora_" in n for n in lora.params) and len(lora.modules) == 14  # 7 targets x (A, B)
+        frozen = next(u for u in units if u.modules == [layer])
+        assert frozen.trainable is False and not any("lora_" in n for n in frozen.params)
+    assert by_name["projector.sfe"].trainable and by_name["projector.dfi"].trainable
+    assert by_name["vision"].trainable is False
+    assert units[-1].modules == [model] and not units[-1].params  # the root owns nothing
+
+
+def test_a_unit_mixing_trainable_and_frozen_is_refused(tiny_cfg, tokenizer):
+    from lightning_sp.module import LlavaSPModule
+
+    model = LlavaSPModule(tiny_cfg(), tokenizer).model
+    layer = model.llm.get_base_model().model.layers[0]  # frozen base weights + trainable LoRA, wrapped whole
+    mixed = [Unit("layer 0 whole", [layer], dict(layer.named_parameters()))]
+    with pytest.raises(MixedUnitError, match="'layer 0 whole' would mix .* trainable .* frozen"):
+        check_units(mixed, model)
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "16-true", "bf16-true"])
+def test_fsdp_refuses_fp16_and_bf16_true(precision):
+    with pytest.raises(ConfigError, match=f"trainer.precision={precision} with trainer.strategy=fsdp.*bf16-mixed"):
+        config_lib.compose(["trainer=fsdp", f"trainer.precision={precision}"])
+
+
+def test_global_batch_size():
+    cfg = config_lib.compose(["trainer=ddp_cpu", "data.batch_size=4", "trainer.accumulate_grad_batches=3"])
+    assert config_lib.global_batch_size(cfg) == 4 * 2 * 3
+    assert config_lib.global_batch_size(config_lib.compose(["trainer=fsdp"])) is None  # devices=-1: at launch
+
+
+# ---- 2-process runs ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("multirank")
+    raw = root / "raw"
+    synthetic.generate(raw, n_train=20, n_val=8, seed=0, image_size=336, turns=2, workers=1, progress=False)
+    records = json.loads((raw / "train.json").read_text())
+    text_only = [{"id": f"text_{i}", "conversations": [
+        {"from": "human", "value": f"Say the number {i}."}, {"from": "gpt", "value": str(i)}]} for i in range(4)]
+    parts = [records[:8], text_only, records[8:]]  # shard i of the merged index: ranks take shards[rank::2]
+    train, listed = root / "train", []
+    train.mkdir()
+    for i, part in enumerate(parts):
+        (root / f"part{i}.json").write_text(json.dumps(part))
+        index = shards.convert(root / f"part{i}.json", raw, root / f"part{i}", shard_size=len(part), workers=1,
+                               progress=False)
+        (entry,) = index["shards"]
+        shutil.copy(root / f"part{i}" / entry["name"], train / f"shard-{i:06d}.tar")
+        listed.append({**entry, "name": f"shard-{i:06d}.tar"})
+    totals = {k: sum(s[k] for s in listed) for k in ("samples", "images", "text_only")}
+    (train / "index.json").write_text(json.dumps({"shards": listed, "totals": {
+        **totals, "records": totals["samples"], "skipped": 0, "skipped_by_reason": {}}}))
+    shards.convert(raw / "val.json", raw, root / "val", shard_size=8, workers=1, progress=False)
+    return {"train": train, "val": root / "val"}
+
+
+def overrides(data, run_dir: Path, *extra: str) -> list[str]:
+    return [*TINY, "data.synthetic=null", f"data.train_dir={data['train']}", f"data.val_dir={data['val']}",
+            "data.batch_size=4", "data.val_batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8",
+            f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}", "trainer.limit_val_batches=1",
+            "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "viz.enabled=false",
+            f"run_dir={run_dir}", *extra]
+
+
+def launch(args: list[str], timeout: float = LAUNCH_TIMEOUT_S) -> str:
+    """Run `python ARGS` (which launches its second rank itself); kill the whole process group on timeout."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "LIGHTNING_SP_RUN_DIR")}
+    env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"2-process run hung (> {timeout}s): python {' '.join(args)}\n{out[-4000:]}")
+    assert proc.returncode == 0, f"exit {proc.returncode}: python {' '.join(args)}\n{out[-6000:]}"
+    return out
+
+
+def rank_summaries(run_dir: Path) -> list[dict]:
+    return [json.loads((run_dir / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def assert_equal_work_with_a_text_only_rank(run_dir: Path, steps: int = STEPS, batches: int = STEPS) -> None:
+    ranks = rank_summaries(run_dir)
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [r["global_step"] for r in ranks] == [steps, steps], ranks
+    assert [r["batches"] for r in ranks] == [batches, batches], ranks
+    # rank 1 trained on the text-only shard only, rank 0 never saw a text-only batch
+    assert [r["text_only_batches"] for r in ranks] == [0, batches], ranks
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("fsdp") / "run"
+    launch(["-m", "lightning_sp", "train", *overrides(data, run_dir, "trainer=fsdp", "trainer.accelerator=cpu",
+                                                      "trainer.devices=2", "trainer.precision=32-true")])
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def ddp_run(data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    launch(["-m", "lightning_sp", "train", *overrides(data, run_dir, "trainer=ddp_cpu")])
+    return run_dir
+
+
+def trainable_state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S)
+def test_fsdp_two_ranks_uneven_shards_text_only_rank(fsdp_run):
+    assert_equal_work_with_a_text_only_rank(fsdp_run)
+    assert {r["strategy"] for r in rank_summaries(fsdp_run)} == {"FSDP2Strategy"}
+    metrics = json.loads((fsdp_run / "metrics.json").read_text())
+    assert all(math.isfinite(metrics[k]) for k in ("train/loss", "val/loss", "val/accuracy"))  # val ran under FSDP
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S)
+def test_fsdp_checkpoint_is_one_trainable_only_file_that_loads_without_fsdp(fsdp_run, tokenizer):
+    from lightning_sp.module import LlavaSPModule
+
+    last = fsdp_run / "checkpoints" / "last.ckpt"
+    assert last.is_file()  # save_distributed_checkpoint=False: a single file, not a directory of shards
+    state = trainable_state(last)
+    fresh = LlavaSPModule(config_lib.load_saved(fsdp_run / "config.yaml"), tokenizer)
+    trainable = {n for n, p in fresh.named_parameters() if p.requires_grad}
+    assert set(state) == trainable and all(type(t) is torch.Tensor for t in state.values())  # no DTensors
+    before = {n: p.detach().clone() for n, p in fresh.named_parameters() if n in trainable}
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    assert not unexpected and not set(missing) & trainable
+    params = dict(fresh.named_parameters())
+    assert all(torch.equal(params[n], state[n]) for n in state)
+    assert any(not torch.equal(before[n], state[n]) for n in state)  # it did train
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3 * LAUNCH_TIMEOUT_S)
+def test_ddp_two_ranks_same_work_and_same_weights_as_fsdp(ddp_run, fsdp_run):
+    assert_equal_work_with_a_text_only_rank(ddp_run)
+    assert {r["strategy"] for r in rank_summaries(ddp_run)} == {"DDPStrategy"}
+    # Same data, init and optimizer: FSDP's sharded all-gather / reduce-scatter steps must reproduce DDP's
+    # all-reduce steps (gradient clipping over sharded gradients included) up to float reassociation.
+    ddp, fsdp = trainable_state(ddp_run / "checkpoints" / "last.ckpt"), trainable_state(fsdp_run / "checkpoints" /
+                                                                                       "last.ckpt")
+    assert set(ddp) == set(fsdp)
+    worst = max(((ddp[k] - fsdp[k]).abs().max().item(), k) for k in ddp)
+    assert worst[0] < 1e-4, worst
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S)
+def test_fsdp_resume_restores_weights_bf16_with_gradient_checkpointing(fsdp_run, data, tmp_path):
+    run_dir, report = tmp_path / "resumed", tmp_path / "restored.json"
+    launch([str(Path(__file__).with_name("distributed_resume.py")), str(fsdp_run / "checkpoints" / "last.ckpt"),
+            str(report), *overrides(data, run_dir, "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
+                                    "trainer.precision=bf16-mixed", "model.llm.gradient_checkpointing=true",
+                                    f"trainer.max_steps={STEPS + 2}")])
+    restored = json.loads(report.read_text())
+    assert restored["same_keys"] and restored["max_abs_diff"] == 0.0 and restored["restored_step"] == STEPS
+    assert_equal_work_with_a_text_only_rank(run_dir, steps=STEPS + 2, batches=2)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
