@@ -10,8 +10,10 @@ VARIANT ?= pooling
 ARGS ?=
 PYTEST_ARGS ?=
 RUN ?=
+ABLATE ?= default
+BENCH ?= synthetic
 
-.PHONY: help setup train data tokenizer test tensorboard clean notebook
+.PHONY: help setup train data tokenizer test tensorboard clean notebook ablate eval
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -34,6 +36,13 @@ tokenizer: $(STAMP) ## rebuild the shipped tokenizer in data/tokenizer
 
 test: $(STAMP) ## run the test suite on CPU (nothing downloaded)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+ablate: $(STAMP) ## run a study's arms x seeds, write runs/ablate/<study>/results.md+csv: make ablate ABLATE=default ARGS="trainer.max_steps=20"
+	$(PY) -m lightning_sp ablate study=$(ABLATE) $(ARGS)
+
+eval: $(STAMP) ## evaluate a run: make eval RUN=runs/pooling/<stamp> BENCH=synthetic|pope|vqa ARGS="questions=F.jsonl image_root=DIR"
+	@test -n "$(RUN)" || { echo "usage: make eval RUN=<run dir or .ckpt> BENCH=synthetic|pope|vqa [ARGS=...]" >&2; exit 2; }
+	$(PY) -m lightning_sp eval ckpt=$(RUN) benchmark=$(BENCH) $(ARGS)
 
 tensorboard: $(STAMP) ## TensorBoard on runs/
 	$(VENV)/bin/tensorboard --logdir runs

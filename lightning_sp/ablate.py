@@ -146,8 +146,10 @@ def _flat(container: Any, prefix: str = "") -> dict[str, Any]:
 def config_differences(saved_yaml: Path, cfg: DictConfig) -> list[str]:
     """Keys whose value differs between a run's saved config and ``cfg`` (keys only one of them has -- a field
     added to the schema since -- and cosmetic keys are ignored)."""
-    saved = _flat(OmegaConf.to_container(OmegaConf.load(saved_yaml), resolve=True))
-    wanted = _flat(OmegaConf.to_container(cfg, resolve=True))
+    def plain(c: Any) -> dict:  # JSON round trip: tuples (schema defaults) and lists (YAML) compare equal
+        return _flat(json.loads(json.dumps(OmegaConf.to_container(c, resolve=True))))
+
+    saved, wanted = plain(OmegaConf.load(saved_yaml)), plain(cfg)
     return [f"{k}: {saved[k]!r} -> {wanted[k]!r}" for k in sorted(saved.keys() & wanted.keys())
             if saved[k] != wanted[k] and k not in COSMETIC_KEYS]
 
@@ -353,7 +355,7 @@ def write_results(study_dir: Path, name: str, spec: StudySpec, rows: list[dict],
     best = {}
     for key in (k for k in keys if k.startswith("val/accuracy")):
         means = [r["stats"][key][0] for r in rows if key in r["stats"]]
-        if len(means) > 1:
+        if len(means) > 1 and min(means) < max(means):  # bold the winner(s), not a column of ties
             best[key] = max(means)
 
     lines = [f"# Ablation study `{name}`", ""]

@@ -25,14 +25,16 @@ projector                     yes         the rest: heads W_s, W_p (the whole `m
 LlavaSP (root)                -           nothing left; the root unit drives FSDP's per-step bookkeeping
 ============================  ==========  ===============================================================
 
-Why LoRA is split out: peft puts the trainable ``lora_A``/``lora_B`` linears *inside* the frozen decoder layer.
-Wrapping the layer alone would put 7 frozen base weights and 14 trainable adapter weights in one flat unit:
-FSDP would then keep gradient buffers and reduce-scatter the frozen weights too (the memory blow-up LLaVA
-trainers hit) and mix requires_grad in one all-gather. Per-linear units would be correct but cost 14 extra
-collectives per layer; one grouped unit per layer (``fully_shard([lora modules...])``) costs one all-gather and
-one reduce-scatter. :func:`plan_units` computes which parameters each unit will own, exactly as ``fully_shard``
-assigns them (a module's parameters minus those of units sharded before it), and :func:`check_units` raises
-before anything is sharded if any unit would mix trainable and frozen parameters.
+Why LoRA is split out: peft puts the trainable ``lora_A``/``lora_B`` linears *inside* the frozen decoder layer,
+so wrapping the layer alone puts 7 frozen base weights and 14 trainable adapter weights in one unit. FSDP1's flat
+parameters cannot hold that (an error, or with ``use_orig_params`` gradient memory for the whole flat parameter:
+the LoRA + FSDP memory blow-up LLaVA trainers hit). FSDP2 shards per parameter and tolerates a mix, but keeping
+them apart still pays: a frozen unit never takes part in a reduce-scatter, its all-gather carries only the
+(bf16, for 7B) base weights, and the fp32 adapters travel in their own collectives. Per-linear adapter units
+would cost 14 extra all-gathers and reduce-scatters per layer; one grouped unit per layer
+(``fully_shard([lora modules...])``) costs one of each. :func:`plan_units` computes which parameters each unit
+will own, exactly as ``fully_shard`` assigns them (a module's parameters minus those of units sharded before
+it), and :func:`check_units` raises before anything is sharded if a unit would mix trainable and frozen ones.
 
 The SFE convolutions cannot be units of their own: they are parameters of one ``ParameterList`` used inside
 ``SpatialFeatureExtractor.forward``, and FSDP2 all-gathers on a module's forward. The whole SFE is one unit
@@ -63,7 +65,6 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 BF16_PRECISIONS = ("bf16-mixed", "bf16", "bf16-true")
-FP16_PRECISIONS = ("16-mixed", "16", "16-true", "half")
 # Projector parts big enough for units of their own (the full-window SP convolutions); the heads W_s, W_p stay in
 # the projector's unit, whose output (the concatenated tokens) is what the LLM consumes.
 PROJECTOR_UNITS = ("sfe", "dfi")
@@ -277,8 +278,6 @@ class FSDP2Strategy(ModelParallelStrategy):
     rank 0 just to be dropped by `LlavaSPModule.on_save_checkpoint`), as one file (`save_distributed_checkpoint`
     False) in the same layout as single-device runs, so `last.ckpt` loads anywhere with `torch.load`."""
 
-    strategy_name = "fsdp2"
-
     def __init__(self, save_distributed_checkpoint: bool = False, **kwargs) -> None:
         super().__init__(data_parallel_size="auto", tensor_parallel_size="auto",
                          save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
@@ -316,7 +315,8 @@ def build_strategy(cfg) -> Any:
 
 class RankSummary(Callback):
     """Counts what each rank trained on and writes `<run_dir>/ranks/rank<r>.json` at the end of fit, so that a
-    multi-rank run can be checked for equal work (and a text-only-only rank is visible)."""
+    multi-rank run can be checked for equal work (and a text-only-only rank is visible). `batches` counts this
+    process's training batches (after a resume: those since the resume); `global_step` is the trainer's."""
 
     def __init__(self, run_dir) -> None:
         self.run_dir = Path(run_dir)

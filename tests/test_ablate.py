@@ -98,7 +98,7 @@ def test_tiny_study_runs_writes_results_and_skips_finished_runs(tmp_path, monkey
             <= set(metrics)
         assert list((study_dir / arm / "seed0" / "tb").rglob("events.out.tfevents.*"))
     md = (study_dir / "results.md").read_text()
-    assert all(f"| {arm} | 1 |" in md for arm, _ in arms) and "acc relation" in md
+    assert all(f"| {arm} | 1 |" in md for arm, _ in arms) and "acc count" in md
     with open(study_dir / "results.csv") as f:
         table = {r["arm"]: r for r in csv.DictReader(f)}
     assert set(table) == {"mlp", "pooling_nodfi", "sp1"}

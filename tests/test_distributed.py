@@ -201,7 +201,7 @@ def test_ddp_two_ranks_same_work_and_same_weights_as_fsdp(ddp_run, fsdp_run):
                                                                                        "last.ckpt")
     assert set(ddp) == set(fsdp)
     worst = max(((ddp[k] - fsdp[k]).abs().max().item(), k) for k in ddp)
-    assert worst[0] < 1e-4, worst
+    assert worst[0] < 1e-5, worst  # observed: ~1e-7
 
 
 @pytest.mark.slow
@@ -216,3 +216,16 @@ def test_fsdp_resume_restores_weights_bf16_with_gradient_checkpointing(fsdp_run,
     assert restored["same_keys"] and restored["max_abs_diff"] == 0.0 and restored["restored_step"] == STEPS
     assert_equal_work_with_a_text_only_rank(run_dir, steps=STEPS + 2, batches=2)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_equal_val_shares_give_every_rank_the_same_number_of_batches(data, tokenizer, monkeypatch):
+    from lightning_sp.data.datamodule import ShardDataModule
+
+    counts = {}
+    for rank in range(3):  # 8 val samples over 3 ranks: 3/3/2 by striding, 2/2/2 with equal shares
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        dm = ShardDataModule(data["train"], data["val"], tokenizer, num_visual_tokens=582, batch_size=4,
+                             val_batch_size=1, num_workers=0, equal_val_shares=True)
+        counts[rank] = sum(len(b["ids"]) for b in dm.val_dataloader())
+    assert counts == {0: 2, 1: 2, 2: 2}

@@ -119,6 +119,12 @@ def _check_adapter_config(adapter_config: dict, where: str) -> None:
         raise OfficialCheckpointError(f"{where}: unsupported adapter config: " + "; ".join(problems))
 
 
+def _integer(value, key: str, where: str) -> int:
+    if float(value) != int(value):
+        raise OfficialCheckpointError(f"{where}/{ADAPTER_CONFIG}: {key}={value!r} is not an integer")
+    return int(value)
+
+
 # ---- key maps ------------------------------------------------------------------------------------------------
 
 
@@ -194,7 +200,8 @@ def import_official(lora_dir: PathLike, variant: str, out: PathLike, *, llm: Opt
         f"model.vision.patch_size={vision_config.patch_size}",
         f"model.vision.select_layer={int(llava_config.get('mm_vision_select_layer', -2))}",
         f"model.llm.name_or_path={llm}", f"model.tokenizer={tokenizer or llm}",
-        f"model.lora.r={int(adapter_config['r'])}", f"model.lora.alpha={adapter_config['lora_alpha']}",
+        f"model.lora.r={_integer(adapter_config['r'], 'r', where)}",
+        f"model.lora.alpha={_integer(adapter_config['lora_alpha'], 'lora_alpha', where)}",
         f"model.lora.dropout={float(adapter_config.get('lora_dropout', 0.0))}",
         f"model.lora.target_modules=[{','.join(sorted(adapter_config['target_modules']))}]",
         "model.lora.modules_to_save=[]",
