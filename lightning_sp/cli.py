@@ -69,14 +69,8 @@ def _ablate(args) -> None:
         raise SystemExit(1)
 
 
-def _export(args) -> None:
-    from lightning_sp.export import export_from_args
-
-    print(f"exported to {export_from_args(args.overrides)}")
-
-
 def _official_errors(fn):
-    """Release-layout problems end the command with their message (exit 2), not a traceback."""
+    """Missing files and release-layout problems end the command with their message (exit 2), not a traceback."""
     def run(args) -> None:
         from lightning_sp.models.official import OfficialCheckpointError
 
@@ -87,6 +81,13 @@ def _official_errors(fn):
             raise SystemExit(2) from None
 
     return run
+
+
+@_official_errors
+def _export(args) -> None:
+    from lightning_sp.export import export_from_args
+
+    print(f"exported to {export_from_args(args.overrides)}")
 
 
 @_official_errors
