@@ -13,7 +13,7 @@ RUN ?=
 ABLATE ?= default
 BENCH ?= synthetic
 
-.PHONY: help setup train data tokenizer test tensorboard clean notebook ablate eval
+.PHONY: help setup train data tokenizer test bench tensorboard clean notebook ablate eval
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ ablate: $(STAMP) ## run a study's arms x seeds, write runs/ablate/<study>/result
 eval: $(STAMP) ## evaluate a run: make eval RUN=runs/pooling/<stamp> BENCH=synthetic|pope|vqa ARGS="questions=F.jsonl image_root=DIR"
 	@test -n "$(RUN)" || { echo "usage: make eval RUN=<run dir or .ckpt> BENCH=synthetic|pope|vqa [ARGS=...]" >&2; exit 2; }
 	$(PY) -m lightning_sp eval ckpt=$(RUN) benchmark=$(BENCH) $(ARGS)
+
+bench: $(STAMP) ## run benchmarks/ (projector: matmul vs nn.Conv2d, ~2.5 min on 2 cores) -> benchmarks/RESULTS.md
+	$(PY) benchmarks/projector_bench.py --write benchmarks/RESULTS.md $(ARGS)
 
 tensorboard: $(STAMP) ## TensorBoard on runs/
 	$(VENV)/bin/tensorboard --logdir runs

@@ -18,7 +18,7 @@ from lightning_sp.trainable import parameter_table, set_trainable
 log = logging.getLogger(__name__)
 
 
-SP_CONV_SUFFIXES = ("sfe.weights", "dfi.kv_weight")  # the full-window convolution weights of spatial projectors
+SP_CONV_SUFFIXES = ("sfe.weights", "dfi.kv_weight", "conv_tokens.weight")  # the full-window convolution weights of spatial projectors
 
 
 def param_group(name: str) -> str:
