@@ -274,9 +274,10 @@ def run_study(study: str | Path = "default", overrides: Sequence[str] = (), root
     bar.close()
 
     arm_names = [a.name for a in spec.arms if arms is None or a.name in set(arms)]
-    rows = summarize(study_dir, arm_names, list(spec.seeds if seeds is None else seeds))
+    seeds = list(spec.seeds if seeds is None else seeds)
+    rows = summarize(study_dir, arm_names, seeds)
     arm_overrides = {a.name: a.overrides for a in spec.arms}
-    markdown = write_results(study_dir, name, spec, rows, arm_overrides, list(overrides), failed)
+    markdown = write_results(study_dir, name, spec, rows, arm_overrides, list(overrides), failed, seeds)
     print(markdown, flush=True)
     print(f"results: {study_dir / 'results.md'}, {study_dir / 'results.csv'} "
           f"({len(ran)} run, {len(skipped)} skipped, {len(failed)} failed)", flush=True)
@@ -349,8 +350,8 @@ def _header(key: str) -> str:
 
 
 def write_results(study_dir: Path, name: str, spec: StudySpec, rows: list[dict], arm_overrides: dict,
-                  command_line: list[str], failed: list) -> str:
-    """Write results.md and results.csv; returns the markdown."""
+                  command_line: list[str], failed: list, seeds: Optional[Sequence[int]] = None) -> str:
+    """Write results.md and results.csv; returns the markdown. ``seeds``: those asked for (default the spec's)."""
     keys = _keys(rows)
     best = {}
     for key in (k for k in keys if k.startswith("val/accuracy")):
@@ -363,7 +364,7 @@ def write_results(study_dir: Path, name: str, spec: StudySpec, rows: list[dict],
         lines += [spec.description.strip(), ""]
     lines += [f"Budget (every arm): `{' '.join(spec.budget) or '-'}`"
               + (f"; command line: `{' '.join(command_line)}`" if command_line else "") + ".",
-              f"Mean ± sample std over seeds {list(spec.seeds)}; accuracies are greedy-answer exact match on the "
+              f"Mean ± sample std over seeds {list(spec.seeds if seeds is None else seeds)}; accuracies are greedy-answer exact match on the "
               "validation split (per question type in `acc <type>`); fit time includes validation.", ""]
     header = ["arm", "seeds", *[_header(k) for k in keys]]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(keys)) + "|"]

@@ -491,7 +491,7 @@ def evaluate(ckpt: str, benchmark: str, questions: Optional[str] = None, answers
 
     out_dir = Path(out) if out else _default_out(ckpt_path, benchmark, questions)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_id = (ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent).name
+    model_id = str(ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent)
     with open(out_dir / "predictions.jsonl", "w") as f:
         for q, pred in zip(items, predictions):  # LLaVA's answer-file format (question_id, prompt, text, ...)
             row = {"question_id": q.question_id, "prompt": q.text, "text": pred, "model_id": model_id}

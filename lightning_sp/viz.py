@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -187,7 +187,6 @@ class AttentionMaps:
     prediction: str = ""
     sample_id: str = ""
     qtype: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def num_sp_tokens(self) -> int:
@@ -448,9 +447,9 @@ def sp_attention_figure(maps: AttentionMaps, panel: float = 1.9, columns: int = 
             if w.shape[0] <= 7:
                 for r in range(w.shape[0]):
                     for c in range(w.shape[1]):
-                        ax.text(c, r, f"{w[r, c]:.2f}", ha="center", va="center", fontsize=5.5,
+                        ax.text(c, r, f"{100 * w[r, c]:.1f}", ha="center", va="center", fontsize=5.5,
                                 color="white" if w[r, c] < 0.6 * vmax else "black")
-            ax.set_title(f"K/V weights {w.shape[0]}x{w.shape[1]} (max {w.max():.2f})", fontsize=7)
+            ax.set_title(f"K/V weights {w.shape[0]}x{w.shape[1]}, % (uniform {100 / w.size:.1f})", fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
     if dfi:

@@ -281,3 +281,21 @@ def test_notebook_runs_top_to_bottom_on_a_checkpoint(tiny_run, tmp_path):
     assert all(not c.get("outputs") for c in source.cells if c.cell_type == "code")
     params = [c for c in source.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1 and "RUN_DIR = None" in params[0].source
+
+
+def test_latest_run_picks_the_newest_checkpoint_and_a_missing_run_says_how_to_make_one(tmp_path):
+    import os
+
+    from lightning_sp.runs import latest_run, load_run
+
+    assert latest_run(tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="make train VARIANT=pooling"):
+        load_run(root=tmp_path)
+    with pytest.raises(FileNotFoundError, match="make train VARIANT=pooling"):
+        load_run(tmp_path)
+    for i, name in enumerate(("pooling/20250101-000000", "mlp/20250102-000000", "named-run")):
+        ckpt = tmp_path / name / "checkpoints" / "last.ckpt"
+        ckpt.parent.mkdir(parents=True)
+        ckpt.write_bytes(b"")
+        os.utime(ckpt, (1000 + i, 1000 + (i if name != "mlp/20250102-000000" else 10)))
+    assert latest_run(tmp_path) == tmp_path / "mlp" / "20250102-000000"  # newest checkpoint, not newest name
