@@ -88,3 +88,12 @@ def test_batched_generation_equals_unbatched(tiny_cfg, tokenizer):
     with pytest.raises(ValueError, match="left-padded"):
         right = torch.tensor([p + [tokenizer.pad_token_id] * (length - len(p)) for p in prompts])
         model.generate(right, mask.flip(1), pixels)
+
+
+def test_non_finite_visual_features_raise_instead_of_being_hidden(tiny_cfg, tokenizer):
+    model = build(tiny_cfg, tokenizer)
+    pixels = torch.randn(1, 3, 336, 336)
+    with torch.no_grad():
+        model.projector.patch_head[0].weight[0, 0] = float("nan")
+        with pytest.raises(RuntimeError, match="non-finite values in projector 'pooling' output"):
+            model.visual_tokens(pixels)

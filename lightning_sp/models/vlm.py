@@ -19,6 +19,15 @@ class StepOutput:
     logits: Optional[torch.Tensor]
 
 
+def assert_finite(tensor: torch.Tensor, what: str) -> None:
+    """Raise on NaN/Inf instead of hiding it (the official code masked them with `nan_to_num`).
+
+    `torch._assert_async` checks on the device without a host sync, so the training step stays asynchronous on
+    GPU (there the failure surfaces as a device-side assert); on CPU it raises a RuntimeError at once.
+    """
+    torch._assert_async(torch.isfinite(tensor).all(), f"non-finite values in {what}")
+
+
 class LlavaSP(nn.Module):
     """Vision tower (frozen) + projector + causal LM (frozen, optionally with LoRA).
 
@@ -53,7 +62,10 @@ class LlavaSP(nn.Module):
     def visual_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, T, H) visual tokens in the projector's layout."""
         features = self.vision(pixel_values)
-        return self.projector(features.to(self._projector_dtype()))
+        assert_finite(features, "vision encoder features")
+        tokens = self.projector(features.to(self._projector_dtype()))
+        assert_finite(tokens, f"projector '{getattr(self.projector, 'registry_name', '?')}' output")
+        return tokens
 
     def _projector_dtype(self) -> torch.dtype:
         return next(self.projector.parameters()).dtype
