@@ -34,3 +34,14 @@ def tiny_cfg():
         return compose([*TINY, *overrides])
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors: intra-op threads only add spin-wait (3x slower on a busy 2-core box)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -38,13 +38,7 @@ SP_TOKENS = {
 SOFTMAX_SHIFT_INVARIANT = ("dfi.key.0.bias", "dfi.key.1.bias")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are tiny: intra-op threads only add synchronisation (and spin when the cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=None)

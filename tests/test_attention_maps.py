@@ -14,6 +14,7 @@ from lightning_sp.data.conversation import IGNORE_INDEX, encode_prompt, expand_i
 from lightning_sp.data.tokenizer import IMAGE_TOKEN
 from lightning_sp.models.vlm import LlavaSP
 from lightning_sp.train import build_trainer
+from evalkit import small_data
 
 QUESTION = {"id": "q", "image": "x.jpg", "conversations": [
     {"from": "human", "value": "<image>\nWhat color is the shape in the top left cell?"}, {"from": "gpt", "value": "red"}]}
@@ -213,20 +214,6 @@ def test_trainer_gets_the_logger_unless_viz_is_disabled(tiny_cfg, tmp_path):
 
 
 # ---- end to end: a two-step fit logs the images; the notebook draws them from its checkpoint ------------------
-
-def small_data(root):
-    return [
-        f"data.synthetic.raw_dir={root}/raw",
-        f"data.train_dir={root}/shards/train",
-        f"data.val_dir={root}/shards/val",
-        "data.synthetic.n_train=16",
-        "data.synthetic.n_val=4",
-        "data.shard_size=8",
-        "data.batch_size=4",
-        "data.val_batch_size=4",
-        "data.num_workers=0",
-        "data.shuffle_buffer=8",
-    ]
 
 
 @pytest.fixture(scope="module")

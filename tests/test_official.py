@@ -28,13 +28,7 @@ C, D, H, G = 32, 16, 24, 24
 SIDES = (4, 8, 12, 16, 20, 24)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add spin-wait overhead (3x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the official layout, written out from LLAVA_SP.md §3 (independently of KEY_TABLE) ---------------------------

@@ -10,29 +10,14 @@ from lightning_sp.data.tokenizer import load_tokenizer
 from lightning_sp.module import LlavaSPModule
 from lightning_sp.paths import resolve
 from lightning_sp.train import train
-
-
-def small_data(tmp_path):
-    root = tmp_path / "data"
-    return [
-        f"data.synthetic.raw_dir={root}/raw",
-        f"data.train_dir={root}/shards/train",
-        f"data.val_dir={root}/shards/val",
-        "data.synthetic.n_train=24",
-        "data.synthetic.n_val=8",
-        "data.shard_size=8",
-        "data.batch_size=4",
-        "data.val_batch_size=4",
-        "data.num_workers=0",
-        "data.shuffle_buffer=8",
-    ]
+from evalkit import small_data
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["pooling", "mlp", "cropping"])
 def test_few_step_fit_writes_config_metrics_checkpoint_and_logs(tmp_path, tiny_cfg, variant):
     run_dir = tmp_path / "run"
-    cfg = tiny_cfg(f"variant={variant}", *small_data(tmp_path), "trainer.max_steps=4", "trainer.val_check_interval=4",
+    cfg = tiny_cfg(f"variant={variant}", *small_data(tmp_path / "data"), "trainer.max_steps=4", "trainer.val_check_interval=4",
                    "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
                    f"run_dir={run_dir}")
     metrics = train(cfg)
