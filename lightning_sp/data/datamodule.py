@@ -131,6 +131,18 @@ def collate_eval(samples: list[dict], pad_token_id: int, *, image_token_id: int,
 
 # ---- stream stages ---------------------------------------------------------------------------------------
 
+def take_exactly(src, share: int, what: str):
+    """Yield exactly `share` items of `src`, or raise: failing beats leaving the other ranks waiting in a collective."""
+    produced = 0
+    for item in islice(src, share):
+        produced += 1
+        yield item
+    if produced < share:
+        rank, _, worker, _ = pytorch_worker_info()
+        raise RuntimeError(f"rank {rank} worker {worker} produced {produced} of {share} {what}: its shards yield no "
+                           "usable samples (see the skipped-record warnings)")
+
+
 class TakeBatches:
     """Cut an endless stream to this rank's planned batches, shared out over the DataLoader workers
     (the loader interleaves them, so the rank sees exactly ``per_rank`` batches)."""
@@ -139,15 +151,9 @@ class TakeBatches:
         self.per_rank = per_rank
 
     def __call__(self, src):
-        rank, _, worker, num_workers = pytorch_worker_info()
+        _, _, worker, num_workers = pytorch_worker_info()
         share = self.per_rank // num_workers + (worker < self.per_rank % num_workers)
-        produced = 0
-        for batch in islice(src, share):
-            produced += 1
-            yield batch
-        if produced < share:  # failing beats leaving the other ranks waiting in a collective
-            raise RuntimeError(f"rank {rank} worker {worker} produced {produced} of {share} batches: "
-                               "its shards yield no usable samples (see the skipped-record warnings)")
+        yield from take_exactly(src, share, "batches")
 
 
 def split_samples(src):
@@ -165,15 +171,8 @@ class EqualShare:
         self.total = total
 
     def __call__(self, src):
-        rank, world_size, worker, num_workers = pytorch_worker_info()
-        share = self.total // (world_size * num_workers)
-        produced = 0
-        for sample in islice(src, share):
-            produced += 1
-            yield sample
-        if produced < share:  # failing beats leaving the other ranks waiting in a collective
-            raise RuntimeError(f"rank {rank} worker {worker} produced {produced} of {share} eval samples "
-                               "(see the skipped-record warnings)")
+        _, world_size, _, num_workers = pytorch_worker_info()
+        yield from take_exactly(src, self.total // (world_size * num_workers), "eval samples")
 
 
 # ---- datamodule ------------------------------------------------------------------------------------------
