@@ -181,6 +181,9 @@ class RunConfig:
     # Warm start (not resume): a checkpoint file or run directory whose trainable tensors (projector required,
     # LoRA if present) initialise this run; optimizer, schedule and step start fresh. See lightning_sp/warm_start.py.
     init: Optional[str] = None
+    # Resume (not warm start): "auto" continues from <run_dir>/checkpoints/last.ckpt when it exists (fresh start
+    # otherwise), a path continues from that checkpoint: weights, optimizer, schedule and step. Needs run_dir.
+    resume: Optional[str] = None
 
 
 class ConfigError(ValueError):
@@ -289,6 +292,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown template '{cfg.stage.template}' (key stage.template); valid: {', '.join(TEMPLATES)}")
     if cfg.model.vision.image_size % cfg.model.vision.patch_size:
         raise ConfigError("model.vision.image_size must be a multiple of model.vision.patch_size")
+    if cfg.resume is not None and cfg.init is not None:
+        raise ConfigError("init= (warm start: weights only) and resume= (continue a run) exclude each other")
+    if cfg.resume == "auto" and not cfg.run_dir:
+        raise ConfigError("resume=auto continues the run in run_dir: set run_dir=<the run directory>")
     if cfg.model.vision.position_init not in ("sincos", "hf"):
         raise ConfigError(f"model.vision.position_init must be 'sincos' or 'hf', got '{cfg.model.vision.position_init}'")
     if cfg.model.llm.dtype not in ("float32", "bfloat16", "float16"):

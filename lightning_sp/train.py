@@ -108,9 +108,29 @@ def run_summary(module: LlavaSPModule, trainer: L.Trainer, cfg: DictConfig, fit_
         "params/total": float(sum(p.numel() for _, p in params)),
         "params/trainable": float(sum(p.numel() for _, p in params if p.requires_grad)),
         "params/projector": float(sum(p.numel() for n, p in params if n.startswith("projector."))),
+        "global_step": float(trainer.global_step),
         "fit_time_s": fit_seconds,
         "fit_samples_per_sec": samples / fit_seconds if fit_seconds > 0 else 0.0,
     }
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint `resume=` names: None (fresh), `auto` (this run's last.ckpt if any) or an explicit path.
+
+    Lightning writes checkpoints through a temporary file and a rename, so last.ckpt is always complete."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            log.info("resume=auto: no checkpoint in %s yet, starting fresh", last.parent)
+            return None
+        log.info("resume=auto: continuing from %s", last)
+        return str(last)
+    path = resolve(cfg.resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint file (use resume=auto or a .ckpt path)")
+    return str(path)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -139,7 +159,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                  * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches, cfg.data.batch_size,
                  trainer.world_size, cfg.trainer.accumulate_grad_batches)
     fit_started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir))
     fit_seconds = time.perf_counter() - fit_started
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
