@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
 from lightning_sp import config as config_lib
+from lightning_sp.callbacks.nonfinite import NonFiniteGuard
 from lightning_sp.data.datamodule import ShardDataModule
 from lightning_sp.data.prepare import ensure_synthetic
 from lightning_sp.data.tokenizer import load_tokenizer
@@ -92,7 +93,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         accumulate_grad_batches=t.accumulate_grad_batches,
         enable_progress_bar=t.enable_progress_bar,
         logger=TensorBoardLogger(save_dir=str(run_dir), name="tb", version=""),
-        callbacks=[checkpoint, RankSummary(run_dir), *viz_callbacks(cfg)],
+        callbacks=[checkpoint, RankSummary(run_dir), NonFiniteGuard(), *viz_callbacks(cfg)],
         default_root_dir=str(run_dir),
         inference_mode=t.strategy != "fsdp",  # FSDP's all-gathered weights must not become inference tensors
     )
