@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -24,6 +25,10 @@ from lightning_sp.module import LlavaSPModule
 from lightning_sp.paths import resolve
 
 log = logging.getLogger(__name__)
+
+# The frozen vision tower is kept in eval mode on purpose (no dropout, whatever Lightning asks); the warning that
+# Lightning prints about it at every fit start would only teach users to ignore warnings.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 RUN_DIR_ENV = "LIGHTNING_SP_RUN_DIR"  # rank 0's timestamped run directory, inherited by the ranks it launches
