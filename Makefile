@@ -44,8 +44,9 @@ eval: $(STAMP) ## evaluate a run: make eval RUN=runs/pooling/<stamp> BENCH=synth
 	@test -n "$(RUN)" || { echo "usage: make eval RUN=<run dir or .ckpt> BENCH=synthetic|pope|vqa [ARGS=...]" >&2; exit 2; }
 	$(PY) -m lightning_sp eval ckpt=$(RUN) benchmark=$(BENCH) $(ARGS)
 
-bench: $(STAMP) ## run benchmarks/ (projector: matmul vs nn.Conv2d, ~2.5 min on 2 cores) -> benchmarks/RESULTS.md
+bench: $(STAMP) ## run benchmarks/ (projector matmul vs Conv2d; SP vs MLP train step; ~5 min on 2 cores) -> benchmarks/RESULTS.md
 	$(PY) benchmarks/projector_bench.py --write benchmarks/RESULTS.md $(ARGS)
+	$(PY) benchmarks/step_bench.py --write benchmarks/RESULTS.md $(ARGS)
 
 tensorboard: $(STAMP) ## TensorBoard on runs/
 	$(VENV)/bin/tensorboard --logdir runs
