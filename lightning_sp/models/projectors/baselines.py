@@ -33,6 +33,7 @@ from lightning_sp.models.projectors.spatial import (
     SpatialWindows,
     conv_weight,
     dfi_kernel,
+    patch_grid,
     scaled_sides,
     window_dot,
 )
@@ -306,8 +307,5 @@ class Conv49Projector(Projector):
         return self.conv_tokens.boxes()
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        b, n, c = patches.shape
-        if n != self.grid * self.grid:
-            raise ValueError(f"expected {self.grid * self.grid} patch tokens ({self.grid}x{self.grid} grid), got {n}")
-        grid_features = patches.transpose(1, 2).reshape(b, c, self.grid, self.grid)
+        grid_features = patch_grid(patches, self.grid)
         return torch.cat([self.spatial_head(self.conv_tokens(grid_features)), self.patch_head(patches)], dim=1)

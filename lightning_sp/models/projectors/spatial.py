@@ -44,6 +44,14 @@ def conv_weight(out_ch: int, in_ch: int, k: int) -> nn.Parameter:
     return nn.Parameter(w)
 
 
+def patch_grid(patches: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, G*G, C) row-major patch tokens (patch r*G+c sits at [r, c]) -> (B, C, G, G) feature map."""
+    b, n, c = patches.shape
+    if n != grid * grid:
+        raise ValueError(f"expected {grid * grid} patch tokens ({grid}x{grid} grid), got {n}")
+    return patches.transpose(1, 2).reshape(b, c, grid, grid)
+
+
 def window_dot(window: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Conv2d with kernel == window size, as a matmul: (B, C, k, k) x (D, C, k, k) -> (B, D)."""
     return window.reshape(window.shape[0], -1) @ weight.reshape(weight.shape[0], -1).t()
@@ -172,10 +180,7 @@ class SpatialProjector(Projector):
         return self.sfe.boxes()
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        b, n, c = patches.shape
-        if n != self.grid * self.grid:
-            raise ValueError(f"expected {self.grid * self.grid} patch tokens ({self.grid}x{self.grid} grid), got {n}")
-        grid_features = patches.transpose(1, 2).reshape(b, c, self.grid, self.grid)  # row-major: patch r*G+c
+        grid_features = patch_grid(patches, self.grid)
         sp = self.sfe(grid_features)
         if self.dfi is not None:
             sp, attention = self.dfi(sp, grid_features)
