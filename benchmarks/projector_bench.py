@@ -36,11 +36,13 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _results import load_average, write_section  # noqa: E402
 from lightning_sp.models.projectors import build_projector  # noqa: E402
 from lightning_sp.models.projectors.spatial import SpatialProjector  # noqa: E402
 
-MARK_BEGIN, MARK_END = "<!-- projector_bench -->", "<!-- /projector_bench -->"
+SECTION = "projector_bench"  # its span of RESULTS.md: <!-- projector_bench --> ... <!-- /projector_bench -->
 TOLERANCE = 1e-5
 # Gradients that are exactly zero in exact arithmetic: a bias on the keys adds the same q.b to all 25 logits of a
 # query, and softmax ignores a shift. Both forms give rounding noise there, so a relative error between them is
@@ -185,13 +187,6 @@ def mean(xs):
     return sum(xs) / len(xs)
 
 
-def load_average() -> str:
-    try:
-        return "/".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
 def report(results, args, device, elapsed, load_before) -> str:
     lines = [
         f"## SP projector: matmul form vs nn.Conv2d (fwd+bwd), {device.type}",
@@ -224,28 +219,6 @@ def report(results, args, device, elapsed, load_before) -> str:
                          for what, value, limit in r["errors"])
         lines.append(f"- {r['variant']} ({r['params'] / 1e6:.0f} M parameters): {errs}")
     return "\n".join(lines) + "\n"
-
-
-def _replace_block(text: str, begin: str, end: str, block: str) -> str:
-    """`text` with the span begin..end (markers included) replaced by `block`, or `block` appended."""
-    start, stop = text.find(begin), text.find(end)
-    if start >= 0 and stop > start:
-        return text[:start] + block + text[stop + len(end):]
-    return text.rstrip("\n") + ("\n\n" if text.strip() else "") + block + "\n"
-
-
-def write_section(path: Path, body: str, device_type: str) -> None:
-    """Update this benchmark's section of `path` (between its markers), keeping everything else.
-
-    The section keeps one block per device type (cpu, cuda): a CPU run replaces the CPU block only."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start, stop = text.find(MARK_BEGIN), text.find(MARK_END)
-    inner = text[start + len(MARK_BEGIN):stop] if start >= 0 and stop > start else ""
-    sub_begin, sub_end = f"<!-- projector_bench:{device_type} -->", f"<!-- /projector_bench:{device_type} -->"
-    inner = _replace_block(inner, sub_begin, sub_end, f"{sub_begin}\n{body}{sub_end}").strip("\n")
-    text = _replace_block(text, MARK_BEGIN, MARK_END, f"{MARK_BEGIN}\n{inner}\n{MARK_END}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def main(argv=None) -> int:
@@ -286,7 +259,7 @@ def main(argv=None) -> int:
     body = report(results, args, device, time.perf_counter() - start, load_before)
     print(body)
     if args.write:
-        write_section(args.write, body, device.type)
+        write_section(args.write, SECTION, body, device.type)
         print(f"wrote {args.write}")
     failed = [(r["variant"], what, value) for r in results for what, value, limit in r["errors"] if not value <= limit]
     if failed:

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import load_average, machine, now, write_section  # noqa: E402
 
 SHAPES = {
     # the embedded default (conf/model/tiny.yaml), batch 16
@@ -88,7 +91,7 @@ def main() -> None:
         print(json.dumps(child(*args.child, args.device, args.iters)))
         return
 
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), load_average()
     rows = []
     for shape in args.shapes:
         results = {}
@@ -104,13 +107,13 @@ def main() -> None:
                     f"{p['peak_gib'] / m['peak_gib']:.2f} |")
     memory = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "peak RSS of the process"
     section = "\n".join([
-        "<!-- step_bench -->",
         f"## Training step: SP-Pooling vs MLP on the same model, {args.device}",
         "",
-        f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}; machine: {platform.platform()}; "
-        f"torch {__import__('torch').__version__}; whole run {time.perf_counter() - started:.0f} s",
+        f"- date: {now()}; whole run {time.perf_counter() - started:.0f} s",
+        f"- machine: {machine(args.device)}",
         f"- step = fwd + bwd + AdamW, stage-2 trainables (LoRA + projector), {TEXT_TOKENS} text tokens after the "
         f"visual ones, mean of {args.iters} steps after one warm-up; memory: {memory}",
+        f"- host load average (1/5/15 min) before / after: {load_before} / {load_average()}",
         "- command: `python benchmarks/step_bench.py" + (f" --device {args.device}" if args.device != "cpu" else "")
         + " --write benchmarks/RESULTS.md`",
         "",
@@ -122,18 +125,11 @@ def main() -> None:
         "The SP projector adds ~0.9 B *trainable* parameters at real widths (the 24x24 conv alone is 302 M): their",
         "gradients and AdamW state (16 bytes per parameter in fp32) dominate the memory ratio at these small LLM",
         "sizes, and their matmuls the time ratio. With a 7B LLM the frozen bf16 weights and activations dilute both.",
-        "<!-- /step_bench -->",
-    ])
+    ]) + "\n"
     print(section)
     if args.write:
-        path = Path(args.write)
-        text = path.read_text() if path.exists() else "# Benchmarks\n"
-        start, end = "<!-- step_bench -->", "<!-- /step_bench -->"
-        if start in text:
-            text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-        path.write_text(text)
+        write_section(args.write, "step_bench", section, "cuda" if args.device.startswith("cuda") else "cpu")
+        print(f"wrote {args.write}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
@@ -39,10 +40,23 @@ def resolve_checkpoint(path: PathLike) -> Path:
     raise FileNotFoundError(f"checkpoint not found: {p}")
 
 
+def _unpickler_reason(error: Exception) -> str:
+    """The line of torch's weights-only error that names the refused object (not its advice to unpickle)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else repr(error))
+
+
 def read_checkpoint(path: PathLike) -> dict:
     """The checkpoint dict (tensors on CPU), read with `torch.load(weights_only=True)`: never unpickles code."""
     p = resolve_checkpoint(path)
-    ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise pickle.UnpicklingError(
+            f"{p}: refused to load: it holds objects other than tensors and plain containers (a file that could run "
+            f"code when unpickled). Checkpoints are only read with torch.load(weights_only=True); lightning_sp never "
+            f"writes such objects, so this file was not written by it or was altered ({_unpickler_reason(e)})"
+        ) from e
     if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
         raise ValueError(f"{p} is not a lightning_sp checkpoint (no 'state_dict')")
     return dict(ckpt)

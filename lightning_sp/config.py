@@ -113,6 +113,9 @@ class DataConfig:
     max_length: int = 2048
     shard_size: int = 1000
     synthetic: Optional[SyntheticDataConfig] = None  # set: generate + convert the data when shards are missing
+    # Stop the run (callbacks.SkipLimit) when more than this fraction of the training records read so far were
+    # skipped as unusable (each is logged with its id and reason); checked from 200 records on, over all ranks.
+    max_skipped_fraction: float = 0.01
 
 
 @dataclass
@@ -147,6 +150,11 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     gradient_clip_val: Optional[float] = 1.0
     accumulate_grad_batches: int = 1
+    # The recipe's samples per optimizer step (None: not checked). Set, it must equal data.batch_size x devices x
+    # accumulate_grad_batches; when accumulate_grad_batches is left at 1 (not given on the command line) and the
+    # device count is known at config time, the accumulation is derived from it. With devices=-1/"auto" the
+    # check runs in train() once the launcher has resolved the world size.
+    global_batch_size: Optional[int] = None
     enable_progress_bar: bool = True
 
 
@@ -264,6 +272,9 @@ def compose(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | str = 
         raise ConfigError(f"cannot parse overrides {field_overrides}: {e}") from e
     cfg = _merge(cfg, dotlist, schema, "command line")
     cfg.choices = {g: choices[g] for g in GROUPS}
+    given = {item.split("=", 1)[0].strip() for item in field_overrides}
+    _derive_accumulation(cfg, explicit="trainer.accumulate_grad_batches" in given)
+    _warn_unused_lora_overrides(cfg, given)
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -280,18 +291,31 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"unknown projector '{cfg.projector.name}' (key projector.name); valid: {', '.join(sorted(PROJECTORS))}"
         )
+    vision = cfg.model.vision
+    if vision.image_size < 1 or vision.patch_size < 1 or vision.image_size % vision.patch_size:
+        raise ConfigError(f"model.vision.image_size ({vision.image_size}) must be a positive multiple of "
+                          f"model.vision.patch_size ({vision.patch_size})")
+    _check_encoder_geometry(vision)
+    grid = vision.image_size // vision.patch_size
     try:
-        PROJECTORS[cfg.projector.name].check_config(cfg.projector, grid=cfg.model.vision.image_size // cfg.model.vision.patch_size)
+        PROJECTORS[cfg.projector.name].check_config(cfg.projector, grid=grid)
     except ProjectorConfigError as e:
-        raise ConfigError(str(e)) from e
+        raise ConfigError(
+            f"{e} [projector.name={cfg.projector.name} on a {grid}x{grid} patch grid: model.vision.image_size="
+            f"{vision.image_size} / model.vision.patch_size={vision.patch_size}; the paper's grid is 24x24 = 336/14]"
+        ) from e
     if cfg.stage.name not in ("align", "finetune"):
         raise ConfigError(f"stage.name must be 'align' or 'finetune', got '{cfg.stage.name}'")
+    if cfg.stage.name == "align" and cfg.stage.lora:
+        raise ConfigError(
+            "stage.lora=true with stage.name=align: the align stage trains the projector only (LLM frozen, no "
+            "LoRA; LLAVA_SP.md §4). Set stage.lora=false, or train LoRA in stage=finetune "
+            "(init=<align run> carries the projector over)"
+        )
     from lightning_sp.data.conversation import TEMPLATES
 
     if cfg.stage.template not in TEMPLATES:
         raise ConfigError(f"unknown template '{cfg.stage.template}' (key stage.template); valid: {', '.join(TEMPLATES)}")
-    if cfg.model.vision.image_size % cfg.model.vision.patch_size:
-        raise ConfigError("model.vision.image_size must be a multiple of model.vision.patch_size")
     if cfg.resume is not None and cfg.init is not None:
         raise ConfigError("init= (warm start: weights only) and resume= (continue a run) exclude each other")
     if cfg.resume == "auto" and not cfg.run_dir:
@@ -300,22 +324,162 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model.vision.position_init must be 'sincos' or 'hf', got '{cfg.model.vision.position_init}'")
     if cfg.model.llm.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.llm.dtype must be float32, bfloat16 or float16, got '{cfg.model.llm.dtype}'")
+    if not 0.0 <= cfg.data.max_skipped_fraction <= 1.0:
+        raise ConfigError(f"data.max_skipped_fraction must be in [0, 1] (1 never stops), got "
+                          f"{cfg.data.max_skipped_fraction}")
     if cfg.viz.every_n_val < 1 or cfg.viz.num_images < 1:
         raise ConfigError(f"viz.every_n_val and viz.num_images must be >= 1 (viz.enabled=false turns the "
                           f"attention maps off), got {cfg.viz.every_n_val} and {cfg.viz.num_images}")
     _validate_distribution(cfg)
 
 
-def global_batch_size(cfg: DictConfig) -> Optional[int]:
-    """Samples per optimizer step: per-device batch x devices x accumulation (None while `trainer.devices`
-    is -1/"auto", which only the launcher resolves; train.py logs the resolved value)."""
+def device_count(cfg: DictConfig) -> Optional[int]:
+    """Devices per node as the config states them (None while `trainer.devices` is -1/"auto", which only the
+    launcher resolves)."""
     devices = cfg.trainer.devices
     if isinstance(devices, str) and devices.isdigit():
         devices = int(devices)
     n = len(devices) if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)) else devices
-    if not isinstance(n, int) or n < 1:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return None
+    return n
+
+
+def global_batch_size(cfg: DictConfig) -> Optional[int]:
+    """Samples per optimizer step: per-device batch x devices x accumulation (None while `trainer.devices`
+    is -1/"auto", which only the launcher resolves; train.py logs the resolved value)."""
+    n = device_count(cfg)
+    if n is None:
         return None
     return cfg.data.batch_size * n * cfg.trainer.accumulate_grad_batches
+
+
+def _derive_accumulation(cfg: DictConfig, explicit: bool) -> None:
+    """`trainer.global_batch_size` set, `trainer.accumulate_grad_batches` left at 1 (not on the command line) and
+    the device count known: accumulation = global / (per-device batch x devices), when that divides evenly
+    (otherwise `validate` refuses the config with the numbers)."""
+    t = cfg.trainer
+    n = device_count(cfg)
+    if t.global_batch_size is None or explicit or t.accumulate_grad_batches != 1 or n is None:
+        return
+    per_step = cfg.data.batch_size * n
+    if per_step >= 1 and t.global_batch_size > per_step and t.global_batch_size % per_step == 0:
+        t.accumulate_grad_batches = t.global_batch_size // per_step
+        log.info("trainer.accumulate_grad_batches=%d derived from trainer.global_batch_size=%d = data.batch_size "
+                 "%d x %d devices x %d", t.accumulate_grad_batches, t.global_batch_size, cfg.data.batch_size, n,
+                 t.accumulate_grad_batches)
+
+
+def _global_batch_fix(cfg: DictConfig, devices: int) -> str:
+    """How to reach `trainer.global_batch_size` on `devices` devices, for error messages."""
+    g, b = cfg.trainer.global_batch_size, cfg.data.batch_size
+    per_step = b * devices
+    if g % per_step == 0:
+        return (f"set trainer.accumulate_grad_batches={g // per_step} (or leave it out and give trainer.devices "
+                f"as a number: it is then derived)")
+    batches = [d for d in range(min(b, g // devices), 0, -1) if (g // devices) % d == 0] if g % devices == 0 else []
+    hint = f"data.batch_size={batches[0]} (with trainer.accumulate_grad_batches={g // devices // batches[0]}), " \
+        if batches else ""
+    return (f"{g} is not a multiple of data.batch_size x devices = {b} x {devices} = {per_step}: use {hint}"
+            f"another device count, or trainer.global_batch_size={per_step * max(1, round(g / per_step))}")
+
+
+def check_global_batch(cfg: DictConfig, world_size: int) -> None:
+    """Runtime half of the `trainer.global_batch_size` rule, once the launcher knows the world size (train.py
+    calls it before fitting): data.batch_size x world size x accumulate_grad_batches must equal it."""
+    g = cfg.trainer.global_batch_size
+    if g is None:
+        return
+    b, a = cfg.data.batch_size, cfg.trainer.accumulate_grad_batches
+    if b * world_size * a != g:
+        raise ConfigError(
+            f"trainer.global_batch_size={g}, but this launch gives data.batch_size {b} x {world_size} devices x "
+            f"trainer.accumulate_grad_batches {a} = {b * world_size * a}: {_global_batch_fix(cfg, world_size)}"
+        )
+
+
+def _check_global_batch_config(cfg: DictConfig) -> None:
+    t = cfg.trainer
+    b, a, g = cfg.data.batch_size, t.accumulate_grad_batches, t.global_batch_size
+    if b < 1 or a < 1:
+        raise ConfigError(f"data.batch_size ({b}) and trainer.accumulate_grad_batches ({a}) must be >= 1")
+    if g is None:
+        return
+    if g < 1:
+        raise ConfigError(f"trainer.global_batch_size must be >= 1 (or null: not checked), got {g}")
+    n = device_count(cfg)
+    if n is not None:
+        if b * n * a != g:
+            raise ConfigError(f"trainer.global_batch_size={g}, but data.batch_size {b} x trainer.devices {n} x "
+                              f"trainer.accumulate_grad_batches {a} = {b * n * a}: {_global_batch_fix(cfg, n)}")
+    elif g % (b * a):
+        raise ConfigError(
+            f"trainer.global_batch_size={g} is not a multiple of data.batch_size {b} x "
+            f"trainer.accumulate_grad_batches {a} = {b * a}, so no device count reaches it; change data.batch_size "
+            f"or trainer.accumulate_grad_batches (trainer.devices={t.devices} is resolved at launch)"
+        )
+
+
+def _warn_unused_lora_overrides(cfg: DictConfig, given: set[str]) -> None:
+    """Command-line LoRA settings in a run without LoRA (stage.lora=false, always so in stage=align) change
+    nothing. They are warned about, not refused: one override list often serves both stages."""
+    if cfg.stage.lora:
+        return
+    unused = sorted(k for k in given if k.startswith("model.lora.") or k == "optim.lr_lora")
+    if unused:
+        log.warning("%s: no effect in this run: stage.lora=false (stage %s) attaches no LoRA adapters",
+                    ", ".join(unused), cfg.stage.name)
+
+
+def _encoder_geometry(name_or_path: str) -> Optional[tuple[int, int]]:
+    """(image_size, patch_size) of a pretrained CLIP vision encoder, read from its config.json when that is on
+    disk (a local directory or the hub cache: never downloaded); None when it cannot be read here."""
+    try:
+        from transformers import CLIPVisionConfig
+
+        config = CLIPVisionConfig.from_pretrained(str(name_or_path), local_files_only=True)
+    except Exception:  # noqa: BLE001 -- not local, not cached, not a CLIP config: checked when the model loads
+        return None
+    return int(config.image_size), int(config.patch_size)
+
+
+def _check_encoder_geometry(vision: DictConfig) -> None:
+    """A pretrained encoder's grid comes from its own config: model.vision.image_size / patch_size must agree,
+    or the projector would be sized for a grid the encoder does not give."""
+    if not vision.name_or_path:
+        return
+    geometry = _encoder_geometry(vision.name_or_path)
+    if geometry is None or geometry == (vision.image_size, vision.patch_size):
+        return
+    size, patch = geometry
+    raise ConfigError(
+        f"model.vision.name_or_path={vision.name_or_path} takes {size}px images with patch {patch} (a {size // patch}x"
+        f"{size // patch} grid), but the config says model.vision.image_size={vision.image_size}, "
+        f"model.vision.patch_size={vision.patch_size} ({vision.image_size // vision.patch_size}x"
+        f"{vision.image_size // vision.patch_size}); set model.vision.image_size={size} model.vision.patch_size={patch}"
+    )
+
+
+def check_data_paths(cfg: DictConfig) -> None:
+    """Every shard directory the run reads must hold an `index.json` (train.py calls this after generating the
+    synthetic data and before building the model). Not part of `validate`: saved configs of finished runs are
+    validated too, and their data may be gone."""
+    data = cfg.data
+    for key, directory in (("data.train_dir", data.train_dir), ("data.val_dir", data.val_dir)):
+        if directory is None:
+            continue
+        index = Path(directory) / "index.json"
+        if index.is_file():
+            continue
+        state = "does not exist" if not Path(directory).exists() else "has no index.json"
+        source = ("data.synthetic is set but did not produce it" if data.synthetic is not None else
+                  "data.synthetic is unset, so nothing generates it")
+        fix = (f"make the shards with `python -m lightning_sp convert --json <llava.json> --image-root <images> "
+               f"--out {directory}`, or point {key} at a shard directory")
+        if key == "data.val_dir":
+            fix += ", or set data.val_dir=null (no validation)"
+        raise ConfigError(f"{key}={directory} {state} ({index} missing; {source}): {fix}. data=synthetic "
+                          f"generates its own data")
 
 
 def _validate_distribution(cfg: DictConfig) -> None:
@@ -331,6 +495,7 @@ def _validate_distribution(cfg: DictConfig) -> None:
             "state in bf16; use trainer.precision=bf16-mixed (FSDP2 computes in bf16, keeps fp32 trainable weights) "
             "and model.llm.dtype=bfloat16 for bf16 frozen weights"
         )
+    _check_global_batch_config(cfg)
     total = global_batch_size(cfg)
     log.info("global batch = %d per device x %s devices x %d accumulation%s", cfg.data.batch_size, t.devices,
              t.accumulate_grad_batches, f" = {total}" if total else " (devices resolved at launch)")

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import get_cosine_schedule_with_warmup
 
+from lightning_sp import rng
 from lightning_sp.data.answers import normalize_answer
 from lightning_sp.models.vlm import LlavaSP
 from lightning_sp.trainable import parameter_table, set_trainable
@@ -40,6 +41,7 @@ class LlavaSPModule(L.LightningModule):
         self._val_hits: dict[str, list[int]] = defaultdict(list)
         self._step_start = 0.0
         self._fsdp_units = None  # set by configure_model under FSDP2Strategy
+        self._rng_to_restore = None  # random streams of a checkpoint being resumed
 
     # ---- training -------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -56,6 +58,9 @@ class LlavaSPModule(L.LightningModule):
         return out.loss
 
     def on_train_batch_start(self, batch, batch_idx):
+        if self._rng_to_restore is not None:
+            rng.restore(self._rng_to_restore)
+            self._rng_to_restore = None
         self._step_start = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -159,12 +164,15 @@ class LlavaSPModule(L.LightningModule):
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["lightning_sp_config"] = self.cfg_container()
+        checkpoint["rng_states"] = rng.capture()
 
     def on_load_checkpoint(self, checkpoint):
         # strict_loading is off only so that frozen weights may be absent; a missing *trainable* tensor
         # (say, the projector) must still be an error, never a silently random module.
         if "state_dict" in checkpoint:  # absent under FSDP: FSDP2Strategy.load_checkpoint checked and loaded it
             self.check_trainable_keys(checkpoint["state_dict"])
+        # Restored just before the first resumed step, after everything Lightning does on the way there.
+        self._rng_to_restore = checkpoint.get("rng_states")
 
     def check_trainable_keys(self, keys) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}

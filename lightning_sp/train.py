@@ -11,12 +11,14 @@ from datetime import datetime
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
 from lightning_sp import config as config_lib
 from lightning_sp.callbacks.nonfinite import NonFiniteGuard
+from lightning_sp.callbacks.skip_limit import SkipLimit
 from lightning_sp.data.datamodule import ShardDataModule
 from lightning_sp.data.prepare import ensure_synthetic
 from lightning_sp.data.tokenizer import load_tokenizer
@@ -29,6 +31,9 @@ log = logging.getLogger(__name__)
 # The frozen vision tower is kept in eval mode on purpose (no dropout, whatever Lightning asks); the warning that
 # Lightning prints about it at every fit start would only teach users to ignore warnings.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# Lightning warns on any mid-epoch resume unless the loader object has state_dict(); our datamodule restores the
+# stream position itself (data/train_stream.py), exactly, so the warning would be false.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 RUN_DIR_ENV = "LIGHTNING_SP_RUN_DIR"  # rank 0's timestamped run directory, inherited by the ranks it launches
@@ -98,7 +103,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         accumulate_grad_batches=t.accumulate_grad_batches,
         enable_progress_bar=t.enable_progress_bar,
         logger=TensorBoardLogger(save_dir=str(run_dir), name="tb", version=""),
-        callbacks=[checkpoint, RankSummary(run_dir), NonFiniteGuard(), *viz_callbacks(cfg)],
+        callbacks=[checkpoint, RankSummary(run_dir), NonFiniteGuard(), SkipLimit(cfg.data.max_skipped_fraction),
+                   *viz_callbacks(cfg)],
         default_root_dir=str(run_dir),
         inference_mode=t.strategy != "fsdp",  # FSDP's all-gathered weights must not become inference tensors
     )
@@ -120,19 +126,34 @@ def run_summary(module: LlavaSPModule, trainer: L.Trainer, cfg: DictConfig, fit_
     }
 
 
-def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
-    """The checkpoint `resume=` names: None (fresh), `auto` (this run's last.ckpt if any) or an explicit path.
+def _checkpoint_step(path: Path) -> int | None:
+    """The global step a checkpoint file holds, or None when it cannot be read (truncated, not a checkpoint)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: tensors stay on disk
+        return int(ckpt["global_step"])
+    except Exception as exc:  # noqa: BLE001 -- any unreadable file is skipped, and said so
+        log.warning("resume=auto: skipping unreadable checkpoint %s (%s: %s)", path, type(exc).__name__, exc)
+        return None
 
-    Lightning writes checkpoints through a temporary file and a rename, so last.ckpt is always complete."""
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint `resume=` names: None (fresh), `auto` or an explicit path.
+
+    `auto` takes the readable checkpoint of `run_dir/checkpoints` with the highest step (last.ckpt when it is
+    intact). Lightning writes through a temporary file and a rename, so a kill mid-save leaves the previous file
+    whole; a file damaged some other way (a full disk, a copy cut short) is skipped with a warning."""
     if cfg.resume is None:
         return None
     if cfg.resume == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            log.info("resume=auto: no checkpoint in %s yet, starting fresh", last.parent)
+        directory = run_dir / "checkpoints"
+        found = sorted(directory.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", p.name))
+        steps = {p: step for p in found if (step := _checkpoint_step(p)) is not None}
+        if not steps:
+            log.info("resume=auto: no complete checkpoint in %s yet, starting fresh", directory)
             return None
-        log.info("resume=auto: continuing from %s", last)
-        return str(last)
+        best = max(steps, key=steps.get)  # ties: last.ckpt, sorted first
+        log.info("resume=auto: continuing from %s (step %d)", best, steps[best])
+        return str(best)
     path = resolve(cfg.resume)
     if not path.is_file():
         raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint file (use resume=auto or a .ckpt path)")
@@ -152,6 +173,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     if cfg.data.synthetic is not None:
         ensure_synthetic(cfg.data, image_size=cfg.model.vision.image_size)
+    config_lib.check_data_paths(cfg)  # missing shards fail here, before any model is built
     tokenizer = load_tokenizer(str(resolve(cfg.model.tokenizer)))
     module = LlavaSPModule(cfg, tokenizer)
     if cfg.init:  # warm start: weights only; optimizer, schedule and step start fresh
@@ -160,12 +182,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         warm_start(module, resolve(cfg.init), cfg)
     datamodule = build_datamodule(cfg, tokenizer, module.model.num_visual_tokens)
     trainer = build_trainer(cfg, run_dir)
+    config_lib.check_global_batch(cfg, trainer.world_size)  # trainer.global_batch_size, devices now resolved
     if launched_rank() == 0:
         log.info("global batch %d = %d per device x %d devices x %d accumulation", trainer.world_size
                  * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches, cfg.data.batch_size,
                  trainer.world_size, cfg.trainer.accumulate_grad_batches)
     fit_started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir),
+                weights_only=True)  # resume never unpickles code, whatever torch's default or environment
     fit_seconds = time.perf_counter() - fit_started
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

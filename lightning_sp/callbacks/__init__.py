@@ -1,7 +1,8 @@
 """Lightning callbacks, one file each: attention-map logging (attention.py), non-finite gradient guard
-(nonfinite.py)."""
+(nonfinite.py), skipped-record limit (skip_limit.py)."""
 
 from lightning_sp.callbacks.attention import AttentionMapLogger
 from lightning_sp.callbacks.nonfinite import NonFiniteGradientError, NonFiniteGuard
+from lightning_sp.callbacks.skip_limit import SkipLimit, SkippedRecordsError
 
-__all__ = ["AttentionMapLogger", "NonFiniteGradientError", "NonFiniteGuard"]
+__all__ = ["AttentionMapLogger", "NonFiniteGradientError", "NonFiniteGuard", "SkipLimit", "SkippedRecordsError"]

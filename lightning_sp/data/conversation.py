@@ -22,14 +22,19 @@ HUMAN, GPT = "human", "gpt"
 
 
 class RecordError(ValueError):
-    """A training record that cannot be used; the dataset layer drops it and counts the reason."""
+    """A training record that cannot be used; the dataset layer drops it and counts it under ``code``.
 
-    def __init__(self, record_id, reason: str, fix: str = ""):
+    ``reason`` is the human-readable explanation; ``code`` a short stable name (``gpt_first``, ``too_long``...)
+    that skip counts are keyed by, so that one cause with varying details is one count.
+    """
+
+    def __init__(self, record_id, reason: str, fix: str = "", code: str = ""):
         self.record_id, self.reason, self.fix = record_id, reason, fix
+        self.code = code or reason.split(":")[0]
         super().__init__(f"record {record_id!r}: {reason}" + (f" (fix: {fix})" if fix else ""))
 
     def __reduce__(self):  # exceptions travel between DataLoader worker processes by pickle
-        return type(self), (self.record_id, self.reason, self.fix)
+        return type(self), (self.record_id, self.reason, self.fix, self.code)
 
 
 @dataclass(frozen=True)
@@ -97,38 +102,46 @@ def _parse(record, template: Template, need_answer: bool) -> tuple[list[tuple[st
     """Validate a record and return its turns, ``<image>`` moved to the front of the first human turn."""
     rid = record.get("id", "<no id>") if isinstance(record, dict) else "<not a dict>"
 
-    def fail(reason: str, fix: str = "") -> RecordError:
-        return RecordError(rid, reason, fix)
+    def fail(code: str, reason: str, fix: str = "") -> RecordError:
+        return RecordError(rid, reason, fix, code)
 
     if not isinstance(record, dict):
-        raise fail(f"record is a {type(record).__name__}, not a dict", "use the LLaVA JSON format")
+        raise fail("malformed", f"record is a {type(record).__name__}, not a dict", "use the LLaVA JSON format")
     convs = record.get("conversations")
     if not isinstance(convs, list):
-        raise fail("missing 'conversations' list", "add 'conversations': [{'from': 'human', 'value': ...}, ...]")
+        raise fail("malformed", "missing 'conversations' list",
+                   "add 'conversations': [{'from': 'human', 'value': ...}, ...]")
     if not convs:
-        raise fail("empty conversation", "drop the record")
+        raise fail("empty_conversation", "empty conversation", "drop the record")
     for i, turn in enumerate(convs):
         if not (isinstance(turn, dict) and turn.get("from") in (HUMAN, GPT) and isinstance(turn.get("value"), str)):
-            raise fail(f"turn {i} is not {{'from': 'human'|'gpt', 'value': str}}", "fix the turn's keys/types")
+            raise fail("malformed", f"turn {i} is not {{'from': 'human'|'gpt', 'value': str}}",
+                       "fix the turn's keys/types")
+        if not _is_unicode(turn["value"]):
+            # A "\ud800" escape in the JSON decodes to a lone surrogate, which the tokenizer cannot take.
+            raise fail("not_utf8", f"turn {i} holds an unpaired UTF-16 surrogate (not valid Unicode)",
+                       "repair the text's encoding")
     if convs[0]["from"] == GPT:
         # LLaVA drops these too: the answer would have no question to condition on.
-        raise fail("gpt-first conversation", "drop the leading gpt turn or the record")
+        raise fail("gpt_first", "gpt-first conversation", "drop the leading gpt turn or the record")
     for i, turn in enumerate(convs):
         if turn["from"] != (HUMAN if i % 2 == 0 else GPT):
-            raise fail(f"roles do not alternate human/gpt at turn {i}", "merge or remove consecutive turns")
+            raise fail("roles", f"roles do not alternate human/gpt at turn {i}", "merge or remove consecutive turns")
         if turn["from"] == GPT and not turn["value"].strip():
-            raise fail(f"empty answer at turn {i}", "remove the empty round")
+            raise fail("empty_answer", f"empty answer at turn {i}", "remove the empty round")
     if need_answer and convs[-1]["from"] != GPT:
-        raise fail("conversation ends with a human turn (nothing to supervise)", "remove the last turn")
+        raise fail("no_answer", "conversation ends with a human turn (nothing to supervise)", "remove the last turn")
 
     n_image = sum(turn["value"].count(IMAGE_TOKEN) for turn in convs)
     has_image = bool(record.get("image"))
     if n_image > 1:
-        raise fail(f"{n_image} {IMAGE_TOKEN} placeholders; one image per record is supported", "keep one")
+        raise fail("multiple_images", f"{n_image} {IMAGE_TOKEN} placeholders; one image per record is supported",
+                   "keep one")
     if n_image == 1 and IMAGE_TOKEN not in convs[0]["value"]:
-        raise fail(f"{IMAGE_TOKEN} is not in the first human turn", "move it into the first human turn")
+        raise fail("image_token", f"{IMAGE_TOKEN} is not in the first human turn", "move it into the first human turn")
     if n_image == 1 and not has_image:
-        raise fail(f"text contains {IMAGE_TOKEN} but the record has no 'image'", "add 'image' or drop the token")
+        raise fail("image_token", f"text contains {IMAGE_TOKEN} but the record has no 'image'",
+                   "add 'image' or drop the token")
 
     turns = [(turn["from"], turn["value"]) for turn in convs]
     if has_image:
@@ -136,8 +149,16 @@ def _parse(record, template: Template, need_answer: bool) -> tuple[list[tuple[st
         # (LLaVA would crash on it) gets one prepended: the image is evidently meant to be seen.
         turns[0] = (HUMAN, IMAGE_TOKEN + "\n" + turns[0][1].replace(IMAGE_TOKEN, "").strip())
     if template.plain and not (has_image and len(convs) <= 2):
-        raise fail("the plain template needs an image record with one human/gpt pair", "use vicuna_v1")
+        raise fail("template", "the plain template needs an image record with one human/gpt pair", "use vicuna_v1")
     return turns, has_image
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_tokenizer(tokenizer, template: Template) -> int:
@@ -158,7 +179,8 @@ def _check_tokenizer(tokenizer, template: Template) -> int:
 def _check_image(ids: list[int], image_id: int, has_image: bool, rid) -> None:
     count = ids.count(image_id)
     if count != int(has_image):  # e.g. a literal "<image>" the validation could not see
-        raise RecordError(rid, f"tokenised text has {count} {IMAGE_TOKEN} ids, expected {int(has_image)}")
+        raise RecordError(rid, f"tokenised text has {count} {IMAGE_TOKEN} ids, expected {int(has_image)}",
+                          code="image_token")
 
 
 def encode(record: dict, tokenizer, template: str | Template, max_length: int | None = None) -> Encoded:
@@ -190,11 +212,13 @@ def encode(record: dict, tokenizer, template: str | Template, max_length: int | 
         ids, labels = ids[:max_length], labels[:max_length]
         if has_image and image_id not in ids:
             raise RecordError(rid, f"too long: truncation to {max_length} tokens cuts {IMAGE_TOKEN}",
-                              "raise max_length or drop the record")
+                              "raise max_length or drop the record", "too_long")
     num_supervised = sum(label != IGNORE_INDEX for label in labels)
-    if num_supervised == 0:
-        reason = f"too long: no supervised token within {max_length} tokens" if truncated else "no supervised tokens"
-        raise RecordError(rid, reason, "raise max_length or drop the record")
+    if num_supervised == 0:  # never hand the model a sample whose labels are all IGNORE_INDEX
+        if truncated:
+            raise RecordError(rid, f"too long: no supervised token within {max_length} tokens",
+                              "raise max_length or drop the record", "too_long")
+        raise RecordError(rid, "no supervised tokens", "drop the record", "no_supervised")
     return Encoded(ids, labels, has_image, num_supervised)
 
 

@@ -5,9 +5,13 @@ in a collective forever). Here the train stream repeats its shards without end a
 cut to a planned number of batches, computed from the sample counts in ``index.json``, so every rank yields
 exactly ``steps_per_epoch`` batches whatever the shard sizes or the records skipped on the way. An epoch is
 therefore about one pass, not exactly one: each epoch starts a fresh, reshuffled pass over the rank's shards.
+The stream is a function of (seed, epoch) and checkpoints hold its position, so a resumed run trains on exactly
+the batches an uninterrupted one would (lightning_sp/data/train_stream.py).
 
-Bad records (``RecordError`` from the conversation encoder, undecodable images) are skipped and counted, never
-fatal: each batch carries ``skipped``, the number dropped since the previous batch of the same worker.
+Bad records (``RecordError`` from the conversation encoder, bad images, non-UTF-8 or invalid JSON) and unreadable
+shards (a truncated tar) are skipped, counted and logged with the record id, shard and reason, never fatal: each
+batch carries ``skipped`` and ``skipped_reasons`` ({reason: count}), what its worker dropped since its previous
+batch. ``callbacks.SkipLimit`` stops a run whose skipped fraction exceeds ``data.max_skipped_fraction``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from lightning_sp.data.conversation import (IGNORE_INDEX, RecordError, encode, e
 from lightning_sp.data.images import ImageDecodeError, ImageProcessor
 from lightning_sp.data.shards import load_index
 from lightning_sp.data.tokenizer import IMAGE_TOKEN, load_tokenizer
+from lightning_sp.data.train_stream import StreamPosition, TrainStream, take_exactly
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +43,12 @@ log = logging.getLogger(__name__)
 # ---- samples ---------------------------------------------------------------------------------------------
 
 class SampleBuilder:
-    """Pipeline stage: raw shard samples -> model-ready sample dicts; drops (and counts) unusable records."""
+    """Pipeline stage: raw shard samples -> model-ready sample dicts; drops (and counts) unusable records.
+
+    Each yielded sample carries ``skipped`` and ``skipped_reasons``: what was dropped in this process since the
+    previous yielded sample. :meth:`shard_error` is the WebDataset handler for shards that cannot be read to the
+    end; it counts ``bad_shard`` into the same tally.
+    """
 
     def __init__(self, tokenizer, template: str, num_visual_tokens: int, image_size: int,
                  max_length: int | None, for_eval: bool = False):
@@ -48,20 +58,28 @@ class SampleBuilder:
         self.processor = ImageProcessor(image_size)
         self.image_size = image_size
         self.skipped: Counter = Counter()  # reason -> count, in this process (each DataLoader worker has its own)
+        self._pending: Counter = Counter()  # reason -> count since the last yielded sample
 
     def build(self, sample: dict) -> dict:
+        key = sample.get("__key__")
+        if "json" not in sample:  # e.g. an image member whose record was lost to a truncated shard
+            raise RecordError(key, f"sample has no .json member (members: {sorted(sample)})", code="malformed")
         record = json.loads(sample["json"])
-        rid = record.get("id", sample["__key__"]) if isinstance(record, dict) else sample["__key__"]
+        rid = record.get("id", key) if isinstance(record, dict) else key
         image_bytes = next((v for k, v in sample.items() if not k.startswith("__") and k != "json"), None)
         max_length = self.max_length
         if isinstance(record, dict) and record.get("image"):
             if image_bytes is None:
-                raise RecordError(rid, "record names an image but the shard holds none")
+                raise RecordError(rid, "record names an image but the shard holds none", code="image_missing")
             if max_length is not None:  # encode() counts <image> as one token; bound the expanded length
                 max_length -= self.num_visual_tokens - 1
         enc = encode(record, self.tokenizer, self.template, max_length)
         if enc.has_image:
-            pixel_values = self.processor(image_bytes)
+            try:
+                pixel_values = self.processor(image_bytes)
+            except ImageDecodeError as exc:
+                raise RecordError(rid, f"image: {exc}", "replace the image or drop the record",
+                                  code=f"image_{exc.reason}") from None
         else:
             pixel_values = torch.zeros(3, self.image_size, self.image_size)
         input_ids, labels = expand_image_token(enc.input_ids, enc.labels, self.image_token_id,
@@ -76,19 +94,39 @@ class SampleBuilder:
             out["qtype"] = str(record.get("qtype", "all"))
         return out
 
+    def _count(self, reason: str) -> None:
+        self.skipped[reason] += 1
+        self._pending[reason] += 1
+
+    def shard_error(self, exn: Exception) -> bool:
+        """WebDataset handler: log, count ``bad_shard``, go on with the next shard (True = continue)."""
+        args = getattr(exn, "args", ())
+        # WebDataset appends the shard url to the args when a whole shard fails (cannot be opened, or a truncated
+        # tar); an error inside one tar member is reported first without it, then again with it: count once.
+        url = args[-1] if len(args) > 1 and isinstance(args[-1], str) else None
+        message = f"{type(exn).__name__}: {args[0] if args else exn}"
+        if url is None:
+            log.warning("shard read error: %s", message)
+            return True
+        self._count("bad_shard")
+        log.warning("skipping the rest of shard %s in this pass (reason bad_shard): %s", url, message)
+        return True
+
     def __call__(self, src):
-        dropped = 0
         for sample in src:
             try:
                 out = self.build(sample)
-            except (RecordError, ImageDecodeError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                reason = exc.reason if isinstance(exc, RecordError) else f"{type(exc).__name__}: {exc}"
-                self.skipped[reason.split(":")[0]] += 1
-                rid = getattr(exc, "record_id", sample.get("__key__"))
-                log.warning("skipping record %r from %s: %s", rid, sample.get("__url__"), reason)
-                dropped += 1
+            except (RecordError, UnicodeError, json.JSONDecodeError) as exc:
+                if isinstance(exc, RecordError):
+                    rid, reason, detail = exc.record_id, exc.code, str(exc)
+                else:  # the .json member itself: not UTF-8, or not JSON
+                    rid, detail = sample.get("__key__"), f"{type(exc).__name__}: {exc}"
+                    reason = "not_utf8" if isinstance(exc, UnicodeError) else "bad_json"
+                self._count(reason)
+                log.warning("skipping record %r from %s (reason %s): %s", rid, sample.get("__url__"), reason, detail)
                 continue
-            out["skipped"], dropped = dropped, 0
+            out["skipped"], out["skipped_reasons"] = sum(self._pending.values()), dict(self._pending)
+            self._pending.clear()
             yield out
 
 
@@ -98,12 +136,16 @@ def collate_train(samples: list[dict], pad_token_id: int, *, image_token_id: int
     """Right-padded teacher-forcing batch. Every sample must hold exactly ``num_visual_tokens`` image ids
     (image records) or none (text-only): anything else means the model would splice features in the wrong place.
     """
+    reasons: Counter = Counter()
     for s in samples:
         count = int((s["input_ids"] == image_token_id).sum())
         expected = num_visual_tokens if s["has_image"] else 0
         if count != expected:
             raise ValueError(f"sample {s['id']!r} has {count} image tokens, expected {expected} "
                              f"(has_image={s['has_image']}, num_visual_tokens={num_visual_tokens})")
+        if not bool((s["labels"] != IGNORE_INDEX).any()):  # encode() refuses these; a silent zero loss otherwise
+            raise ValueError(f"sample {s['id']!r} has no supervised token (every label is {IGNORE_INDEX})")
+        reasons.update(s.get("skipped_reasons", {}))
     ids = [s["input_ids"] for s in samples]
     return {
         "input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_token_id),
@@ -113,6 +155,7 @@ def collate_train(samples: list[dict], pad_token_id: int, *, image_token_id: int
         "has_image": torch.tensor([s["has_image"] for s in samples], dtype=torch.bool),
         "ids": [s["id"] for s in samples],
         "skipped": sum(s.get("skipped", 0) for s in samples),
+        "skipped_reasons": dict(reasons),
     }
 
 
@@ -130,31 +173,6 @@ def collate_eval(samples: list[dict], pad_token_id: int, *, image_token_id: int,
 
 
 # ---- stream stages ---------------------------------------------------------------------------------------
-
-def take_exactly(src, share: int, what: str):
-    """Yield exactly `share` items of `src`, or raise: failing beats leaving the other ranks waiting in a collective."""
-    produced = 0
-    for item in islice(src, share):
-        produced += 1
-        yield item
-    if produced < share:
-        rank, _, worker, _ = pytorch_worker_info()
-        raise RuntimeError(f"rank {rank} worker {worker} produced {produced} of {share} {what}: its shards yield no "
-                           "usable samples (see the skipped-record warnings)")
-
-
-class TakeBatches:
-    """Cut an endless stream to this rank's planned batches, shared out over the DataLoader workers
-    (the loader interleaves them, so the rank sees exactly ``per_rank`` batches)."""
-
-    def __init__(self, per_rank: int):
-        self.per_rank = per_rank
-
-    def __call__(self, src):
-        _, _, worker, num_workers = pytorch_worker_info()
-        share = self.per_rank // num_workers + (worker < self.per_rank % num_workers)
-        yield from take_exactly(src, share, "batches")
-
 
 def split_samples(src):
     """Every (rank, worker) takes every n-th sample: validation stays balanced even with a single val shard."""
@@ -200,6 +218,8 @@ class ShardDataModule(L.LightningDataModule):
         self.equal_val_shares = equal_val_shares  # see EqualShare; train.py sets it for trainer.strategy=fsdp
         self.steps_per_epoch: int | None = None
         self.train_index = self.val_index = None
+        self.position = StreamPosition()  # of the batches trained so far; saved in checkpoints
+        self._resume: StreamPosition | None = None  # restored from a checkpoint, used by the next train epoch
 
     def _collate_kwargs(self) -> dict:
         return {"pad_token_id": self.tokenizer.pad_token_id, "num_visual_tokens": self.num_visual_tokens,
@@ -222,8 +242,10 @@ class ShardDataModule(L.LightningDataModule):
         if self.num_workers > 0:
             # Workers fork after the tokenizer has been used; its own thread pool would only warn and turn off.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # A loader of its own seeds its workers without drawing from the global RNG, which training owns
+        # (dropout): creating a val loader must not shift the random stream a resumed run replays.
         return wds.WebLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                             persistent_workers=self.num_workers > 0)
+                             generator=torch.Generator().manual_seed(self.seed))
 
     def _urls(self, directory: Path, index: dict) -> list[str]:
         return [str(directory / s["name"]) for s in index["shards"] if s["samples"] > 0]
@@ -240,33 +262,71 @@ class ShardDataModule(L.LightningDataModule):
                 f"{max(1, self.num_workers)} workers need at least {needed}: re-run shards.convert with a smaller "
                 "shard_size, or lower data.num_workers"
             )
-        # Shards are split over ranks/workers first, then shuffled within each; detshuffle reshuffles each pass.
-        dataset = wds.WebDataset(urls, handler=wds.warn_and_continue, nodesplitter=wds.split_by_node,
-                                 workersplitter=wds.split_by_worker, shardshuffle=len(urls), detshuffle=True,
-                                 seed=self.seed, empty_check=False)
-        if self.shuffle_buffer > 1:
-            dataset = dataset.compose(wds.detshuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                                                     seed=self.seed))
+        return EpochLoader(self, urls)
+
+    def train_epoch(self, urls: list[str], epoch: int) -> wds.WebLoader:
+        """The loader of one training epoch; continues from the restored position when it is in this epoch."""
+        resume, self._resume = self._resume, None
+        if resume is not None and resume.batches >= self.steps_per_epoch:  # saved as an epoch ended
+            resume = None if epoch > resume.epoch else StreamPosition(epoch=resume.epoch + 1)
+        if resume is not None and resume.epoch != epoch:
+            raise RuntimeError(f"the checkpoint's data stream stands in epoch {resume.epoch}, the trainer resumes "
+                               f"in epoch {epoch}: cannot continue the stream exactly")
+        self.position = resume or StreamPosition(epoch=epoch)
         builder = SampleBuilder(self.tokenizer, self.template, self.num_visual_tokens, self.image_size,
                                 self.max_length)
-        dataset = dataset.compose(builder).batched(
-            self.batch_size, collation_fn=partial(collate_train, **self._collate_kwargs()), partial=False)
-        dataset = dataset.repeat()  # endless passes; TakeBatches decides where an epoch ends
-        stream = wds.DataPipeline(dataset, TakeBatches(self.steps_per_epoch))
-        return self._loader(stream).with_length(self.steps_per_epoch, silent=True)
+        stream = TrainStream(urls, seed=self.seed, epoch=epoch, per_rank=self.steps_per_epoch,
+                             batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer, builder=builder,
+                             collate=partial(collate_train, **self._collate_kwargs()),
+                             handler=builder.shard_error, resume=resume)
+        return self._loader(stream)
 
-    def val_dataloader(self):
-        if self.val_dir is None:
-            return []
-        if self.val_index is None:
-            self.setup("validate")
-        dataset = wds.WebDataset(self._urls(self.val_dir, self.val_index), handler=wds.warn_and_continue,
-                                 nodesplitter=None, workersplitter=None, shardshuffle=False, empty_check=False)
-        builder = SampleBuilder(self.tokenizer, self.template, self.num_visual_tokens, self.image_size,
-                                self.max_length, for_eval=True)
-        dataset = dataset.compose(split_samples, builder)
-        if self.equal_val_shares:
-            dataset = dataset.compose(EqualShare(self.val_index["totals"]["samples"]))
-        dataset = dataset.batched(
-            self.val_batch_size, collation_fn=partial(collate_eval, **self._collate_kwargs()), partial=True)
-        return self._loader(dataset)
+    # ---- exact resume: the position of the batches trained so far travels in the checkpoint --------------
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        if self.trainer is not None and self.trainer.training and "stream_position" in batch:
+            self.position.advance(*batch["stream_position"])
+        return batch
+
+    def state_dict(self) -> dict:
+        # Every rank streams its own shards, so the checkpoint (written by rank 0) needs every rank's position.
+        # Lightning builds checkpoint contents on all ranks together, so a collective is safe here.
+        positions = [self.position.state_dict()]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            positions = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(positions, self.position.state_dict())
+        return {"stream_positions": positions, "steps_per_epoch": self.steps_per_epoch,
+                "num_workers": self.num_workers}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "stream_positions" not in state:
+            return
+        positions = [StreamPosition.from_state(p) for p in state["stream_positions"]]
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        if any(p.batches for p in positions):  # stopped mid-epoch: the stream must continue identically
+            changed = {key: (was, now) for key, was, now in (
+                ("ranks", len(positions), self._world_size()), ("data.num_workers", state["num_workers"],
+                 self.num_workers), ("steps per epoch", state["steps_per_epoch"], self.steps_per_epoch))
+                if was != now}
+            if changed:
+                raise ValueError(f"the checkpoint stopped mid-epoch and the data layout changed since (was, now): "
+                                 f"{changed}; resume with the same devices, data.num_workers, data.batch_size and "
+                                 "shards, or from a checkpoint written at the end of an epoch")
+        self._resume = positions[rank] if rank < len(positions) else StreamPosition(epoch=positions[0].epoch)
+
+
+class EpochLoader:
+    """What `train_dataloader` returns: each `iter()` (Lightning calls it once per epoch) builds that epoch's
+    loader, so the stream is a function of the epoch number rather than of worker-process history."""
+
+    def __init__(self, datamodule: ShardDataModule, urls: list[str]):
+        self.datamodule, self.urls = datamodule, urls
+
+    def __len__(self) -> int:
+        return self.datamodule.steps_per_epoch
+
+    def __iter__(self):
+        # A generator, so nothing is built until the first batch is asked for: Lightning also calls iter() just
+        # to check that the loader is iterable, which must not use up the resume position.
+        trainer = self.datamodule.trainer
+        epoch = trainer.current_epoch if trainer is not None else self.datamodule.position.epoch
+        yield from self.datamodule.train_epoch(self.urls, epoch)

@@ -3,7 +3,18 @@
 LLaVA-1.5 ("image_aspect_ratio: pad") pastes the image centred on a square canvas filled with the CLIP mean
 colour (``expand2square``) and then runs the CLIP processor (bicubic resize to 336, scale to [0, 1], normalise).
 Padding instead of centre-cropping keeps the whole image -- and its spatial layout -- visible to the model.
-Here the same steps run on uint8 tensors with torchvision, so no PIL round trip is needed in the data workers.
+Here the same steps run on uint8 tensors with torchvision, so no PIL round trip is needed in the data workers
+(JPEGs decode with torchvision; other formats, rare in LLaVA's data, with PIL).
+
+Bad bytes raise :class:`ImageDecodeError` with a reason (empty, corrupt, too_large) instead of crashing: the header
+is read first, so a decompression bomb is refused before any decoder allocates its pixels (``MAX_PIXELS``).
+
+Speed (benchmarks/input_bench.py): the image stays in the decoder's HWC (channels-last) layout throughout: the
+square canvas is filled row-wise, torchvision's native uint8 bicubic kernel runs fastest on channels-last input,
+and one conversion writes the contiguous float (3,S,S) result. The numbers are bit-identical to padding and
+resizing the CHW tensor with torchvision. ``fast_decode=True`` additionally lets libjpeg decode large JPEGs at a
+reduced DCT scale (never below the size the image occupies after resizing); that changes pixels slightly (see
+``ImageProcessor``), so it is off by default.
 """
 
 from __future__ import annotations
@@ -27,25 +38,85 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
                         category=DeprecationWarning)
 
 
+# Images whose padded square (see expand2square) exceeds this many pixels are refused before any pixel is decoded:
+# 64 Mi pixels = an 8192-pixel square, 192 MiB as uint8 (more again in the resize). Real training images (COCO,
+# GQA, VG, TextVQA, OCR-VQA, LCS) stay far below; a decompression bomb (a small file declaring 30000x30000) would
+# otherwise take gigabytes in every data worker. ImageProcessor(max_pixels=...) changes it.
+MAX_PIXELS = 8192 * 8192
+
+
 class ImageDecodeError(ValueError):
-    """The bytes are not a decodable image (truncated, corrupt, unsupported format)."""
+    """The bytes are not a usable image. ``reason``: ``empty``, ``corrupt`` (truncated, undecodable, unknown
+    format) or ``too_large`` (see MAX_PIXELS); the data layer counts skipped records by it."""
+
+    def __init__(self, message: str, reason: str = "corrupt"):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):
+        return type(self), (str(self), self.reason)
 
 
-def _decode(data: bytes) -> torch.Tensor:
+def check_header(data: bytes, max_pixels: int = MAX_PIXELS) -> str:
+    """The image format (PIL's name, e.g. ``JPEG``), read from the header alone; raises ImageDecodeError for
+    empty bytes, an unrecognised format, or a size over ``max_pixels`` -- all before any pixel is decoded."""
     if len(data) == 0:
-        raise ImageDecodeError("image is empty (0 bytes)")
+        raise ImageDecodeError("image is empty (0 bytes)", "empty")
     try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError as tv_error:
-        # torchvision decodes only jpeg/png/webp/gif; real datasets occasionally hold a bmp or tiff.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
+            with Image.open(io.BytesIO(data)) as img:  # lazy: parses the header only
+                fmt, (w, h) = img.format, img.size
+    except Image.DecompressionBombError as exc:  # PIL's own limit (2 x 89 M pixels) fires inside open()
+        raise ImageDecodeError(f"image too large to decode: {exc}", "too_large") from None
+    except Exception as exc:  # noqa: BLE001 -- PIL raises many types for unreadable headers
+        raise ImageDecodeError(f"cannot decode image ({len(data)} bytes, starts with {data[:8]!r}): "
+                               f"{type(exc).__name__}: {exc}") from None
+    side = max(w, h)
+    if side * side > max_pixels:
+        raise ImageDecodeError(f"{w}x{h} image: its padded {side}x{side} square exceeds max_pixels={max_pixels}",
+                               "too_large")
+    return fmt
+
+
+def _decode_draft(data: bytes, target: int) -> torch.Tensor | None:
+    """JPEG decoded at the coarsest libjpeg DCT scale (1/2, 1/4, 1/8) that keeps every side at least as large as
+    it will be once the padded square is resized to ``target``; None when no reduction applies (then the caller
+    decodes in full). Returns a (3,H,W) uint8 view of HWC memory, like torchvision's decoder."""
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            side = max(w, h)
+            need = (-(-target * w // side), -(-target * h // side))  # ceil: the image's extent in the output
+            if w // need[0] < 2 or h // need[1] < 2:
+                return None
+            img.draft("RGB", need)
+            rgb = np.array(img.convert("RGB"))
+    except Exception:  # noqa: BLE001 -- let the full decoder report the real problem
+        return None
+    return torch.from_numpy(rgb).permute(2, 0, 1)
+
+
+def _decode(data: bytes, fmt: str | None = None, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """(3,H,W) uint8. ``fmt``: the format :func:`check_header` returned (checked here when not given)."""
+    fmt = fmt or check_header(data, max_pixels)
+    tv_error = None
+    if fmt == "JPEG":  # the bulk of LLaVA's images: torchvision's libjpeg-turbo path
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                rgb = np.asarray(img.convert("RGB")).copy()
-            return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
-        except Exception:  # noqa: BLE001 -- report the torchvision error, it names the real cause
-            raise ImageDecodeError(
-                f"cannot decode image ({len(data)} bytes, starts with {data[:8]!r}): {tv_error}"
-            ) from tv_error
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError as exc:  # e.g. a truncated file, or a JPEG variant only PIL reads
+            tv_error = exc
+    # Every other format goes through PIL: torchvision's PNG decoder crashes the whole process (SIGSEGV) on a
+    # PNG whose data is shorter than its header promises, where PIL raises.
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            rgb = np.array(img.convert("RGB"))
+    except Exception as exc:  # noqa: BLE001 -- PIL raises many types for bad files
+        raise ImageDecodeError(f"cannot decode {fmt} image ({len(data)} bytes, starts with {data[:8]!r}): "
+                               f"{tv_error or exc}") from exc
+    return torch.from_numpy(rgb).permute(2, 0, 1)  # HWC memory, like torchvision's decoder
 
 
 def expand2square(image: torch.Tensor, fill: list[int]) -> torch.Tensor:
@@ -59,20 +130,57 @@ def expand2square(image: torch.Tensor, fill: list[int]) -> torch.Tensor:
     return F.pad(image, [left, top, side - w - left, side - h - top], fill=fill)
 
 
-class ImageProcessor:
-    """Bytes (any encoded image) or a uint8 (3,H,W) tensor -> normalised float (3,S,S) tensor."""
+def _square_hwc(image: torch.Tensor, fill_row: torch.Tensor) -> torch.Tensor:
+    """(3,H,W) uint8 (any strides) -> (side, side, 3) contiguous canvas, image centred as in ``expand2square``.
 
-    def __init__(self, image_size: int = 336, mean=CLIP_MEAN, std=CLIP_STD):
+    The padding is written as whole rows / column blocks of a pre-built fill row: broadcasting a 3-vector over an
+    HWC canvas is ~10x slower than this."""
+    _, h, w = image.shape
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas = torch.empty(side, side * 3, dtype=torch.uint8)
+    if h < side:
+        canvas[:top] = fill_row[:side * 3]
+        canvas[top + h:] = fill_row[:side * 3]
+    if w < side:
+        canvas[:, :left * 3] = fill_row[:left * 3]
+        canvas[:, (left + w) * 3:] = fill_row[:(side - w - left) * 3]
+    canvas = canvas.view(side, side, 3)
+    canvas[top:top + h, left:left + w] = image.permute(1, 2, 0)
+    return canvas
+
+
+class ImageProcessor:
+    """Bytes (any encoded image) or a uint8 (3,H,W) tensor -> normalised float (3,S,S) tensor.
+
+    ``fast_decode=True``: JPEGs whose sides are at least twice their final extent are decoded at a reduced DCT
+    scale (PIL ``draft``), never below the resolution the resize keeps. The result differs from the full decode
+    + antialiased resize by about one uint8 level on average (benchmarks/RESULTS.md, input_bench); default off,
+    which keeps the LLaVA-equivalent path. COCO-sized images (640 px) are never reduced: 1/2 would fall below 336.
+    ``max_pixels``: images whose padded square is larger are refused (ImageDecodeError, reason ``too_large``).
+    """
+
+    def __init__(self, image_size: int = 336, mean=CLIP_MEAN, std=CLIP_STD, fast_decode: bool = False,
+                 max_pixels: int = MAX_PIXELS):
         self.image_size = int(image_size)
+        self.max_pixels = int(max_pixels)
         self.mean = [float(m) for m in mean]
         self.std = [float(s) for s in std]
+        self.fast_decode = bool(fast_decode)
         # LLaVA fills with tuple(int(x * 255) for x in mean); rounding differs by at most 1 level. The design
         # doc asks for round(); the difference is far below the resize error and invisible to the model.
         self.fill = [round(255 * m) for m in self.mean]
+        self._fill_row = torch.tensor(self.fill, dtype=torch.uint8).repeat(256)  # grown on demand
+        self._mean = torch.tensor(self.mean).view(3, 1, 1)
+        self._std = torch.tensor(self.std).view(3, 1, 1)
 
     def __call__(self, data: bytes | bytearray | memoryview | torch.Tensor) -> torch.Tensor:
         if isinstance(data, (bytes, bytearray, memoryview)):
-            image = _decode(bytes(data))
+            data = bytes(data)
+            fmt = check_header(data, self.max_pixels)  # before any decoder allocates the pixels
+            image = _decode_draft(data, self.image_size) if self.fast_decode else None
+            if image is None:
+                image = _decode(data, fmt)
         elif isinstance(data, torch.Tensor):
             if data.dtype != torch.uint8 or data.ndim != 3 or data.shape[0] != 3:
                 raise ValueError(f"expected a uint8 (3,H,W) tensor, got {data.dtype} {tuple(data.shape)}")
@@ -80,10 +188,16 @@ class ImageProcessor:
         else:
             raise TypeError(f"expected encoded image bytes or a uint8 tensor, got {type(data).__name__}")
         if image.shape[1] == 0 or image.shape[2] == 0:
-            raise ImageDecodeError(f"image has no pixels: shape {tuple(image.shape)}")
-        image = expand2square(image, self.fill)
+            raise ImageDecodeError(f"image has no pixels: shape {tuple(image.shape)}", "empty")
+        _, h, w = image.shape
+        if h != w:
+            side = max(h, w)
+            if self._fill_row.numel() < side * 3:
+                self._fill_row = torch.tensor(self.fill, dtype=torch.uint8).repeat(side)
+            image = _square_hwc(image, self._fill_row).permute(2, 0, 1)  # (3,S,S) view of the HWC canvas
         # Resize in uint8, as the CLIP processor does on PIL images, so the result is quantised the same way.
         image = F.resize(image, [self.image_size, self.image_size],
                          interpolation=InterpolationMode.BICUBIC, antialias=True)
-        image = F.to_dtype(image, torch.float32, scale=True)
-        return F.normalize(image, mean=self.mean, std=self.std)
+        # The same float ops as F.to_dtype(scale=True) + F.normalize (bit-identical), in one contiguous buffer.
+        out = image.to(torch.float32, memory_format=torch.contiguous_format)
+        return out.mul_(1.0 / 255).sub_(self._mean).div_(self._std)

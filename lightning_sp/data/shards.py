@@ -6,14 +6,19 @@ what keeps multi-worker, multi-rank loading fast and lets every rank be given th
 How it stays cheap and safe:
 - The JSON array is scanned once with ``JSONDecoder.raw_decode`` over buffered text, keeping only each record's
   byte span and key; pool workers re-read their records by seek, so no process ever holds the whole data set.
-- Bad images (missing, empty, undecodable, or a path escaping the image root) are found here, once, and listed
-  in ``skipped.jsonl`` -- not discovered as crashes in the middle of a training run.
+- Bad images (missing, empty, undecodable, truncated, larger than ``images.MAX_PIXELS``, or a path escaping the
+  image root) and records of the wrong shape (no non-empty ``conversations`` list of ``{"from": str, "value":
+  str}`` turns) are found here, once, and listed in ``skipped.jsonl`` -- not discovered as crashes in the middle
+  of a training run. What depends on the template and tokenizer (gpt-first or non-alternating turns, ``<image>``
+  placement, length) is checked when training encodes the record, which skips and counts it
+  (``datamodule.SampleBuilder``). A JSON file that is not UTF-8 stops the conversion before any shard is written.
 - Each shard is written to ``*.tar.tmp`` and renamed, after its stats sidecar, so a killed run leaves only
   complete shards; re-running with the same arguments resumes and produces the identical index.
 """
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import multiprocessing as mp
@@ -26,6 +31,8 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 from tqdm import tqdm
+
+from lightning_sp.data.images import ImageDecodeError, check_header
 
 ARGS_FILE = "convert_args.json"  # what the shards in a directory were made from; guards resume
 _WS = re.compile(r"[ \t\n\r]*")
@@ -51,7 +58,13 @@ def iter_json_array(path, chunk_chars: int = 1 << 20):
 
         def fill() -> None:
             nonlocal buf, pos, eof
-            more = f.read(chunk_chars)
+            try:
+                more = f.read(chunk_chars)
+            except UnicodeDecodeError as exc:
+                raise ConvertError(
+                    f"{path} is not UTF-8 ({exc.reason} at byte {_bad_utf8_offset(path)}); LLaVA JSON must be "
+                    "UTF-8: re-encode the file, e.g. iconv -f <its encoding> -t utf-8"
+                ) from None
             eof = not more
             buf, pos = buf[pos:] + more, 0
 
@@ -91,6 +104,20 @@ def iter_json_array(path, chunk_chars: int = 1 << 20):
             advance(end)
             yield element, start, byte_pos - start
             first = False
+
+
+def _bad_utf8_offset(path) -> int:
+    """Byte offset of the first invalid UTF-8 sequence in ``path`` (-1 if none), for the error message."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            pending = len(decoder.getstate()[0])  # bytes of a sequence the previous chunk ended inside
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                return offset - pending + exc.start
+            offset += len(chunk)
+    return -1
 
 
 def sanitize_key(raw) -> str:
@@ -136,9 +163,16 @@ def _load_image(root: Path, rel) -> tuple[bytes, str]:
     if not data:
         raise _Skip("empty", "zero bytes")
     try:
+        fmt = (check_header(data) or "").lower()  # refuses a decompression bomb before decoding a pixel
         with Image.open(io.BytesIO(data)) as img:
-            fmt = (img.format or "").lower()
-            img.verify()  # structure/CRC check without a full decode
+            img.verify()  # PNG chunk CRCs
+        with Image.open(io.BytesIO(data)) as img:
+            # A truncated JPEG passes verify(); decoding reads every byte. At 1/8 scale (libjpeg's DCT scaling) it
+            # costs a fraction of a full decode.
+            img.draft("RGB", (1, 1))
+            img.load()
+    except ImageDecodeError as exc:
+        raise _Skip(exc.reason, str(exc)) from None
     except Exception as exc:  # noqa: BLE001 -- PIL raises many types for bad files
         raise _Skip("corrupt", f"{type(exc).__name__}: {exc}") from None
     ext = posix.suffix.lower().lstrip(".")
@@ -153,6 +187,19 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _malformed(record) -> str | None:
+    """Why ``record`` is not shaped like a LLaVA record (types only), or None."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not a record object"
+    convs = record.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        return "no non-empty 'conversations' list"
+    for i, turn in enumerate(convs):
+        if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
+            return f"turn {i} is not {{'from': str, 'value': str}}"
+    return None
+
+
 def _write_shard(task: tuple) -> dict:
     index, entries, json_path, image_root, out_dir = task
     name = f"shard-{index:06d}.tar"
@@ -165,15 +212,20 @@ def _write_shard(task: tuple) -> dict:
             record = json.loads(src.read(length))
             is_record = isinstance(record, dict)
             try:
-                if not is_record or not isinstance(record.get("conversations"), list):
-                    raise _Skip("malformed", "not a record with a 'conversations' list")
+                problem = _malformed(record)
+                if problem:
+                    raise _Skip("malformed", problem)
+                try:  # a "\ud800" escape parses to a lone surrogate, which no UTF-8 file can hold
+                    member = json.dumps(record, ensure_ascii=False).encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise _Skip("not_utf8", f"text holds an unpaired UTF-16 surrogate: {exc.reason}") from None
                 image = _load_image(root, record["image"]) if "image" in record else None
             except _Skip as skip:
                 stats["skipped"].append({"id": record.get("id", key) if is_record else key,
                                          "path": record.get("image") if is_record else None,
                                          "reason": skip.reason, "detail": skip.detail})
                 continue
-            _add(tar, f"{key}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))
+            _add(tar, f"{key}.json", member)
             if image is not None:
                 _add(tar, f"{key}.{image[1]}", image[0])
                 stats["images"] += 1
@@ -247,7 +299,8 @@ def convert(json_path, image_root, out_dir, shard_size: int = 1000, workers: int
 
     ordered = [results[i] for i in range(len(shards))]
     skipped = [s for st in ordered for s in st["skipped"]]
-    with open(out / "skipped.jsonl", "w", encoding="utf-8") as f:
+    # backslashreplace: an id may hold a lone surrogate (see _write_shard), which UTF-8 cannot encode.
+    with open(out / "skipped.jsonl", "w", encoding="utf-8", errors="backslashreplace") as f:
         f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped)
     index = {
         "source": str(json_path),
@@ -273,4 +326,11 @@ def load_index(shard_dir) -> dict:
     path = Path(shard_dir) / "index.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: make shards with lightning_sp.data.shards.convert(...)")
-    return json.loads(path.read_text())
+    index = json.loads(path.read_text())
+    # Shards are read as `shard_dir / name`: a name with a folder, `..` or an absolute path would read elsewhere.
+    for entry in index.get("shards", []) if isinstance(index, dict) else []:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or name in ("", ".", "..") or PurePosixPath(name.replace("\\", "/")).name != name:
+            raise ValueError(f"{path}: shard name {name!r} is not a plain file name in {shard_dir}; refused "
+                             "(an index lists the shards of its own directory)")
+    return index

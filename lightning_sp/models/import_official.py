@@ -276,6 +276,16 @@ def _llava_config(cfg, vision_width: int) -> Optional[dict]:
     return llava
 
 
+def _adapter_file_name(provenance: dict, where: str = "checkpoint") -> str:
+    """The adapter file an export writes: the release's own name, which must be one of `ADAPTER_FILES` (the
+    name comes from the checkpoint, so a path in it could write outside the export directory)."""
+    name = provenance.get("adapter_file", ADAPTER_FILES[0])
+    if name not in ADAPTER_FILES:
+        raise OfficialCheckpointError(f"{where}: {PROVENANCE_KEY}.adapter_file={name!r} is not one of "
+                                      f"{', '.join(ADAPTER_FILES)}; refused (an export writes only those names)")
+    return name
+
+
 def export_official(ckpt: PathLike, out_dir: PathLike, *, dtype: Optional[torch.dtype] = None) -> Path:
     """Write one of our pooling/cropping checkpoints (file or run dir) in the release layout under `out_dir`.
 
@@ -296,7 +306,10 @@ def export_official(ckpt: PathLike, out_dir: PathLike, *, dtype: Optional[torch.
     state = data["state_dict"]
 
     def cast(name: str, t: torch.Tensor) -> torch.Tensor:
-        target = dtype or (getattr(torch, dtypes[name]) if name in dtypes else t.dtype)
+        target = dtype or (getattr(torch, str(dtypes[name]), None) if name in dtypes else t.dtype)
+        if not isinstance(target, torch.dtype):
+            raise OfficialCheckpointError(f"{ckpt}: {PROVENANCE_KEY}.dtypes[{name!r}]={dtypes[name]!r} is not a "
+                                          f"torch dtype")
         return t.detach().to(device="cpu", dtype=target).contiguous()
 
     other = sorted(n for n in state if not n.startswith("model.projector.") and lora_ours_to_official(n) is None)
@@ -318,7 +331,7 @@ def export_official(ckpt: PathLike, out_dir: PathLike, *, dtype: Optional[torch.
     out.mkdir(parents=True, exist_ok=True)
     torch.save(non_lora, out / NON_LORA)
     if adapter:
-        adapter_file = provenance.get("adapter_file", ADAPTER_FILES[0])
+        adapter_file = _adapter_file_name(provenance, str(ckpt))
         if adapter_file.endswith(".safetensors"):
             from safetensors.torch import save_file
 

@@ -1,0 +1,140 @@
+"""The training stream: a pure function of (seed, epoch), resumable mid-epoch at the exact next batch.
+
+Each (rank, worker) streams its own shards (split by rank, then by worker), reshuffled for every pass with an RNG
+seeded by (seed, epoch, pass, rank, worker) and repeated without end, through a shuffle buffer seeded the same
+way, into the SampleBuilder and the batcher; it stops after its share of the rank's planned batches (so every
+rank runs the same number of steps whatever its shards hold). WebDataset's own ``detshuffle`` counts epochs
+inside each worker process, which a restarted process cannot reproduce; seeding from the epoch number can.
+
+Every batch carries ``stream_position = (worker, raw_samples_read)``: how many raw samples that worker had read
+(bad records included) when the batch was complete. A :class:`StreamPosition` remembers, for the batches the
+model has *trained on*, the last position of each worker and how many batches the epoch has used; a checkpoint
+stores it. Resuming replays each worker's raw samples up to its position -- tar reads and the shuffle buffer
+only, no image decode or tokenisation -- and goes on with the next batch. The DataLoader's workers are rotated
+so that the resumed run takes batches in the uninterrupted run's order (worker ``i`` of the loader plays
+worker ``(i + batches) % workers`` of the epoch).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from itertools import count, islice
+from typing import Callable, Iterable, Iterator
+
+import webdataset as wds
+from torch.utils.data import IterableDataset
+from webdataset.utils import pytorch_worker_info
+
+
+@dataclass
+class StreamPosition:
+    """Where a rank's training stream stands: the epoch, the batches trained in it, and per worker the raw
+    samples read up to its last trained batch."""
+
+    epoch: int = 0
+    batches: int = 0
+    raw: dict[int, int] = field(default_factory=dict)
+
+    def advance(self, worker: int, raw_samples_read: int) -> None:
+        self.batches += 1
+        self.raw[int(worker)] = int(raw_samples_read)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.batches, "raw": dict(self.raw)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "StreamPosition":
+        return cls(int(state["epoch"]), int(state["batches"]), {int(k): int(v) for k, v in state["raw"].items()})
+
+
+def worker_share(per_rank: int, worker: int, num_workers: int) -> int:
+    """Batches worker ``worker`` contributes to a rank's ``per_rank``: the loader takes them round-robin."""
+    return per_rank // num_workers + (worker < per_rank % num_workers)
+
+
+class TrainStream(IterableDataset):
+    """One epoch of one rank's training batches (an iterable for ``wds.DataPipeline``/``WebLoader``).
+
+    ``builder`` turns raw samples into model samples (dropping bad ones), ``collate`` turns a list of them into a
+    batch; ``resume`` is the position to continue from (same epoch), or None to start the epoch afresh.
+    """
+
+    def __init__(self, urls: list[str], *, seed: int, epoch: int, per_rank: int, batch_size: int,
+                 shuffle_buffer: int, builder: Callable[[Iterable[dict]], Iterator[dict]],
+                 collate: Callable[[list[dict]], dict], handler: Callable[[Exception], bool],
+                 resume: StreamPosition | None = None):
+        self.urls, self.seed, self.epoch, self.per_rank = list(urls), seed, epoch, per_rank
+        self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
+        self.builder, self.collate, self.handler = builder, collate, handler
+        self.resume = resume if resume is not None and resume.batches > 0 else None
+
+    def _rng(self, *parts) -> random.Random:
+        return random.Random("/".join(str(p) for p in (self.seed, self.epoch, *parts)))
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world_size, loader_worker, num_workers = pytorch_worker_info()
+        done = self.resume.batches if self.resume else 0
+        worker = (loader_worker + done) % num_workers  # see the module docstring: keeps the batch order
+        skip_batches = worker_share(done, worker, num_workers)
+        skip_raw = self.resume.raw.get(worker, 0) if self.resume else 0
+        if skip_batches and not skip_raw:
+            raise RuntimeError(f"resume position {self.resume} has no raw-sample count for worker {worker}; "
+                               "the checkpoint was written with another number of data workers")
+        shards = self.urls[rank::world_size][worker::num_workers]
+        unpacked = read = 0  # raw samples out of the tars / out of the shuffle buffer
+
+        def shard_passes() -> Iterator[dict]:
+            for n in count():
+                before = unpacked
+                order = list(shards)
+                self._rng("shards", n, rank, worker).shuffle(order)
+                yield from ({"url": url} for url in order)
+                if unpacked == before:  # a whole pass without one sample: repeating would spin forever
+                    raise RuntimeError(f"rank {rank} worker {worker}: its shards {shards} yield no samples")
+
+        def unpack(tasks: Iterable[dict]) -> Iterator[dict]:
+            nonlocal unpacked
+            for sample in wds.tarfile_to_samples(handler=self.handler)(tasks):
+                unpacked += 1
+                yield sample
+
+        def counted(samples: Iterable[dict]) -> Iterator[dict]:
+            nonlocal read
+            for sample in samples:
+                read += 1
+                yield sample
+
+        samples = unpack(shard_passes())
+        if self.shuffle_buffer > 1:
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                                  rng=self._rng("samples", rank, worker))(samples)
+        samples = counted(samples)
+        for _ in islice(samples, skip_raw):  # replay up to the resume position: raw bytes only
+            pass
+        share = worker_share(self.per_rank, worker, num_workers) - skip_batches
+
+        def positioned() -> Iterator[dict]:
+            # Not wds.batched: it emits a batch only when the sample after it arrives, so `read` would already
+            # count one sample of the next batch.
+            batch = []
+            for sample in self.builder(samples):
+                batch.append(sample)
+                if len(batch) == self.batch_size:
+                    out, batch = self.collate(batch), []
+                    out["stream_position"] = (worker, read)
+                    yield out
+
+        yield from take_exactly(positioned(), share, "batches")
+
+
+def take_exactly(src: Iterable, share: int, what: str) -> Iterator:
+    """Yield exactly `share` items of `src`, or raise: failing beats leaving the other ranks waiting in a collective."""
+    produced = 0
+    for item in islice(src, share):
+        produced += 1
+        yield item
+    if produced < share:
+        rank, _, worker, _ = pytorch_worker_info()
+        raise RuntimeError(f"rank {rank} worker {worker} produced {produced} of {share} {what}: its shards yield no "
+                           "usable samples (see the skipped-record warnings)")
