@@ -13,7 +13,7 @@ RUN ?=
 ABLATE ?= default
 BENCH ?= synthetic
 
-.PHONY: help setup train data tokenizer test bench tensorboard clean notebook ablate eval
+.PHONY: help setup train data tokenizer test bench bench-gpu tensorboard clean notebook ablate eval
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -44,9 +44,14 @@ eval: $(STAMP) ## evaluate a run: make eval RUN=runs/pooling/<stamp> BENCH=synth
 	@test -n "$(RUN)" || { echo "usage: make eval RUN=<run dir or .ckpt> BENCH=synthetic|pope|vqa [ARGS=...]" >&2; exit 2; }
 	$(PY) -m lightning_sp eval ckpt=$(RUN) benchmark=$(BENCH) $(ARGS)
 
-bench: $(STAMP) ## run benchmarks/ (projector matmul vs Conv2d; SP vs MLP train step; ~5 min on 2 cores) -> benchmarks/RESULTS.md
-	$(PY) benchmarks/projector_bench.py --write benchmarks/RESULTS.md $(ARGS)
-	$(PY) benchmarks/step_bench.py --write benchmarks/RESULTS.md $(ARGS)
+bench: $(STAMP) ## CPU benchmarks: projector vs Conv2d, SP vs MLP step, input pipeline vs LLaVA, step/memory scaling (~6 min on 2 cores) -> benchmarks/RESULTS.md
+	$(PY) benchmarks/projector_bench.py --write benchmarks/RESULTS.md
+	$(PY) benchmarks/step_bench.py --write benchmarks/RESULTS.md
+	$(PY) benchmarks/input_bench.py --write benchmarks/RESULTS.md
+	$(PY) benchmarks/scaling_bench.py --write benchmarks/RESULTS.md
+
+bench-gpu: $(STAMP) ## on a GPU: 7B-shape LoRA train step (step time, tokens/s, memory, MFU): make bench-gpu ARGS="--batch 8" -> benchmarks/RESULTS.md
+	$(PY) benchmarks/gpu_step_bench.py --write benchmarks/RESULTS.md $(ARGS)
 
 tensorboard: $(STAMP) ## TensorBoard on runs/
 	$(VENV)/bin/tensorboard --logdir runs

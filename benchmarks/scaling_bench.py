@@ -6,7 +6,9 @@ Llama width 128, 2 layers; LoRA; SP-Pooling projector), so every sequence starts
 subprocess, so its memory figure is its own: peak RSS of that process on CPU (`resource.getrusage`, measured,
 not estimated; it includes Python, torch and the model, shown separately as "after build"), or
 `torch.cuda.max_memory_allocated` on CUDA. A step is forward + backward + AdamW with the stage-2 trainables
-(LoRA + projector); one warm-up step, then the mean of `--iters` steps.
+(LoRA + projector); one warm-up step, then the mean of `--iters` steps. On CPU each point runs with one intra-op
+thread (`--threads`): on a shared 2-core host a second thread mostly waits for the core, and the step times
+scatter by 2-4x from run to run.
 
     python benchmarks/scaling_bench.py [--device cuda] [--batches 1 4 16] [--texts 64 256 1024] [--write RESULTS.md]
 """
@@ -105,7 +107,7 @@ def report(points: list[dict], args, elapsed: float, load_before: str) -> str:
         f"## Step time and peak memory vs sequence length and batch, embedded default ({VARIANT}), {args.device}",
         "",
         f"- date: {now()}; whole run {elapsed:.0f} s",
-        f"- machine: {machine(args.device)}" + (f"; {args.threads} threads per point" if args.threads else ""),
+        f"- machine: {machine(args.device)} (in each point's process)",
         f"- host load average (1/5/15 min) before / after: {load_before} / {load_average()}",
         f"- step = fwd + bwd + AdamW (LoRA + projector trainable), mean of {args.iters} after one warm-up; "
         f"sequence = BOS + {points[0]['visual']} visual + text tokens; memory: {memory}",
@@ -142,14 +144,22 @@ def main(argv=None) -> int:
     parser.add_argument("--skip", nargs="*", default=[], metavar="BxT",
                         help="grid points to leave out, e.g. 16x1024")
     parser.add_argument("--iters", type=int, default=2)
-    parser.add_argument("--threads", type=int, help="intra-op threads in each point (default: torch's)")
+    parser.add_argument("--threads", type=int,
+                        help="intra-op threads in each point (default 1 on CPU: on a shared 2-core host a second "
+                             "thread mostly spin-waits, and step times scatter 2-4x; torch's default on CUDA)")
     parser.add_argument("--write", type=Path, help="write the results as this benchmark's section of a Markdown file")
     parser.add_argument("--child", nargs=2, type=int, metavar=("BATCH", "TEXT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads is None and args.device == "cpu":
+        args.threads = 1
     if args.child:
         print(json.dumps(child(*args.child, args.device, args.iters, args.threads)))
         return 0
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # so that the machine line names the points' thread count
     started, load_before = time.perf_counter(), load_average()
     points = []
     for batch in args.batches:

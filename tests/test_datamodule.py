@@ -67,19 +67,23 @@ def test_train_batches(data, tokenizer):
     assert dm.steps_per_epoch == 38 // BATCH
     loader = dm.train_dataloader()
     assert len(loader) == dm.steps_per_epoch
-    seen, skipped, text_only = [], 0, 0
+    epochs, skipped, text_only = [], 0, 0
     for epoch in range(2):
         batches = list(loader)
         assert len(batches) == dm.steps_per_epoch
+        epochs.append([])
         for batch in batches:
             assert len(batch["ids"]) == BATCH  # no partial batches in training
             check_training_fields(batch, tokenizer)
             skipped += batch["skipped"]
             text_only += int((~batch["has_image"]).sum())
-            seen += batch["ids"]
+            epochs[-1] += batch["ids"]
+    seen = epochs[0] + epochs[1]
     assert skipped >= 1 and "gpt_first" not in seen  # the rejected record is counted, never batched
     assert text_only >= 1
-    assert len(set(seen)) == 37  # two epochs of 36 samples cover all 37 usable records
+    # an epoch is 36 of the 37 usable records, each once; the next epoch is a new order
+    assert all(len(e) == len(set(e)) == 36 for e in epochs) and epochs[0] != epochs[1]
+    assert len(set(seen)) <= 37
 
 
 def test_every_rank_gets_the_same_number_of_batches(data, tokenizer, monkeypatch):

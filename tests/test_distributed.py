@@ -5,12 +5,14 @@ different sizes (8 image / 4 text-only / 12 image samples), which the node split
 two image shards (20 samples), rank 1 <- the text-only shard (4 samples). Every step, rank 1's batch is
 text-only and rank 0's is not, and rank 1 runs out of data five times sooner. Both ranks must still finish the
 same number of steps, and every FSDP collective (all-gathers of the vision tower and projector included) must
-match. Each run is a subprocess under a hard timeout (its whole process group is killed), so a hang fails the
+match. Rank 0's first shard also starts with a record whose image is corrupt (a PNG that would crash torchvision's
+decoder): the rank must skip and report it and still finish in step with the other. Each run is a subprocess under a hard timeout (its whole process group is killed), so a hang fails the
 test instead of blocking the suite. Each rank writes `<run_dir>/ranks/rank<r>.json` (train.RankSummary).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -18,11 +20,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY
+from test_hostile_inputs import png_claiming
 
 from lightning_sp import config as config_lib
 from lightning_sp.config import ConfigError
@@ -98,11 +102,35 @@ def data(tmp_path_factory) -> dict[str, Path]:
         (entry,) = index["shards"]
         shutil.copy(root / f"part{i}" / entry["name"], train / f"shard-{i:06d}.tar")
         listed.append({**entry, "name": f"shard-{i:06d}.tar"})
+    prepend_corrupt_record(train / "shard-000000.tar")
+    listed[0].update(samples=listed[0]["samples"] + 1, images=listed[0]["images"] + 1)
     totals = {k: sum(s[k] for s in listed) for k in ("samples", "images", "text_only")}
     (train / "index.json").write_text(json.dumps({"shards": listed, "totals": {
         **totals, "records": totals["samples"], "skipped": 0, "skipped_by_reason": {}}}))
     shards.convert(raw / "val.json", raw, root / "val", shard_size=8, workers=1, progress=False)
     return {"train": train, "val": root / "val"}
+
+
+def prepend_corrupt_record(shard: Path) -> None:
+    """Put an image record whose PNG rows do not match its data first in `shard`, so that the rank streaming it
+    reads it in its first batches."""
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    record = {"id": "corrupt_image", "image": "corrupt_image.png",
+              "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "?"}]}
+    with tarfile.open(shard, "w") as tar:
+        for name, blob in (("corrupt_image.json", json.dumps(record).encode()),
+                           ("corrupt_image.png", png_claiming(20, 16))):
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+        for member, blob in members:
+            tar.addfile(member, io.BytesIO(blob))
+
+
+def assert_corrupt_record_skipped(run_dir: Path) -> None:
+    out = (run_dir.parent / "launch.log").read_text()
+    assert "skipping record 'corrupt_image' from" in out and "(reason image_corrupt)" in out, out[-3000:]
 
 
 def overrides(data, run_dir: Path, *extra: str) -> list[str]:
@@ -146,15 +174,17 @@ def assert_equal_work_with_a_text_only_rank(run_dir: Path, steps: int = STEPS, b
 @pytest.fixture(scope="module")
 def fsdp_run(data, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("fsdp") / "run"
-    launch(["-m", "lightning_sp", "train", *overrides(data, run_dir, "trainer=fsdp", "trainer.accelerator=cpu",
-                                                      "trainer.devices=2", "trainer.precision=32-true")])
+    out = launch(["-m", "lightning_sp", "train", *overrides(data, run_dir, "trainer=fsdp", "trainer.accelerator=cpu",
+                                                            "trainer.devices=2", "trainer.precision=32-true")])
+    (run_dir.parent / "launch.log").write_text(out)
     return run_dir
 
 
 @pytest.fixture(scope="module")
 def ddp_run(data, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
-    launch(["-m", "lightning_sp", "train", *overrides(data, run_dir, "trainer=ddp_cpu")])
+    (run_dir.parent / "launch.log").write_text(launch(["-m", "lightning_sp", "train",
+                                                       *overrides(data, run_dir, "trainer=ddp_cpu")]))
     return run_dir
 
 
@@ -166,6 +196,7 @@ def trainable_state(path: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S)
 def test_fsdp_two_ranks_uneven_shards_text_only_rank(fsdp_run):
     assert_equal_work_with_a_text_only_rank(fsdp_run)
+    assert_corrupt_record_skipped(fsdp_run)
     assert {r["strategy"] for r in rank_summaries(fsdp_run)} == {"FSDP2Strategy"}
     metrics = json.loads((fsdp_run / "metrics.json").read_text())
     assert all(math.isfinite(metrics[k]) for k in ("train/loss", "val/loss", "val/accuracy"))  # val ran under FSDP
@@ -194,6 +225,7 @@ def test_fsdp_checkpoint_is_one_trainable_only_file_that_loads_without_fsdp(fsdp
 @pytest.mark.timeout(3 * LAUNCH_TIMEOUT_S)
 def test_ddp_two_ranks_same_work_and_same_weights_as_fsdp(ddp_run, fsdp_run):
     assert_equal_work_with_a_text_only_rank(ddp_run)
+    assert_corrupt_record_skipped(ddp_run)
     assert {r["strategy"] for r in rank_summaries(ddp_run)} == {"DDPStrategy"}
     # Same data, init and optimizer: FSDP's sharded all-gather / reduce-scatter steps must reproduce DDP's
     # all-reduce steps (gradient clipping over sharded gradients included) up to float reassociation.

@@ -276,6 +276,16 @@ def test_training_stream_skips_counts_and_logs_every_hostile_record(hostile_shar
     assert any(f"shard {hostile_shards}/shard-000002.tar" in w and "bad_shard" in w for w in warnings)
 
 
+def test_validation_stream_skips_the_same_way(hostile_shards, tokenizer, caplog):
+    dm = ShardDataModule(hostile_shards, hostile_shards, tokenizer, "vicuna_v1", num_visual_tokens=N_VIS,
+                         image_size=SIZE, batch_size=BATCH, val_batch_size=4, num_workers=0, max_length=MAX_LENGTH)
+    with caplog.at_level("WARNING", logger="lightning_sp.data.datamodule"):
+        ids = [i for b in dm.val_dataloader() for i in b["ids"]]
+    assert sorted(ids) == sorted([f"good{i}" for i in range(10)] + ["long_answer"])  # one ordered pass
+    assert any(f"shard {hostile_shards}/shard-000002.tar" in r.getMessage() and "bad_shard" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_collate_refuses_a_sample_without_supervised_tokens(tokenizer):
     sample = {"id": "unsupervised", "input_ids": torch.tensor([1, 5, 6]), "labels": torch.full((3,), IGNORE_INDEX),
               "pixel_values": torch.zeros(3, 2, 2), "has_image": False}

@@ -63,12 +63,15 @@ class SampleBuilder:
     def build(self, sample: dict) -> dict:
         key = sample.get("__key__")
         if "json" not in sample:  # e.g. an image member whose record was lost to a truncated shard
-            raise RecordError(key, f"sample has no .json member (members: {sorted(sample)})", code="malformed")
+            raise RecordError(key, f"sample has no .json member (has: {sorted(k for k in sample if k[:2] != '__')})",
+                              code="malformed")
         record = json.loads(sample["json"])
-        rid = record.get("id", key) if isinstance(record, dict) else key
+        if not isinstance(record, dict):
+            raise RecordError(key, f"record is a JSON {type(record).__name__}, not an object", code="malformed")
+        rid = record.setdefault("id", key)  # so that every message names the record
         image_bytes = next((v for k, v in sample.items() if not k.startswith("__") and k != "json"), None)
         max_length = self.max_length
-        if isinstance(record, dict) and record.get("image"):
+        if record.get("image"):
             if image_bytes is None:
                 raise RecordError(rid, "record names an image but the shard holds none", code="image_missing")
             if max_length is not None:  # encode() counts <image> as one token; bound the expanded length
@@ -104,9 +107,9 @@ class SampleBuilder:
         # WebDataset appends the shard url to the args when a whole shard fails (cannot be opened, or a truncated
         # tar); an error inside one tar member is reported first without it, then again with it: count once.
         url = args[-1] if len(args) > 1 and isinstance(args[-1], str) else None
-        message = f"{type(exn).__name__}: {args[0] if args else exn}"
+        message = f"{type(exn).__name__}: {args[0] if args and isinstance(args[0], str) else exn}"
         if url is None:
-            log.warning("shard read error: %s", message)
+            log.warning("read error inside a shard (reading on): %s", message)
             return True
         self._count("bad_shard")
         log.warning("skipping the rest of shard %s in this pass (reason bad_shard): %s", url, message)
@@ -313,6 +316,22 @@ class ShardDataModule(L.LightningDataModule):
                                  "shards, or from a checkpoint written at the end of an epoch")
         self._resume = positions[rank] if rank < len(positions) else StreamPosition(epoch=positions[0].epoch)
 
+    def val_dataloader(self):
+        if self.val_dir is None:
+            return []
+        if self.val_index is None:
+            self.setup("validate")
+        builder = SampleBuilder(self.tokenizer, self.template, self.num_visual_tokens, self.image_size,
+                                self.max_length, for_eval=True)
+        dataset = wds.WebDataset(self._urls(self.val_dir, self.val_index), handler=builder.shard_error,
+                                 nodesplitter=None, workersplitter=None, shardshuffle=False, empty_check=False)
+        dataset = dataset.compose(split_samples, builder)
+        if self.equal_val_shares:
+            dataset = dataset.compose(EqualShare(self.val_index["totals"]["samples"]))
+        dataset = dataset.batched(
+            self.val_batch_size, collation_fn=partial(collate_eval, **self._collate_kwargs()), partial=True)
+        return self._loader(dataset)
+
 
 class EpochLoader:
     """What `train_dataloader` returns: each `iter()` (Lightning calls it once per epoch) builds that epoch's
@@ -320,6 +339,7 @@ class EpochLoader:
 
     def __init__(self, datamodule: ShardDataModule, urls: list[str]):
         self.datamodule, self.urls = datamodule, urls
+        self.next_epoch = 0  # without a Trainer (scripts, tests): each pass over the loader is the next epoch
 
     def __len__(self) -> int:
         return self.datamodule.steps_per_epoch
@@ -328,5 +348,6 @@ class EpochLoader:
         # A generator, so nothing is built until the first batch is asked for: Lightning also calls iter() just
         # to check that the loader is iterable, which must not use up the resume position.
         trainer = self.datamodule.trainer
-        epoch = trainer.current_epoch if trainer is not None else self.datamodule.position.epoch
+        epoch = trainer.current_epoch if trainer is not None else self.next_epoch
+        self.next_epoch = epoch + 1
         yield from self.datamodule.train_epoch(self.urls, epoch)

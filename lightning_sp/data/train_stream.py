@@ -84,20 +84,26 @@ class TrainStream(IterableDataset):
         shards = self.urls[rank::world_size][worker::num_workers]
         unpacked = read = 0  # raw samples out of the tars / out of the shuffle buffer
 
-        def shard_passes() -> Iterator[dict]:
+        def unpack(urls: list[str]) -> Iterator[dict]:
+            nonlocal unpacked
+            for sample in wds.tarfile_to_samples(handler=self.handler)({"url": url} for url in urls):
+                unpacked += 1
+                yield sample
+
+        def passes() -> Iterator[dict]:
+            # Shuffled pass after pass, each drained before the next starts, so that no record comes twice
+            # within an epoch unless the epoch is longer than a pass (when many records are skipped).
             for n in count():
                 before = unpacked
                 order = list(shards)
                 self._rng("shards", n, rank, worker).shuffle(order)
-                yield from ({"url": url} for url in order)
+                samples = unpack(order)
+                if self.shuffle_buffer > 1:
+                    samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                                          rng=self._rng("samples", n, rank, worker))(samples)
+                yield from samples
                 if unpacked == before:  # a whole pass without one sample: repeating would spin forever
                     raise RuntimeError(f"rank {rank} worker {worker}: its shards {shards} yield no samples")
-
-        def unpack(tasks: Iterable[dict]) -> Iterator[dict]:
-            nonlocal unpacked
-            for sample in wds.tarfile_to_samples(handler=self.handler)(tasks):
-                unpacked += 1
-                yield sample
 
         def counted(samples: Iterable[dict]) -> Iterator[dict]:
             nonlocal read
@@ -105,11 +111,7 @@ class TrainStream(IterableDataset):
                 read += 1
                 yield sample
 
-        samples = unpack(shard_passes())
-        if self.shuffle_buffer > 1:
-            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                                  rng=self._rng("samples", rank, worker))(samples)
-        samples = counted(samples)
+        samples = counted(passes())
         for _ in islice(samples, skip_raw):  # replay up to the resume position: raw bytes only
             pass
         share = worker_share(self.per_rank, worker, num_workers) - skip_batches
