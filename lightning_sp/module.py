@@ -53,7 +53,7 @@ class LlavaSPModule(L.LightningModule):
         self.log("train/supervised_fraction", supervised.float() / tokens.float(), batch_size=bs)
         # Records the data pipeline dropped (named in its warnings) since the previous batch, summed per epoch.
         self.log("train/skipped_records", float(batch.get("skipped", 0)), reduce_fx="sum", on_step=False,
-                 on_epoch=True, batch_size=bs)
+                 on_epoch=True, batch_size=bs, sync_dist=True)  # summed over ranks too
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False, batch_size=bs)
         return out.loss
 

@@ -6,8 +6,9 @@ two image shards (20 samples), rank 1 <- the text-only shard (4 samples). Every 
 text-only and rank 0's is not, and rank 1 runs out of data five times sooner. Both ranks must still finish the
 same number of steps, and every FSDP collective (all-gathers of the vision tower and projector included) must
 match. Rank 0's first shard also starts with a record whose image is corrupt (a PNG that would crash torchvision's
-decoder): the rank must skip and report it and still finish in step with the other. Each run is a subprocess under a hard timeout (its whole process group is killed), so a hang fails the
-test instead of blocking the suite. Each rank writes `<run_dir>/ranks/rank<r>.json` (train.RankSummary).
+decoder): the rank must skip and report it and still finish in step with the other. Each run is a subprocess
+under a hard timeout (its whole process group is killed), so a hang fails the test instead of blocking the suite.
+Each rank writes `<run_dir>/ranks/rank<r>.json` (train.RankSummary).
 """
 
 from __future__ import annotations

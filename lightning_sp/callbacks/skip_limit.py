@@ -32,7 +32,7 @@ class SkipLimit(L.Callback):
         if not 0.0 <= max_fraction <= 1.0:
             raise ValueError(f"max_fraction must be in [0, 1], got {max_fraction}")
         self.max_fraction, self.min_samples = float(max_fraction), int(min_samples)
-        self.skipped = self.seen = 0  # over all ranks, since this fit started
+        self.skipped = self.seen = 0  # over all ranks, since the run started (kept across resumes)
         self.reasons: Counter = Counter()  # this rank's
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -49,6 +49,19 @@ class SkipLimit(L.Callback):
         pl_module.log("train/skipped_fraction", fraction, on_step=True, on_epoch=False, batch_size=1)
         if self.seen >= self.min_samples and fraction > self.max_fraction:
             raise SkippedRecordsError(self.summary(trainer, fraction))
+
+    # Saved in checkpoints, so that a resumed run keeps counting from where it stopped.
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped, "seen": self.seen, "reasons": dict(self.reasons)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped, self.seen = int(state_dict["skipped"]), int(state_dict["seen"])
+        self.reasons = Counter(state_dict["reasons"])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.skipped and trainer.is_global_zero:
+            log.info("skipped %d of %d training records read (%.2f%%, all ranks; limit %s); on rank 0 by reason: %s",
+                     self.skipped, self.seen, 100 * self.skipped / self.seen, self.max_fraction, dict(self.reasons))
 
     def all_reasons(self) -> Counter:
         """Skip counts per reason over all ranks (a collective: every rank must call it)."""

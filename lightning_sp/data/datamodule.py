@@ -101,6 +101,12 @@ class SampleBuilder:
         self.skipped[reason] += 1
         self._pending[reason] += 1
 
+    def records_lost(self, url: str, n: int) -> None:
+        """A shard ended ``n`` samples short of its index count (truncated): count them as skipped records."""
+        self.skipped["lost_in_bad_shard"] += n
+        self._pending["lost_in_bad_shard"] += n
+        log.warning("shard %s ended %d records short of its index.json count (reason lost_in_bad_shard)", url, n)
+
     def shard_error(self, exn: Exception) -> bool:
         """WebDataset handler: log, count ``bad_shard``, go on with the next shard (True = continue)."""
         args = getattr(exn, "args", ())
@@ -281,7 +287,9 @@ class ShardDataModule(L.LightningDataModule):
         stream = TrainStream(urls, seed=self.seed, epoch=epoch, per_rank=self.steps_per_epoch,
                              batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer, builder=builder,
                              collate=partial(collate_train, **self._collate_kwargs()),
-                             handler=builder.shard_error, resume=resume)
+                             handler=builder.shard_error, resume=resume, on_lost=builder.records_lost,
+                             expected_samples={str(self.train_dir / s["name"]): s["samples"]
+                                               for s in self.train_index["shards"]})
         return self._loader(stream)
 
     # ---- exact resume: the position of the batches trained so far travels in the checkpoint --------------

@@ -267,10 +267,10 @@ def convert(json_path, image_root, out_dir, shard_size: int = 1000, workers: int
     args = {"json_path": str(json_path), "image_root": str(image_root), "shard_size": shard_size, "seed": seed,
             "json_size": stat.st_size, "json_mtime_ns": stat.st_mtime_ns}
     _check_resume(out, args)
+    shards, n_records = _plan(str(json_path), shard_size, seed)  # a JSON error stops here, leaving out_dir as it was
     out.mkdir(parents=True, exist_ok=True)
     (out / ARGS_FILE).write_text(json.dumps(args, indent=1))
 
-    shards, n_records = _plan(str(json_path), shard_size, seed)
     results: dict[int, dict] = {}
     tasks = []
     for i, entries in enumerate(shards):

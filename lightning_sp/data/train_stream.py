@@ -58,16 +58,19 @@ class TrainStream(IterableDataset):
 
     ``builder`` turns raw samples into model samples (dropping bad ones), ``collate`` turns a list of them into a
     batch; ``resume`` is the position to continue from (same epoch), or None to start the epoch afresh.
+    ``on_lost(url, n)`` hears of ``n`` samples a shard did not yield against ``expected_samples[url]``.
     """
 
     def __init__(self, urls: list[str], *, seed: int, epoch: int, per_rank: int, batch_size: int,
                  shuffle_buffer: int, builder: Callable[[Iterable[dict]], Iterator[dict]],
                  collate: Callable[[list[dict]], dict], handler: Callable[[Exception], bool],
-                 resume: StreamPosition | None = None):
+                 resume: StreamPosition | None = None, expected_samples: dict[str, int] | None = None,
+                 on_lost: Callable[[str, int], None] | None = None):
         self.urls, self.seed, self.epoch, self.per_rank = list(urls), seed, epoch, per_rank
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.builder, self.collate, self.handler = builder, collate, handler
         self.resume = resume if resume is not None and resume.batches > 0 else None
+        self.expected_samples, self.on_lost = expected_samples or {}, on_lost  # per url, from index.json
 
     def _rng(self, *parts) -> random.Random:
         return random.Random("/".join(str(p) for p in (self.seed, self.epoch, *parts)))
@@ -86,9 +89,15 @@ class TrainStream(IterableDataset):
 
         def unpack(urls: list[str]) -> Iterator[dict]:
             nonlocal unpacked
-            for sample in wds.tarfile_to_samples(handler=self.handler)({"url": url} for url in urls):
-                unpacked += 1
-                yield sample
+            for url in urls:
+                found = 0
+                for sample in wds.tarfile_to_samples(handler=self.handler)([{"url": url}]):
+                    unpacked += 1
+                    found += 1
+                    yield sample
+                expected = self.expected_samples.get(url)
+                if expected is not None and found < expected and self.on_lost is not None:
+                    self.on_lost(url, expected - found)  # a truncated tar ends early: count what it lost
 
         def passes() -> Iterator[dict]:
             # Shuffled pass after pass, each drained before the next starts, so that no record comes twice
