@@ -17,10 +17,11 @@ worker; total throughput scales with workers until the cores run out. The rate i
 process's CPU time (the work of one worker; on a busy host the wall clock adds waits for a core, shown beside it).
 The passes alternate (ours, LLaVA, ours, ...) so host-load drift hits both; the ratio is of the medians. Per-stage
 times (each stage alone, best of 3) and the pixel/label agreement of the two paths follow, and a second table
-times the image path alone on larger JPEGs, with and without `ImageProcessor(fast_decode=True)`. Images: random-ish "photos" (smooth colour
-gradients + blotches + fine noise) at COCO-like sizes, JPEG quality 90. Text: multi-turn conversations of
-English words. The tokenizer is the shipped byte-level BPE (data/tokenizer); a Vicuna tokenizer would shift
-both paths alike.
+times the image path alone on larger JPEGs, with and without `ImageProcessor(fast_decode=True)`.
+
+Images: random-ish "photos" (smooth colour gradients + blotches + fine noise) at COCO-like sizes, JPEG quality
+90. Text: multi-turn conversations of English words. The tokenizer is the shipped byte-level BPE (data/tokenizer);
+a Vicuna tokenizer would shift both paths alike.
 
     python benchmarks/input_bench.py [--samples 192] [--batch 16] [--repeats 5] [--profile] [--write RESULTS.md]
 """
@@ -173,7 +174,8 @@ class LlavaPipeline:
         sep, sep2, assistant = " ", "</s>", " ASSISTANT: "
         prompt = SYSTEM + sep
         for turn in conversations:
-            prompt += (f"USER: {turn['value']}{sep}" if turn["from"] == "human" else f"ASSISTANT: {turn['value']}{sep2}")
+            human = turn["from"] == "human"
+            prompt += f"USER: {turn['value']}{sep}" if human else f"ASSISTANT: {turn['value']}{sep2}"
         ids = self.tokenize_image(prompt)
         labels = list(ids)
         cur = 1
@@ -429,19 +431,18 @@ def report(args, times, stages, n_check, agreement, labels, large, jpeg_kib, ela
               f"{before_diff:g} (bit-identical)"]
     if ratio < 3:
         e2e, summed = 1e3 / med["ours"], sum(v for _, v in o)
-        decode = stages["ours"]["decode (torchvision)"]
+        decode, after = stages["ours"]["decode (torchvision)"], stages["ours"]["pad + resize + normalise (uint8 HWC)"]
         lines += ["", f"Below the 3x target ({ratio:.2f}x). Where a worker's {e2e:.2f} ms per sample go (`--profile` "
                   f"prints the cProfile): JPEG decode {decode:.2f} ms ({decode / e2e:.0%}) is libjpeg-turbo in both "
-                  f"paths and cannot shrink at COCO sizes without leaving LLaVA's pixels (a 1/2 DCT decode of 640 px "
-                  f"is 320 < 336); the image path after it is {stages['ours']['pad + resize + normalise (uint8 HWC)']:.2f}"
-                  f" ms against LLaVA's {t[1][1] + t[2][1]:.2f}; tokenisation {o[2][1]:.2f} ms; the remaining "
-                  f"{e2e - summed:.2f} ms (end to end minus the stage sum) are the tar stream, JSON and the cache "
-                  "misses of interleaving each record's tokenisation with 1-MB image buffers. Tokenising a batch's "
-                  "records before decoding its images was 0.15-0.3 ms/sample faster in a separate experiment, but the "
-                  "SampleBuilder must not read ahead (the resumable train stream counts raw samples read per finished batch). "
-                  "Handing uint8 pixels to the GPU and normalising there would save a further 0.2-0.4 ms/sample (same "
-                  "experiment) and 4x of the workers' shared-memory traffic, but changes the batch contract (model, eval, export): "
-                  "not done."]
+                  "paths and cannot shrink at COCO sizes without leaving LLaVA's pixels (a 1/2 DCT decode of 640 px "
+                  f"is 320 < 336); the image path after it is {after:.2f} ms against LLaVA's {t[1][1] + t[2][1]:.2f}; "
+                  f"tokenisation {o[2][1]:.2f} ms; the remaining {e2e - summed:.2f} ms (end to end minus the stage "
+                  "sum) are the tar stream, JSON and the cache misses of interleaving each record's tokenisation "
+                  "with 1-MB image buffers. Tokenising a batch's records before decoding its images was 0.15-0.3 "
+                  "ms/sample faster in a separate experiment, but the SampleBuilder must not read ahead (the "
+                  "resumable train stream counts raw samples read per finished batch). Handing uint8 pixels to the "
+                  "GPU and normalising there would save a further 0.2-0.4 ms/sample (same experiment) and 4x of the "
+                  "workers' shared-memory traffic, but changes the batch contract (model, eval, export): not done."]
     lines += [
         "",
         f"- pixels, ours vs LLaVA over {n_check} images (normalised units; one uint8 level = 0.015): "

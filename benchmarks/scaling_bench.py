@@ -121,16 +121,19 @@ def report(points: list[dict], args, elapsed: float, load_before: str) -> str:
                      f"{p['peak_gib']:.2f} | {p['built_gib']:.2f} | {p['peak_gib'] - p['built_gib']:.2f} |")
     # Growth factors measured in this run: along the batch at the shortest text, along the text at the largest batch.
     b_lo, b_hi, t_lo, t_hi = min(args.batches), max(args.batches), min(args.texts), max(args.texts)
+
+    def growth(lo: dict, hi: dict) -> str:
+        extra = (hi["peak_gib"] - hi["built_gib"]) / max(1e-9, lo["peak_gib"] - lo["built_gib"])
+        return f"step time x{hi['step_s'] / lo['step_s']:.1f}, peak - build x{extra:.1f}"
+
     notes = []
     if (b_lo, t_lo) in by and (b_hi, t_lo) in by and b_hi > b_lo:
-        lo, hi = by[(b_lo, t_lo)], by[(b_hi, t_lo)]
-        notes.append(f"batch {b_lo} -> {b_hi} (x{b_hi / b_lo:g}) at text {t_lo}: step time x{hi['step_s'] / lo['step_s']:.1f}, "
-                     f"peak - build x{(hi['peak_gib'] - hi['built_gib']) / max(1e-9, lo['peak_gib'] - lo['built_gib']):.1f}")
+        notes.append(f"batch {b_lo} -> {b_hi} (x{b_hi / b_lo:g}) at text {t_lo}: "
+                     + growth(by[(b_lo, t_lo)], by[(b_hi, t_lo)]))
     if (b_hi, t_lo) in by and (b_hi, t_hi) in by and t_hi > t_lo:
         lo, hi = by[(b_hi, t_lo)], by[(b_hi, t_hi)]
-        notes.append(f"text {t_lo} -> {t_hi} at batch {b_hi} (sequence x{hi['seq'] / lo['seq']:.2f}): step time "
-                     f"x{hi['step_s'] / lo['step_s']:.1f}, peak - build "
-                     f"x{(hi['peak_gib'] - hi['built_gib']) / max(1e-9, lo['peak_gib'] - lo['built_gib']):.1f}")
+        notes.append(f"text {t_lo} -> {t_hi} at batch {b_hi} (sequence x{hi['seq'] / lo['seq']:.2f}): "
+                     + growth(lo, hi))
     if notes:
         lines += ["", "Measured growth: " + "; ".join(notes) + "."]
     return "\n".join(lines) + "\n"
@@ -140,7 +143,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--texts", type=int, nargs="+", default=[64, 256, 1024], help="text tokens after the visual ones")
+    parser.add_argument("--texts", type=int, nargs="+", default=[64, 256, 1024],
+                        help="text tokens after the visual ones")
     parser.add_argument("--skip", nargs="*", default=[], metavar="BxT",
                         help="grid points to leave out, e.g. 16x1024")
     parser.add_argument("--iters", type=int, default=2)

@@ -155,7 +155,8 @@ class ImageProcessor:
 
     ``fast_decode=True``: JPEGs whose sides are at least twice their final extent are decoded at a reduced DCT
     scale (PIL ``draft``), never below the resolution the resize keeps. The result differs from the full decode
-    + antialiased resize by about one uint8 level on average (benchmarks/RESULTS.md, input_bench); default off,
+    + antialiased resize by about one uint8 level on average, up to ~20 levels in fine texture (benchmarks/
+    RESULTS.md, input_bench: outside the LLaVA tolerance of tests/test_images.py); default off,
     which keeps the LLaVA-equivalent path. COCO-sized images (640 px) are never reduced: 1/2 would fall below 336.
     ``max_pixels``: images whose padded square is larger are refused (ImageDecodeError, reason ``too_large``).
     """
