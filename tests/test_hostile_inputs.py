@@ -227,6 +227,9 @@ HOSTILE = [
     ("gpt_first", {"json": record_json("gpt_first", conv()[::-1], image=False)}, "gpt_first"),
     ("two_images", {"json": record_json("two_images", conv("<image>\n<image> Same?", "Yes.")), "jpg": encoded()},
      "multiple_images"),
+    # Member names no converter of ours writes: refused, whatever the record holds.
+    ("../escape", {"json": record_json("escape", conv(), image=False)}, "unsafe_member_name"),
+    ("/abs/olute", {"json": record_json("absolute", conv(), image=False)}, "unsafe_member_name"),
     # A question longer than max_length: no answer token survives truncation.
     ("long_question", {"json": record_json("long_question", conv("Why? " * 80, "Because."), image=False)},
      "too_long"),

@@ -22,7 +22,7 @@ import os
 from collections import Counter
 from functools import partial
 from itertools import islice
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import lightning as L
 import torch
@@ -62,6 +62,11 @@ class SampleBuilder:
 
     def build(self, sample: dict) -> dict:
         key = sample.get("__key__")
+        if not isinstance(key, str) or key.startswith("/") or ".." in PurePosixPath(key).parts:
+            # Shards are read in memory, never extracted; still, our converter writes flat names only, so such a
+            # member means a shard from elsewhere that an extracting tool would write outside its folder.
+            raise RecordError(key, "tar member name is absolute or contains '..'",
+                              "rebuild the shard with python -m lightning_sp convert", code="unsafe_member_name")
         if "json" not in sample:  # e.g. an image member whose record was lost to a truncated shard
             raise RecordError(key, f"sample has no .json member (has: {sorted(k for k in sample if k[:2] != '__')})",
                               code="malformed")
