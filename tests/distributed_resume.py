@@ -1,5 +1,6 @@
 """Helper of tests/test_distributed.py (not a test): resume a run from a checkpoint under the configured strategy
-and record, once the checkpoint is restored, how far the trainable weights are from the checkpoint's.
+and record, once the checkpoint is restored, how far the trainable weights are from the checkpoint's, and where
+each rank's data stream continues.
 
     python tests/distributed_resume.py CKPT OUT_JSON override...
 
@@ -37,6 +38,14 @@ class CheckRestored(L.Callback):
             diff = max((now[k].float() - saved[k].float()).abs().max().item() for k in saved)
             self.out.write_text(json.dumps({"same_keys": sorted(now) == sorted(saved), "max_abs_diff": diff,
                                             "restored_step": trainer.global_step}))
+
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # This rank's data-stream position once its first resumed batch is in (one batch past the checkpoint's).
+        if not hasattr(self, "first_position"):
+            self.first_position = trainer.datamodule.position.state_dict()
+            self.out.with_name(f"{self.out.stem}.rank{trainer.global_rank}.json").write_text(
+                json.dumps(self.first_position))
 
 
 def main(ckpt: str, out: str, overrides: list[str]) -> None:

@@ -247,6 +247,16 @@ def test_fsdp_resume_restores_weights_bf16_with_gradient_checkpointing(fsdp_run,
                                     f"trainer.max_steps={STEPS + 2}")])
     restored = json.loads(report.read_text())
     assert restored["same_keys"] and restored["max_abs_diff"] == 0.0 and restored["restored_step"] == STEPS
+    # every rank's own stream position was saved (rank 0 wrote the file) and each rank continued from its own
+    saved = torch.load(fsdp_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    data_state = saved["ShardDataModule"]
+    assert len(data_state["stream_positions"]) == 2
+    for rank, position in enumerate(data_state["stream_positions"]):
+        now = json.loads((tmp_path / f"restored.rank{rank}.json").read_text())
+        end_of_epoch = position["batches"] >= data_state["steps_per_epoch"]
+        assert now["epoch"] == position["epoch"] + end_of_epoch
+        assert now["batches"] == (1 if end_of_epoch else position["batches"] + 1)
+        assert end_of_epoch or all(now["raw"][str(w)] >= r for w, r in position["raw"].items())
     assert_equal_work_with_a_text_only_rank(run_dir, steps=STEPS + 2, batches=2)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
 
