@@ -164,9 +164,9 @@ def test_global_batch_not_divisible_is_refused_with_the_numbers():
     with pytest.raises(ConfigError, match=r"trainer\.global_batch_size=100, but data\.batch_size 16 x trainer\.devices "
                                           r"1 x trainer\.accumulate_grad_batches 1 = 16: 100 is not a multiple of .* "
                                           r"data\.batch_size=10 \(with trainer\.accumulate_grad_batches=10\)"):
-        compose(["trainer.global_batch_size=100"])
+        compose(["data.batch_size=16", "trainer.global_batch_size=100"])
     with pytest.raises(ConfigError, match=r"not a multiple of data\.batch_size x devices = 16 x 2 = 32"):
-        compose(["trainer=ddp_cpu", "trainer.global_batch_size=48"])
+        compose(["trainer=ddp_cpu", "data.batch_size=16", "trainer.global_batch_size=48"])
 
 
 def test_global_batch_and_explicit_accumulation_must_agree():
