@@ -60,4 +60,4 @@ notebook: $(STAMP) ## execute notebooks/attention_maps.ipynb on the newest run (
 	$(PY) -m lightning_sp.notebook notebooks/attention_maps.ipynb $(if $(RUN),--run-dir $(RUN))
 
 clean: ## remove generated data and runs (keeps .venv and the shipped tokenizer)
-	rm -rf runs data/synthetic data/shards
+	rm -rf runs data/synthetic data/synthetic-* data/shards
