@@ -197,8 +197,8 @@ def plan_study(name: str, spec: StudySpec, overrides: Sequence[str] = (), root: 
                 stale.append(f"{run.run_dir}: {'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}")
     if stale:
         raise ConfigError("finished runs were trained with another config than the study now asks for:\n  "
-                          + "\n  ".join(stale) + f"\ndelete them, or write this variant of the study elsewhere "
-                          f"(root=<dir>)")
+                          + "\n  ".join(stale) + "\ndelete them, or write this variant of the study elsewhere "
+                          "(root=<dir>)")
     return runs
 
 

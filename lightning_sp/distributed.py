@@ -339,6 +339,15 @@ class RankSummary(Callback):
         (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(summary, indent=1))
 
 
+def gather_objects(obj: Any) -> list[Any]:
+    """`obj` from every rank, in rank order (a collective: every rank must call it); `[obj]` outside torch.distributed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
 def launched_rank() -> int:
     """This process's global rank as the launcher set it (0 before any launch)."""
     for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):

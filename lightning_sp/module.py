@@ -13,6 +13,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from lightning_sp import rng
 from lightning_sp.data.answers import normalize_answer
+from lightning_sp.distributed import gather_objects
 from lightning_sp.models.vlm import LlavaSP
 from lightning_sp.trainable import parameter_table, set_trainable
 
@@ -103,14 +104,10 @@ class LlavaSPModule(L.LightningModule):
         # Pool (hits, count) over ranks first: every rank then logs the same keys (a question type seen on one
         # rank only would otherwise leave the ranks' sync_dist collectives mismatched) and accuracies are
         # weighted by sample count, not averaged per rank.
-        counts = {key: (sum(hits), len(hits)) for key, hits in self._val_hits.items()}
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, counts)
-            counts = defaultdict(lambda: (0, 0))
-            for rank_counts in gathered:
-                for key, (h, n) in rank_counts.items():
-                    counts[key] = (counts[key][0] + h, counts[key][1] + n)
+        counts = defaultdict(lambda: (0, 0))
+        for rank_counts in gather_objects({key: (sum(hits), len(hits)) for key, hits in self._val_hits.items()}):
+            for key, (h, n) in rank_counts.items():
+                counts[key] = (counts[key][0] + h, counts[key][1] + n)
         for key, (h, n) in sorted(counts.items()):
             name = "val/accuracy" if key == "all" else f"val/accuracy_{key}"
             acc = torch.tensor(h / max(1, n), dtype=torch.float32)

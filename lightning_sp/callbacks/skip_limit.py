@@ -16,6 +16,8 @@ from collections import Counter
 import lightning as L
 import torch
 
+from lightning_sp.distributed import gather_objects
+
 log = logging.getLogger(__name__)
 
 
@@ -65,11 +67,7 @@ class SkipLimit(L.Callback):
 
     def all_reasons(self) -> Counter:
         """Skip counts per reason over all ranks (a collective: every rank must call it)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return Counter(self.reasons)
-        gathered = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, dict(self.reasons))
-        return sum((Counter(r) for r in gathered), Counter())
+        return sum((Counter(r) for r in gather_objects(dict(self.reasons))), Counter())
 
     def summary(self, trainer, fraction: float) -> str:
         reasons = ", ".join(f"{reason} {n}" for reason, n in self.all_reasons().most_common()) or "none recorded"

@@ -36,6 +36,7 @@ from lightning_sp.data.images import ImageDecodeError, ImageProcessor
 from lightning_sp.data.shards import load_index
 from lightning_sp.data.tokenizer import IMAGE_TOKEN, load_tokenizer
 from lightning_sp.data.train_stream import StreamPosition, TrainStream, take_exactly
+from lightning_sp.distributed import gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -306,11 +307,7 @@ class ShardDataModule(L.LightningDataModule):
     def state_dict(self) -> dict:
         # Every rank streams its own shards, so the checkpoint (written by rank 0) needs every rank's position.
         # Lightning builds checkpoint contents on all ranks together, so a collective is safe here.
-        positions = [self.position.state_dict()]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            positions = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(positions, self.position.state_dict())
-        return {"stream_positions": positions, "steps_per_epoch": self.steps_per_epoch,
+        return {"stream_positions": gather_objects(self.position.state_dict()), "steps_per_epoch": self.steps_per_epoch,
                 "num_workers": self.num_workers}
 
     def load_state_dict(self, state: dict) -> None:

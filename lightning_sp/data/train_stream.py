@@ -80,10 +80,7 @@ class TrainStream(IterableDataset):
         done = self.resume.batches if self.resume else 0
         worker = (loader_worker + done) % num_workers  # see the module docstring: keeps the batch order
         skip_batches = worker_share(done, worker, num_workers)
-        skip_raw = self.resume.raw.get(worker, 0) if self.resume else 0
-        if skip_batches and not skip_raw:
-            raise RuntimeError(f"resume position {self.resume} has no raw-sample count for worker {worker}; "
-                               "the checkpoint was written with another number of data workers")
+        skip_raw = self.resume.raw.get(worker, 0) if self.resume else 0  # layout checked on load (datamodule)
         shards = self.urls[rank::world_size][worker::num_workers]
         unpacked = read = 0  # raw samples out of the tars / out of the shuffle buffer
 

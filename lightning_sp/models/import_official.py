@@ -31,7 +31,6 @@ from typing import Any, Iterable, Optional, Union
 import torch
 
 from lightning_sp.models.official import (
-    PEFT_PREFIX,
     VARIANTS,
     OfficialCheckpointError,
     check_official_state_dict,
