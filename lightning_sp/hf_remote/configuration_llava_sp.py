@@ -5,6 +5,15 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto import CONFIG_MAPPING
 
 
+def _sub_config(value, default_model_type: str):
+    """A sub-config given as a config object, a dict (as read from config.json) or None (the default type)."""
+    if isinstance(value, dict):
+        value = dict(value)
+        value["model_type"] = value.get("model_type", default_model_type)
+        return CONFIG_MAPPING[value["model_type"]](**value)
+    return CONFIG_MAPPING[default_model_type]() if value is None else value
+
+
 class LlavaSPConfig(PretrainedConfig):
     """`projector`: {"name": "pooling"|"cropping", "sp_width": D, "dfi": bool, "dfi_kv_tokens": n*n,
     "sides": window sides on the paper's 24x24 grid or None (4..24), "head_bias": bool}. The visual tokens of an
@@ -17,19 +26,8 @@ class LlavaSPConfig(PretrainedConfig):
 
     def __init__(self, vision_config=None, text_config=None, image_token_index=None, vision_feature_layer=-2,
                  projector=None, image_seq_length=None, **kwargs):
-        if isinstance(vision_config, dict):
-            vision_config = dict(vision_config)
-            vision_config["model_type"] = vision_config.get("model_type", "clip_vision_model")
-            vision_config = CONFIG_MAPPING[vision_config["model_type"]](**vision_config)
-        elif vision_config is None:
-            vision_config = CONFIG_MAPPING["clip_vision_model"]()
-        if isinstance(text_config, dict):
-            text_config = dict(text_config)
-            text_config["model_type"] = text_config.get("model_type", "llama")
-            text_config = CONFIG_MAPPING[text_config["model_type"]](**text_config)
-        elif text_config is None:
-            text_config = CONFIG_MAPPING["llama"]()
-        self.vision_config, self.text_config = vision_config, text_config
+        self.vision_config = _sub_config(vision_config, "clip_vision_model")
+        self.text_config = _sub_config(text_config, "llama")
         self.image_token_index = image_token_index
         self.vision_feature_layer = vision_feature_layer
         self.projector = dict(projector or {"name": "pooling", "sp_width": 512, "dfi": True, "dfi_kv_tokens": 25,
