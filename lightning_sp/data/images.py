@@ -119,9 +119,19 @@ def _decode(data: bytes, fmt: str | None = None, max_pixels: int = MAX_PIXELS) -
     return torch.from_numpy(rgb).permute(2, 0, 1)  # HWC memory, like torchvision's decoder
 
 
+def expand2square(image: torch.Tensor, fill: list[int]) -> torch.Tensor:
+    """Centre a (3,H,W) uint8 image on a square canvas of colour ``fill``, exactly like LLaVA's PIL version
+    (the odd pixel of padding goes to the bottom/right, because PIL pastes at offset (side - size) // 2)."""
+    _, h, w = image.shape
+    if h == w:
+        return image
+    side = max(h, w)
+    left, top = (side - w) // 2, (side - h) // 2
+    return F.pad(image, [left, top, side - w - left, side - h - top], fill=fill)
+
+
 def _square_hwc(image: torch.Tensor, fill_row: torch.Tensor) -> torch.Tensor:
-    """(3,H,W) uint8 (any strides) -> (side, side, 3) contiguous canvas, image centred exactly like LLaVA's PIL
-    ``expand2square`` (the odd pixel of padding goes to the bottom/right: PIL pastes at offset (side - size) // 2).
+    """(3,H,W) uint8 (any strides) -> (side, side, 3) contiguous canvas, image centred as in ``expand2square``.
 
     The padding is written as whole rows / column blocks of a pre-built fill row: broadcasting a 3-vector over an
     HWC canvas is ~10x slower than this."""
