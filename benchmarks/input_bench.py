@@ -4,8 +4,10 @@ Both paths turn the same LLaVA-format records and the same JPEGs into a padded t
 
 - ours: `ShardDataModule(num_workers=0)` over a WebDataset shard directory made by
   `lightning_sp.data.shards.convert`: tar read -> `SampleBuilder` (torchvision JPEG decode, pad to square with the
-  mean colour, bicubic antialiased resize to 336 in uint8, normalise; one tokenizer pass with char offsets for
-  the label mask; `<image>` expanded to the 582 visual positions) -> `collate_train`.
+  mean colour, bicubic antialiased resize to 336 in uint8, normalise into the sample's slot of the batch's pixel
+  buffer; one tokenizer pass with char offsets for the label mask; `<image>` expanded to the 582 visual
+  positions) -> `collate_train`. Its batches are checked bit-identical to the previous sample building + collate
+  (`previous_sample`, `previous_collate`) on every run.
 - LLaVA: what `LazySupervisedDataset.__getitem__` + `DataCollatorForSupervisedDataset` do for each sample, written
   here from their description (nothing is copied or downloaded): `Image.open(path).convert('RGB')` of the loose
   file, PIL `expand2square`, `transformers.CLIPImageProcessor` built locally with CLIP-L/14-336 settings, and
@@ -248,7 +250,7 @@ def timed(fn) -> tuple[int, float, float]:
     return n, time.perf_counter() - start, time.process_time() - cpu
 
 
-def previous_image_path(image: torch.Tensor, fill: list[int]) -> torch.Tensor:
+def previous_image_path(image: torch.Tensor, fill: list[int], size: int = IMAGE_SIZE) -> torch.Tensor:
     """lightning_sp's image path after decode before the channels-last rewrite: CHW pad (torchvision), resize,
     to_dtype + normalize. Kept here as the yardstick of that change; the outputs must be bit-identical."""
     from torchvision.transforms import InterpolationMode
@@ -256,9 +258,108 @@ def previous_image_path(image: torch.Tensor, fill: list[int]) -> torch.Tensor:
 
     from lightning_sp.data.images import expand2square
 
-    image = F.resize(expand2square(image, fill), [IMAGE_SIZE, IMAGE_SIZE], interpolation=InterpolationMode.BICUBIC,
+    image = F.resize(expand2square(image, fill), [size, size], interpolation=InterpolationMode.BICUBIC,
                      antialias=True)
     return F.normalize(F.to_dtype(image, torch.float32, scale=True), mean=list(CLIP_MEAN), std=list(CLIP_STD))
+
+
+def previous_tokenize(record: dict, tokenizer, max_length: int, template: str = "vicuna_v1"
+                      ) -> tuple[list[int], list[int], bool]:
+    """conversation.encode before the direct tokenizer call, for records it accepts (no truncation errors): the
+    transformers tokenizer call, then the per-token label list. Kept as the yardstick of the direct Rust tokenizer
+    call; the numbers must be identical."""
+    from lightning_sp.data.conversation import _check_image, _check_tokenizer, _parse, get_template
+
+    template = get_template(template)
+    image_id = _check_tokenizer(tokenizer, template)
+    turns, has_image = _parse(record, template, need_answer=True)
+    text, spans = template.render(turns)
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+    ids = enc["input_ids"]
+    supervised = bytearray(len(text))
+    for start, end in spans:
+        supervised[start:end] = b"\x01" * (end - start)
+    labels = [tid if end > start and supervised.find(1, start, end) != -1 else IGNORE_INDEX
+              for tid, (start, end) in zip(ids, enc["offset_mapping"])]
+    _check_image(ids, image_id, has_image, record.get("id"))
+    ids, labels = ids[:max_length], labels[:max_length]
+    assert sum(label != IGNORE_INDEX for label in labels) > 0
+    return ids, labels, has_image
+
+
+def previous_expand(ids: list[int], labels: list[int], image_id: int, num_visual: int = NUM_VISUAL_TOKENS
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """expand_image_token before the numpy path: list -> tensor, then torch.cat around the image position."""
+    ids, lab = torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(labels, dtype=torch.long)
+    p = int((ids == image_id).nonzero().flatten()[0])
+    return (torch.cat([ids[:p], ids.new_full((num_visual,), image_id), ids[p + 1:]]),
+            torch.cat([lab[:p], lab.new_full((num_visual,), IGNORE_INDEX), lab[p + 1:]]))
+
+
+def previous_sample(raw: dict, tokenizer, num_visual: int = NUM_VISUAL_TOKENS, image_size: int = IMAGE_SIZE,
+                    max_length: int = MAX_LENGTH, template: str = "vicuna_v1") -> dict:
+    """SampleBuilder.build before the batch pixel buffer and the direct tokenizer call, from a raw shard sample of
+    a record it accepts. The pixels come from `previous_image_path` (the CHW torchvision path), independent of
+    ImageProcessor."""
+    from lightning_sp.data.images import _decode
+
+    record = json.loads(raw["json"])
+    record.setdefault("id", raw["__key__"])
+    image = next((v for k, v in raw.items() if not k.startswith("__") and k != "json"), None)
+    text_max = max_length - (num_visual - 1 if record.get("image") else 0)
+    ids, labels, has_image = previous_tokenize(record, tokenizer, text_max, template)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    pixels = previous_image_path(_decode(image), [round(255 * m) for m in CLIP_MEAN], image_size) if has_image \
+        else torch.zeros(3, image_size, image_size)
+    input_ids, labels = previous_expand(ids, labels, image_id, num_visual) if has_image else \
+        (torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(labels, dtype=torch.long))
+    return {"id": str(record["id"]), "input_ids": input_ids, "labels": labels, "pixel_values": pixels,
+            "has_image": has_image}
+
+
+def previous_collate(samples: list[dict], pad_id: int) -> dict:
+    """collate_train before the batch pixel buffer: pad_sequence of each field, attention mask from ones_like,
+    torch.stack of the pixels."""
+    ids = [s["input_ids"] for s in samples]
+    return {"input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_id),
+            "labels": pad_sequence([s["labels"] for s in samples], batch_first=True, padding_value=IGNORE_INDEX),
+            "attention_mask": pad_sequence([torch.ones_like(i) for i in ids], batch_first=True, padding_value=0),
+            "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+            "has_image": torch.tensor([s["has_image"] for s in samples], dtype=torch.bool),
+            "ids": [s["id"] for s in samples]}
+
+
+BATCH_TENSORS = ("input_ids", "labels", "attention_mask", "pixel_values", "has_image")
+
+
+def raw_samples(shard_dir: Path) -> dict[str, dict]:
+    """Every raw sample (tar members) of a shard directory, by record id (the id a batch's ``ids`` list)."""
+    import webdataset as wds
+
+    raw = {}
+    for tar in sorted(Path(shard_dir).glob("*.tar")):
+        for sample in wds.tarfile_to_samples()([{"url": str(tar)}]):
+            raw[str(json.loads(sample["json"]).get("id", sample["__key__"]))] = sample
+    return raw
+
+
+def same_batch(batch: dict, ref: dict) -> bool:
+    """Every tensor field equal (torch.equal), dtype and shape included, and the same records in the same order."""
+    return batch["ids"] == ref["ids"] and all(
+        batch[k].dtype == ref[k].dtype and batch[k].shape == ref[k].shape and torch.equal(batch[k], ref[k])
+        for k in BATCH_TENSORS)
+
+
+def batches_identical(pipeline: "OursPipeline", shard_dir: Path, tokenizer) -> tuple[int, int]:
+    """(batches of one pass of ours equal to what the previous sample building + collate make of the same records,
+    batches)."""
+    raw = raw_samples(shard_dir)
+    same = total = 0
+    for batch in pipeline.dm.train_dataloader():
+        ref = previous_collate([previous_sample(raw[i], tokenizer) for i in batch["ids"]], tokenizer.pad_token_id)
+        total += 1
+        same += same_batch(batch, ref)
+    return same, total
 
 
 def per_stage(records, image_root: Path, tokenizer, n: int, batch: int, repeats: int = 3) -> dict:
@@ -282,20 +383,32 @@ def per_stage(records, image_root: Path, tokenizer, n: int, batch: int, repeats:
             best = min(best, time.perf_counter() - start)
         return best / (per or len(items)) * 1e3, out
 
-    ours, theirs = {}, {}
+    ours, theirs, previous = {}, {}, {}
     ours["decode (torchvision)"], decoded = ms(_decode, blobs)
-    ours["pad + resize + normalise (uint8 HWC)"], pixels = ms(proc, decoded)
+    # As SampleBuilder(batch_size=...) does: each image written into its slot of its batch's buffer.
+    slots = [slot for _ in range(0, n, batch) for slot in torch.empty(batch, 3, IMAGE_SIZE, IMAGE_SIZE)][:n]
+    ours["pad + resize + normalise (uint8 HWC)"], pixels = ms(lambda i: proc(decoded[i], out=slots[i]), range(n))
     before_ms, before = ms(lambda im: previous_image_path(im, proc.fill), decoded)
     before_diff = max((a - b).abs().max().item() for a, b in zip(pixels, before))
+    max_text = MAX_LENGTH - NUM_VISUAL_TOKENS + 1
     ours["tokenise + mask (1 pass, char offsets)"], encoded = ms(
-        lambda r: encode(r, tokenizer, "vicuna_v1", MAX_LENGTH - NUM_VISUAL_TOKENS + 1), records[:n])
+        lambda r: encode(r, tokenizer, "vicuna_v1", max_text), records[:n])
+    previous["tokenise + mask"], prev_encoded = ms(lambda r: previous_tokenize(r, tokenizer, max_text), records[:n])
     ours["expand <image> to 582 positions"], expanded = ms(
         lambda e: expand_image_token(e.input_ids, e.labels, image_id, NUM_VISUAL_TOKENS), encoded)
+    previous["expand <image>"], prev_expanded = ms(lambda e: previous_expand(e[0], e[1], image_id), prev_encoded)
     samples = [{"id": str(i), "input_ids": x[0], "labels": x[1], "pixel_values": p, "has_image": True}
                for i, (x, p) in enumerate(zip(expanded, pixels))]
-    ours["collate"], _ = ms(lambda b: collate_train(samples[b:b + batch], tokenizer.pad_token_id,
-                                                    image_token_id=image_id, num_visual_tokens=NUM_VISUAL_TOKENS),
-                            range(0, n_batched, batch), per=n_batched)
+    ours["collate"], collated = ms(lambda b: collate_train(samples[b:b + batch], tokenizer.pad_token_id,
+                                                           image_token_id=image_id,
+                                                           num_visual_tokens=NUM_VISUAL_TOKENS),
+                                   range(0, n_batched, batch), per=n_batched)
+    prev_samples = [{"id": str(i), "input_ids": x[0], "labels": x[1], "pixel_values": p, "has_image": True}
+                    for i, (x, p) in enumerate(zip(prev_expanded, before))]
+    previous["collate"], prev_collated = ms(lambda b: previous_collate(prev_samples[b:b + batch],
+                                                                       tokenizer.pad_token_id),
+                                            range(0, n_batched, batch), per=n_batched)
+    same = all(same_batch(a, b) for a, b in zip(collated, prev_collated))
 
     theirs["decode (PIL open + convert)"], pil_images = ms(
         lambda r: Image.open(image_root / r["image"]).convert("RGB"), records[:n])
@@ -307,7 +420,8 @@ def per_stage(records, image_root: Path, tokenizer, n: int, batch: int, repeats:
     batch_items = [{"input_ids": t[0], "labels": t[1], "image": im} for t, im in zip(tokenized, images)]
     theirs["collate"], _ = ms(lambda b: llava.collate(batch_items[b:b + batch]), range(0, n_batched, batch),
                               per=n_batched)
-    return {"ours": ours, "llava": theirs, "before": (before_ms, before_diff)}
+    return {"ours": ours, "llava": theirs, "before": (before_ms, before_diff), "previous": previous,
+            "previous_same": same}
 
 
 def diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -388,7 +502,8 @@ def within(d: tuple[float, float]) -> str:
     return "within" if d[0] < TOLERANCE[0] and d[1] < TOLERANCE[1] else "OUTSIDE"
 
 
-def report(args, times, stages, n_check, agreement, labels, large, jpeg_kib, elapsed, load_before) -> str:
+def report(args, times, stages, n_check, agreement, labels, large, jpeg_kib, elapsed, load_before,
+           identical=None) -> str:
     med = {k: statistics.median(r[0] for r in v) for k, v in times.items()}  # CPU time
     wall = {k: statistics.median(r[1] for r in v) for k, v in times.items()}
     ratio, wall_ratio = med["ours"] / med["llava"], wall["ours"] / wall["llava"]
@@ -410,8 +525,9 @@ def report(args, times, stages, n_check, agreement, labels, large, jpeg_kib, ela
         "|---|---:|---:|---:|---:|---:|",
         f"| LLaVA-1.5: loose JPEG, PIL, CLIPImageProcessor, per-round tokenisation | {med['llava']:.1f} | "
         f"{1e3 / med['llava']:.2f} | 1.00x | {wall['llava']:.1f} | 1.00x |",
-        f"| ours: shards, torchvision uint8 channels-last, one-pass tokenisation | {med['ours']:.1f} | "
-        f"{1e3 / med['ours']:.2f} | **{ratio:.2f}x** | {wall['ours']:.1f} | {wall_ratio:.2f}x |",
+        "| ours: shards, torchvision uint8 channels-last, one-pass tokenisation, pixels written into the batch "
+        f"buffer | {med['ours']:.1f} | {1e3 / med['ours']:.2f} | **{ratio:.2f}x** | {wall['ours']:.1f} | "
+        f"{wall_ratio:.2f}x |",
         "",
         f"Per stage, ms/sample (each stage timed alone over {n_check} samples, best of 3; the end-to-end rows above "
         "also include reading the tar shards or the loose files, JSON parsing, and the cache misses of a real "
@@ -425,10 +541,27 @@ def report(args, times, stages, n_check, agreement, labels, large, jpeg_kib, ela
         lines.append(f"| {on} | {ov:.2f} | {tn} | {tv:.2f} |")
     lines.append(f"| **sum** | **{sum(v for _, v in o):.2f}** | | **{sum(v for _, v in t):.2f}** |")
     before_ms, before_diff = stages["before"]
-    lines += ["", f"- the image path after decode was {before_ms:.2f} ms/sample before this round (CHW tensor: "
-              f"torchvision pad, resize, to_dtype + normalize; timed in this run): now "
+    lines += ["", f"- the image path after decode was {before_ms:.2f} ms/sample before the channels-last rewrite "
+              "(CHW tensor: torchvision pad, resize, to_dtype + normalize; timed in this run): now "
               f"{stages['ours']['pad + resize + normalise (uint8 HWC)']:.2f} ms, max output difference "
               f"{before_diff:g} (bit-identical)"]
+    prev, o_ = stages["previous"], stages["ours"]
+    lines += ["- sample building and collate before the batch pixel buffer and the direct tokenizer call (same "
+              f"outputs; timed in this run): tokenise + mask {prev['tokenise + mask']:.2f} ms through transformers' "
+              "tokenizer call, now "
+              f"{o_['tokenise + mask (1 pass, char offsets)']:.2f} ms calling its Rust tokenizer directly; expand "
+              f"<image> {prev['expand <image>']:.2f} -> {o_['expand <image> to 582 positions']:.2f} ms (numpy); "
+              f"collate {prev['collate']:.2f} -> {o_['collate']:.2f} ms (each image is written into its slot of "
+              "the batch's pixel buffer, so no torch.stack copy; the batch checks run on the padded matrices); "
+              f"collated batches equal: {'yes' if stages['previous_same'] else 'NO'}. End to end, the SampleBuilder "
+              "also tokenises the raw samples a batch still needs before decoding their images (no read-ahead: "
+              "the stream positions stay those of one-by-one building), which spares the tokenizer the caches the "
+              "images evicted; the per-stage rows cannot show that"]
+    if identical is not None:
+        lines.append(f"- end to end: {identical[0]}/{identical[1]} batches of a pass of ours bit-identical "
+                     "(input_ids, labels, attention_mask, pixel_values, has_image; dtype and shape) to the previous "
+                     "sample building + collate of the same records (`previous_sample`/`previous_collate`, images "
+                     "by the CHW torchvision path)")
     if ratio < 3:
         e2e, summed = 1e3 / med["ours"], sum(v for _, v in o)
         decode, after = stages["ours"]["decode (torchvision)"], stages["ours"]["pad + resize + normalise (uint8 HWC)"]
@@ -437,12 +570,11 @@ def report(args, times, stages, n_check, agreement, labels, large, jpeg_kib, ela
                   "paths and cannot shrink at COCO sizes without leaving LLaVA's pixels (a 1/2 DCT decode of 640 px "
                   f"is 320 < 336); the image path after it is {after:.2f} ms against LLaVA's {t[1][1] + t[2][1]:.2f}; "
                   f"tokenisation {o[2][1]:.2f} ms; the remaining {e2e - summed:.2f} ms (end to end minus the stage "
-                  "sum) are the tar stream, JSON and the cache misses of interleaving each record's tokenisation "
-                  "with 1-MB image buffers. Tokenising a batch's records before decoding its images was 0.15-0.3 "
-                  "ms/sample faster in a separate experiment, but the SampleBuilder must not read ahead (the "
-                  "resumable train stream counts raw samples read per finished batch). Handing uint8 pixels to the "
-                  "GPU and normalising there would save a further 0.2-0.4 ms/sample (same experiment) and 4x of the "
-                  "workers' shared-memory traffic, but changes the batch contract (model, eval, export): not done."]
+                  "sum) are the tar stream (Python tarfile in WebDataset), JSON, and the cache misses of a pipeline "
+                  "that moves megabytes of pixels per record (the SampleBuilder already tokenises a batch's records "
+                  "before its images). Handing uint8 pixels to the GPU and normalising there would save a further "
+                  "0.2-0.4 ms/sample and 4x of the workers' shared-memory traffic, but changes the batch contract "
+                  "(model, eval, export): not done."]
     lines += [
         "",
         f"- pixels, ours vs LLaVA over {n_check} images (normalised units; one uint8 level = 0.015): "
@@ -515,10 +647,11 @@ def main(argv=None) -> int:
         stages = per_stage(records, image_root, tokenizer, n_check, args.batch)
         agreement = pixel_agreement(records, image_root, n_check)
         labels = label_agreement(records, tokenizer, args.samples)
+        identical = batches_identical(pipes["ours"], shard_dir, tokenizer)
         profile = profile_ours(pipes["ours"], args.batch) if args.profile else ""
     large = large_images(args.large, args.repeats) if args.large else None
     body = report(args, times, stages, n_check, agreement, labels, large, jpeg_kib,
-                  time.perf_counter() - started, load_before)
+                  time.perf_counter() - started, load_before, identical)
     print(body)
     if profile:
         print(profile)

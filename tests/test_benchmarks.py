@@ -146,7 +146,9 @@ def test_input_bench_data_set_and_both_pipelines(tmp_path, tokenizer):
     records, image_root, shard_dir = ib.make_dataset(tmp_path, 8)
     index = json.loads((shard_dir / "index.json").read_text())
     assert index["totals"]["samples"] == 8
-    assert ib.OursPipeline(shard_dir, tokenizer, 4).run(4) == 8
+    ours = ib.OursPipeline(shard_dir, tokenizer, 4)
+    assert ours.run(4) == 8
+    assert ib.batches_identical(ours, shard_dir, tokenizer) == (2, 2)  # bit-identical to the previous code's batches
     llava = ib.LlavaPipeline(records, image_root, tokenizer)
     assert llava.run(4) == 8
     batch = llava.collate([llava.sample(0), llava.sample(1)])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lightning_sp.data.conversation import (
-    IGNORE_INDEX, TEMPLATES, RecordError, encode, encode_prompt, expand_image_token, get_template,
+    IGNORE_INDEX, TEMPLATES, RecordError, _backend, _tokenize, encode, encode_prompt, expand_image_token, get_template,
     reference_answer, render_prompt,
 )
 from lightning_sp.data.tokenizer import IMAGE_TOKEN, VICUNA_SYSTEM, load_tokenizer
@@ -177,6 +177,74 @@ def test_expand_image_token(tok):
     enc = encode(rec("<image>\nQ?", "A."), tok, "vicuna_v1")
     ids, labels = expand_image_token(enc.input_ids, enc.labels, tok.convert_tokens_to_ids(IMAGE_TOKEN), 582)
     assert len(ids) == len(enc.input_ids) + 581 and (labels != IGNORE_INDEX).sum() == enc.num_supervised
+
+
+@pytest.mark.parametrize("ids, labels", [
+    ([1, 7, 4, 8, 9], [-100, -100, -100, 8, 9]),  # image in the middle
+    ([4, 8, 9], [-100, 8, 9]),  # first
+    ([1, 8, 4], [-100, 8, -100]),  # last
+    ([4], [-100]),  # alone
+    ([1, 7, 8], [-100, 7, 8]),  # text only
+    ([], []),
+])
+def test_expand_image_token_lists_equal_the_tensor_path(ids, labels):
+    """encode() hands lists, which take a numpy path: the very tensors the tensor path makes, dtype included."""
+    for n in (1, 3, 582):
+        got = expand_image_token(ids, labels, 4, n)
+        ref = expand_image_token(torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), 4, n)
+        for a, b in zip(got, ref):
+            assert a.dtype == b.dtype == torch.long and a.shape == b.shape and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("ids, labels, n, match", [
+    ([4, 1, 4], [-100] * 3, 2, "2 image tokens"),
+    ([1, 4], [-100, -100], 0, "num_visual_tokens must be >= 1"),
+    ([1, 4], [-100], 2, "equal length"),
+    ([[1, 4]], [[-100, -100]], 2, "1-D"),
+])
+def test_expand_image_token_lists_raise_like_tensors(ids, labels, n, match):
+    with pytest.raises(ValueError, match=match):
+        expand_image_token(ids, labels, 4, n)
+
+
+TOKENIZE_TEXTS = ["", " ", "Hello", "(B) élan 😀 <s> A.\n", "tab\tnew\nline\r\n  two  spaces ", "日本語のテキスト",
+                  "e\u0301 combining", "<image><image></s></s><pad><unk>", "x" * 3000,
+                  f"{VICUNA_SYSTEM} USER: {IMAGE_TOKEN}\nWhat? ASSISTANT: A red circle.</s>USER: Why? "
+                  "ASSISTANT: So.</s>"]
+
+
+def test_direct_tokenizer_call_is_the_transformers_call(tok):
+    """encode() calls the Rust tokenizer itself, skipping transformers' Python layers: the same ids and offsets."""
+    assert _backend(tok) is tok._tokenizer
+    for text in TOKENIZE_TEXTS:
+        ref = tok(text, return_offsets_mapping=True, add_special_tokens=True)
+        assert _tokenize(tok, text) == (ref["input_ids"], ref["offset_mapping"])
+        assert _tokenize(tok, text, offsets=False) == (ref["input_ids"], None)
+
+
+def test_direct_tokenizer_call_steps_aside_where_it_could_differ(tok):
+    fresh = load_tokenizer(SHIPPED)
+    text = "A red circle on the left. " * 10
+    fresh._tokenizer.enable_truncation(8)  # state transformers resets before encoding; a direct call would keep it
+    assert _backend(fresh) is None
+    assert _tokenize(fresh, text)[0] == tok(text)["input_ids"]  # went through transformers: untruncated, as before
+    assert _backend(fresh) is fresh._tokenizer  # which turned the truncation off again
+    fresh.model_max_length = 10  # transformers' one-time warning about over-long sequences is still recorded
+    assert _tokenize(fresh, text)[0] == tok(text)["input_ids"]
+    assert fresh.deprecation_warnings.get("sequence-length-is-longer-than-the-specified-maximum")
+    fresh.split_special_tokens = True
+    assert _backend(fresh) is None and _tokenize(fresh, "<s> x</s>")[0] == fresh("<s> x</s>")["input_ids"]
+    fresh.split_special_tokens = False
+
+    class Custom(type(tok)):  # a tokenizer class that changes the encode path: always through transformers
+        def _batch_encode_plus(self, *args, **kwargs):
+            out = super()._batch_encode_plus(*args, **kwargs)
+            out["input_ids"] = [[7] + ids for ids in out["input_ids"]]
+            return out
+
+    fresh.__class__ = Custom
+    assert _backend(fresh) is None and _tokenize(fresh, "Hi")[0] == [7] + tok("Hi")["input_ids"]
+    assert encode(rec("<image>\nQ?", "A."), fresh, "vicuna_v1").input_ids[0] == 7
 
 
 def test_prompt_matches_training_encoding(tok):

@@ -1,6 +1,7 @@
 """ShardDataModule on real shards made from synthetic data: batch layout, equal epochs per rank, eval fields."""
 
 import json
+from itertools import islice
 
 import lightning as L
 import pytest
@@ -166,3 +167,131 @@ def test_lightning_runs_planned_epochs(data, tokenizer):
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, datamodule=dm)
     assert module.steps_per_epoch == [dm.steps_per_epoch] * 2
+
+
+# ---- the faster sample building and collate give the very batches of the previous code -------------------------
+
+def _bench():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "input_bench.py"
+    spec = importlib.util.spec_from_file_location("bench_input_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _previous_batch(ib, raw, ids, tokenizer):
+    """What the sample building + collate before the speed-up (benchmarks/input_bench.py) make of these records."""
+    return ib.previous_collate([ib.previous_sample(raw[i], tokenizer, num_visual=N_VIS, image_size=SIZE,
+                                                   max_length=512) for i in ids], tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_and_val_batches_equal_the_previous_pipeline(data, tokenizer, workers):
+    """Direct tokenizer call, numpy expansion, pixels written into the batch buffer (shared memory in workers),
+    checks on the padded matrices: bit for bit the batches the previous code made, text-only rows included."""
+    root, _ = data
+    ib = _bench()
+    raw = {**ib.raw_samples(root / "train"), **ib.raw_samples(root / "val")}
+    dm = make(root, tokenizer, num_workers=workers)
+    batches = list(dm.train_dataloader()) + list(dm.val_dataloader())
+    assert any(not b["has_image"].all() for b in batches) and any(len(b["ids"]) < BATCH for b in batches)
+    for batch in batches:
+        assert ib.same_batch(batch, _previous_batch(ib, raw, batch["ids"], tokenizer)), batch["ids"]
+
+
+def _previous_collate_checks(samples, image_token_id, num_visual_tokens):
+    for s in samples:  # collate_train's checks before the speed-up: per sample, in order
+        count = int((s["input_ids"] == image_token_id).sum())
+        expected = num_visual_tokens if s["has_image"] else 0
+        if count != expected:
+            raise ValueError(f"sample {s['id']!r} has {count} image tokens, expected {expected} "
+                             f"(has_image={s['has_image']}, num_visual_tokens={num_visual_tokens})")
+        if not bool((s["labels"] != IGNORE_INDEX).any()):
+            raise ValueError(f"sample {s['id']!r} has no supervised token (every label is {IGNORE_INDEX})")
+
+
+def _random_samples(n, image_id, seed, slab=None):
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for i in range(n):
+        length = int(torch.randint(1, 12, (1,), generator=g))
+        ids = torch.randint(5, 50, (length,), generator=g)
+        has_image = bool(i % 3)
+        if has_image:
+            ids = torch.cat([ids[:1], torch.full((3,), image_id), ids[1:]])
+        labels = torch.where(torch.rand(len(ids), generator=g) < 0.5, ids, torch.full_like(ids, IGNORE_INDEX))
+        labels[-1] = ids[-1]
+        pixels = slab[i] if slab is not None else torch.rand(3, 4, 4, generator=g)
+        pixels.copy_(torch.rand(3, 4, 4, generator=g))
+        samples.append({"id": f"s{i}", "input_ids": ids, "labels": labels, "pixel_values": pixels,
+                        "has_image": has_image, "skipped": i % 2, "skipped_reasons": {"bad_json": i % 2}})
+    return samples
+
+
+@pytest.mark.parametrize("pad_id", [0, 4])  # 4: the pad id is the image id (checked per sample then)
+def test_collate_equals_the_previous_collate(pad_id):
+    ib = _bench()
+    image_id = 4
+    for seed, in_buffer in ((0, False), (1, True), (2, True)):
+        slab = torch.empty(5, 3, 4, 4) if in_buffer else None
+        samples = _random_samples(5, image_id, seed, slab)
+        got = collate_train(samples, pad_id, image_token_id=image_id, num_visual_tokens=3)
+        ref = ib.previous_collate(samples, pad_id)
+        assert ib.same_batch(got, ref) and got["skipped"] == 2 and got["skipped_reasons"] == {"bad_json": 2}
+        assert (got["pixel_values"] is slab) == in_buffer  # slots of one buffer, in order: handed on, not copied
+    slab = torch.empty(5, 3, 4, 4)
+    samples = _random_samples(5, image_id, 3, slab)
+    for subset in (samples[::-1], samples[:4], samples[1:]):  # not that buffer's slots in order: stacked
+        got = collate_train(subset, pad_id, image_token_id=image_id, num_visual_tokens=3)
+        assert got["pixel_values"] is not slab and got["pixel_values"].data_ptr() != slab.data_ptr()
+        assert ib.same_batch(got, ib.previous_collate(subset, pad_id))
+
+
+def test_collate_reports_the_first_bad_sample_like_before():
+    image_id = 4
+    samples = _random_samples(6, image_id, 0)
+    samples[2]["labels"] = torch.full_like(samples[2]["labels"], IGNORE_INDEX)  # no supervised token
+    samples[4]["input_ids"] = samples[4]["input_ids"][samples[4]["input_ids"] != image_id]  # image ids lost
+    samples[4]["labels"] = samples[4]["labels"][:len(samples[4]["input_ids"])]
+    for batch in (samples, samples[3:], [samples[5], samples[4], samples[2]]):
+        with pytest.raises(ValueError) as previous:
+            _previous_collate_checks(batch, image_id, 3)
+        with pytest.raises(ValueError) as now:
+            collate_train(batch, 0, image_token_id=image_id, num_visual_tokens=3)
+        assert str(now.value) == str(previous.value)
+
+
+def test_sample_builder_fills_one_buffer_per_batch(data, tokenizer, monkeypatch):
+    from lightning_sp.data.datamodule import SampleBuilder
+
+    root, _ = data
+    raw = [s for i, s in _bench().raw_samples(root / "train").items() if i != "gpt_first"]
+    bad = {"__key__": "bad", "json": b'{"id": "bad", "conversations": [{"from": "gpt", "value": "x"}]}'}
+    stream = raw[:3] + [bad] + raw[3:9]
+    plain = SampleBuilder(tokenizer, "vicuna_v1", N_VIS, SIZE, 512)
+    batched = SampleBuilder(tokenizer, "vicuna_v1", N_VIS, SIZE, 512, batch_size=BATCH)
+    ref, got = list(plain(iter(stream))), list(batched(iter(stream)))
+    assert len(got) == len(ref) == 9 and batched.skipped == plain.skipped == {"gpt_first": 1}
+    for a, b in zip(got, ref):
+        assert a.keys() == b.keys() and a["id"] == b["id"] and torch.equal(a["pixel_values"], b["pixel_values"])
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+        assert b["pixel_values"]._base is None  # without batch_size: a tensor of its own, as before
+    buffers = [s["pixel_values"]._base for s in got]
+    assert all(buffers[i] is buffers[i // BATCH * BATCH] for i in range(9))  # the failed record used no slot
+    assert buffers[0] is not buffers[BATCH] and buffers[0].shape == (BATCH, 3, SIZE, SIZE)
+    assert all(torch.equal(buffers[0][i], got[i]["pixel_values"]) for i in range(BATCH))
+    assert not buffers[0].is_shared()
+    # inside a DataLoader worker the buffer is allocated in shared memory, like default_collate's output
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    in_worker = SampleBuilder(tokenizer, "vicuna_v1", N_VIS, SIZE, 512, batch_size=BATCH)
+    samples = list(islice(in_worker(iter(raw)), BATCH))
+    assert samples[0]["pixel_values"]._base.is_shared()
+    batch = collate_train(samples, tokenizer.pad_token_id, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                          num_visual_tokens=N_VIS)
+    assert batch["pixel_values"] is samples[0]["pixel_values"]._base and batch["pixel_values"].is_shared()
+    assert torch.equal(batch["pixel_values"], torch.stack([s["pixel_values"] for s in ref[:BATCH]]))

@@ -88,3 +88,22 @@ def test_bad_input_raises_clear_errors():
         proc(torch.zeros(3, 8, 8))
     with pytest.raises(TypeError):
         proc("image.jpg")
+
+
+@pytest.mark.parametrize("h,w", [(30, 50), (50, 30), (32, 32)])
+def test_out_buffer_gets_the_same_numbers(h, w):
+    """``out=`` (a slot of a batch buffer, see SampleBuilder) changes where the result goes, not what it is."""
+    proc, data = ImageProcessor(32), encode(scene(h, w), "JPEG")
+    buffer = torch.full((2, 3, 32, 32), float("nan"))
+    slot = buffer[1]
+    assert proc(data, out=slot) is slot and torch.equal(buffer[1], proc(data))
+    assert torch.isnan(buffer[0]).all()  # nothing written outside the slot
+    tensor = torch.from_numpy(scene(h, w)).permute(2, 0, 1)
+    assert torch.equal(proc(tensor, out=buffer[0]), proc(tensor))
+
+
+def test_out_buffer_must_fit():
+    proc, data = ImageProcessor(32), encode(scene(20, 20))
+    for bad in (torch.empty(3, 32, 31), torch.empty(3, 32, 32, dtype=torch.float64), torch.empty(3, 32, 64)[..., ::2]):
+        with pytest.raises(ValueError, match="out must be"):
+            proc(data, out=bad)

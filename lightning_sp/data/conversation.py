@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lightning_sp.data.tokenizer import IMAGE_TOKEN, VICUNA_SYSTEM
@@ -176,6 +177,49 @@ def _check_tokenizer(tokenizer, template: Template) -> int:
     return image_id
 
 
+# The methods between `tokenizer(text)` and the Rust tokenizer's `encode_batch` in transformers. When a tokenizer
+# class overrides none of them, `tokenizer(text, add_special_tokens=True)` is exactly `encode_batch([text])[0]`
+# (= `encode(text)`) of its backend, provided the backend has no truncation or padding set and does not split
+# special tokens -- the state transformers would set before encoding (checked on every call, see _backend).
+_HF_ENCODE_PATH = ("__call__", "_call_one", "encode_plus", "_encode_plus", "_batch_encode_plus", "_convert_encoding",
+                   "set_truncation_and_padding", "_get_padding_truncation_strategies", "_switch_to_input_mode",
+                   "_eventual_warn_about_too_long_sequence")
+_DIRECT_CLASSES: dict[type, bool] = {}
+
+
+def _backend(tokenizer):
+    """The Rust ``tokenizers.Tokenizer`` to call directly in place of ``tokenizer(text)``, or None where that might
+    give anything else (then the caller goes through transformers). Saves 0.05-0.1 ms of Python per record."""
+    cls = type(tokenizer)
+    direct = _DIRECT_CLASSES.get(cls)
+    if direct is None:
+        from transformers import PreTrainedTokenizerFast
+
+        direct = issubclass(cls, PreTrainedTokenizerFast) and all(
+            getattr(cls, name, None) is getattr(PreTrainedTokenizerFast, name) for name in _HF_ENCODE_PATH)
+        _DIRECT_CLASSES[cls] = direct
+    if not direct or getattr(tokenizer, "split_special_tokens", False) or \
+            getattr(tokenizer, "_in_target_context_manager", False):
+        return None
+    backend = tokenizer._tokenizer
+    if backend.truncation is not None or backend.padding is not None or backend.encode_special_tokens:
+        return None
+    return backend
+
+
+def _tokenize(tokenizer, text: str, offsets: bool = True) -> tuple[list[int], list[tuple[int, int]] | None]:
+    """``tokenizer(text, add_special_tokens=True)``: (input_ids, char offsets or None), the same numbers."""
+    backend = _backend(tokenizer)
+    if backend is None:
+        enc = tokenizer(text, return_offsets_mapping=offsets, add_special_tokens=True)
+        return enc["input_ids"], enc["offset_mapping"] if offsets else None
+    enc = backend.encode(text, add_special_tokens=True)
+    ids = enc.ids
+    if len(ids) > tokenizer.model_max_length:  # the one-time warning transformers would log
+        tokenizer._eventual_warn_about_too_long_sequence(ids, None, True)
+    return ids, enc.offsets if offsets else None
+
+
 def _check_image(ids: list[int], image_id: int, has_image: bool, rid) -> None:
     count = ids.count(image_id)
     if count != int(has_image):  # e.g. a literal "<image>" the validation could not see
@@ -190,19 +234,23 @@ def encode(record: dict, tokenizer, template: str | Template, max_length: int | 
     expansion pass ``max_length - (num_visual_tokens - 1)``. Raises :class:`RecordError` for unusable records.
     """
     tpl = get_template(template)
-    image_id = _check_tokenizer(tokenizer, tpl)
+    return _encode(record, tokenizer, tpl, max_length, _check_tokenizer(tokenizer, tpl))
+
+
+def _encode(record: dict, tokenizer, tpl: Template, max_length: int | None, image_id: int) -> Encoded:
+    """:func:`encode` once the tokenizer has passed ``_check_tokenizer`` (``image_id``: what that returned)."""
     turns, has_image = _parse(record, tpl, need_answer=True)
     rid = record.get("id", "<no id>")
     text, spans = tpl.render(turns)
 
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
-    ids: list[int] = enc["input_ids"]
+    ids, offsets = _tokenize(tokenizer, text)
     supervised = bytearray(len(text))  # 1 for every char inside an answer span
     for start, end in spans:
         supervised[start:end] = b"\x01" * (end - start)
     # Zero-width tokens (BOS added by the post-processor) never overlap, so they are never supervised.
-    labels = [tid if end > start and supervised.find(1, start, end) != -1 else IGNORE_INDEX
-              for tid, (start, end) in zip(ids, enc["offset_mapping"])]
+    find = supervised.find
+    labels = [tid if end > start and find(1, start, end) != -1 else IGNORE_INDEX
+              for tid, (start, end) in zip(ids, offsets)]
     _check_image(ids, image_id, has_image, rid)
 
     truncated = max_length is not None and len(ids) > max_length
@@ -213,7 +261,7 @@ def encode(record: dict, tokenizer, template: str | Template, max_length: int | 
         if has_image and image_id not in ids:
             raise RecordError(rid, f"too long: truncation to {max_length} tokens cuts {IMAGE_TOKEN}",
                               "raise max_length or drop the record", "too_long")
-    num_supervised = sum(label != IGNORE_INDEX for label in labels)
+    num_supervised = len(labels) - labels.count(IGNORE_INDEX)
     if num_supervised == 0:  # never hand the model a sample whose labels are all IGNORE_INDEX
         if truncated:
             raise RecordError(rid, f"too long: no supervised token within {max_length} tokens",
@@ -229,6 +277,10 @@ def expand_image_token(
 
     Returns new 1-D LongTensors; text-only samples come back unchanged (as copies).
     """
+    if type(input_ids) is list and type(labels) is list:  # what encode() returns: built in numpy, 3x faster
+        expanded = _expand_lists(input_ids, labels, image_token_id, num_visual_tokens)
+        if expanded is not None:
+            return expanded
     ids = torch.as_tensor(input_ids, dtype=torch.long)
     lab = torch.as_tensor(labels, dtype=torch.long)
     if ids.dim() != 1 or ids.shape != lab.shape:
@@ -245,6 +297,28 @@ def expand_image_token(
     fill_ids = ids.new_full((num_visual_tokens,), image_token_id)
     fill_lab = lab.new_full((num_visual_tokens,), IGNORE_INDEX)
     return torch.cat([ids[:p], fill_ids, ids[p + 1:]]), torch.cat([lab[:p], fill_lab, lab[p + 1:]])
+
+
+def _expand_lists(input_ids: list, labels: list, image_token_id: int, num_visual_tokens: int):
+    """:func:`expand_image_token` for lists of ints: the same tensors, or None for anything else (other element
+    types, several image tokens...), which the tensor path then handles and reports as before."""
+    ids, lab = np.asarray(input_ids), np.asarray(labels)
+    if ids.dtype.kind not in "ib" or lab.dtype.kind not in "ib" or ids.ndim != 1 or ids.shape != lab.shape \
+            or type(image_token_id) is not int:
+        return None
+    ids, lab = ids.astype(np.int64, copy=False), lab.astype(np.int64, copy=False)
+    positions = np.flatnonzero(ids == image_token_id)
+    if len(positions) == 0:
+        return torch.from_numpy(ids), torch.from_numpy(lab)
+    if len(positions) > 1 or num_visual_tokens < 1:
+        return None
+    p = int(positions[0])
+    end = p + num_visual_tokens  # where the text after <image> goes
+    out_ids = np.empty(len(ids) + num_visual_tokens - 1, np.int64)
+    out_lab = np.empty_like(out_ids)
+    out_ids[:p], out_ids[p:end], out_ids[end:] = ids[:p], image_token_id, ids[p + 1:]
+    out_lab[:p], out_lab[p:end], out_lab[end:] = lab[:p], IGNORE_INDEX, lab[p + 1:]
+    return torch.from_numpy(out_ids), torch.from_numpy(out_lab)
 
 
 def _prompt_turns(record, tpl: Template) -> tuple[list[tuple[str, str]], bool]:
@@ -265,7 +339,7 @@ def encode_prompt(record: dict, tokenizer, template: str | Template) -> list[int
     tpl = get_template(template)
     image_id = _check_tokenizer(tokenizer, tpl)
     turns, has_image = _prompt_turns(record, tpl)
-    ids = tokenizer(tpl.render(turns, prompt_only=True)[0], add_special_tokens=True)["input_ids"]
+    ids = _tokenize(tokenizer, tpl.render(turns, prompt_only=True)[0], offsets=False)[0]
     _check_image(ids, image_id, has_image, record.get("id", "<no id>"))
     return ids
 

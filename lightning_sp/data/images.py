@@ -11,10 +11,11 @@ is read first, so a decompression bomb is refused before any decoder allocates i
 
 Speed (benchmarks/input_bench.py): the image stays in the decoder's HWC (channels-last) layout throughout: the
 square canvas is filled row-wise, torchvision's native uint8 bicubic kernel runs fastest on channels-last input,
-and one conversion writes the contiguous float (3,S,S) result. The numbers are bit-identical to padding and
-resizing the CHW tensor with torchvision. ``fast_decode=True`` additionally lets libjpeg decode large JPEGs at a
-reduced DCT scale (never below the size the image occupies after resizing); that changes pixels slightly (see
-``ImageProcessor``), so it is off by default.
+and one conversion writes the contiguous float (3,S,S) result -- into the sample's slot of the batch's buffer when
+given ``out=`` (datamodule.SampleBuilder), which saves the batch's stack copy. The numbers are bit-identical to
+padding and resizing the CHW tensor with torchvision. ``fast_decode=True`` additionally lets libjpeg decode large
+JPEGs at a reduced DCT scale (never below the size the image occupies after resizing); that changes pixels slightly
+(see ``ImageProcessor``), so it is off by default.
 """
 
 from __future__ import annotations
@@ -175,7 +176,14 @@ class ImageProcessor:
         self._mean = torch.tensor(self.mean).view(3, 1, 1)
         self._std = torch.tensor(self.std).view(3, 1, 1)
 
-    def __call__(self, data: bytes | bytearray | memoryview | torch.Tensor) -> torch.Tensor:
+    def __call__(self, data: bytes | bytearray | memoryview | torch.Tensor, out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """``out``: a contiguous float32 (3,S,S) tensor to write the result into (e.g. a slot of a batch buffer,
+        which saves the batch's ``torch.stack`` copy); it is returned. Same numbers either way."""
+        if out is not None and (out.dtype != torch.float32 or out.shape != (3, self.image_size, self.image_size)
+                                or not out.is_contiguous()):
+            raise ValueError(f"out must be a contiguous float32 (3,{self.image_size},{self.image_size}) tensor, got "
+                             f"{out.dtype} {tuple(out.shape)}")
         if isinstance(data, (bytes, bytearray, memoryview)):
             data = bytes(data)
             fmt = check_header(data, self.max_pixels)  # before any decoder allocates the pixels
@@ -200,5 +208,8 @@ class ImageProcessor:
         image = F.resize(image, [self.image_size, self.image_size],
                          interpolation=InterpolationMode.BICUBIC, antialias=True)
         # The same float ops as F.to_dtype(scale=True) + F.normalize (bit-identical), in one contiguous buffer.
-        out = image.to(torch.float32, memory_format=torch.contiguous_format)
+        if out is None:
+            out = image.to(torch.float32, memory_format=torch.contiguous_format)
+        else:
+            out.copy_(image)  # the same uint8 -> float32 conversion as .to(), written into the caller's buffer
         return out.mul_(1.0 / 255).sub_(self._mean).div_(self._std)
