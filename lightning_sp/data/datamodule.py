@@ -166,6 +166,12 @@ class SampleBuilder:
         self._pending["lost_in_bad_shard"] += n
         log.warning("shard %s ended %d records short of its index.json count (reason lost_in_bad_shard)", url, n)
 
+    def discard_pending(self) -> None:
+        """Forget what was counted since the last yielded sample: a resume's replay re-meets shard-level events
+        (a truncated tar) that the interrupted run already counted, and its checkpoint holds those counts."""
+        self.skipped -= self._pending
+        self._pending.clear()
+
     def shard_error(self, exn: Exception) -> bool:
         """WebDataset handler: log, count ``bad_shard``, go on with the next shard (True = continue)."""
         args = getattr(exn, "args", ())
@@ -402,6 +408,7 @@ class ShardDataModule(L.LightningDataModule):
                              batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer, builder=builder,
                              collate=partial(collate_train, **self._collate_kwargs()),
                              handler=builder.shard_error, resume=resume, on_lost=builder.records_lost,
+                             on_replayed=builder.discard_pending,
                              expected_samples={str(self.train_dir / s["name"]): s["samples"]
                                                for s in self.train_index["shards"]})
         return self._loader(stream)

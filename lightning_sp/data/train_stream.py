@@ -58,19 +58,22 @@ class TrainStream(IterableDataset):
 
     ``builder`` turns raw samples into model samples (dropping bad ones), ``collate`` turns a list of them into a
     batch; ``resume`` is the position to continue from (same epoch), or None to start the epoch afresh.
-    ``on_lost(url, n)`` hears of ``n`` samples a shard did not yield against ``expected_samples[url]``.
+    ``on_lost(url, n)`` hears of ``n`` samples a shard did not yield against ``expected_samples[url]``;
+    ``on_replayed()`` is called once a resume's replay is done: shard-level events met while replaying (``handler``,
+    ``on_lost``) were counted by the run that trained on those samples, so the listener drops them.
     """
 
     def __init__(self, urls: list[str], *, seed: int, epoch: int, per_rank: int, batch_size: int,
                  shuffle_buffer: int, builder: Callable[[Iterable[dict]], Iterator[dict]],
                  collate: Callable[[list[dict]], dict], handler: Callable[[Exception], bool],
                  resume: StreamPosition | None = None, expected_samples: dict[str, int] | None = None,
-                 on_lost: Callable[[str, int], None] | None = None):
+                 on_lost: Callable[[str, int], None] | None = None, on_replayed: Callable[[], None] | None = None):
         self.urls, self.seed, self.epoch, self.per_rank = list(urls), seed, epoch, per_rank
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.builder, self.collate, self.handler = builder, collate, handler
         self.resume = resume if resume is not None and resume.batches > 0 else None
         self.expected_samples, self.on_lost = expected_samples or {}, on_lost  # per url, from index.json
+        self.on_replayed = on_replayed
 
     def _rng(self, *parts) -> random.Random:
         return random.Random("/".join(str(p) for p in (self.seed, self.epoch, *parts)))
@@ -120,6 +123,8 @@ class TrainStream(IterableDataset):
         samples = counted(passes())
         for _ in islice(samples, skip_raw):  # replay up to the resume position: raw bytes only
             pass
+        if skip_raw and self.on_replayed is not None:
+            self.on_replayed()
         share = worker_share(self.per_rank, worker, num_workers) - skip_batches
 
         def positioned() -> Iterator[dict]:
