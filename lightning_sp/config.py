@@ -52,6 +52,8 @@ class LLMConfig:
     num_kv_heads: int = 4
     intermediate_size: int = 344
     max_position_embeddings: int = 2048
+    # RoPE base (random-init only; a pretrained LLM keeps its own). Llama-2's is 1e4, Llama-3's 5e5.
+    rope_theta: float = 10000.0
     init_seed: int = 0
     dtype: str = "float32"  # weights of the frozen LLM: float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"

@@ -79,6 +79,7 @@ class LlavaSPModule(L.LightningModule):
             attention_mask=batch["attention_mask"],
             pixel_values=batch["pixel_values"],
             labels=batch["labels"],
+            logit_positions=batch.get("logit_positions"),
         )
         self.log("val/loss", out.loss, prog_bar=True, batch_size=bs, sync_dist=True)
         predictions = self.generate_answers(batch)

@@ -60,6 +60,47 @@ def test_loss_ignores_visual_and_padding_positions(tiny_cfg, tokenizer):
     torch.testing.assert_close(out.loss, expected)
 
 
+def test_loss_from_supervised_positions_only_equals_the_lms_own_loss_and_gradients(tiny_cfg, tokenizer):
+    """LlavaSP computes logits only where a label follows (not over the 582 visual positions); the loss and every
+    trainable gradient must be the LM's own full-logits `labels=` loss, on a right-padded batch whose rows are
+    supervised at different positions, with the positions given (collate) or computed (no host helper)."""
+    from lightning_sp.data.conversation import supervised_logit_positions
+
+    torch.manual_seed(0)
+    model = build(tiny_cfg, tokenizer).train()
+    n = model.num_visual_tokens
+    pad = tokenizer.pad_token_id
+    rows = [ids_with_image(tokenizer, "USER:", " colour? ASSISTANT: red USER: shape? ASSISTANT: circle", n),
+            ids_with_image(tokenizer, "USER:", " where? ASSISTANT: top left", n)]
+    length = max(map(len, rows))
+    ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])
+    mask = (torch.arange(length) < torch.tensor([len(r) for r in rows])[:, None]).long()
+    labels = torch.full_like(ids, -100)
+    labels[0, len(rows[0]) - 9:len(rows[0]) - 6] = ids[0, len(rows[0]) - 9:len(rows[0]) - 6]
+    labels[0, len(rows[0]) - 1] = ids[0, len(rows[0]) - 1]
+    labels[1, len(rows[1]) - 2:len(rows[1])] = ids[1, len(rows[1]) - 2:len(rows[1])]
+    pixels = torch.randn(2, 3, 336, 336)
+    positions = supervised_logit_positions(labels)
+    assert positions.tolist() == sorted({p - 1 for r in range(2) for p in (labels[r] != -100).nonzero().flatten().tolist()})
+
+    def loss_and_grads(loss_fn):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    reference = loss_and_grads(lambda: model.llm(inputs_embeds=model.embed(ids, pixels), attention_mask=mask,
+                                                 labels=labels).loss)
+    for given in (positions, None):
+        out = model(ids, mask, pixels, labels=labels, logit_positions=given)
+        assert out.logits.shape[:2] == (2, len(positions))
+        loss, grads = loss_and_grads(lambda: model(ids, mask, pixels, labels=labels, logit_positions=given).loss)
+        torch.testing.assert_close(loss, reference[0], rtol=1e-6, atol=1e-6)
+        assert grads.keys() == reference[1].keys() and len(grads) > 10
+        for k in grads:
+            torch.testing.assert_close(grads[k], reference[1][k], rtol=1e-5, atol=1e-7, msg=k)
+
+
 def test_stage_trainable_sets(tiny_cfg, tokenizer):
     align = parameter_counts(build(tiny_cfg, tokenizer, "stage=align"))
     assert align["vision"][0] == 0 and align["llm"][0] == 0 and "llm (LoRA)" not in align

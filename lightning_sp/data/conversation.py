@@ -220,6 +220,12 @@ def _tokenize(tokenizer, text: str, offsets: bool = True) -> tuple[list[int], li
     return ids, enc.offsets if offsets else None
 
 
+def supervised_logit_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Sequence positions whose next token is supervised in at least one row of ``labels`` (B, L), ascending:
+    where a causal LM needs logits for the loss (LlavaSP.forward)."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+
+
 def _check_image(ids: list[int], image_id: int, has_image: bool, rid) -> None:
     count = ids.count(image_id)
     if count != int(has_image):  # e.g. a literal "<image>" the validation could not see

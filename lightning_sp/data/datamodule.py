@@ -31,7 +31,8 @@ from torch.nn.utils.rnn import pad_sequence
 from webdataset.utils import pytorch_worker_info
 
 from lightning_sp.data.conversation import (IGNORE_INDEX, RecordError, _check_tokenizer, _encode, encode_prompt,
-                                            expand_image_token, get_template, reference_answer)
+                                            expand_image_token, get_template, reference_answer,
+                                            supervised_logit_positions)
 from lightning_sp.data.images import ImageDecodeError, ImageProcessor
 from lightning_sp.data.shards import load_index
 from lightning_sp.data.tokenizer import IMAGE_TOKEN, load_tokenizer
@@ -267,6 +268,7 @@ def collate_train(samples: list[dict], pad_token_id: int, *, image_token_id: int
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
+        "logit_positions": supervised_logit_positions(labels),  # here, on the host: no sync in the model
         "pixel_values": torch.stack(pixels) if pixel_values is None else pixel_values,
         "has_image": torch.tensor([s["has_image"] for s in samples], dtype=torch.bool),
         "ids": [s["id"] for s in samples],

@@ -6,7 +6,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from lightning_sp.data.conversation import IGNORE_INDEX, supervised_logit_positions
 
 from lightning_sp.models.llm import attach_lora, build_llm
 from lightning_sp.models.projectors import Projector, build_projector
@@ -86,11 +89,24 @@ class LlavaSP(nn.Module):
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor,
         labels: Optional[torch.Tensor] = None,
+        logit_positions: Optional[torch.Tensor] = None,
         **_: object,
     ):
-        return self.llm(
-            inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask, labels=labels
-        )
+        """With ``labels``: the mean cross-entropy of the supervised next tokens, computed from logits at only the
+        positions that predict a label in some row (``logit_positions``, ascending, as
+        :func:`supervised_logit_positions` computes them; the collators do so on the host). The visual tokens and the prompt need no logits: at 7B shape full
+        logits are B x L x 32000 fp32 (0.26 GB per sample of 2048 tokens) plus their gradient, and the LM head's
+        FLOPs over 582 visual positions are wasted. The loss equals the LM's own (``labels=``) up to rounding; the
+        returned ``logits`` cover ``logit_positions`` only."""
+        embeds = self.embed(input_ids, pixel_values)
+        if labels is None:
+            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask)
+        if logit_positions is None:
+            logit_positions = supervised_logit_positions(labels)  # one host sync (nonzero)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=logit_positions)
+        targets = labels[:, 1:].index_select(1, logit_positions)  # position p predicts token p + 1
+        out.loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return out
 
     @torch.no_grad()
     def generate(
