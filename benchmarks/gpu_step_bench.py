@@ -102,6 +102,7 @@ class Shape:
     llm_kv_heads: int
     llm_intermediate: int
     vocab: int
+    head_positions: int  # positions per sequence that predict a label: the LM head runs only there (LlavaSP.forward)
     lora_r: int
     lora_targets: tuple[str, ...]
     vis_hidden: int
@@ -122,8 +123,9 @@ def llama_linears(s: Shape) -> dict[str, tuple[int, int]]:
 
 FORMULA = (
     "T = batch x seq tokens; N_llm = decoder linears + lm_head (frozen; embeddings do no FLOPs); N_lora = "
-    "sum r*(in+out) over adapted linears; LLM = 4*N_llm*T (forward 2NT + backward to activations 2NT, no weight "
-    "grads) + 6*N_lora*T; attention (causal, half the L^2 pairs) = 3 x 2*L^2*H per layer and sequence (fwd + 2x "
+    "sum r*(in+out) over adapted linears; LLM = 4*N_decoder*T + 4*N_lm_head*T_head (forward 2NT + backward to "
+    "activations 2NT, no weight grads; T_head = batch x positions that predict a label: the LM head runs only "
+    "there) + 6*N_lora*T; attention (causal, half the L^2 pairs) = 3 x 2*L^2*H per layer and sequence (fwd + 2x "
     "bwd); vision (frozen, no grad) = batch x [2*N_vis_layers*P + 4*P^2*H_v per layer + patch conv], P = 577; "
     "projector = FlopCounterMode(fwd + weight grads) per image x batch. Recompute (gradient checkpointing) = the "
     "decoder layers' forward once more: 2*(N_layers + N_lora)*T + attention forward. MFU = model FLOPs / "
@@ -136,6 +138,7 @@ def step_flops(s: Shape) -> dict[str, float]:
     t = s.batch * s.seq
     layer = sum(i * o for i, o in llama_linears(s).values())
     n_llm = s.llm_layers * layer + s.llm_hidden * s.vocab
+    head_t = s.batch * s.head_positions
     n_lora = s.llm_layers * sum(s.lora_r * (i + o) for name, (i, o) in llama_linears(s).items()
                                 if name in s.lora_targets)
     attn_fwd = s.llm_layers * s.batch * 2 * s.seq ** 2 * s.llm_hidden  # QK^T + AV over the causal half
@@ -144,7 +147,7 @@ def step_flops(s: Shape) -> dict[str, float]:
     vision = s.batch * (s.vis_layers * (2 * vis_layer_params * p + 4 * p ** 2 * s.vis_hidden)
                         + 2 * 3 * s.patch_size ** 2 * s.vis_hidden * (p - 1))
     out = {
-        "llm_frozen": 4 * n_llm * t,
+        "llm_frozen": 4 * s.llm_layers * layer * t + 4 * s.llm_hidden * s.vocab * head_t,
         "llm_lora": 6 * n_lora * t,
         "llm_attention": 3 * attn_fwd,
         "vision": vision,
@@ -155,6 +158,18 @@ def step_flops(s: Shape) -> dict[str, float]:
     out["hardware"] = out["model"] + out["recompute"]
     out["n_llm"], out["n_lora"], out["tokens"] = n_llm, n_lora, t
     return out
+
+
+def visual_tokens(cfg) -> int:
+    """How many visual tokens the configured projector emits (built on the meta device: no memory)."""
+    import torch
+
+    from lightning_sp.models.projectors import build_projector
+
+    grid = cfg.model.vision.image_size // cfg.model.vision.patch_size
+    with torch.device("meta"):
+        return build_projector(cfg.projector, vision_width=cfg.model.vision.hidden_size,
+                               llm_width=cfg.model.llm.hidden_size, grid=grid).layout.num_tokens
 
 
 def projector_flops(cfg, batch: int = 1) -> float:
@@ -175,10 +190,12 @@ def projector_flops(cfg, batch: int = 1) -> float:
     return float(counter.get_total_flops())
 
 
-def shape_from(cfg, batch: int, seq: int, vocab: int) -> Shape:
+def shape_from(cfg, batch: int, seq: int, vocab: int, visual_tokens: int) -> Shape:
+    """The step's shape; every position after BOS + the visual tokens is supervised (as in the step below)."""
     v, m = cfg.model.vision, cfg.model.llm
     return Shape(batch=batch, seq=seq, llm_hidden=m.hidden_size, llm_layers=m.num_layers, llm_heads=m.num_heads,
                  llm_kv_heads=m.num_kv_heads, llm_intermediate=m.intermediate_size, vocab=vocab,
+                 head_positions=seq - 1 - visual_tokens,
                  lora_r=cfg.model.lora.r if cfg.stage.lora else 0, lora_targets=tuple(cfg.model.lora.target_modules),
                  vis_hidden=v.hidden_size, vis_layers=v.num_layers, vis_intermediate=v.intermediate_size,
                  image_size=v.image_size, patch_size=v.patch_size,
@@ -239,7 +256,7 @@ def run(args) -> dict:
     n_vis = model.num_visual_tokens
     if args.max_length <= 1 + n_vis:
         raise SystemExit(f"--max-length {args.max_length} leaves no text after BOS + {n_vis} visual tokens")
-    shape = shape_from(cfg, args.batch, args.max_length, vocab)
+    shape = shape_from(cfg, args.batch, args.max_length, vocab, n_vis)
     flops = step_flops(shape)
 
     gen = torch.Generator(device=device).manual_seed(1)
@@ -383,7 +400,8 @@ def flops_only_report(args) -> str:
     from lightning_sp.config import compose
 
     cfg = compose(overrides(args.variant, args.tiny, not args.no_grad_ckpt))
-    flops = step_flops(shape_from(cfg, args.batch, args.max_length, TINY_VOCAB if args.tiny else VOCAB))
+    flops = step_flops(shape_from(cfg, args.batch, args.max_length, TINY_VOCAB if args.tiny else VOCAB,
+                                  visual_tokens(cfg)))
     at = lambda mfu: flops["model"] / (989e12 * mfu)  # noqa: E731
     lines = [
         f"## LLaVA-SP 7B-shape stage-2 LoRA step ({args.variant}): not measured yet: no GPU lent in this session",

@@ -64,7 +64,7 @@ def test_write_section_creates_the_file(tmp_path):
 def test_step_flops_against_a_hand_computation():
     g = load("gpu_step_bench")
     shape = g.Shape(batch=2, seq=10, llm_hidden=8, llm_layers=3, llm_heads=2, llm_kv_heads=1, llm_intermediate=12,
-                    vocab=50, lora_r=2, lora_targets=("q_proj", "down_proj"), vis_hidden=4, vis_layers=2,
+                    vocab=50, head_positions=4, lora_r=2, lora_targets=("q_proj", "down_proj"), vis_hidden=4, vis_layers=2,
                     vis_intermediate=6, image_size=28, patch_size=14, projector_flops_per_image=1000.0,
                     grad_ckpt=True)
     f = g.step_flops(shape)
@@ -72,7 +72,8 @@ def test_step_flops_against_a_hand_computation():
     # One layer's linears: q 8*8 + k 8*4 + v 8*4 + o 8*8 + gate 8*12 + up 8*12 + down 12*8 = 480.
     # N_llm = 3 * 480 + lm_head 8*50 = 1840.  N_lora = 3 * (2*(8+8) + 2*(12+8)) = 3 * 72 = 216.
     assert (f["n_llm"], f["n_lora"], f["tokens"]) == (1840, 216, 20)
-    assert f["llm_frozen"] == 4 * 1840 * 20  # 147200
+    # The LM head runs only at the 4 positions per sequence that predict a label: 2 * 4 = 8 of the 20 tokens.
+    assert f["llm_frozen"] == 4 * (3 * 480) * 20 + 4 * (8 * 50) * 8  # 115200 + 12800
     assert f["llm_lora"] == 6 * 216 * 20  # 25920
     # causal attention forward per layer and sequence 2 * 10^2 * 8 = 1600; 3 layers x 2 sequences; x3 with bwd
     assert f["llm_attention"] == 3 * 3 * 2 * 1600  # 28800
@@ -80,7 +81,7 @@ def test_step_flops_against_a_hand_computation():
     # per image: 2 layers * (2*112*5 + 4*25*4) + patch conv 2*3*196*4*4 = 2*(1120+400) + 18816 = 21856
     assert f["vision"] == 2 * 21856
     assert f["projector"] == 2000
-    model = 147200 + 25920 + 28800 + 43712 + 2000
+    model = 128000 + 25920 + 28800 + 43712 + 2000
     assert f["model"] == model
     # recompute: decoder linears + LoRA forward again, 2*(3*480 + 216)*20 = 66240, + attention forward 9600
     assert f["recompute"] == 66240 + 9600
