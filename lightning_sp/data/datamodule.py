@@ -240,7 +240,7 @@ def collate_train(samples: list[dict], pad_token_id: int, *, image_token_id: int
     ids = [s["input_ids"] for s in samples]
     input_ids = pad_sequence(ids, batch_first=True, padding_value=pad_token_id)
     labels = pad_sequence([s["labels"] for s in samples], batch_first=True, padding_value=IGNORE_INDEX)
-    if input_ids.dim() == labels.dim() == 2 and pad_token_id != image_token_id:
+    if pad_token_id != image_token_id:
         # Counted on the padded matrices, two ops per batch rather than per sample: pads are neither image ids
         # nor supervised labels, so each row's counts are its sample's.
         counts = (input_ids == image_token_id).sum(1).tolist()
@@ -257,11 +257,9 @@ def collate_train(samples: list[dict], pad_token_id: int, *, image_token_id: int
         if not has_label:  # encode() refuses these; a silent zero loss otherwise
             raise ValueError(f"sample {s['id']!r} has no supervised token (every label is {IGNORE_INDEX})")
         reasons.update(s.get("skipped_reasons", {}))
-    if input_ids.dim() == 2:  # = pad_sequence of ones_like(ids): 1 up to each length, then 0, in the ids' dtype
-        lengths = torch.tensor([len(i) for i in ids])
-        attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).to(input_ids.dtype)
-    else:
-        attention_mask = pad_sequence([torch.ones_like(i) for i in ids], batch_first=True, padding_value=0)
+    # = pad_sequence of ones_like(ids) (samples are 1-D): 1 up to each length, then 0, in the ids' dtype
+    lengths = torch.tensor([len(i) for i in ids])
+    attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).to(input_ids.dtype)
     pixels = [s["pixel_values"] for s in samples]
     pixel_values = _filled_buffer(pixels)
     return {

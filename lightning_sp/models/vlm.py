@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_sp.data.conversation import IGNORE_INDEX, supervised_logit_positions
-
 from lightning_sp.models.llm import attach_lora, build_llm
 from lightning_sp.models.projectors import Projector, build_projector
 from lightning_sp.models.vision import VisionTower
@@ -94,10 +93,10 @@ class LlavaSP(nn.Module):
     ):
         """With ``labels``: the mean cross-entropy of the supervised next tokens, computed from logits at only the
         positions that predict a label in some row (``logit_positions``, ascending, as
-        :func:`supervised_logit_positions` computes them; the collators do so on the host). The visual tokens and the prompt need no logits: at 7B shape full
-        logits are B x L x 32000 fp32 (0.26 GB per sample of 2048 tokens) plus their gradient, and the LM head's
-        FLOPs over 582 visual positions are wasted. The loss equals the LM's own (``labels=``) up to rounding; the
-        returned ``logits`` cover ``logit_positions`` only."""
+        :func:`supervised_logit_positions` computes them; the collators do so on the host). The visual tokens and
+        the prompt need no logits: at 7B shape full logits are B x L x 32000 fp32 (0.26 GB per sample of 2048
+        tokens) plus their gradient, and the LM head's FLOPs over 582 visual positions are wasted. The loss equals
+        the LM's own (``labels=``) up to rounding; the returned ``logits`` cover ``logit_positions`` only."""
         embeds = self.embed(input_ids, pixel_values)
         if labels is None:
             return self.llm(inputs_embeds=embeds, attention_mask=attention_mask)
