@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import get_cosine_schedule_with_warmup
 
 from lightning_sp import rng
-from lightning_sp.data.answers import normalize_answer
+from lightning_sp.data.conversation import IGNORE_INDEX, supervised_logit_positions
 from lightning_sp.distributed import gather_objects
 from lightning_sp.models.vlm import LlavaSP
 from lightning_sp.trainable import parameter_table, set_trainable
@@ -30,6 +30,32 @@ def param_group(name: str) -> str:
     return "sp_conv" if any(s in name for s in SP_CONV_SUFFIXES) else "projector"
 
 
+def teacher_forced_hits(logits: torch.Tensor, labels: torch.Tensor, logit_positions: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced exact match per sample: True iff the argmax predicts the label at every supervised position
+    of the sample's last answer -- its tokens and the end-of-turn token after them.
+
+    ``logits`` (B, P, V) are :meth:`LlavaSP.forward`'s, at the columns ``logit_positions`` (P, shared by the batch):
+    column j holds the prediction of token ``logit_positions[j] + 1`` of every row. Each row's supervised targets
+    are among those columns (the positions are the union over rows); columns another row needed are ignored.
+
+    Equal to greedy decoding + exact token match (tests/test_val_scoring.py): greedy emits the reference answer
+    then stops iff at each step the argmax given the reference prefix is the next reference token, EOS last; a
+    wrong token, a missing EOS (decoding would run on) or an early one fails both. Only the last answer is scored
+    because greedy decoding answers the last question, with the earlier reference answers in its prompt. A
+    template without an end-of-turn token (``plain``) has nothing that marks where greedy output would stop.
+    """
+    supervised = labels != IGNORE_INDEX
+    index = torch.arange(labels.shape[1], device=labels.device)
+    last = torch.where(supervised, index, -1).amax(dim=1, keepdim=True)  # the last answer's end-of-turn token
+    # The last answer starts after the last unsupervised position before its end (earlier turns lie before it).
+    start = torch.where(~supervised & (index < last), index, -1).amax(dim=1, keepdim=True) + 1
+    scored = supervised & (index >= start)
+    targets = labels[:, 1:].index_select(1, logit_positions)  # column j predicts token logit_positions[j] + 1
+    scored = scored[:, 1:].index_select(1, logit_positions)
+    wrong = (logits.argmax(dim=-1) != targets) & scored
+    return ~wrong.any(dim=1)
+
+
 class LlavaSPModule(L.LightningModule):
     def __init__(self, cfg, tokenizer) -> None:
         super().__init__()
@@ -39,7 +65,8 @@ class LlavaSPModule(L.LightningModule):
         set_trainable(self.model, cfg.stage)
         # Checkpoints hold trainable state only; frozen weights are rebuilt from the config on load.
         self.strict_loading = False
-        self._val_hits: dict[str, list[int]] = defaultdict(list)
+        self._val_questions: list[tuple[str, str, bool]] = []  # (record id, qtype, hit) of this rank, this epoch
+        self.val_questions: list[dict] = []  # every rank's, of the last validation: {"id", "qtype", "hit"}
         self._step_start = 0.0
         self._fsdp_units = None  # set by configure_model under FSDP2Strategy
         self._rng_to_restore = None  # random streams of a checkpoint being resumed
@@ -71,25 +98,27 @@ class LlavaSPModule(L.LightningModule):
             self.log("train/samples_per_sec", bs / elapsed, batch_size=bs)
             self.log("train/tokens_per_sec", batch["attention_mask"].numel() / elapsed, batch_size=bs)
 
-    # ---- validation: teacher-forced loss + greedy answer accuracy ------------------------------------------
+    # ---- validation: teacher-forced loss and exact match from one forward -------------------------------------
     def validation_step(self, batch, batch_idx):
         bs = batch["input_ids"].shape[0]
+        labels = batch["labels"]
+        positions = batch.get("logit_positions")
+        if positions is None:  # the model would compute the same; the hits need to know which columns it kept
+            positions = supervised_logit_positions(labels)
         out = self.model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             pixel_values=batch["pixel_values"],
-            labels=batch["labels"],
-            logit_positions=batch.get("logit_positions"),
+            labels=labels,
+            logit_positions=positions,
         )
         self.log("val/loss", out.loss, prog_bar=True, batch_size=bs, sync_dist=True)
-        predictions = self.generate_answers(batch)
-        for pred, ref, qtype in zip(predictions, batch["answers"], batch["qtypes"]):
-            hit = int(normalize_answer(pred) == normalize_answer(ref))
-            self._val_hits["all"].append(hit)
-            self._val_hits[qtype].append(hit)
+        hits = teacher_forced_hits(out.logits, labels, positions).tolist()
+        self._val_questions.extend(zip(batch["ids"], batch["qtypes"], hits))
 
-    def generate_answers(self, batch) -> list[str]:
-        new_tokens = self.model.generate(
+    def generate_tokens(self, batch) -> torch.Tensor:
+        """Greedy new tokens for the batch's left-padded prompts (B, <= eval.max_new_tokens), pad after EOS."""
+        return self.model.generate(
             batch["prompt_ids"],
             batch["prompt_attention_mask"],
             batch["pixel_values"],
@@ -99,21 +128,26 @@ class LlavaSPModule(L.LightningModule):
             # Sharded weights: every rank must run the same number of decoding steps (all-gathers in each).
             synced_gpus=self._fsdp_units is not None and self.trainer.world_size > 1,
         )
-        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+    def generate_answers(self, batch) -> list[str]:
+        """Greedy answers as text (evaluation, attention maps); validation scores by :func:`teacher_forced_hits`."""
+        return self.tokenizer.batch_decode(self.generate_tokens(batch), skip_special_tokens=True)
 
     def on_validation_epoch_end(self):
-        # Pool (hits, count) over ranks first: every rank then logs the same keys (a question type seen on one
-        # rank only would otherwise leave the ranks' sync_dist collectives mismatched) and accuracies are
-        # weighted by sample count, not averaged per rank.
-        counts = defaultdict(lambda: (0, 0))
-        for rank_counts in gather_objects({key: (sum(hits), len(hits)) for key, hits in self._val_hits.items()}):
-            for key, (h, n) in rank_counts.items():
-                counts[key] = (counts[key][0] + h, counts[key][1] + n)
+        # Every rank gathers all questions, so every rank logs the same keys (a question type seen on one rank
+        # only would otherwise leave the ranks' sync_dist collectives mismatched) and accuracies are weighted by
+        # question, not averaged per rank. Ranks hold disjoint questions (datamodule.split_samples).
+        questions = [q for rank in gather_objects(self._val_questions) for q in rank]
+        self._val_questions = []
+        self.val_questions = [{"id": rid, "qtype": qtype, "hit": int(hit)} for rid, qtype, hit in questions]
+        counts = defaultdict(lambda: [0, 0])
+        for _, qtype, hit in questions:
+            for key in ("all", qtype):
+                counts[key][0] += hit
+                counts[key][1] += 1
         for key, (h, n) in sorted(counts.items()):
             name = "val/accuracy" if key == "all" else f"val/accuracy_{key}"
-            acc = torch.tensor(h / max(1, n), dtype=torch.float32)
-            self.log(name, acc, prog_bar=key == "all", sync_dist=True)
-        self._val_hits.clear()
+            self.log(name, torch.tensor(h / n, dtype=torch.float32), prog_bar=key == "all", sync_dist=True)
 
     # ---- sharding (trainer.strategy=fsdp) --------------------------------------------------------------------
     def configure_model(self):
