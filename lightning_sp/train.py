@@ -14,9 +14,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_sp import config as config_lib
+from lightning_sp.ablate import flatten
 from lightning_sp.callbacks.nonfinite import NonFiniteGuard
 from lightning_sp.callbacks.skip_limit import SkipLimit
 from lightning_sp.data.datamodule import ShardDataModule
@@ -25,6 +26,7 @@ from lightning_sp.data.tokenizer import load_tokenizer
 from lightning_sp.distributed import RankSummary, build_strategy, launched_rank
 from lightning_sp.module import LlavaSPModule
 from lightning_sp.paths import resolve
+from lightning_sp.stats import VAL_QUESTIONS, write_questions
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         gradient_clip_val=t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches,
         enable_progress_bar=t.enable_progress_bar,
-        logger=TensorBoardLogger(save_dir=str(run_dir), name="tb", version=""),
+        # No placeholder hp_metric: the HPARAMS tab gets the real final metrics at the end (log_hparams).
+        logger=TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False),
         callbacks=[checkpoint, RankSummary(run_dir), NonFiniteGuard(), SkipLimit(cfg.data.max_skipped_fraction),
                    *viz_callbacks(cfg)],
         default_root_dir=str(run_dir),
@@ -124,6 +127,36 @@ def run_summary(module: LlavaSPModule, trainer: L.Trainer, cfg: DictConfig, fit_
         "fit_time_s": fit_seconds,
         "fit_samples_per_sec": samples / fit_seconds if fit_seconds > 0 else 0.0,
     }
+
+
+# ---- TensorBoard's HPARAMS tab ----------------------------------------------------------------------------------
+
+HPARAM_KEYS = ("seed", "stage.name", "stage.lora", "data.batch_size", "trainer.max_steps",
+               "trainer.accumulate_grad_batches", "optim.lr_projector", "optim.lr_sp_conv", "optim.lr_lora",
+               "optim.warmup_ratio", "model.vision.hidden_size", "model.vision.num_layers", "model.llm.hidden_size",
+               "model.llm.num_layers")
+NOT_HPARAMS = ("run_dir", "resume", "choices.variant")  # where and how a run ran; the variant is `variant`
+
+
+def hyperparameters(cfg: DictConfig) -> dict:
+    """The flat dict a run shows in TensorBoard's HPARAMS tab: ``variant``, every ``projector.*`` field,
+    :data:`HPARAM_KEYS`, and every other key whose value differs from the default config's (a command-line or
+    study override, or what a selected group file sets), so that runs differing in any key differ there."""
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
+    default = flatten(OmegaConf.to_container(config_lib.compose(), resolve=True))
+    params = {"variant": cfg.choices.get("variant", cfg.projector.name)}
+    params.update({k: v for k, v in flat.items() if k in HPARAM_KEYS or k.startswith("projector.")
+                   or (k not in NOT_HPARAMS and (k not in default or v != default[k]))})
+    return params
+
+
+def log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, float]) -> None:
+    """Hyperparameters with the run's final validation metrics and train loss, so that runs compare in the
+    HPARAMS tab. Lightning's logger writes the metrics as scalars too (the tab reads them from there), at the last
+    step: the same values the last validation logged."""
+    final = {k: v for k, v in metrics.items() if k.startswith("val/") or k == "train/loss"}
+    trainer.logger.log_hyperparams(hyperparameters(cfg), metrics=final, step=trainer.global_step)
+    trainer.logger.finalize("success")  # the fit's end closed the event file; this writes and closes the new one
 
 
 def _checkpoint_step(path: Path) -> int | None:
@@ -196,6 +229,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics.update(run_summary(module, trainer, cfg, fit_seconds))
     metrics["wall_time_s"] = time.perf_counter() - started
     if trainer.is_global_zero:
+        if module.val_questions:  # before metrics.json, which marks the run finished (ablate.py reads both)
+            write_questions(run_dir / VAL_QUESTIONS, module.val_questions)
+        log_hparams(trainer, cfg, metrics)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("train/loss", "val/loss", "val/accuracy") if k in metrics)
         print(f"run finished in {metrics['wall_time_s']:.0f}s: {shown} -> {run_dir}", flush=True)

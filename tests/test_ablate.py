@@ -3,6 +3,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import yaml
 from conftest import TINY
@@ -10,7 +11,8 @@ from evalkit import small_data
 
 from lightning_sp import ablate
 from lightning_sp.ablate import load_study, parse_ablate_args, plan_study, run_study, write_results
-from lightning_sp.config import ConfigError
+from lightning_sp.config import ConfigError, compose
+from lightning_sp.stats import VAL_QUESTIONS, accuracy_interval, sign_flip_p_value, write_questions
 
 
 def test_default_study_composes_every_arm(tmp_path):
@@ -80,6 +82,117 @@ def test_results_table_is_mean_and_std_over_seeds(tmp_path):
     assert float(table[0]["val/accuracy_mean"]) == pytest.approx(0.6) and table[1]["val/accuracy_std"] == ""
 
 
+def _fake_study(tmp_path, rates: dict, seeds=(0, 1), n_per_type: int = 30):
+    """Finished runs without training: metrics.json and per-question hits (count and locate questions, drawn at
+    the arm's rate per type), plus the synthetic train/val JSON the priors come from. Returns (study_dir,
+    {arm: {seed: {qid: hit}}}, qtype by id, planned runs, val records, train records)."""
+    rng = np.random.default_rng(0)
+    study_dir, raw = tmp_path / "study", tmp_path / "raw"
+    raw.mkdir(parents=True)
+    qtype = {f"val_{i:06d}": ("count", "locate")[i % 2] for i in range(2 * n_per_type)}
+    answers = {"count": ["1", "2", "2", "3"], "locate": ["top", "left", "top left", "center"]}
+    val = [{"id": qid, "qtype": qt, "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                      {"from": "gpt", "value": answers[qt][i // 2 % 4]}]}
+           for i, (qid, qt) in enumerate(qtype.items())]
+    train = [{"id": f"t{i}", "qtypes": ["count", "locate"], "conversations": [
+        {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": answers["count"][i % 3]},
+        {"from": "human", "value": "q"}, {"from": "gpt", "value": answers["locate"][(i % 5) % 4]}]} for i in range(20)]
+    (raw / "val.json").write_text(json.dumps(val))
+    (raw / "train.json").write_text(json.dumps(train))
+    hits, runs = {}, []
+    for arm, by_type in rates.items():
+        hits[arm] = {}
+        for seed in seeds:
+            run_dir = study_dir / arm / f"seed{seed}"
+            run_dir.mkdir(parents=True)
+            hits[arm][seed] = {q: int(rng.random() < by_type[qt]) for q, qt in qtype.items()}
+            write_questions(run_dir / VAL_QUESTIONS, [{"id": q, "qtype": qtype[q], "hit": h}
+                                                      for q, h in hits[arm][seed].items()])
+            (run_dir / "metrics.json").write_text(json.dumps(
+                {"val/accuracy": float(np.mean(list(hits[arm][seed].values()))), "num_visual_tokens": 576.0}))
+            runs.append(ablate.PlannedRun(arm, seed, [], run_dir, compose([f"data.synthetic.raw_dir={raw}"])))
+    return study_dir, hits, qtype, runs, val, train
+
+
+def test_results_give_pooled_intervals_priors_paired_comparisons_and_a_chart(tmp_path):
+    rates = {"mlp": {"count": 0.4, "locate": 0.3}, "pooling": {"count": 0.95, "locate": 0.9},
+             "cropping": {"count": 0.4, "locate": 0.35}}
+    study_dir, hits, qtype, runs, val, train = _fake_study(tmp_path, rates)
+    rows = ablate.summarize(study_dir, list(rates), [0, 1])
+    priors = ablate.priors(runs, rows)
+    md = write_results(study_dir, "study", ablate.StudySpec(seeds=[0, 1]), rows, {}, [], [], priors=priors)
+    with open(study_dir / "results.csv") as f:
+        table = {r["arm"]: r for r in csv.DictReader(f)}
+    ids = sorted(qtype)
+
+    def matrix(arm, qt=None):
+        return np.array([[hits[arm][s][q] for s in (0, 1)] for q in ids if qt is None or qtype[q] == qt])
+
+    # Priors, directly: each type's most frequent training answer (count "2": 13 of 20; locate "top": 8 of 20),
+    # scored on the val questions.
+    majority = {"count": "2", "locate": "top"}
+    prior = {qt: np.mean([r["conversations"][1]["value"] == majority[qt] for r in val if r["qtype"] == qt])
+             for qt in ("count", "locate")}
+    prior_all = np.mean([r["conversations"][1]["value"] == majority[r["qtype"]] for r in val])
+    assert f"| prior | – | – | {prior_all:.3f} | {prior['count']:.3f} | {prior['locate']:.3f} |" in md
+    for arm in rates:
+        overall, by_type = matrix(arm), {qt: matrix(arm, qt) for qt in ("count", "locate")}
+        iv = accuracy_interval(overall)
+        assert iv.estimate == pytest.approx(overall.mean())  # pooled: every question x seed
+        cells = [f"{iv.estimate:.3f} [{iv.low:.3f}, {iv.high:.3f}]"]
+        for qt, m in by_type.items():
+            t = accuracy_interval(m)
+            cells.append(f"{t.estimate:.3f} [{t.low:.3f}, {t.high:.3f}]")
+            assert float(table[arm][f"val/accuracy_{qt}_pooled"]) == pytest.approx(m.mean())
+            assert (float(table[arm][f"val/accuracy_{qt}_ci_low"]), float(table[arm][f"val/accuracy_{qt}_ci_high"])) \
+                == pytest.approx((t.low, t.high))
+            assert float(table[arm][f"val/accuracy_{qt}_prior"]) == pytest.approx(prior[qt])
+        assert f"| {arm} | 2 | 60 | " + " | ".join(cells) + " |" in md
+        assert table[arm]["n_questions"] == "60"
+
+    # Paired with mlp, directly: the difference of pooled accuracies, the sign-flip p of per-question sums.
+    for arm in ("pooling", "cropping"):
+        diff = matrix(arm).mean() - matrix("mlp").mean()
+        p = sign_flip_p_value((matrix(arm) - matrix("mlp")).sum(axis=1))
+        better = int(((matrix(arm) == 1) & (matrix("mlp") == 0)).sum())
+        worse = int(((matrix(arm) == 0) & (matrix("mlp") == 1)).sum())
+        assert float(table[arm]["diff"]) == pytest.approx(diff) and float(table[arm]["p_value"]) == pytest.approx(p)
+        assert table[arm]["reference"] == "mlp" and table[arm]["significant"] == str(p < 0.05)
+        assert f"| {arm} | 60 x 2 | {diff:+.3f} |" in md and f"| {better} / {worse} |" in md
+    assert float(table["pooling"]["p_value"]) < 1e-6 and table["pooling"]["significant"] == "True"
+    assert table["mlp"]["diff"] == "" and "| mlp | 60 x 2 |" not in md
+
+    # The chart: a PNG, bars at the pooled accuracies with their intervals, priors drawn as ticks.
+    from PIL import Image
+
+    with Image.open(study_dir / "results.png") as png:
+        assert png.format == "PNG" and png.width > 300
+    assert "![per-type accuracy with 95 % intervals](results.png)" in md
+    ax = ablate.chart(rows, priors).axes[0]
+    bars = [c for c in ax.containers if c.__class__.__name__ == "BarContainer"]
+    assert [b.get_label() for b in bars] == list(rates)
+    for container, row in zip(bars, rows):
+        keys = ["val/accuracy", "val/accuracy_count", "val/accuracy_locate"]
+        assert [p.get_height() for p in container.patches] == pytest.approx([row["intervals"][k].estimate
+                                                                              for k in keys])
+        segments = container.errorbar.lines[2][0].get_segments()
+        assert [y for s in segments for y in (s[0][1], s[1][1])] == pytest.approx(
+            [y for k in keys for y in (row["intervals"][k].low, row["intervals"][k].high)])
+    ticks = [c for c in ax.collections if c.get_label().startswith("prior")]
+    assert sorted({round(s[0][1], 9) for s in ticks[0].get_segments()}) == sorted(
+        round(v, 9) for v in (prior_all, prior["count"], prior["locate"]))
+
+
+def test_without_an_mlp_arm_the_paired_comparison_is_skipped_with_a_note(tmp_path):
+    study_dir, *_ = _fake_study(tmp_path, {"pooling": {"count": 0.5, "locate": 0.5},
+                                           "cropping": {"count": 0.5, "locate": 0.5}}, seeds=(0,))
+    rows = ablate.summarize(study_dir, ["pooling", "cropping"], [0])
+    md = write_results(study_dir, "study", ablate.StudySpec(seeds=[0]), rows, {}, [], [])
+    assert "No paired comparison: the study has no `mlp` arm" in md and "| prior |" not in md
+    with open(study_dir / "results.csv") as f:
+        assert all(r["diff"] == "" and r["val/accuracy_pooled"] for r in csv.DictReader(f))
+
+
 @pytest.mark.slow
 def test_tiny_study_runs_writes_results_and_skips_finished_runs(tmp_path, monkeypatch, capsys):
     budget = [*TINY, *small_data(tmp_path / "data"), "trainer.max_steps=2", "trainer.val_check_interval=2",
@@ -105,6 +218,12 @@ def test_tiny_study_runs_writes_results_and_skips_finished_runs(tmp_path, monkey
     tokens = {arm: float(r["num_visual_tokens_mean"]) for arm, r in table.items()}
     assert tokens == {"mlp": 576.0, "pooling_nodfi": 582.0, "sp1": 577.0}
     assert float(table["pooling_nodfi"]["params/projector_mean"]) > float(table["mlp"]["params/projector_mean"])
+    # Per-question results (4 val questions: limit_val_batches=1) feed the intervals, priors and the comparison.
+    for arm, r in table.items():
+        assert r["n_questions"] == "4" and float(r["val/accuracy_pooled"]) == pytest.approx(
+            float(r["val/accuracy_mean"]))
+        assert r["val/accuracy_prior"] != "" and (r["reference"] == "mlp") == (arm != "mlp")
+    assert "## Paired comparison with `mlp`" in md and (study_dir / "results.png").is_file()
     capsys.readouterr()
 
     # Re-run through the command line: everything is finished, nothing trains.

@@ -5,10 +5,12 @@ import json
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from lightning_sp.data.tokenizer import load_tokenizer
 from lightning_sp.module import LlavaSPModule
 from lightning_sp.paths import resolve
+from lightning_sp.stats import VAL_QUESTIONS, read_questions
 from lightning_sp.train import train
 from evalkit import small_data
 
@@ -31,6 +33,23 @@ def test_few_step_fit_writes_config_metrics_checkpoint_and_logs(tmp_path, tiny_c
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "val/loss", "val/accuracy", "lr", "train/samples_per_sec"} <= tags, tags
+    assert "hp_metric" not in tags  # no placeholder: the HPARAMS tab shows the real metrics
+    # The HPARAMS tab: the variant, projector fields, the curated keys and the overrides, with final metrics.
+    hparams = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])
+    values = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.session_start_info.hparams.items()}
+    assert values["variant"] == variant and values["projector.name"] == variant
+    assert values["trainer.max_steps"] == 4 and values["data.batch_size"] == 4 and values["seed"] == 0
+    assert values["model.llm.hidden_size"] == 64 and values["data.synthetic.n_train"] == 24  # TINY, small_data
+    assert values["trainer.limit_val_batches"] == 1 and "run_dir" not in values
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+    metric_tags = {m.name.tag for m in experiment.metric_infos}
+    assert {"val/accuracy", "val/loss", "train/loss"} <= metric_tags and any("val/accuracy_" in t for t in metric_tags)
+
+    # Validation's per-question hits: as many as the val batches hold, averaging to the logged accuracy.
+    questions = read_questions(run_dir / VAL_QUESTIONS)
+    assert len(questions) == 4 and len({q["id"] for q in questions}) == 4  # limit_val_batches=1 x val_batch_size
+    assert sum(q["hit"] for q in questions) / 4 == pytest.approx(metrics["val/accuracy"])
 
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     names = set(ckpt["state_dict"])
