@@ -13,7 +13,7 @@ RUN ?=
 ABLATE ?= default
 BENCH ?= synthetic
 
-.PHONY: help setup train data tokenizer test bench bench-gpu tensorboard clean notebook ablate eval
+.PHONY: help setup train data tokenizer encoder test bench bench-gpu tensorboard clean notebook ablate eval
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ data: $(STAMP) ## generate + shard the synthetic spatial-VQA data (train does th
 
 tokenizer: $(STAMP) ## rebuild the shipped tokenizer in data/tokenizer
 	$(PY) -m lightning_sp.data.tokenizer --out data/tokenizer
+
+encoder: $(STAMP) ## re-pretrain the shipped tiny vision encoder in data/encoder (contrastive, synthetic scenes; minutes)
+	$(PY) -m lightning_sp.pretrain_encoder --out data/encoder $(ARGS)
 
 test: $(STAMP) ## run the test suite on CPU (nothing downloaded)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -18,6 +18,8 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+from lightning_sp.paths import resolve
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,10 @@ class OptimConfig:
     lr_sp_conv: Optional[float] = None
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
+    # "cosine" (LLaVA's: linear warmup, cosine to 0 over the run) or "wsd" (warmup, constant, then a cosine decay
+    # over the last `decay_ratio` of the steps): a short run that is still learning keeps its full rate longer.
+    schedule: str = "cosine"
+    decay_ratio: float = 0.2  # wsd only
     betas: tuple[float, float] = (0.9, 0.999)
 
 
@@ -322,6 +328,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("init= (warm start: weights only) and resume= (continue a run) exclude each other")
     if cfg.resume == "auto" and not cfg.run_dir:
         raise ConfigError("resume=auto continues the run in run_dir: set run_dir=<the run directory>")
+    if cfg.optim.schedule not in ("cosine", "wsd"):
+        raise ConfigError(f"optim.schedule must be 'cosine' or 'wsd', got '{cfg.optim.schedule}'")
+    if not 0.0 <= cfg.optim.decay_ratio <= 1.0 - cfg.optim.warmup_ratio:
+        raise ConfigError(f"optim.decay_ratio must be in [0, 1 - optim.warmup_ratio], got {cfg.optim.decay_ratio}")
     if cfg.model.vision.position_init not in ("sincos", "hf"):
         raise ConfigError(f"model.vision.position_init must be 'sincos' or 'hf', got '{cfg.model.vision.position_init}'")
     if cfg.model.llm.dtype not in ("float32", "bfloat16", "float16"):
@@ -439,7 +449,9 @@ def _encoder_geometry(name_or_path: str) -> Optional[tuple[int, int]]:
     try:
         from transformers import CLIPVisionConfig
 
-        config = CLIPVisionConfig.from_pretrained(str(name_or_path), local_files_only=True)
+        local = resolve(name_or_path)
+        config = CLIPVisionConfig.from_pretrained(str(local) if local.is_dir() else str(name_or_path),
+                                                  local_files_only=True)
     except Exception:  # noqa: BLE001 -- not local, not cached, not a CLIP config: checked when the model loads
         return None
     return int(config.image_size), int(config.patch_size)

@@ -9,7 +9,7 @@ from collections import defaultdict
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from transformers import get_cosine_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup, get_wsd_schedule
 
 from lightning_sp import rng
 from lightning_sp.data.conversation import IGNORE_INDEX, supervised_logit_positions
@@ -185,7 +185,11 @@ class LlavaSPModule(L.LightningModule):
         )
         total = self.trainer.max_steps
         warmup = int(round(self.cfg.optim.warmup_ratio * total))
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+        if self.cfg.optim.schedule == "wsd":
+            decay = int(round(self.cfg.optim.decay_ratio * total))
+            scheduler = get_wsd_schedule(optimizer, warmup, decay, num_training_steps=total)
+        else:
+            scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_fit_start(self):

@@ -7,6 +7,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from lightning_sp.models.seeding import seeded
+from lightning_sp.paths import resolve
 
 
 def sincos_2d(grid: int, width: int) -> torch.Tensor:
@@ -39,7 +40,9 @@ class VisionTower(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> "VisionTower":
         if cfg.name_or_path:
-            model = CLIPVisionModel.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+            local = resolve(cfg.name_or_path)  # a repo-relative dir (the shipped data/encoder) from any cwd
+            source = str(local) if local.is_dir() else cfg.name_or_path
+            model = CLIPVisionModel.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
         else:
             config = CLIPVisionConfig(
                 hidden_size=cfg.hidden_size,
