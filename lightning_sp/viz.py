@@ -23,6 +23,18 @@ Two steps, kept apart so that tests and notebooks can check the numbers without 
      implementation for that one pass on one sample and restores it, so training keeps SDPA/flash.
    * ``windows``: what each SP token summarises, in pixels: a crop box (cropping) or the cells of the pooling
      grid (pooling), from ``projector.sp_boxes()`` / the SFE sides, scaled from the patch grid to the image.
+   * ``asked_cell`` and ``llm_first_row``: the cell a synthetic question names ("... in the top left cell?")
+     and, per layer, the attention over the visual tokens of the row that predicts the first answer token (the
+     last prompt token). ``attention_on_target`` turns them into the number the validation logs
+     (``val/attention_on_target``, lightning_sp/callbacks/attention_metrics.py): the share of that row's patch
+     attention on the asked cell relative to uniform, in its best layer; ``sp_attention_spread`` how far the SP
+     tokens' own attention is from uniform.
+
+Where the answer looks, as numbers: :func:`named_cell`, :func:`cell_patches`, :func:`attention_on_cell`,
+:func:`sp_share_over_uniform`, :func:`max_over_uniform`, :func:`normalised_entropy` are pure functions of
+tensors, shared by the pictures and the validation metrics so both report the same quantity;
+:func:`prompt_attention` gives that last-prompt-token row for a batch of left-padded prompts at the cost of
+about one ordinary forward (:func:`last_position_attention`).
 
 2. :func:`sp_attention_figure`, :func:`llm_figure` return matplotlib figures; :func:`render_sp_attention`,
    :func:`render_llm` the same as (H, W, 3) uint8 arrays (TensorBoard); :func:`qa_markdown` the question, the
@@ -35,6 +47,7 @@ Figures are built with ``matplotlib.figure.Figure`` (no pyplot): no global state
 from __future__ import annotations
 
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_sp.data.images import CLIP_MEAN, CLIP_STD
+from lightning_sp.data.synthetic import POSITIONS
 
 Box = tuple[float, float, float, float]  # pixels: (x0, y0, x1, y1)
 GridBox = tuple[int, int, int, int]  # patch grid: (row0, col0, row1, col1), end exclusive
@@ -165,6 +179,146 @@ def eager_attention(llm) -> Iterator[None]:
         _set_attn_implementation(model, previous)
 
 
+# ---- where the answer looks, as numbers ---------------------------------------------------------------------
+
+CELLS = len(POSITIONS)  # synthetic scenes: a CELLS x CELLS grid of cells (lightning_sp/data/synthetic.py)
+# The whole phrase "the <name> cell": "top" is a cell name and also the start of "top left", and "left" ends it.
+_CELL_PHRASE = re.compile(r"\bthe (" + "|".join(re.escape(n) for row in POSITIONS for n in row) + r") cell\b",
+                          re.IGNORECASE)
+_CELL_OF_NAME = {name: (r, c) for r, row in enumerate(POSITIONS) for c, name in enumerate(row)}
+
+
+def named_cell(question: str) -> Optional[tuple[int, int]]:
+    """(row, col) of the cell a synthetic question names ("What shape is in the bottom left cell?"), or None
+    when it names none ("Where is the red circle?", "How many shapes are in the top row?")."""
+    match = _CELL_PHRASE.search(question)
+    return _CELL_OF_NAME[match.group(1).lower()] if match else None
+
+
+def cell_patches(grid: tuple[int, int], cell: tuple[int, int], cells: int = CELLS) -> torch.Tensor:
+    """(gh, gw) bool: the patches of ``cell`` (row, col) when the image is cut into cells x cells equal parts.
+    A patch belongs to the cell its centre lies in, so the cells partition any grid: 24 x 24 gives 8 rows a cell,
+    16 x 16 gives 5, 6, 5. Integer arithmetic: patch r's centre (r + 1/2) / gh lies in cell
+    floor((2r + 1) cells / 2gh); with an odd number of cells no centre lies on a border ((2r + 1) cells is odd,
+    a multiple of 2gh even)."""
+    (gh, gw), (row, col) = grid, cell
+    rows = (2 * torch.arange(gh) + 1) * cells // (2 * gh) == row
+    cols = (2 * torch.arange(gw) + 1) * cells // (2 * gw) == col
+    return rows[:, None] & cols[None, :]
+
+
+def attention_on_cell(patch_attention, grid: tuple[int, int], cell: tuple[int, int],
+                      cells: int = CELLS) -> torch.Tensor:
+    """How much of ``patch_attention`` (..., gh * gw), row-major over the patch grid, falls on ``cell``, relative
+    to uniform: (mass on the cell's patches / mass on all patches) / (the cell's patches / all patches).
+    1 = no preference, cells**2 (9) = everything on the cell (for grids the cells split evenly), 0 = none on it.
+    Normalised over the patches only: how much goes to text or SP tokens is another question
+    (:func:`sp_share_over_uniform`)."""
+    att = torch.as_tensor(patch_attention).float()
+    mask = cell_patches(grid, cell, cells).flatten()
+    if att.shape[-1] != mask.numel():
+        raise ValueError(f"attention over {att.shape[-1]} patches, grid {tuple(grid)} has {mask.numel()}")
+    share = att[..., mask].sum(-1) / att.sum(-1)
+    return share * mask.numel() / int(mask.sum())
+
+
+def sp_share_over_uniform(visual_attention, num_sp_tokens: int) -> torch.Tensor:
+    """The SP tokens' share of the attention on all visual tokens (..., T), SP tokens first as in the projector's
+    layout, relative to uniform (S / T): 1 = an SP token gets what an average visual token gets."""
+    att = torch.as_tensor(visual_attention).float()
+    return att[..., :num_sp_tokens].sum(-1) / att.sum(-1) * att.shape[-1] / num_sp_tokens
+
+
+def max_over_uniform(attention) -> torch.Tensor:
+    """Peak of each attention distribution (..., K) relative to uniform: K max_k a_k. 1 = uniform, K = all on one
+    token. Reads like the DFI overlay's "x uniform"; it sees the peak only (see :func:`normalised_entropy`)."""
+    att = torch.as_tensor(attention).float()
+    return att.amax(-1) * att.shape[-1]
+
+
+def normalised_entropy(attention) -> torch.Tensor:
+    """Entropy of each attention distribution (..., K) over log K: 1 = uniform, 0 = all on one token. Sees the
+    whole distribution: a map with one strong peak and one with a broad raised region can share a maximum."""
+    att = torch.as_tensor(attention).float()
+    return -torch.special.xlogy(att, att).sum(-1) / math.log(att.shape[-1])
+
+
+def eager_forward(model, ids: torch.Tensor, mask: torch.Tensor, pixel_values: torch.Tensor):
+    """One forward at eager attention: (the LLM's per-layer attentions, ``projector.last_attention`` of the same
+    forward). Only the last position's logits: the callers want attention, not logits."""
+    model.projector.last_attention = None
+    with eager_attention(model.llm):
+        embeds = model.embed(ids, pixel_values)
+        sp_attention = model.projector.last_attention
+        out = model.llm(inputs_embeds=embeds, attention_mask=mask, output_attentions=True, use_cache=False,
+                        logits_to_keep=1)
+    if not out.attentions or out.attentions[0] is None:
+        raise RuntimeError("the LLM returned no attention weights although it ran with eager attention")
+    return out.attentions, sp_attention
+
+
+def last_position_attention(model, ids: torch.Tensor, mask: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
+                            *, visual_tokens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
+    """The attention row of the last position of LEFT-padded sequences (B, L) in every layer, (B, heads, L) each.
+
+    Run as ``generate`` runs: all positions but the last with the model's own attention kernel, keeping the K/V
+    cache, then the last position alone at eager attention. Eager weights over all L x L pairs would cost as much
+    as the rest of a small model's forward; one row costs nothing. Positions count from each sequence's first real
+    token, as in ``generate``, so a padded sequence gets the numbers it gets alone.
+
+    ``visual_tokens`` (B, T, H), e.g. those the validation step's own forward computed, stand in for running the
+    vision tower and projector on ``pixel_values`` again.
+    """
+    if visual_tokens is not None:
+        # embed() splices whatever visual_tokens() returns into the text embeddings: shadowing the method on the
+        # instance for this one call reuses that splice as is, instead of a copy of it here.
+        model.visual_tokens = lambda _: visual_tokens
+    try:
+        embeds = model.embed(ids, pixel_values)
+    finally:
+        if visual_tokens is not None:
+            del model.visual_tokens
+    positions = (mask.long().cumsum(1) - 1).clamp_min(0)
+    prefix = model.llm(inputs_embeds=embeds[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                       use_cache=True, logits_to_keep=1)
+    with eager_attention(model.llm):
+        out = model.llm(inputs_embeds=embeds[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
+                        past_key_values=prefix.past_key_values, use_cache=True, output_attentions=True,
+                        logits_to_keep=1)
+    if not out.attentions or out.attentions[0] is None:
+        raise RuntimeError("the LLM returned no attention weights although it ran with eager attention")
+    return tuple(a[:, :, -1] for a in out.attentions)
+
+
+def left_trimmed(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LEFT-padded prompts (B, L) without the leading columns that are padding in every row (a subset of a batch
+    keeps the padding of the batch's longest prompt)."""
+    if prompt_mask[:, -1].min() == 0:
+        raise ValueError("prompts must be left-padded (last column of the attention mask all ones)")
+    first = int(prompt_mask.any(0).nonzero()[0])
+    return prompt_ids[:, first:], prompt_mask[:, first:]
+
+
+@torch.no_grad()
+def prompt_attention(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                     pixel_values: Optional[torch.Tensor] = None, *,
+                     visual_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """LEFT-padded prompts (B, L) with their images (B, 3, H, W), or the images' visual tokens (B, T, H) already
+    computed -> the attention of each prompt's last position -- the one whose logits give the first answer token --
+    over its visual tokens, per layer and averaged over heads, (B, layers, T) in the projector's layout (SP
+    tokens, then patches row-major). The prompts must hold the image placeholders expanded (T per row).
+    """
+    ids, mask = left_trimmed(prompt_ids, prompt_mask)
+    is_image = ids == model.image_token_id
+    counts = is_image.sum(1)
+    if (counts != model.num_visual_tokens).any():
+        raise ValueError(f"prompts hold {counts.tolist()} image tokens, the projector emits "
+                         f"{model.num_visual_tokens} each (expand the <image> placeholder first)")
+    rows = last_position_attention(model, ids, mask, pixel_values, visual_tokens=visual_tokens)
+    last = torch.stack([r.float().mean(1) for r in rows], dim=1)  # (B, layers, L)
+    return last[is_image.unsqueeze(1).expand_as(last)].view(ids.shape[0], len(rows), -1)
+
+
 # ---- computing the maps -------------------------------------------------------------------------------------
 
 @dataclass
@@ -178,6 +332,10 @@ class AttentionMaps:
     llm_patches: np.ndarray  # (gh, gw) attention fraction on each patch token
     llm_visual_share: float  # fraction of the answer's attention on all visual tokens
     answer_rows: int  # number of attention rows averaged (= answer tokens)
+    # (layers, T) the row predicting the first answer token (the last prompt token), per layer, mean over heads:
+    # what the validation metrics read (lightning_sp/callbacks/attention_metrics.py)
+    llm_first_row: Optional[np.ndarray] = None
+    asked_cell: Optional[tuple[int, int]] = None  # (row, col) the question names (synthetic), else None
     sp_attention_kind: Optional[str] = None  # "dfi" | "extractor" | None (no SP-token attention)
     sp_attention: Optional[np.ndarray] = None  # dfi: (S, n, n) K/V weights; extractor: (S, gh, gw)
     sp_attention_map: Optional[np.ndarray] = None  # (S, H, W) on the image, each sums to 1
@@ -191,6 +349,34 @@ class AttentionMaps:
     @property
     def num_sp_tokens(self) -> int:
         return len(self.llm_sp)
+
+    @property
+    def attention_on_target_by_layer(self) -> Optional[np.ndarray]:
+        """(layers,) per layer: the first answer row's patch attention on the asked cell relative to uniform
+        (:func:`attention_on_cell`); None when the question names no cell."""
+        if self.asked_cell is None or self.llm_first_row is None:
+            return None
+        patches = self.llm_first_row[:, self.num_sp_tokens:]
+        return attention_on_cell(torch.from_numpy(patches), self.patch_grid, self.asked_cell).numpy()
+
+    @property
+    def attention_on_target(self) -> Optional[tuple[float, int]]:
+        """(value, layer) of the layer where the answer looks most at the asked cell, the sample's
+        ``val/attention_on_target`` (max over layers, as the validation metric); None without an asked cell."""
+        per_layer = self.attention_on_target_by_layer
+        if per_layer is None:
+            return None
+        best = int(per_layer.argmax())
+        return float(per_layer[best]), best
+
+    @property
+    def sp_attention_spread(self) -> Optional[tuple[float, float]]:
+        """How far the SP tokens' own attention is from uniform, mean over SP tokens: (peak / uniform,
+        entropy / log K), the validation's ``val/<kind>_attention_*``; None without SP-token attention."""
+        if self.sp_attention is None:
+            return None
+        flat = torch.from_numpy(self.sp_attention).flatten(1)
+        return float(max_over_uniform(flat).mean()), float(normalised_entropy(flat).mean())
 
     @property
     def llm_patch_map(self) -> np.ndarray:
@@ -224,11 +410,12 @@ def _strip_answer(new_tokens: torch.Tensor, eos_token_id: Optional[int], pad_tok
 
 
 @torch.no_grad()
-def llm_answer_attention(model, prompt_ids: torch.Tensor, pixel_values: torch.Tensor,
-                         answer_ids: Sequence[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One eager forward of prompt + answer; returns the attention of the answer rows over the visual tokens,
-    averaged over layers, heads and rows, as (T,) in the projector's layout (SP tokens, then patches row-major),
-    and ``projector.last_attention`` of that same forward for this sample, (S, K), or None.
+def answer_attention_by_layer(model, prompt_ids: torch.Tensor, pixel_values: torch.Tensor,
+                              answer_ids: Sequence[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One eager forward of prompt + answer; returns the attention of the rows that predict the answer tokens (the
+    row of the token *before* each) over the visual tokens, averaged over heads, as (layers, rows, T) in the
+    projector's layout (SP tokens, then patches row-major); and ``projector.last_attention`` of that same forward
+    for this sample, (S, K), or None. Row 0 is the last prompt token, the row :func:`prompt_attention` reads.
 
     ``prompt_ids`` (L,) unpadded with the image placeholders expanded; ``pixel_values`` (3, H, W).
     """
@@ -237,23 +424,22 @@ def llm_answer_attention(model, prompt_ids: torch.Tensor, pixel_values: torch.Te
     if answer.numel() == 0:
         raise ValueError("answer_ids is empty: nothing to take the attention of")
     ids = torch.cat([prompt_ids.cpu().long(), answer]).unsqueeze(0).to(device)
-    mask = torch.ones_like(ids)
     rows = torch.arange(prompt_ids.numel() - 1, ids.shape[1] - 1, device=device)  # rows that predict the answer
     image_pos = (ids[0] == model.image_token_id).nonzero().squeeze(1)
     if image_pos.numel() != model.num_visual_tokens:
         raise ValueError(f"prompt holds {image_pos.numel()} image tokens, the projector emits "
                          f"{model.num_visual_tokens} (expand the <image> placeholder first)")
-    model.projector.last_attention = None
-    with eager_attention(model.llm):
-        embeds = model.embed(ids, pixel_values.unsqueeze(0).to(device))
-        sp_attention = model.projector.last_attention
-        out = model.llm(inputs_embeds=embeds, attention_mask=mask, output_attentions=True, use_cache=False)
-    if not out.attentions or out.attentions[0] is None:
-        raise RuntimeError("the LLM returned no attention weights although it ran with eager attention")
-    # (layers, heads, rows, L) -> mean over layers, heads, rows -> (L,)
-    att = torch.stack([a[0][:, rows].float() for a in out.attentions]).mean(dim=(0, 1, 2))
-    visual = att[image_pos].cpu()
-    return visual, (sp_attention[0].float().cpu() if sp_attention is not None else None)
+    attentions, sp_attention = eager_forward(model, ids, torch.ones_like(ids), pixel_values.unsqueeze(0).to(device))
+    # each (1, heads, L, L) -> (heads, rows, visual) -> mean over heads; stacked (layers, rows, T)
+    att = torch.stack([a[0][:, rows][..., image_pos].float().mean(0) for a in attentions]).cpu()
+    return att, (sp_attention[0].float().cpu() if sp_attention is not None else None)
+
+
+def llm_answer_attention(model, prompt_ids: torch.Tensor, pixel_values: torch.Tensor,
+                         answer_ids: Sequence[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`answer_attention_by_layer` averaged over layers and answer rows: (T,), and the SP attention."""
+    att, sp_attention = answer_attention_by_layer(model, prompt_ids, pixel_values, answer_ids)
+    return att.mean(dim=(0, 1)), sp_attention
 
 
 @torch.no_grad()
@@ -277,7 +463,7 @@ def compute_sample_maps(model, tokenizer, pixel_values: torch.Tensor, prompt_ids
             answer_ids = _strip_answer(new[0].cpu(), tokenizer.eos_token_id, tokenizer.pad_token_id)
             if not answer_ids:
                 answer_ids = [tokenizer.eos_token_id]
-        visual, sp_attention = llm_answer_attention(model, prompt_ids, pixel_values, answer_ids)
+        by_layer, sp_attention = answer_attention_by_layer(model, prompt_ids, pixel_values, answer_ids)
     finally:
         model.train(was_training)
 
@@ -286,6 +472,8 @@ def compute_sample_maps(model, tokenizer, pixel_values: torch.Tensor, prompt_ids
     image = denormalize(pixel_values)
     hw = image.shape[:2]
     s = layout.num_sp_tokens
+    visual = by_layer.mean(dim=(0, 1))
+    question = question_text(tokenizer, prompt_ids, model.image_token_id, roles)
     maps = AttentionMaps(
         image=image,
         patch_grid=tuple(layout.patch_grid),
@@ -294,7 +482,9 @@ def compute_sample_maps(model, tokenizer, pixel_values: torch.Tensor, prompt_ids
         llm_patches=visual[s:].reshape(layout.patch_grid).numpy(),
         llm_visual_share=float(visual.sum()),
         answer_rows=len(answer_ids),
-        question=question_text(tokenizer, prompt_ids, model.image_token_id, roles),
+        llm_first_row=by_layer[:, 0].numpy(),
+        asked_cell=named_cell(question),
+        question=question,
         target=target,
         prediction=tokenizer.decode(list(answer_ids), skip_special_tokens=True).strip(),
         sample_id=sample_id,
@@ -452,11 +642,13 @@ def sp_attention_figure(maps: AttentionMaps, panel: float = 1.9, columns: int = 
             ax.set_title(f"K/V weights {w.shape[0]}x{w.shape[1]}, % (uniform {100 / w.size:.1f})", fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
+    peak, entropy = maps.sp_attention_spread
+    spread = f"mean over SP tokens: peak {peak:.2f}x uniform, entropy {entropy:.3f} of uniform's"
     if dfi:
         fig.suptitle("DFI cross-attention of each SP token: K/V weights spread over their receptive fields, "
-                     "relative to uniform attention", fontsize=9)
+                     f"relative to uniform attention\nK/V weights, {spread}", fontsize=9)
     else:
-        fig.suptitle("SP extractor attention of each SP token over the patch grid", fontsize=9)
+        fig.suptitle(f"SP extractor attention of each SP token over the patch grid\n{spread}", fontsize=9)
     return fig
 
 
@@ -485,9 +677,21 @@ def llm_figure(maps: AttentionMaps, panel: float = 3.0):
         ax.set_xlabel("% of the answer's attention", fontsize=7)
         ax.set_title(f"answer -> SP tokens ({100 * float(maps.llm_sp.sum()):.1f}% in all)", fontsize=8)
         ax.legend(fontsize=6, loc="lower right")
-    fig.suptitle(f"LLM attention, mean over layers, heads and {maps.answer_rows} answer rows "
-                 f"(visual tokens: {100 * maps.llm_visual_share:.1f}%)", fontsize=8)
+    title = (f"LLM attention, mean over layers, heads and {maps.answer_rows} answer rows "
+             f"(visual tokens: {100 * maps.llm_visual_share:.1f}%)")
+    if maps.attention_on_target is not None:
+        title += "\n" + target_caption(maps)
+    fig.suptitle(title, fontsize=8)
     return fig
+
+
+def target_caption(maps: AttentionMaps) -> str:
+    """'answer attention on the asked cell (top left): 4.2x uniform (layer 1, first answer token)'; layers count
+    from 0, as in the ``val/attention_on_target_layer<i>`` keys."""
+    value, layer = maps.attention_on_target
+    row, col = maps.asked_cell
+    return (f"answer attention on the asked cell ({POSITIONS[row][col]}): {value:.1f}x uniform "
+            f"(layer {layer}, first answer token)")
 
 
 def figure_to_array(fig) -> np.ndarray:
@@ -520,6 +724,8 @@ def qa_markdown(maps: AttentionMaps) -> str:
         lines.append(f"**predicted:** {maps.prediction} ({'correct' if ok else 'wrong'})")
     else:
         lines.append(f"**predicted:** {maps.prediction}")
+    if maps.attention_on_target is not None:
+        lines.append(f"**{target_caption(maps)}**")
     return "  \n".join(lines)
 
 

@@ -12,7 +12,8 @@ training graph and its attention kernel are untouched -- and logs to TensorBoard
     attention/llm/<i>      image: answer -> patch tokens over the image, answer -> SP tokens as bars
     attention/qa/<i>       text: sample id, question, target, prediction
     attention/llm_sp_share, attention/llm_visual_share   scalars: mean share of the answer's attention on the
-                           SP tokens / on all visual tokens
+                           SP tokens / on all visual tokens (of these images; the same questions over the whole
+                           validation split are `val/attention_*`, callbacks/attention_metrics.py)
 
 Every rank computes the same number of samples (the minimum over ranks) with generation synced under FSDP:
 a sharded model would hang if only one rank ran a forward. Rank zero logs. A failure is reported as a warning
