@@ -306,3 +306,26 @@ def test_max_questions_measures_the_first_ones_of_the_split(pooling_model, token
     assert forwards == [2, 1] and callback.sums["target_n"] == 3  # 2 of the first batch, 1 of the second, none after
     with pytest.raises(ValueError, match="max_questions"):
         AttentionMetrics(max_questions=0)
+
+
+def test_sums_and_metrics_for_a_projector_without_sp_tokens_by_hand():
+    from collections import Counter
+
+    from lightning_sp.callbacks.attention_metrics import metrics_from_sums, spread_sums, target_sums
+
+    layout = SimpleNamespace(num_sp_tokens=0, patch_grid=(3, 3))  # mlp-like: patches only, one patch a cell
+    visual = torch.zeros(2, 2, 9)  # 2 questions x 2 layers
+    visual[0, 0, 0], visual[0, 0, 1] = 0.5, 0.5  # layer 0 of question 0: half on cell (0, 0) -> 4.5x
+    visual[0, 1] = 0.1                           # layer 1: uniform -> 1x
+    visual[1, :, 4] = 1.0                        # question 1 asks (0, 0) but looks at the centre -> 0x
+    sums = target_sums(visual, [(0, 0), (0, 0)], layout)
+    assert sums == pytest.approx(Counter({"target_layer0": 4.5, "target_layer1": 1.0, "target_n": 2}))
+    assert metrics_from_sums(sums) == pytest.approx({  # no SP tokens: no SP key
+        "val/attention_on_target_layer0": 2.25, "val/attention_on_target_layer1": 0.5,
+        "val/attention_on_target": 2.25})
+    projector = SimpleNamespace(dfi=None, layout=SimpleNamespace(num_patch_tokens=9))
+    assert spread_sums(projector, None) == Counter()
+    extractor = spread_sums(projector, torch.full((1, 2, 9), 1 / 9))  # attention over the patch grid: uniform
+    assert metrics_from_sums(extractor) == pytest.approx({"val/extractor_attention_max_over_uniform": 1.0,
+                                                          "val/extractor_attention_entropy": 1.0})
+    assert metrics_from_sums(Counter()) == {}
