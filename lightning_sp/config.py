@@ -56,6 +56,9 @@ class LLMConfig:
     max_position_embeddings: int = 2048
     # RoPE base (random-init only; a pretrained LLM keeps its own). Llama-2's is 1e4, Llama-3's 5e5.
     rope_theta: float = 10000.0
+    # Std of the random-init weights (random-init only). transformers' 0.02 suits widths near 768; at width 128 it
+    # makes attention logits ~20x smaller than a 1/sqrt(width) init, and attention learns to route only slowly.
+    initializer_range: float = 0.02
     init_seed: int = 0
     dtype: str = "float32"  # weights of the frozen LLM: float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"
@@ -178,6 +181,9 @@ class VizConfig:
     enabled: bool = True
     every_n_val: int = 1  # every n-th validation run (validation itself runs every trainer.val_check_interval)
     num_images: int = 2
+    # Cell-naming val questions whose answer attention is measured each validation (val/attention_on_target,
+    # lightning_sp/callbacks/attention_metrics.py): the first ones of the split; None = all of them.
+    attention_questions: Optional[int] = 400
 
 
 @dataclass

@@ -73,9 +73,10 @@ def viz_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """Attention-map images in TensorBoard (`viz` config section; lightning_sp/callbacks/attention.py)."""
     if not cfg.viz.enabled:
         return []
-    from lightning_sp.callbacks import AttentionMapLogger
+    from lightning_sp.callbacks import AttentionMapLogger, AttentionMetrics
 
-    return [AttentionMapLogger(every_n_val=cfg.viz.every_n_val, num_images=cfg.viz.num_images)]
+    return [AttentionMapLogger(every_n_val=cfg.viz.every_n_val, num_images=cfg.viz.num_images),
+            AttentionMetrics(max_questions=cfg.viz.attention_questions)]
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:

@@ -31,7 +31,8 @@ PROJECTOR_PREFIX = "model.projector."
 _FEATURE_FIELDS = ("model.vision.name_or_path", "model.vision.select_layer", "model.vision.image_size",
                    "model.vision.patch_size", "model.llm.name_or_path")
 _RANDOM_INIT_FIELDS = {"model.vision.name_or_path": ("model.vision.init_seed", "model.vision.position_init"),
-                       "model.llm.name_or_path": ("model.llm.init_seed", "model.llm.rope_theta")}
+                       "model.llm.name_or_path": ("model.llm.init_seed", "model.llm.rope_theta",
+                                                   "model.llm.initializer_range")}
 
 
 class WarmStartError(ValueError):

@@ -6,6 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never downloads
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY = [
+    "model.vision.name_or_path=null",  # a random narrow encoder, not the shipped pretrained one
     "model.vision.hidden_size=32",
     "model.vision.num_layers=2",
     "model.vision.intermediate_size=64",

@@ -9,12 +9,18 @@ from omegaconf import OmegaConf
 from lightning_sp.config import CONF_DIR, GROUPS, ConfigError, compose, group_choices, load_saved, save
 
 
+PAPER_GRID = ["model.vision.name_or_path=null", "model.vision.patch_size=14"]  # a random 24x24-grid encoder
+NEED_LARGER_GRID = {"conv49", "pooling_dfi49", "cropping_dfi49", "pooling_stacked", "cropping_stacked"}
+
+
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_yaml_in_every_group_composes(group):
     choices = group_choices(group)
     assert choices, f"conf/{group}/ is empty"
     for name in choices:
-        cfg = compose([f"{group}={name}"])
+        # Arms whose windows need more than the embedded default's 12x12 grid compose on the paper's 24x24 one.
+        extra = PAPER_GRID if name in NEED_LARGER_GRID else []
+        cfg = compose([f"{group}={name}", *extra])
         assert cfg.choices[group] == name
 
 
@@ -23,7 +29,8 @@ def test_defaults_are_the_embedded_default():
     assert dict(cfg.choices) == {"stage": "finetune", "model": "tiny", "data": "synthetic", "trainer": "cpu",
                                  "variant": "pooling"}
     assert cfg.projector.name == "pooling" and cfg.model.llm.name_or_path is None
-    assert cfg.model.vision.image_size // cfg.model.vision.patch_size == 24
+    assert cfg.model.vision.image_size // cfg.model.vision.patch_size == 12
+    assert cfg.model.vision.name_or_path == "data/encoder"  # the shipped pretrained encoder
 
 
 def test_overrides_and_group_selection():
@@ -55,7 +62,7 @@ def test_unknown_projector_name_lists_registry():
 
 def test_grid_the_projector_cannot_use_fails_at_config_time():
     with pytest.raises(ConfigError, match="grid"):
-        compose(["model.vision.image_size=56"])  # 4x4 grid: no six distinct windows
+        compose([*PAPER_GRID, "model.vision.image_size=56"])  # 4x4 grid: no six distinct windows
 
 
 def test_saved_config_round_trips(tmp_path):
@@ -77,13 +84,13 @@ def test_cli_reports_config_errors_without_traceback():
 def test_grid_error_names_the_encoder_keys():
     with pytest.raises(ConfigError, match=r"pooling_stacked.*multiple of 4.*16x16.*model\.vision\.image_size=224 / "
                                           r"model\.vision\.patch_size=14"):
-        compose(["variant=pooling_stacked", "model.vision.image_size=224"])
+        compose(["variant=pooling_stacked", *PAPER_GRID, "model.vision.image_size=224"])
 
 
 def test_spatial_windows_scale_to_other_grids():
     """Not an impossible combination: pooling/cropping scale the paper's windows to the encoder's grid
     (lightning_sp/models/projectors/spatial.py), so e.g. CLIP-224/14 (16x16) composes."""
-    cfg = compose(["variant=cropping", "model.vision.image_size=224", "model.vision.patch_size=14"])
+    cfg = compose(["variant=cropping", *PAPER_GRID, "model.vision.image_size=224", "model.vision.patch_size=14"])
     assert cfg.model.vision.image_size // cfg.model.vision.patch_size == 16
 
 
@@ -96,7 +103,7 @@ def test_every_variant_that_needs_particular_grids_says_so(variant):
     refused = []
     for size, patch in REAL_GRIDS:
         try:
-            compose([f"variant={variant}", f"model.vision.image_size={size}", f"model.vision.patch_size={patch}"])
+            compose([f"variant={variant}", *PAPER_GRID, f"model.vision.image_size={size}", f"model.vision.patch_size={patch}"])
         except ConfigError as e:
             assert "model.vision.image_size" in str(e) and "grid" in str(e)
             refused.append(size // patch)
@@ -108,9 +115,9 @@ def test_every_variant_that_needs_particular_grids_says_so(variant):
 
 def test_image_size_must_be_a_multiple_of_patch_size():
     with pytest.raises(ConfigError, match=r"model\.vision\.image_size \(300\).*model\.vision\.patch_size \(14\)"):
-        compose(["model.vision.image_size=300"])
+        compose([*PAPER_GRID, "model.vision.image_size=300"])
     with pytest.raises(ConfigError, match=r"model\.vision\.patch_size \(0\)"):
-        compose(["model.vision.patch_size=0"])
+        compose(["model.vision.name_or_path=null", "model.vision.patch_size=0"])
 
 
 def test_pretrained_encoder_grid_must_match_the_config(tmp_path):

@@ -31,6 +31,7 @@ def build_llm(cfg, tokenizer) -> PreTrainedModel:
             num_key_value_heads=cfg.num_kv_heads,
             max_position_embeddings=cfg.max_position_embeddings,
             rope_theta=cfg.rope_theta,
+            initializer_range=cfg.initializer_range,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
