@@ -40,7 +40,7 @@ encoder: $(STAMP) ## re-pretrain the shipped tiny vision encoder in data/encoder
 test: $(STAMP) ## run the test suite on CPU (nothing downloaded)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-ablate: $(STAMP) ## run a study's arms x seeds, write runs/ablate/<study>/results.md+csv: make ablate ABLATE=default ARGS="trainer.max_steps=20"
+ablate: $(STAMP) ## run a study's arms x seeds (default: mlp/pooling/cropping x 2, ~1 h), write runs/ablate/<study>/results.md+csv+png: make ablate ABLATE=arms ARGS="trainer.max_steps=20"
 	$(PY) -m lightning_sp ablate study=$(ABLATE) $(ARGS)
 
 eval: $(STAMP) ## evaluate a run: make eval RUN=runs/pooling/<stamp> BENCH=synthetic|pope|vqa ARGS="questions=F.jsonl image_root=DIR"
