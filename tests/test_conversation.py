@@ -268,3 +268,76 @@ def test_template_registry(tok):
     assert get_template("vicuna_v1") is TEMPLATES["vicuna_v1"] and get_template(TEMPLATES["plain"]).plain
     with pytest.raises(KeyError, match="plain.*vicuna_v1"):
         get_template("vicuna")
+
+
+def test_answer_span_starts_at_the_space_after_the_colon(tok):
+    """LLaVA supervises every token after "ASSISTANT:" (its instruction length is len(tokens("... ASSISTANT: ")) - 2):
+    a space that the tokenizer keeps as a token of its own before the answer is supervised too."""
+    enc = encode(rec("<image>\nQ?", "\nTwo lines."), tok, "vicuna_v1")
+    assert supervised_runs(tok, enc) == [" \nTwo lines.</s>"]
+    colon = tok(" ASSISTANT:", add_special_tokens=False)["input_ids"]
+    ids = enc.input_ids
+    end_of_colon = next(i + len(colon) for i in range(len(ids)) if ids[i:i + len(colon)] == colon)
+    assert enc.labels[:end_of_colon] == [IGNORE_INDEX] * end_of_colon and enc.labels[end_of_colon] != IGNORE_INDEX
+
+
+def test_shipped_tokenizer_keeps_one_pass(tok, monkeypatch):
+    """The byte-level BPE tokenises the text after <image> as it would alone, so one tokenizer pass is LLaVA's
+    piece-by-piece tokenizer_image_token: ids and offsets alike."""
+    from lightning_sp.data import conversation
+
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert conversation._one_pass_exact(tok, image_id)
+    for text in TOKENIZE_TEXTS + [IMAGE_TOKEN, f"{IMAGE_TOKEN}A red circle.\n", f"x {IMAGE_TOKEN}\n3 {IMAGE_TOKEN}"]:
+        assert conversation._tokenize_pieces(tok, text, image_id) == _tokenize(tok, text)
+    calls = []
+    monkeypatch.setattr(conversation, "_tokenize", lambda *a, **k: calls.append(a[1]) or _tokenize(*a, **k))
+    record = rec("<image>\nWhat shape?", "A circle.", "Where?", "Top left.")
+    enc = encode(record, tok, "vicuna_v1")
+    assert len(calls) == 1 and IMAGE_TOKEN in calls[0]  # one pass over the whole conversation
+    assert encode_prompt(record, tok, "vicuna_v1") == enc.input_ids[:len(encode_prompt(record, tok, "vicuna_v1"))]
+
+
+@pytest.fixture(scope="module")
+def first_only_tok(tmp_path_factory):
+    """A SentencePiece-style tokenizer built with `tokenizers` alone: Metaspace with prepend_scheme="first", as
+    transformers converts a non-legacy Llama tokenizer (a "▁" at the start of the string only, none after <image>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    raw.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    raw.train_from_iterator([f"{VICUNA_SYSTEM} USER: What shape is it? ASSISTANT: A red circle.</s>"
+                             "USER: Where? ASSISTANT: Top left.</s>"] * 4, trainer)
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    out = tmp_path_factory.mktemp("first_only")
+    fast.save_pretrained(str(out))
+    return load_tokenizer(out)
+
+
+def test_text_after_image_tokenised_alone_where_one_pass_differs(first_only_tok):
+    """Such a tokenizer gives the text after <image> no "▁" in one pass; LLaVA tokenises that text alone (with it).
+    encode and encode_prompt fall back to the piece-by-piece encoding, and the labels follow the same spans."""
+    from lightning_sp.data import conversation
+
+    tok = first_only_tok
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert not conversation._one_pass_exact(tok, image_id)
+    record = rec("<image>\nWhat shape is it?", "A red circle.", "Where?", "Top left.")
+    text = render_prompt(record, "vicuna_v1") + " Top left.</s>"
+    before, after = text.split(IMAGE_TOKEN)
+    expected = tok(before)["input_ids"] + [image_id] + tok(after)["input_ids"][1:]  # tokenizer_image_token
+    assert tok.convert_ids_to_tokens(tok(after)["input_ids"][1]) == "▁"  # the dummy prefix one pass lacks
+    enc = encode(record, tok, "vicuna_v1")
+    assert enc.input_ids == expected and enc.input_ids != tok(text)["input_ids"]
+    prompt = encode_prompt(record, tok, "vicuna_v1")
+    assert prompt == expected[:len(prompt)] and len(prompt) < len(expected)
+    supervised = tok.convert_ids_to_tokens([t for t in enc.labels if t != IGNORE_INDEX])
+    assert "".join(supervised) == "▁A▁red▁circle.</s>▁Top▁left.</s>"
+    plain = encode(rec("<image>\nDescribe.", "A red circle."), tok, "plain")
+    assert plain.input_ids[:2] == [tok.bos_token_id, image_id]
+    assert tok.convert_ids_to_tokens(plain.input_ids[2]).startswith("▁")
+    assert plain.labels[:2] == [IGNORE_INDEX] * 2 and IGNORE_INDEX not in plain.labels[2:]

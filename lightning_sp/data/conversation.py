@@ -2,15 +2,26 @@
 
 A record is ``{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value": str}, ...]}``.
 
-Label masks are built in a single tokenizer pass: the whole conversation is rendered to one string while
-the char spans of the assistant answers are recorded, the string is tokenised once with offsets, and a
-token is supervised iff its chars overlap an answer span. The official LLaVA code instead re-tokenises
-each round and subtracts lengths; when the two tokenisations disagree at a boundary it silently zeroes the
-whole sample ("tokenization mismatch"). Offsets cannot disagree with the tokens they describe.
+Token ids are LLaVA-1.5's, token for token (``llava/mm_utils.py`` tokenizer_image_token): the text before and the
+text after ``<image>`` are tokenised as separate strings, the second one's BOS dropped, and the ``<image>`` id (LLaVA's
+IMAGE_TOKEN_INDEX) put between them. Where a tokenizer tokenises the text after an added token exactly as it would
+that text alone (the shipped byte-level BPE, legacy Llama tokenizers), that is one tokenizer pass over the whole
+conversation; where it does not (non-legacy Llama tokenizers, such as Vicuna v1.5's: no dummy-prefix "▁" after
+``<image>`` mid-string), the pieces are tokenised one by one. :func:`_one_pass_exact` decides, once per tokenizer.
+
+Label masks come from char offsets: the conversation is rendered to one string while the char spans of the
+assistant answers are recorded (each from the space after ``ASSISTANT:`` through its ``</s>``), and a token is
+supervised iff its chars overlap an answer span. These are LLaVA's labels (it masks each round's
+``len(tokenize("... ASSISTANT: ")) - 2`` instruction tokens and supervises the rest of the round, so the lone "▁"
+before a digit-initial answer is supervised too), computed without LLaVA's round-by-round re-tokenisation. Where
+that re-tokenisation disagrees with the conversation's own tokens, LLaVA zeroes the whole sample ("tokenization
+mismatch"); offsets cannot disagree with the tokens they describe, so we keep supervising such a sample, with the
+same boundaries as every other (a deliberate difference, see :func:`encode`).
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,9 +78,13 @@ class Template:
             if role == HUMAN:
                 text += f"{user}: {value}{self.sep}"
             else:
-                text += f"{assistant}: "
-                spans.append((len(text), len(text) + len(value) + len(self.sep2)))
-                text += value + self.sep2
+                # The answer's span starts at the space after "ASSISTANT:": LLaVA supervises everything after
+                # the ":" token, which, with a SentencePiece tokenizer, includes a lone "▁" before an answer that
+                # starts with a digit ("▁", "2", "</s>"); the model must learn to emit it.
+                text += f"{assistant}:"
+                start = len(text)
+                text += f" {value}{self.sep2}"
+                spans.append((start, len(text)))
         if prompt_only:
             text += f"{assistant}:"  # LLaVA's get_prompt for an empty last message: no trailing space
             spans = []
@@ -220,6 +235,66 @@ def _tokenize(tokenizer, text: str, offsets: bool = True) -> tuple[list[int], li
     return ids, enc.offsets if offsets else None
 
 
+def _tokenize_pieces(tokenizer, text: str, image_id: int, offsets: bool = True
+                     ) -> tuple[list[int], list[tuple[int, int]] | None]:
+    """LLaVA's ``tokenizer_image_token``: each piece of ``text`` between ``<image>`` placeholders tokenised as a
+    string of its own, the first piece's BOS kept once and every piece's first token dropped when the first piece
+    starts with BOS, ``image_id`` between the pieces. Offsets are into ``text``; ``<image>`` gets its own chars."""
+    pieces = text.split(IMAGE_TOKEN)
+    ids, offs = _tokenize(tokenizer, pieces[0], offsets)
+    if len(pieces) == 1:
+        return ids, offs
+    bos = tokenizer.bos_token_id
+    drop = 1 if ids and bos is not None and ids[0] == bos else 0
+    ids, offs = list(ids), list(offs) if offsets else None
+    at = len(pieces[0])  # where the current <image> starts in text
+    for piece in pieces[1:]:
+        piece_ids, piece_offs = _tokenize(tokenizer, piece, offsets)
+        ids.append(image_id)
+        ids += piece_ids[drop:]
+        shift = at + len(IMAGE_TOKEN)
+        if offsets:
+            offs.append((at, shift))
+            offs += [(start + shift, end + shift) for start, end in piece_offs[drop:]]
+        at = shift + len(piece)
+    return ids, offs
+
+
+# A probe of every way text meets <image> in our templates (and a few more): what follows starts with a newline, a
+# letter, a space, a digit, a byte-fallback character, nothing; what precedes ends with a space, a letter, nothing.
+_PROBES = (f"A b USER: {IMAGE_TOKEN}\nWhat is it? ASSISTANT: 2</s>USER: Why? ASSISTANT: So.</s>",
+           IMAGE_TOKEN, f"{IMAGE_TOKEN}A red circle.\n", f"{IMAGE_TOKEN}2 dogs", f"x{IMAGE_TOKEN} y",
+           f"\u00e9 {IMAGE_TOKEN}\U0001f600", f"{IMAGE_TOKEN}\n\n  two", f"USER:{IMAGE_TOKEN}</s>x")
+_ONE_PASS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _one_pass_exact(tokenizer, image_id: int) -> bool:
+    """Whether one tokenizer pass over a text with ``<image>`` gives :func:`_tokenize_pieces`'s ids and offsets:
+    true where the tokenizer treats the text after an added token as the start of a new string (the shipped
+    byte-level BPE, legacy Llama tokenizers: a dummy prefix on every piece), false for non-legacy Llama tokenizers
+    (their Metaspace pre-tokenizer prepends "▁" at the start of the string only). Probed once per tokenizer."""
+    try:
+        return _ONE_PASS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    exact = all(_tokenize(tokenizer, probe) == _tokenize_pieces(tokenizer, probe, image_id) for probe in _PROBES)
+    try:
+        _ONE_PASS[tokenizer] = exact
+    except TypeError:  # not weak-referenceable: probe every time
+        pass
+    return exact
+
+
+def _tokenize_text(tokenizer, text: str, image_id: int, offsets: bool = True
+                   ) -> tuple[list[int], list[tuple[int, int]] | None]:
+    """The ids (and offsets) of a rendered conversation, LLaVA's ``tokenizer_image_token`` of it: one pass where
+    that is exact, piece by piece where not. Training (:func:`encode`) and every prompt (:func:`encode_prompt`: eval,
+    the lmms-eval adapter, ``runs.prompt_ids``) tokenise through here."""
+    if IMAGE_TOKEN not in text or _one_pass_exact(tokenizer, image_id):
+        return _tokenize(tokenizer, text, offsets)
+    return _tokenize_pieces(tokenizer, text, image_id, offsets)
+
+
 def supervised_logit_positions(labels: torch.Tensor) -> torch.Tensor:
     """Sequence positions whose next token is supervised in at least one row of ``labels`` (B, L), ascending:
     where a causal LM needs logits for the loss (LlavaSP.forward)."""
@@ -236,6 +311,14 @@ def _check_image(ids: list[int], image_id: int, has_image: bool, rid) -> None:
 def encode(record: dict, tokenizer, template: str | Template, max_length: int | None = None) -> Encoded:
     """Tokenise a training record and build its label mask (answers and their end-of-turn supervised).
 
+    The ids are LLaVA-1.5's (preprocess_v1 / preprocess_plain with tokenizer_image_token), and so are the labels
+    wherever LLaVA's own "tokenization mismatch" guard leaves a sample alone: each answer is supervised from the
+    token after ``ASSISTANT:`` (a lone "▁" before a digit included) through its ``</s>``; ``plain``: everything after
+    ``<image>``. Deliberate improvement: where LLaVA's round-by-round length arithmetic disagrees with the
+    conversation's tokens (e.g. a round whose standalone tokenisation differs from its tokens in context), LLaVA sets
+    every label of the sample to IGNORE and the sample teaches nothing; we supervise it, with the same boundaries as
+    every other sample, since our spans come from the conversation's own token offsets.
+
     ``max_length`` counts the ``<image>`` placeholder as one token; to bound the sequence after visual
     expansion pass ``max_length - (num_visual_tokens - 1)``. Raises :class:`RecordError` for unusable records.
     """
@@ -249,13 +332,15 @@ def _encode(record: dict, tokenizer, tpl: Template, max_length: int | None, imag
     rid = record.get("id", "<no id>")
     text, spans = tpl.render(turns)
 
-    ids, offsets = _tokenize(tokenizer, text)
-    supervised = bytearray(len(text))  # 1 for every char inside an answer span
+    ids, offsets = _tokenize_text(tokenizer, text, image_id)
+    supervised = bytearray(len(text) + 1)  # 1 for every char inside an answer span (and a 0 past the end)
     for start, end in spans:
         supervised[start:end] = b"\x01" * (end - start)
-    # Zero-width tokens (BOS added by the post-processor) never overlap, so they are never supervised.
+    # A token with chars is supervised iff they overlap a span. A zero-width token (a dummy-prefix "▁" that a
+    # SentencePiece tokenizer adds at the start of a piece) is supervised iff the char it stands before is; BOS, at
+    # char 0 where no span starts, never is.
     find = supervised.find
-    labels = [tid if end > start and find(1, start, end) != -1 else IGNORE_INDEX
+    labels = [tid if (find(1, start, end) != -1 if end > start else supervised[start]) else IGNORE_INDEX
               for tid, (start, end) in zip(ids, offsets)]
     _check_image(ids, image_id, has_image, rid)
 
@@ -341,11 +426,15 @@ def render_prompt(record: dict, template: str | Template) -> str:
 
 
 def encode_prompt(record: dict, tokenizer, template: str | Template) -> list[int]:
-    """Token ids of :func:`render_prompt` (BOS first, one ``<image>`` id for image records)."""
+    """Token ids of :func:`render_prompt` (BOS first, one ``<image>`` id for image records): LLaVA's eval prompt
+    (``tokenizer_image_token`` of the conversation up to ``ASSISTANT:``), tokenised as training tokenises.
+
+    The one function that builds prompt ids: the datamodule's eval fields, ``evaluate`` (and through it the lmms-eval
+    adapter) and ``runs.prompt_ids`` all call it."""
     tpl = get_template(template)
     image_id = _check_tokenizer(tokenizer, tpl)
     turns, has_image = _prompt_turns(record, tpl)
-    ids = _tokenize(tokenizer, tpl.render(turns, prompt_only=True)[0], offsets=False)[0]
+    ids = _tokenize_text(tokenizer, tpl.render(turns, prompt_only=True)[0], image_id, offsets=False)[0]
     _check_image(ids, image_id, has_image, record.get("id", "<no id>"))
     return ids
 
