@@ -6,7 +6,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never downloads
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY = [
-    "model.vision.name_or_path=null",  # a random narrow encoder, not the shipped pretrained one
+    # A random narrow encoder on the paper's 24x24 grid (not the shipped pretrained 12x12 one): every arm composes.
+    "model.vision.name_or_path=null",
+    "model.vision.patch_size=14",
     "model.vision.hidden_size=32",
     "model.vision.num_layers=2",
     "model.vision.intermediate_size=64",

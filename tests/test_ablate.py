@@ -15,18 +15,21 @@ from lightning_sp.config import ConfigError, compose
 from lightning_sp.stats import VAL_QUESTIONS, accuracy_interval, sign_flip_p_value, write_questions
 
 
-def test_default_study_composes_every_arm(tmp_path):
-    name, spec = load_study("default")
+@pytest.mark.parametrize("study", ["default", "arms"])
+def test_shipped_studies_compose_every_arm(tmp_path, study):
+    name, spec = load_study(study)
     runs = plan_study(name, spec, ["trainer.max_steps=20"], root=tmp_path)
     assert len(runs) == len(spec.arms) * len(spec.seeds)
     first = runs[0]
-    assert first.run_dir == tmp_path / "default" / spec.arms[0].name / f"seed{spec.seeds[0]}"
+    assert first.run_dir == tmp_path / study / spec.arms[0].name / f"seed{spec.seeds[0]}"
     assert first.cfg.seed == spec.seeds[0] and first.cfg.trainer.max_steps == 20
     # The command line beats the budget, and the last step still validates.
     assert all(r.cfg.trainer.max_steps % r.cfg.trainer.val_check_interval == 0 for r in runs)
     names = {r.arm: r.cfg.projector.name for r in runs}
-    assert names["mlp"] == "mlp" and names["conv49"] == "conv49"
-    assert {r.cfg.projector.dfi for r in runs if r.arm == "pooling_nodfi"} == {False}
+    assert (names["mlp"], names["pooling"], names["cropping"]) == ("mlp", "pooling", "cropping")
+    if study == "arms":
+        assert {r.cfg.projector.dfi for r in runs if r.arm == "pooling_nodfi"} == {False}
+        assert {len(r.cfg.projector.sides) for r in runs if r.arm == "pooling_sp12"} == {12}
 
 
 def _study(tmp_path, arms, budget=(), seeds=(0,)):

@@ -39,11 +39,12 @@ SOFTMAX_SHIFT_INVARIANT = ("dfi.key.0.bias", "dfi.key.1.bias")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+PAPER_GRID = ["model.vision.name_or_path=null", "model.vision.patch_size=14"]  # a random 24x24-grid encoder
 
 
 @functools.lru_cache(maxsize=None)
 def composed(variant):
-    return compose([f"variant={variant}", f"projector.sp_width={D}"])
+    return compose([f"variant={variant}", f"projector.sp_width={D}", *PAPER_GRID])
 
 
 def proj_cfg(name, **kw):
@@ -150,7 +151,7 @@ def test_conv49_refuses_what_it_cannot_honour():
     with pytest.raises(ProjectorConfigError, match=r"projector\.sides"):
         PROJECTORS["conv49"].check_config(proj_cfg("conv49", dfi=False, sides=[24]), grid=24)
     with pytest.raises(ConfigError, match="13x13"):
-        compose(["variant=conv49", "model.vision.image_size=168"])  # 12x12 grid
+        compose(["variant=conv49", *PAPER_GRID, "model.vision.image_size=168"])  # 12x12 grid
 
 
 # ---- stacked small convs ---------------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ def test_stacked_refuses_sides_not_divisible_by_4():
     with pytest.raises(ProjectorConfigError, match=r"multiple of 4.*\[2, 6, 10"):
         PROJECTORS["cropping_stacked"].check_config(proj_cfg("cropping_stacked", sides=list(range(2, 25, 2))), 24)
     with pytest.raises(ConfigError, match="multiple of 4"):
-        compose(["variant=pooling_stacked", "model.vision.image_size=280"])  # 20x20 grid
+        compose(["variant=pooling_stacked", *PAPER_GRID, "model.vision.image_size=280"])  # 20x20 grid
     proj = build("pooling_stacked", grid=48, dfi=False)  # sides 8..48: all fine
     assert proj(torch.randn(1, 48 * 48, C)).shape == (1, 6 + 48 * 48, H)
 
