@@ -41,7 +41,8 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from lightning_sp.config import ConfigError
-from lightning_sp.data.conversation import IGNORE_INDEX, encode_prompt, expand_image_token, reference_answer
+from lightning_sp.data.conversation import (IGNORE_INDEX, encode_continuation, encode_prompt, expand_image_token,
+                                           reference_answer)
 from lightning_sp.data.images import ImageProcessor
 from lightning_sp.data.tokenizer import IMAGE_TOKEN
 from lightning_sp.metrics import ExactMatch, POPEMetrics, VQAAccuracy
@@ -230,12 +231,10 @@ class Predictor:
     def loglikelihood(self, question: Question, continuation: str) -> tuple[float, bool]:
         """(log P(continuation | prompt), whether greedy decoding would produce exactly its tokens).
 
-        The continuation is tokenised on its own and appended to the prompt's ids, as lm-eval does. Answers
-        follow "ASSISTANT:" after a space in the templates, so a continuation without leading whitespace gets
-        one (the same tokens the model saw in training)."""
-        if continuation and not continuation[0].isspace() and not self._plain_template:
-            continuation = " " + continuation
-        cont = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        The continuation's ids are those it has after the prompt (conversation.encode_continuation: the tokens the
+        model saw in training; answers follow "ASSISTANT:" after a space, so a continuation without leading
+        whitespace gets one), appended to the prompt's ids, as lm-eval does."""
+        cont = encode_continuation(self.builder.record(question), self.tokenizer, self.builder.template, continuation)
         return self.continuation_logprob(question, torch.tensor(cont, dtype=torch.long))
 
     @torch.no_grad()

@@ -27,7 +27,7 @@ from packaging import version  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from lightning_sp.data import conversation  # noqa: E402
-from lightning_sp.data.conversation import IGNORE_INDEX, encode, encode_prompt  # noqa: E402
+from lightning_sp.data.conversation import IGNORE_INDEX, encode, encode_continuation, encode_prompt  # noqa: E402
 from lightning_sp.data.tokenizer import IMAGE_TOKEN, VICUNA_SYSTEM, load_tokenizer  # noqa: E402
 
 SHIPPED = Path(__file__).resolve().parents[1] / "data" / "tokenizer"
@@ -179,7 +179,8 @@ def spm_corpus(kind):
         turns = (f"What color is the {shape}? ASSISTANT: {colour.capitalize()}.</s>"
                  f"USER: How many {shape}s are there? ASSISTANT: {n}</s>USER: And now? ASSISTANT: {n * 7 + 3}</s>")
         lines += [
-            f"{VICUNA_SYSTEM} USER: {turns}" if kind == "user_merged" else f"{VICUNA_SYSTEM} {colour}.</s>USER: {turns}",
+            f"{VICUNA_SYSTEM} USER: {turns}" if kind == "user_merged"
+            else f"{VICUNA_SYSTEM} {colour}.</s>USER: {turns}",
             f"USER: Is there a {colour} {shape} in the image? ASSISTANT: Yes, there is a {colour} {shape}.</s>"
             if kind == "user_merged" else
             f"Yes.</s>USER: Is there a {colour} {shape} in the image? ASSISTANT: Yes, there is a {colour} {shape}.</s>",
@@ -337,6 +338,23 @@ def test_prompt_ids_equal_llava_eval(toks, name):
     full = encode(record, ours_tok, "vicuna_v1").input_ids
     assert full[:len(prompt)] == prompt and full[-1] == ours_tok.eos_token_id
     assert encode_prompt(PLAIN_RECORDS["caption"], ours_tok, "plain") == [ours_tok.bos_token_id, image_id]
+
+
+def test_continuation_ids_are_the_answer_ids_of_training(toks):
+    """Scoring a continuation (eval's loglikelihood, the lmms-eval adapter) uses the ids the answer has in training,
+    not the continuation tokenised alone (a legacy tokenizer would give " 2" alone an extra dummy-prefix "▁")."""
+    ours_tok, _, _ = toks
+    for name in ("numeric_single_turn", "numeric_answers", "image_after_question", "byte_fallback_answer"):
+        record = VICUNA_RECORDS[name]
+        answer = record["conversations"][-1]["value"]
+        prompt = encode_prompt(record, ours_tok, "vicuna_v1")
+        full = encode(record, ours_tok, "vicuna_v1").input_ids
+        for continuation in (answer, " " + answer):
+            assert encode_continuation(record, ours_tok, "vicuna_v1", continuation) == full[len(prompt):-1], name
+    record = PLAIN_RECORDS["caption_digit_first"]
+    caption = record["conversations"][1]["value"]
+    full = encode(record, ours_tok, "plain").input_ids
+    assert encode_continuation(record, ours_tok, "plain", caption + "\n") == full[2:]
 
 
 def test_known_differences_are_gone(toks):

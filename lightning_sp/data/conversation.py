@@ -439,6 +439,22 @@ def encode_prompt(record: dict, tokenizer, template: str | Template) -> list[int
     return ids
 
 
+def encode_continuation(record: dict, tokenizer, template: str | Template, continuation: str) -> list[int]:
+    """The ids of ``continuation`` (an answer to score) after :func:`encode_prompt`'s: the prompt with the
+    continuation appended, tokenised as training tokenises an answer in context, less the prompt's ids (lm-eval's
+    convention). A continuation without leading whitespace gets the space that follows ``ASSISTANT:`` in
+    ``vicuna_v1`` (none in ``plain``). Tokenising the continuation alone would differ with SentencePiece tokenizers:
+    a legacy Llama tokenizer gives " 2" alone a dummy prefix ("▁", "▁", "2") that it never has after the prompt."""
+    tpl = get_template(template)
+    image_id = _check_tokenizer(tokenizer, tpl)
+    turns, _ = _prompt_turns(record, tpl)
+    prompt_text = tpl.render(turns, prompt_only=True)[0]
+    if continuation and not continuation[0].isspace() and not tpl.plain:
+        continuation = " " + continuation
+    prompt = _tokenize_text(tokenizer, prompt_text, image_id, offsets=False)[0]
+    return list(_tokenize_text(tokenizer, prompt_text + continuation, image_id, offsets=False)[0][len(prompt):])
+
+
 def reference_answer(record: dict) -> str | None:
     """The last turn's answer (the generation target), or None when the record ends with a question."""
     convs = record.get("conversations") if isinstance(record, dict) else None
