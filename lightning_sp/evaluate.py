@@ -251,10 +251,6 @@ class Predictor:
         logprob = torch.log_softmax(logits, dim=-1).gather(1, cont.unsqueeze(1)).sum()
         return float(logprob), bool((logits.argmax(dim=-1) == cont).all())
 
-    @property
-    def _plain_template(self) -> bool:
-        return self.cfg.stage.template == "plain"
-
 
 # ---- benchmark files --------------------------------------------------------------------------------------
 
