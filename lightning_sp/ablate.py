@@ -61,7 +61,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from tqdm import tqdm
 
 from lightning_sp import stats
-from lightning_sp.config import CONF_DIR, ConfigError, compose, group_choices
+from lightning_sp.config import CONF_DIR, ConfigError, compose, flatten, group_choices
 
 log = logging.getLogger(__name__)
 
@@ -143,16 +143,6 @@ def load_study(study: str | Path) -> tuple[str, StudySpec]:
 
 
 # ---- planning ---------------------------------------------------------------------------------------------
-
-def flatten(container: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> one dict keyed by dotted paths (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``)."""
-    if isinstance(container, dict):
-        out = {}
-        for k, v in container.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: container}
-
 
 def config_differences(saved_yaml: Path, cfg: DictConfig) -> list[str]:
     """Keys whose value differs between a run's saved config and ``cfg`` (keys only one of them has -- a field

@@ -533,3 +533,13 @@ def load_saved(path: Path | str) -> DictConfig:
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def flatten(container: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> one dict keyed by dotted paths (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``)."""
+    if isinstance(container, dict):
+        out = {}
+        for k, v in container.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: container}

@@ -17,7 +17,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_sp import config as config_lib
-from lightning_sp.ablate import flatten
 from lightning_sp.callbacks.nonfinite import NonFiniteGuard
 from lightning_sp.callbacks.skip_limit import SkipLimit
 from lightning_sp.data.datamodule import ShardDataModule
@@ -143,8 +142,8 @@ def hyperparameters(cfg: DictConfig) -> dict:
     """The flat dict a run shows in TensorBoard's HPARAMS tab: ``variant``, every ``projector.*`` field,
     :data:`HPARAM_KEYS`, and every other key whose value differs from the default config's (a command-line or
     study override, or what a selected group file sets), so that runs differing in any key differ there."""
-    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
-    default = flatten(OmegaConf.to_container(config_lib.compose(), resolve=True))
+    flat = config_lib.flatten(OmegaConf.to_container(cfg, resolve=True))
+    default = config_lib.flatten(OmegaConf.to_container(config_lib.compose(), resolve=True))
     params = {"variant": cfg.choices.get("variant", cfg.projector.name)}
     params.update({k: v for k, v in flat.items() if k in HPARAM_KEYS or k.startswith("projector.")
                    or (k not in NOT_HPARAMS and (k not in default or v != default[k]))})
