@@ -40,25 +40,42 @@ def resolve_checkpoint(path: PathLike) -> Path:
     raise FileNotFoundError(f"checkpoint not found: {p}")
 
 
+class CheckpointError(pickle.UnpicklingError, ValueError):
+    """A file that is not a lightning_sp checkpoint we can read: the CLI prints it as one line (exit 2)."""
+
+
 def _unpickler_reason(error: Exception) -> str:
     """The line of torch's weights-only error that names the refused object (not its advice to unpickle)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else repr(error))
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error" in line:
+            detail = line.split("WeightsUnpickler error:", 1)[-1].strip()
+            return detail or (lines[i + 1] if i + 1 < len(lines) else line)
+    return lines[0] if lines else repr(error)
 
 
 def read_checkpoint(path: PathLike) -> dict:
-    """The checkpoint dict (tensors on CPU), read with `torch.load(weights_only=True)`: never unpickles code."""
+    """The checkpoint dict (tensors on CPU), read with `torch.load(weights_only=True)`: never unpickles code.
+    Raises CheckpointError for a file that is not a readable checkpoint or that holds objects other than data."""
     p = resolve_checkpoint(path)
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise pickle.UnpicklingError(
+        # "Unsupported global": the file references a class or function to call, the shape of a code-running
+        # pickle. Anything else (an unknown opcode, a bad load key) is a file that is not a pickle at all.
+        if "Unsupported global" not in str(e):
+            raise CheckpointError(f"{p} is not a readable checkpoint (torch.load: {_unpickler_reason(e)}); pass "
+                                  f"a .ckpt written by lightning_sp, or a run directory") from e
+        raise CheckpointError(
             f"{p}: refused to load: it holds objects other than tensors and plain containers (a file that could run "
             f"code when unpickled). Checkpoints are only read with torch.load(weights_only=True); lightning_sp never "
             f"writes such objects, so this file was not written by it or was altered ({_unpickler_reason(e)})"
         ) from e
+    except (RuntimeError, EOFError, OSError) as e:  # not a zip archive, cut short, unreadable
+        raise CheckpointError(f"{p} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                              f"pass a .ckpt written by lightning_sp, or a run directory") from e
     if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
-        raise ValueError(f"{p} is not a lightning_sp checkpoint (no 'state_dict')")
+        raise CheckpointError(f"{p} is not a lightning_sp checkpoint (no 'state_dict')")
     return dict(ckpt)
 
 
@@ -66,14 +83,7 @@ def checkpoint_config(ckpt: Mapping, overrides: Iterable[str] = ()) -> DictConfi
     """The run config stored in a checkpoint, validated against the schema; `overrides` as `a.b=value`."""
     if CONFIG_KEY not in ckpt:
         raise ValueError(f"checkpoint has no '{CONFIG_KEY}': it was not written by lightning_sp")
-    schema = OmegaConf.structured(config_lib.RunConfig)
-    cfg = config_lib._merge(schema, OmegaConf.create(ckpt[CONFIG_KEY]), schema, "checkpoint config")
-    overrides = list(overrides)
-    if overrides:
-        cfg = config_lib._merge(cfg, OmegaConf.from_dotlist(overrides), schema, "overrides")
-    config_lib.validate(cfg)
-    OmegaConf.set_readonly(cfg, True)
-    return cfg
+    return config_lib.from_container(OmegaConf.create(ckpt[CONFIG_KEY]), "checkpoint config", list(overrides))
 
 
 def load_module(path: PathLike, overrides: Iterable[str] = (), tokenizer=None):

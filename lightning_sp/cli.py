@@ -53,11 +53,12 @@ def _convert(args) -> None:
 
 
 def _eval(args) -> None:
+    from lightning_sp.checkpoint import CheckpointError
     from lightning_sp.evaluate import EvalDataError, evaluate_from_args
 
     try:
         evaluate_from_args(args.overrides)
-    except (FileNotFoundError, EvalDataError) as e:
+    except (FileNotFoundError, EvalDataError, CheckpointError) as e:
         print(f"eval error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -72,11 +73,12 @@ def _ablate(args) -> None:
 def _official_errors(fn):
     """Missing files and release-layout problems end the command with their message (exit 2), not a traceback."""
     def run(args) -> None:
+        from lightning_sp.checkpoint import CheckpointError
         from lightning_sp.models.official import OfficialCheckpointError
 
         try:
             fn(args)
-        except (FileNotFoundError, OfficialCheckpointError) as e:
+        except (FileNotFoundError, OfficialCheckpointError, CheckpointError) as e:
             print(f"{args.command} error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
 

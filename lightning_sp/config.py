@@ -526,13 +526,21 @@ def save(cfg: DictConfig, path: Path | str) -> None:
     OmegaConf.save(cfg, path, resolve=True)
 
 
-def load_saved(path: Path | str) -> DictConfig:
-    """Load a resolved config saved in a run directory, re-validated against the schema."""
+def from_container(container: Any, source: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """A resolved config stored as plain data (a checkpoint's, a run directory's YAML), merged onto the schema,
+    `overrides` (``a.b=value``) applied, validated and made read-only."""
     schema = OmegaConf.structured(RunConfig)
-    cfg = _merge(schema, _load_yaml(Path(path)), schema, str(path))
+    cfg = _merge(schema, container, schema, source)
+    if overrides:
+        cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), schema, "overrides")
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def load_saved(path: Path | str) -> DictConfig:
+    """Load a resolved config saved in a run directory, re-validated against the schema."""
+    return from_container(_load_yaml(Path(path)), str(path))
 
 
 def flatten(container: Any, prefix: str = "") -> dict[str, Any]:

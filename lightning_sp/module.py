@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections import defaultdict
 
 import lightning as L
@@ -11,7 +10,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import get_cosine_schedule_with_warmup, get_wsd_schedule
 
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_sp import config as config_lib
 from lightning_sp import rng
+from lightning_sp.data.tokenizer import load_tokenizer
+from lightning_sp.paths import resolve
 from lightning_sp.data.conversation import IGNORE_INDEX, supervised_logit_positions
 from lightning_sp.distributed import gather_objects
 from lightning_sp.models.vlm import LlavaSP
@@ -57,17 +61,29 @@ def teacher_forced_hits(logits: torch.Tensor, labels: torch.Tensor, logit_positi
 
 
 class LlavaSPModule(L.LightningModule):
-    def __init__(self, cfg, tokenizer) -> None:
+    """`cfg`: the run config (a DictConfig, or the plain dict a checkpoint's `hyper_parameters` hold, which
+    `LlavaSPModule.load_from_checkpoint(path)` passes back); `tokenizer`: loaded from `cfg.model.tokenizer` if None."""
+
+    # No FLOP count per batch: Lightning's ThroughputMonitor then logs samples and tokens per second without MFU
+    # (MFU on GPUs is what benchmarks/gpu_step_bench.py measures, with an explicit FLOP model).
+    flops_per_batch = None
+
+    def __init__(self, cfg, tokenizer=None) -> None:
         super().__init__()
+        if not isinstance(cfg, DictConfig):
+            cfg = config_lib.from_container(cfg, "checkpoint hyper_parameters")
         self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.model = LlavaSP.from_config(cfg, tokenizer)
+        # Plain data only: checkpoints are read with torch.load(weights_only=True), which refuses a DictConfig.
+        # Not sent to the logger: train.log_hparams logs the keys that differ between runs, with final metrics.
+        self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True)}, logger=False)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(resolve(cfg.model.tokenizer)))
+        self.model = LlavaSP.from_config(cfg, self.tokenizer)
         set_trainable(self.model, cfg.stage)
         # Checkpoints hold trainable state only; frozen weights are rebuilt from the config on load.
         self.strict_loading = False
         self._val_questions: list[tuple[str, str, bool]] = []  # (record id, qtype, hit) of this rank, this epoch
         self.val_questions: list[dict] = []  # every rank's, of the last validation: {"id", "qtype", "hit"}
-        self._step_start = 0.0
+        self.samples_trained = self.tokens_trained = 0  # training batches this process ran, this fit
         self._fsdp_units = None  # set by configure_model under FSDP2Strategy
         self._rng_to_restore = None  # random streams of a checkpoint being resumed
 
@@ -82,21 +98,31 @@ class LlavaSPModule(L.LightningModule):
         # Records the data pipeline dropped (named in its warnings) since the previous batch, summed per epoch.
         self.log("train/skipped_records", float(batch.get("skipped", 0)), reduce_fx="sum", on_step=False,
                  on_epoch=True, batch_size=bs, sync_dist=True)  # summed over ranks too
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False, batch_size=bs)
         return out.loss
 
     def on_train_batch_start(self, batch, batch_idx):
         if self._rng_to_restore is not None:
             rng.restore(self._rng_to_restore)
             self._rng_to_restore = None
-        self._step_start = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        elapsed = time.perf_counter() - self._step_start
-        if elapsed > 0:
-            bs = batch["input_ids"].shape[0]
-            self.log("train/samples_per_sec", bs / elapsed, batch_size=bs)
-            self.log("train/tokens_per_sec", batch["attention_mask"].numel() / elapsed, batch_size=bs)
+        # this fit's averages (train.run_summary): samples and tokens that are not padding
+        self.samples_trained += int(batch["input_ids"].shape[0])
+        self.tokens_trained += int(batch["attention_mask"].sum())
+
+    def on_before_optimizer_step(self, optimizer):
+        if self.trainer.global_step % self.trainer.log_every_n_steps:
+            return
+        # The norm before clipping, over every trainable tensor: what gradient_clip_val compares against. Every
+        # rank computes it (sharded gradients need the collective), on logging steps only.
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+            if hasattr(total, "full_tensor"):  # a DTensor under FSDP2
+                total = total.full_tensor()
+            self.log("train/grad_norm", total, batch_size=1)
+        if self.device.type == "cuda":
+            self.log("train/max_memory_gib", torch.cuda.max_memory_allocated(self.device) / 2**30, batch_size=1)
 
     # ---- validation: teacher-forced loss and exact match from one forward -------------------------------------
     def validation_step(self, batch, batch_idx):
@@ -155,7 +181,9 @@ class LlavaSPModule(L.LightningModule):
         Lightning calls this before configure_optimizers, and again for each later fit/validate: idempotent."""
         from lightning_sp.distributed import BF16_PRECISIONS, FSDP2Strategy, describe_units, shard_model
 
-        if self._fsdp_units is not None or not isinstance(self.trainer.strategy, FSDP2Strategy):
+        if self._fsdp_units is not None or self._trainer is None:  # load_from_checkpoint calls it trainer-less
+            return
+        if not isinstance(self.trainer.strategy, FSDP2Strategy):
             return
         bf16 = str(self.trainer.precision) in BF16_PRECISIONS
         self._fsdp_units = shard_model(self.model, self.device_mesh["data_parallel"], bf16=bf16)
@@ -207,6 +235,11 @@ class LlavaSPModule(L.LightningModule):
         # (say, the projector) must still be an error, never a silently random module.
         if "state_dict" in checkpoint:  # absent under FSDP: FSDP2Strategy.load_checkpoint checked and loaded it
             self.check_trainable_keys(checkpoint["state_dict"])
+            # The frozen weights were rebuilt from the config in __init__; handing them to the state-dict load
+            # makes it complete, so neither Lightning (resume, load_from_checkpoint) nor anyone else lists every
+            # frozen tensor as "missing". References, not copies.
+            for name, tensor in self.state_dict(keep_vars=False).items():
+                checkpoint["state_dict"].setdefault(name, tensor)
         # Restored just before the first resumed step, after everything Lightning does on the way there.
         self._rng_to_restore = checkpoint.get("rng_states")
 

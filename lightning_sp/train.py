@@ -12,12 +12,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_sp import config as config_lib
+from lightning_sp.callbacks.checkpointing import BestAndLastCheckpoint
 from lightning_sp.callbacks.nonfinite import NonFiniteGuard
+from lightning_sp.callbacks.throughput import throughput_monitor
 from lightning_sp.callbacks.skip_limit import SkipLimit
 from lightning_sp.data.datamodule import ShardDataModule
 from lightning_sp.data.prepare import ensure_synthetic
@@ -29,12 +31,15 @@ from lightning_sp.stats import VAL_QUESTIONS, write_questions
 
 log = logging.getLogger(__name__)
 
-# The frozen vision tower is kept in eval mode on purpose (no dropout, whatever Lightning asks); the warning that
-# Lightning prints about it at every fit start would only teach users to ignore warnings.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-# Lightning warns on any mid-epoch resume unless the loader object has state_dict(); our datamodule restores the
-# stream position itself (data/train_stream.py), exactly, so the warning would be false.
-warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+# Two Lightning warnings that are false for our fit, silenced around `trainer.fit` only (the caller's process keeps
+# its own filters):
+# - the frozen vision tower is kept in eval mode on purpose (no dropout, whatever Lightning asks);
+# - Lightning warns on any mid-epoch resume unless the DataLoader object has state_dict(). Our stream position is
+#   not a DataLoader's: it is the datamodule's (data/train_stream.py: epoch, samples consumed per rank, the
+#   shuffle RNG), saved and restored exactly through LightningDataModule.state_dict, which Lightning does not
+#   consult for this warning.
+_FALSE_FIT_WARNINGS = (r"Found \d+ module\(s\) in eval mode",
+                       "You're resuming from a checkpoint that ended before the epoch ended")
 
 
 RUN_DIR_ENV = "LIGHTNING_SP_RUN_DIR"  # rank 0's timestamped run directory, inherited by the ranks it launches
@@ -68,6 +73,11 @@ def build_datamodule(cfg: DictConfig, tokenizer, num_visual_tokens: int) -> Shar
     )
 
 
+def validates(cfg: DictConfig) -> bool:
+    """Whether a run validates at all (a validation split, and not limit_val_batches=0)."""
+    return cfg.data.val_dir is not None and cfg.trainer.limit_val_batches != 0
+
+
 def viz_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """Attention-map images in TensorBoard (`viz` config section; lightning_sp/callbacks/attention.py)."""
     if not cfg.viz.enabled:
@@ -80,16 +90,8 @@ def viz_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     t = cfg.trainer
-    checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="step{step:06d}",
-        auto_insert_metric_name=False,
-        save_last=True,
-        save_top_k=cfg.save_top_k,
-        monitor="step",
-        mode="max",
-        every_n_train_steps=t.val_check_interval,
-    )
+    checkpoint = BestAndLastCheckpoint(run_dir / "checkpoints", save_top_k=cfg.save_top_k, validates=validates(cfg),
+                                       every_n_train_steps=t.val_check_interval)
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -106,7 +108,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         enable_progress_bar=t.enable_progress_bar,
         # No placeholder hp_metric: the HPARAMS tab gets the real final metrics at the end (log_hparams).
         logger=TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False),
-        callbacks=[checkpoint, RankSummary(run_dir), NonFiniteGuard(), SkipLimit(cfg.data.max_skipped_fraction),
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), throughput_monitor(t.log_every_n_steps),
+                   RankSummary(run_dir), NonFiniteGuard(), SkipLimit(cfg.data.max_skipped_fraction),
                    *viz_callbacks(cfg)],
         default_root_dir=str(run_dir),
         inference_mode=t.strategy != "fsdp",  # FSDP's all-gathered weights must not become inference tensors
@@ -115,9 +118,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
 
 def run_summary(module: LlavaSPModule, trainer: L.Trainer, cfg: DictConfig, fit_seconds: float) -> dict[str, float]:
     """Size and speed of a run, for ablation tables (lightning_sp/ablate.py): parameter counts, visual tokens,
-    fit time (validation included) and the samples per second it amounts to."""
+    fit time (validation included) and the samples and non-padding tokens per second it amounts to, over this
+    fit's own steps (a resumed run counts from its resume). Every rank must call it (a sum over ranks)."""
     params = list(module.model.named_parameters())
-    samples = trainer.global_step * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * trainer.world_size
+    counted = torch.tensor([module.samples_trained, module.tokens_trained], dtype=torch.float64,
+                           device=module.device)
+    samples, tokens = (float(x) for x in trainer.strategy.reduce(counted, reduce_op="sum"))
     return {
         "num_visual_tokens": float(module.model.num_visual_tokens),
         "params/total": float(sum(p.numel() for _, p in params)),
@@ -126,6 +132,7 @@ def run_summary(module: LlavaSPModule, trainer: L.Trainer, cfg: DictConfig, fit_
         "global_step": float(trainer.global_step),
         "fit_time_s": fit_seconds,
         "fit_samples_per_sec": samples / fit_seconds if fit_seconds > 0 else 0.0,
+        "fit_tokens_per_sec": tokens / fit_seconds if fit_seconds > 0 else 0.0,
     }
 
 
@@ -221,8 +228,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
                  * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches, cfg.data.batch_size,
                  trainer.world_size, cfg.trainer.accumulate_grad_batches)
     fit_started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir),
-                weights_only=True)  # resume never unpickles code, whatever torch's default or environment
+    ckpt_path = resume_checkpoint(cfg, run_dir)
+    with warnings.catch_warnings():
+        # Resuming writes into the run's own checkpoint directory by design: Lightning's "exists and is not
+        # empty" is then false (for a fresh run in a used run_dir it stays, and is true).
+        for message in _FALSE_FIT_WARNINGS + ((r"Checkpoint directory .* exists and is not empty",) if ckpt_path else ()):
+            warnings.filterwarnings("ignore", message=message)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path,
+                    weights_only=True)  # resume never unpickles code, whatever torch's default or environment
     fit_seconds = time.perf_counter() - fit_started
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -12,7 +12,7 @@ from lightning_sp.data.images import CLIP_MEAN, CLIP_STD, ImageDecodeError, Imag
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
 
 MEAN, STD = np.array(CLIP_MEAN), np.array(CLIP_STD)
-FILL = tuple(round(255 * m) for m in CLIP_MEAN)
+FILL = tuple(int(x * 255) for x in CLIP_MEAN)  # LLaVA's train.py/mm_utils: the mean colour, truncated
 
 
 def encode(array: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -61,6 +61,24 @@ def test_padding_geometry_exact(h, w):
     expected[top:top + h, left:left + w] = colour
     expected = torch.from_numpy((expected / 255 - MEAN) / STD).permute(2, 0, 1).float()
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_padding_colour_is_llavas_and_hf_llava_image_processors():
+    """LLaVA truncates (122, 116, 104), not rounds (123, 117, 104): our loader, HF's LlavaImageProcessor (what our
+    HF export ships) and LLaVA itself pad with the same colour."""
+    from transformers import LlavaImageProcessor
+
+    assert FILL == (122, 116, 104)
+    h, w = 20, 48  # wide: rows above and below are padding; the side stays 48, so no resampling touches them
+    image = np.full((h, w, 3), 255, dtype=np.uint8)
+    ours = ImageProcessor(w)(torch.from_numpy(image).permute(2, 0, 1))
+    hf = LlavaImageProcessor(do_pad=True, size={"shortest_edge": w}, crop_size={"height": w, "width": w},
+                             image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), resample=3)
+    theirs = torch.from_numpy(hf(Image.fromarray(image), return_tensors="np")["pixel_values"][0])
+    expected_pad = torch.tensor([(f / 255 - m) / s for f, m, s in zip(FILL, CLIP_MEAN, CLIP_STD)]).view(3, 1)
+    for pixels in (ours, theirs):
+        torch.testing.assert_close(pixels[:, 0, :], expected_pad.expand(3, w), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
 def test_bytes_and_tensor_agree_and_grayscale_becomes_rgb():

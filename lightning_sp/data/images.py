@@ -34,9 +34,15 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # torchvision 0.29 deprecates its decoders in favour of torchcodec (not a dependency here). They still work; the
-# warning would otherwise fire for every image decoded in every data worker.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
+# warning would otherwise fire for every image decoded in every data worker. Silenced around our own decode call
+# only, so a caller's process keeps its filters.
+_TORCHVISION_DECODER_DEPRECATION = "The image decoding and encoding capabilities of TorchVision"
+
+
+def _torchvision_decode(data: bytes) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TORCHVISION_DECODER_DEPRECATION, category=DeprecationWarning)
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
 # Images whose padded square (see expand2square) exceeds this many pixels are refused before any pixel is decoded:
@@ -106,7 +112,7 @@ def _decode(data: bytes, fmt: str | None = None, max_pixels: int = MAX_PIXELS) -
     tv_error = None
     if fmt == "JPEG":  # the bulk of LLaVA's images: torchvision's libjpeg-turbo path
         try:
-            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return _torchvision_decode(data)
         except RuntimeError as exc:  # e.g. a truncated file, or a JPEG variant only PIL reads
             tv_error = exc
     # Every other format goes through PIL: torchvision's PNG decoder crashes the whole process (SIGSEGV) on a
@@ -118,6 +124,13 @@ def _decode(data: bytes, fmt: str | None = None, max_pixels: int = MAX_PIXELS) -
         raise ImageDecodeError(f"cannot decode {fmt} image ({len(data)} bytes, starts with {data[:8]!r}): "
                                f"{tv_error or exc}") from exc
     return torch.from_numpy(rgb).permute(2, 0, 1)  # HWC memory, like torchvision's decoder
+
+
+def pad_fill(mean) -> list[int]:
+    """The padding colour of LLaVA's "pad" preprocessing: each channel mean times 255, *truncated* (LLaVA's
+    `tuple(int(x * 255) for x in image_mean)`; HF's LlavaImageProcessor does the same). Rounding instead would
+    give (123, 117, 104) for CLIP's mean where every released checkpoint was trained on (122, 116, 104)."""
+    return [int(float(m) * 255) for m in mean]
 
 
 def expand2square(image: torch.Tensor, fill: list[int]) -> torch.Tensor:
@@ -169,9 +182,7 @@ class ImageProcessor:
         self.mean = [float(m) for m in mean]
         self.std = [float(s) for s in std]
         self.fast_decode = bool(fast_decode)
-        # LLaVA fills with tuple(int(x * 255) for x in mean); rounding differs by at most 1 level. The design
-        # doc asks for round(); the difference is far below the resize error and invisible to the model.
-        self.fill = [round(255 * m) for m in self.mean]
+        self.fill = pad_fill(self.mean)
         self._fill_row = torch.tensor(self.fill, dtype=torch.uint8).repeat(256)  # grown on demand
         self._mean = torch.tensor(self.mean).view(3, 1, 1)
         self._std = torch.tensor(self.std).view(3, 1, 1)
