@@ -4,6 +4,7 @@ import -> our run dir -> rebuilt model gives the logits of a direct computation 
 §2 projector written out on the official tensors); export -> the release's files and tensors again."""
 
 import json
+import re
 import math
 
 import pytest
@@ -65,7 +66,9 @@ def write_release(root, variant, llama_dir, clip_dir, seed=0):
     torch.save(non_lora, root / "non_lora_trainables.bin")
     llava = {**LlamaConfig.from_pretrained(llama_dir).to_dict(), "model_type": "llava_llama",
              "architectures": ["LlavaLlamaForCausalLM"], "mm_vision_tower": str(clip_dir), "mm_hidden_size": C,
-             "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_projector_type": "mlp2x_gelu"}
+             "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_projector_type": "mlp2x_gelu",
+             "image_aspect_ratio": "pad", "mm_patch_merge_type": "flat", "mm_use_im_start_end": False,
+             "mm_use_im_patch_token": False}
     (root / "config.json").write_text(json.dumps(llava))
     return root
 
@@ -215,3 +218,28 @@ def test_import_is_strict(world, tmp_path):
     (release / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(OfficialCheckpointError, match="use_dora=True is not supported"):
         import_official(release, "pooling", tmp_path / "d")
+
+
+@pytest.mark.parametrize("key,value,shown", [
+    ("image_aspect_ratio", "anyres", "image_aspect_ratio = 'anyres'; supported: 'pad'"),
+    ("image_aspect_ratio", None, "image_aspect_ratio = absent (LLaVA then uses 'square'); supported: 'pad'"),
+    ("mm_patch_merge_type", "spatial_unpad", "mm_patch_merge_type = 'spatial_unpad'; supported: 'flat'"),
+    ("mm_use_im_start_end", True, "mm_use_im_start_end = True; supported: False"),
+    ("mm_use_im_patch_token", True, "mm_use_im_patch_token = True; supported: False"),
+    ("mm_vision_select_feature", "cls_patch", "mm_vision_select_feature = 'cls_patch'; supported: 'patch'"),
+    ("mm_vision_select_layer", "-2", "mm_vision_select_layer = '-2'; supported: an integer"),
+])
+def test_import_refuses_release_settings_it_does_not_reproduce(world, tmp_path, key, value, shown):
+    release = tmp_path / "release"
+    release.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.bin"):
+        (release / f).write_bytes((world / "weights-v1" / f).read_bytes())
+    config = json.loads((world / "weights-v1" / "config.json").read_text())
+    if value is None:
+        del config[key]
+    else:
+        config[key] = value
+    (release / "config.json").write_text(json.dumps(config))
+    with pytest.raises(OfficialCheckpointError, match=re.escape(shown)) as err:
+        import_official(release, "pooling", tmp_path / "out")
+    assert "config.json" in str(err.value) and not (tmp_path / "out").exists()

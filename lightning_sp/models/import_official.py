@@ -118,6 +118,35 @@ def _check_adapter_config(adapter_config: dict, where: str) -> None:
         raise OfficialCheckpointError(f"{where}: unsupported adapter config: " + "; ".join(problems))
 
 
+# What our data path reproduces of LLaVA-1.5's, per config.json key: (the value we need, the value LLaVA's code
+# assumes when the key is absent, what the other values would do that we do not).
+_LLAVA_SETTINGS = {
+    "image_aspect_ratio": ("pad", "square", "images are padded to a square with the mean colour here; other "
+                           "values resize/crop (or tile, 'anyres') them differently"),
+    "mm_patch_merge_type": ("flat", "flat", "patch tokens stay one flat sequence here; 'spatial*' merges tiles"),
+    "mm_use_im_start_end": (False, False, "no <im_start>/<im_end> tokens around the image here"),
+    "mm_use_im_patch_token": (False, False, "no <im_patch> tokens here"),
+    "mm_vision_select_feature": ("patch", "patch", "the CLS token is always dropped here ('patch')"),
+}
+
+
+def check_llava_config(llava_config: dict, where: str) -> None:
+    """Refuse a release whose config.json asks for preprocessing or prompt tokens our path does not reproduce: an
+    import would load and then answer from inputs the model was not trained on. Every problem is listed."""
+    problems = []
+    for key, (ours, default, why) in _LLAVA_SETTINGS.items():
+        value = llava_config.get(key, default)
+        if value != ours:
+            shown = f"{value!r}" if key in llava_config else f"absent (LLaVA then uses {default!r})"
+            problems.append(f"{key} = {shown}; supported: {ours!r} ({why})")
+    layer = llava_config.get("mm_vision_select_layer", -2)
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        problems.append(f"mm_vision_select_layer = {layer!r}; supported: an integer hidden-state index (e.g. -2)")
+    if problems:
+        raise OfficialCheckpointError(f"{where}: this release was trained with settings lightning_sp does not "
+                                      f"reproduce:\n  " + "\n  ".join(problems))
+
+
 def _integer(value, key: str, where: str) -> int:
     if float(value) != int(value):
         raise OfficialCheckpointError(f"{where}/{ADAPTER_CONFIG}: {key}={value!r} is not an integer")
@@ -175,9 +204,8 @@ def import_official(lora_dir: PathLike, variant: str, out: PathLike, *, llm: Opt
         raise ValueError(f"{where}: name the base LLM (--llm) and the vision encoder (--vision): the release records "
                          f"llm={adapter_config.get('base_model_name_or_path')!r}, "
                          f"vision={llava_config.get('mm_vision_tower')!r}")
-    if llava_config.get("mm_vision_select_feature", "patch") != "patch":
-        raise OfficialCheckpointError(f"{where}/{LLAVA_CONFIG}: mm_vision_select_feature="
-                                      f"{llava_config['mm_vision_select_feature']!r}; only 'patch' (CLS dropped) exists here")
+    if release["llava_config"] is not None:
+        check_llava_config(llava_config, f"{where}/{LLAVA_CONFIG}")
 
     vision_config = CLIPVisionConfig.from_pretrained(vision)
     grid = vision_config.image_size // vision_config.patch_size
@@ -269,7 +297,8 @@ def _llava_config(cfg, vision_width: int) -> Optional[dict]:
         "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
         "mm_vision_tower": cfg.model.vision.name_or_path, "mm_hidden_size": vision_width,
         "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": cfg.model.vision.select_layer,
-        "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad", "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad", "mm_patch_merge_type": "flat",
+        "mm_use_im_start_end": False,
         "mm_use_im_patch_token": False, "tune_mm_mlp_adapter": False, "use_cache": True,
     })
     return llava
