@@ -7,10 +7,17 @@ The run's model is rebuilt from the checkpoint, LoRA is merged into the LLM (`me
   plain `transformers.LlavaForConditionalGeneration.from_pretrained(dir)`.
 - `pooling` / `cropping` (LLaVA-SP) runs become a `trust_remote_code` package: `configuration_llava_sp.py` and
   `modeling_llava_sp.py` (lightning_sp/hf_remote, torch + transformers only) are copied next to the weights and
-  `config.json` maps them in `auto_map`; load with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
+  `config.json` maps them in `auto_map` for AutoModelForImageTextToText, AutoModelForCausalLM and AutoModel; load with
+  `AutoModelForImageTextToText.from_pretrained(dir, trust_remote_code=True)`. Its `generate` is transformers' own and
+  returns prompt + new tokens, as HF Llava's does.
 Both directories also hold the tokenizer and a `LlavaProcessor` (LLaVA-1.5 "pad" preprocessing: pad to square with
 the CLIP mean colour, bicubic resize, CLIP normalisation) that expands each `<image>` into the model's number of
 visual tokens (576 / 582 at 336 px) -- HF Llava, like our collator, expects the placeholders already expanded.
+The saved tokenizer pads on the LEFT (batched generation), returns input_ids and attention_mask only (no
+token_type_ids, which `generate` would refuse), and the processor and tokenizer carry the run's conversation template
+(vicuna_v1) as a Jinja chat template: `processor.apply_chat_template(messages, add_generation_prompt=True)` renders
+exactly the prompt the model was trained and is evaluated with (system prompt, `USER: <image>\\n...`, `ASSISTANT:`;
+the processor adds BOS when it tokenizes, as for llava-hf's templates).
 
 Options (key=value): ckpt, out, dtype (float32 | bfloat16 | float16; default the run's model.llm.dtype),
 max_shard_size; dotted keys (model.llm.name_or_path=...) override the run's config before the model is built.
@@ -22,6 +29,8 @@ placeholder before replacing it. The SP package never embeds it and keeps the LL
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +44,8 @@ from lightning_sp.config import ConfigError
 log = logging.getLogger(__name__)
 
 SP_PROJECTORS = ("pooling", "cropping")
+# Where the SP package's model class is registered (`auto_map` of its config.json).
+SP_AUTO_CLASSES = ("AutoModelForImageTextToText", "AutoModelForCausalLM", "AutoModel")
 
 
 @dataclass
@@ -52,6 +63,65 @@ def _merged_llm(model):
     return llm
 
 
+def chat_template(template="vicuna_v1") -> str:
+    """A Jinja chat template that renders messages as :meth:`conversation.Template.render` renders turns.
+
+    Messages are HF's: ``{"role": "system"|"user"|"assistant", "content": str | [{"type": "image"}, {"type":
+    "text", "text": ...}]}``. A user turn with an image (an ``image`` item, or ``<image>`` in its text) becomes
+    ``<image>\\n`` + its text without placeholders, stripped (as records are normalised for training); a system
+    message replaces the template's system prompt; ``add_generation_prompt`` ends with the assistant role and
+    ``:`` (no space: the model's answer starts with one). Assistant answers are wrapped in ``{% generation %}``
+    (``return_assistant_tokens_mask``), from the space after ``ASSISTANT:`` through the end-of-turn, which is what
+    training supervises. No BOS: the tokenizer adds it (the processor does when it tokenizes)."""
+    from lightning_sp.data.conversation import get_template
+    from lightning_sp.data.tokenizer import IMAGE_TOKEN
+
+    tpl = get_template(template)
+    if tpl.plain:
+        raise ValueError(f"the {tpl.name!r} template has no conversation to render; export a chat template instead")
+    q = json.dumps  # a Jinja string literal (double quotes, backslash escapes)
+    user, assistant = tpl.roles
+    return (
+        "{%- set image = " + q(IMAGE_TOKEN) + " -%}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set first = 1 -%}{%- set system = messages[0]['content'] -%}"
+        "{%- if system is not string -%}"
+        "{%- set system = system | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
+        "{%- endif -%}"
+        "{%- else -%}{%- set first = 0 -%}{%- set system = " + q(tpl.system) + " -%}{%- endif -%}"
+        "{{- system + " + q(tpl.sep) + " -}}"
+        "{%- for message in messages[first:] -%}"
+        "{%- set content = message['content'] -%}"
+        "{%- if content is string -%}{%- set text = content -%}{%- set images = 0 -%}"
+        "{%- else -%}"
+        "{%- set text = content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
+        "{%- set images = content | selectattr('type', 'equalto', 'image') | list | length -%}"
+        "{%- endif -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{%- if images > 0 or image in text -%}"
+        "{%- set text = (image + '\\n') * ([images, 1] | max) + (text | replace(image, '') | trim) -%}"
+        "{%- endif -%}"
+        "{{- " + q(user + ": ") + " + text + " + q(tpl.sep) + " -}}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{- " + q(assistant + ":") + " -}}"
+        "{%- generation -%}{{- ' ' + text + " + q(tpl.sep2) + " -}}{%- endgeneration -%}"
+        "{%- else -%}{{- raise_exception('roles must be system (first), user or assistant') -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- " + q(assistant + ":") + " -}}{%- endif -%}"
+    )
+
+
+def _client_tokenizer(tokenizer, template: str):
+    """A copy of the run's tokenizer set up for HF clients: left padding, no token_type_ids, the chat template."""
+    tok = copy.deepcopy(tokenizer)
+    tok.padding_side = "left"
+    tok.model_input_names = ["input_ids", "attention_mask"]
+    tok.init_kwargs["model_input_names"] = tok.model_input_names  # saved in tokenizer_config.json
+    tok.chat_template = chat_template(template)
+    return tok
+
+
 def _processor(tokenizer, image_size: int, patch_size: int, extra_tokens: int):
     """LlavaProcessor whose `<image>` expands to grid**2 + extra_tokens placeholders (CLS counted, then dropped)."""
     from transformers import LlavaImageProcessor, LlavaProcessor
@@ -65,7 +135,7 @@ def _processor(tokenizer, image_size: int, patch_size: int, extra_tokens: int):
     )
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1 + extra_tokens,
-                          image_token=IMAGE_TOKEN)
+                          image_token=IMAGE_TOKEN, chat_template=tokenizer.chat_template)
 
 
 def _set_dtype(config, dtype: torch.dtype) -> None:
@@ -138,9 +208,11 @@ def _export_remote(model, tokenizer, cfg, dtype: torch.dtype, out: Path, max_sha
     if hf.num_image_tokens != model.num_visual_tokens:
         raise RuntimeError(f"the exported projector emits {hf.num_image_tokens} tokens, ours {model.num_visual_tokens}")
     hf.load_state_dict({k: v.detach().to(dtype) for k, v in state.items()}, strict=True, assign=True)
-    # Copy the two code files next to the weights and write `auto_map` into config.json.
+    # Copy the two code files next to the weights and write `auto_map` into config.json (save_pretrained adds the
+    # registered auto class to the entries already in config.auto_map).
     LlavaSPConfig.register_for_auto_class()
-    LlavaSPForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")
+    LlavaSPForConditionalGeneration.register_for_auto_class(SP_AUTO_CLASSES[0])
+    hf.config.auto_map = {name: "modeling_llava_sp.LlavaSPForConditionalGeneration" for name in SP_AUTO_CLASSES}
     hf.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
 
 
@@ -169,7 +241,12 @@ def export_hf(ckpt, out, dtype: Optional[str] = None, overrides: Sequence[str] =
             raise ConfigError(f"export supports the projectors mlp, {', '.join(SP_PROJECTORS)}; this run uses "
                               f"'{name}' (an ablation arm: evaluate it from its checkpoint instead)")
     v = cfg.model.vision
-    processor = _processor(tokenizer, v.image_size, v.patch_size, model.projector.layout.num_sp_tokens)
+    template = cfg.stage.template
+    if template == "plain":  # an align-stage run: give clients the format the finetune stage trains
+        log.warning("this run uses the plain (align-stage) template; exporting the vicuna_v1 chat template")
+        template = "vicuna_v1"
+    processor = _processor(_client_tokenizer(tokenizer, template), v.image_size, v.patch_size,
+                           model.projector.layout.num_sp_tokens)
     processor.save_pretrained(out)  # also writes the tokenizer
     log.info("exported %s as %s (%s) to %s", ckpt, kind, dtype_name, out)
     return out

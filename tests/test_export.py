@@ -79,8 +79,9 @@ def test_export_reproduces_our_logits(tmp_path, tokenizer, tiny_cfg, overrides, 
         for name in ("modeling_llava_sp.py", "configuration_llava_sp.py"):
             assert "lightning_sp" not in "".join(l for l in (out / name).read_text().splitlines(True)
                                                  if l.startswith(("import", "from")))
-        assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == \
-            "modeling_llava_sp.LlavaSPForConditionalGeneration"
+        auto_map = json.loads((out / "config.json").read_text())["auto_map"]
+        for auto in ("AutoModelForImageTextToText", "AutoModelForCausalLM", "AutoModel"):
+            assert auto_map[auto] == "modeling_llava_sp.LlavaSPForConditionalGeneration"
     assert not any("lora" in k for k in load_file(next(out.glob("*.safetensors"))))  # merged
     ids, mask, pixels = processor_inputs(out)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
@@ -105,9 +106,8 @@ def test_export_reproduces_our_logits(tmp_path, tokenizer, tiny_cfg, overrides, 
     new = ours.generate(enc.input_ids, enc.attention_mask, pixels, max_new_tokens=4,
                         pad_token_id=tokenizer.pad_token_id)
     theirs = hf.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, pixel_values=pixels, **kwargs)
-    if sp_tokens == 0:
-        theirs = theirs[:, enc.input_ids.shape[1]:]  # HF Llava returns prompt + new tokens
-    assert torch.equal(new, theirs)
+    assert torch.equal(theirs[:, :enc.input_ids.shape[1]], enc.input_ids)  # both return prompt + new tokens
+    assert torch.equal(new, theirs[:, enc.input_ids.shape[1]:])
 
 
 def test_image_token_beyond_the_vocabulary_grows_the_llava_export(tmp_path, tiny_cfg):

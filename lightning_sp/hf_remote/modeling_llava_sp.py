@@ -3,13 +3,18 @@ transformers). CLIP vision tower (hidden_states[vision_feature_layer], CLS dropp
 -> W_s for the SP tokens, W_p for the patch tokens; SP tokens first) -> spliced over the `image_token_index`
 placeholders of `input_ids` -> causal LM. The math and parameter names follow lightning_sp's SpatialProjector.
 
-    model = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True)
-    ids: each image's placeholder repeated `config.image_seq_length` times (the saved LlavaProcessor does this)
-    logits = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
-    new_tokens = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=32)
+Used like HF's LlavaForConditionalGeneration (the export registers it for AutoModelForImageTextToText,
+AutoModelForCausalLM and AutoModel, and saves a LlavaProcessor that expands each `<image>` into
+`config.image_seq_length` placeholders and pads on the left):
 
-`generate` embeds the prompt once and decodes with the language model's own `generate`; it returns only the new
-tokens, and batched prompts must be LEFT-padded.
+    model = AutoModelForImageTextToText.from_pretrained(export_dir, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(export_dir)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=32)          # prompt + new tokens, as HF Llava returns
+    answer = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+`generate` is transformers' own (GenerationMixin): the image is embedded in the prefill step only, and every
+decoding option of `generate` applies. Batched prompts must be LEFT-padded (the exported processor does that).
 """
 
 import math
@@ -18,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
 from .configuration_llava_sp import LlavaSPConfig
 
@@ -121,7 +126,7 @@ class LlavaSPPreTrainedModel(PreTrainedModel):
             nn.init.kaiming_uniform_(module.kv_weight, a=math.sqrt(5))
 
 
-class LlavaSPForConditionalGeneration(LlavaSPPreTrainedModel):
+class LlavaSPForConditionalGeneration(LlavaSPPreTrainedModel, GenerationMixin):
     def __init__(self, config: LlavaSPConfig):
         super().__init__(config)
         vision = config.vision_config
@@ -175,19 +180,23 @@ class LlavaSPForConditionalGeneration(LlavaSPPreTrainedModel):
         return torch.where(is_image.unsqueeze(-1), gathered, embeddings)
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, labels=None, use_cache=None, cache_position=None, **kwargs):
+                past_key_values=None, inputs_embeds=None, labels=None, use_cache=None, cache_position=None,
+                logits_to_keep=0, **kwargs):
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values)
+        elif pixel_values is not None:
+            raise ValueError("give input_ids (with image placeholders) together with pixel_values, not inputs_embeds")
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                    position_ids=position_ids, past_key_values=past_key_values, labels=labels,
-                                   use_cache=use_cache, cache_position=cache_position, **kwargs)
+                                   use_cache=use_cache, cache_position=cache_position,
+                                   logits_to_keep=logits_to_keep, **kwargs)
 
-    @torch.no_grad()
-    def generate(self, input_ids=None, pixel_values=None, attention_mask: Optional[torch.Tensor] = None, **kwargs):
-        """Greedy/sampled decoding by the language model from the spliced prompt; returns the new tokens only."""
-        if input_ids is None:
-            return self.language_model.generate(attention_mask=attention_mask, **kwargs)
-        if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("batched prompts must be left-padded (last column of attention_mask all ones)")
-        return self.language_model.generate(inputs_embeds=self.embed(input_ids, pixel_values),
-                                            attention_mask=attention_mask, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, inputs_embeds=None, pixel_values=None,
+                                      attention_mask=None, cache_position=None, logits_to_keep=None, **kwargs):
+        """As HF Llava: the image goes in with the prompt (prefill); cached decoding steps feed text tokens only."""
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            cache_position=cache_position, logits_to_keep=logits_to_keep, **kwargs)
+        if cache_position is None or cache_position[0] == 0 or not kwargs.get("use_cache", True):
+            model_inputs["pixel_values"] = pixel_values
+        return model_inputs
