@@ -24,14 +24,16 @@ from lightning_sp.trainable import parameter_table, set_trainable
 log = logging.getLogger(__name__)
 
 
-SP_CONV_SUFFIXES = ("sfe.weights", "dfi.kv_weight", "conv_tokens.weight")  # the full-window convolution weights of spatial projectors
-
-
-def param_group(name: str) -> str:
-    """Optimizer group of a trainable parameter: `sp_conv`, `projector` (the rest of it) or `lora` (the LLM)."""
-    if not name.startswith("projector."):
-        return "lora"
-    return "sp_conv" if any(s in name for s in SP_CONV_SUFFIXES) else "projector"
+def optimizer_groups(model) -> dict[str, list]:
+    """Trainable parameters by optimizer group: `sp_conv` (what the projector declares, see
+    Projector.sp_conv_parameters), `projector` (the rest of it) and `lora` (the LLM's adapters and saved modules)."""
+    sp_conv = {id(p) for p in model.projector.sp_conv_parameters()}
+    groups = {"projector": [], "sp_conv": [], "lora": []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            group = "lora" if not name.startswith("projector.") else "sp_conv" if id(p) in sp_conv else "projector"
+            groups[group].append(p)
+    return groups
 
 
 def teacher_forced_hits(logits: torch.Tensor, labels: torch.Tensor, logit_positions: torch.Tensor) -> torch.Tensor:
@@ -192,10 +194,7 @@ class LlavaSPModule(L.LightningModule):
 
     # ---- optimisation ---------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        groups = {"projector": [], "sp_conv": [], "lora": []}
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                groups[param_group(name)].append(p)
+        groups = optimizer_groups(self.model)  # after sharding: the projector hands out its DTensor parameters
         if self._fsdp_units is not None:  # the optimizer must hold the sharded parameters, not stale originals
             from torch.distributed.tensor import DTensor
 

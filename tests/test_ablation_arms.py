@@ -313,3 +313,35 @@ def test_learned_queries_parameter_count(dfi):
     assert n_params(proj.sfe) == extractor
     assert n_params(proj) == extractor + (dfi_params() + 2 * D * H if dfi else D * H) + W_P
     assert build("learned_queries", dfi=False, sides=[8, 16, 24]).layout.num_sp_tokens == 3
+
+
+# ---- optimizer groups: declared by each projector -------------------------------------------------------------
+
+# Golden: the convolution weights whose kernel covers a whole window, per arm (stacked arms: the merge convs, not
+# the 4x4 reduce convs). Everything else in a projector trains at lr_projector.
+FULL_WINDOW = {
+    "mlp": [], "learned_queries": [], "cropping_transformer": ["dfi.kv_weight"],  # learned_queries: no DFI
+    "conv49": ["conv_tokens.weight"],
+    "pooling_stacked": [f"sfe.merge.{i}" for i in range(6)] + ["dfi.kv_weight"],
+    "cropping_stacked": [f"sfe.merge.{i}" for i in range(6)] + ["dfi.kv_weight"],
+}
+
+
+@pytest.mark.parametrize("variant", sorted(SP_TOKENS))
+def test_optimizer_groups_are_declared_by_the_projector(variant):
+    from types import SimpleNamespace
+
+    from lightning_sp.module import optimizer_groups
+
+    cfg = composed(variant).projector
+    projector = build_projector(cfg, vision_width=C, llm_width=H, grid=G)
+    if variant in FULL_WINDOW:
+        expected = set(FULL_WINDOW[variant])
+    else:  # the SFE family: one full-window conv per SP token, plus the DFI's K/V conv when it has one
+        expected = {f"sfe.weights.{i}" for i in range(SP_TOKENS[variant])} | ({"dfi.kv_weight"} if cfg.dfi else set())
+    model = SimpleNamespace(projector=projector,
+                            named_parameters=lambda: ((f"projector.{n}", p) for n, p in projector.named_parameters()))
+    groups = optimizer_groups(model)
+    names = {id(p): n.removeprefix("projector.") for n, p in projector.named_parameters()}
+    assert {names[id(p)] for p in groups["sp_conv"]} == expected
+    assert len(groups["sp_conv"]) + len(groups["projector"]) == len(names) and not groups["lora"]

@@ -46,3 +46,10 @@ class Projector(nn.Module):
     def sp_boxes(self) -> list[tuple[int, int, int, int]]:
         """Patch-grid boxes (row0, col0, row1, col1) each SP token summarises, for drawing; [] if none."""
         return []
+
+    def sp_conv_parameters(self) -> list[nn.Parameter]:
+        """Weights of convolutions whose kernel covers a whole window (fan-in up to grid*grid*C): the optimizer
+        trains them at `optim.lr_sp_conv` (Adam moves each weight by ~lr, their outputs by ~lr * fan-in), every
+        other projector parameter at `optim.lr_projector`. Declared here by the projector, never guessed from
+        parameter names. Default: none."""
+        return []

@@ -156,6 +156,9 @@ class StackedConvExtractor(SpatialWindows):
         )
         self.merge = nn.ParameterList(conv_weight(sp_width, sp_width, s // STACK_FACTOR) for s in self.sides)
 
+    def full_window_weights(self) -> list[nn.Parameter]:
+        return list(self.merge)  # the 4x4 `reduce` convs are ordinary small kernels: lr_projector
+
     def forward(self, grid_features: torch.Tensor) -> torch.Tensor:
         """(B, C, G, G) -> (B, S, D)."""
         tokens = [window_dot(F.gelu(conv(window)), weight)
@@ -221,6 +224,9 @@ class LearnedQueryExtractor(nn.Module):
 
     def boxes(self) -> list[tuple[int, int, int, int]]:
         return []  # no windows: where a query looks is learned (see last_attention)
+
+    def full_window_weights(self) -> list[nn.Parameter]:
+        return []  # attention, no convolution
 
     def forward(self, grid_features: torch.Tensor) -> torch.Tensor:
         x = self.norm(self.embed(_grid_tokens(grid_features)) + self.position)  # (B, G*G, D)
@@ -305,6 +311,9 @@ class Conv49Projector(Projector):
 
     def sp_boxes(self) -> list[tuple[int, int, int, int]]:
         return self.conv_tokens.boxes()
+
+    def sp_conv_parameters(self) -> list[nn.Parameter]:
+        return [self.conv_tokens.weight]  # k=12 over a 24x24 grid: the DFI K/V conv's shape
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         grid_features = patch_grid(patches, self.grid)

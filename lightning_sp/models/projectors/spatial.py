@@ -72,6 +72,10 @@ class SpatialWindows(nn.Module):
     def num_tokens(self) -> int:
         return len(self.sides)
 
+    def full_window_weights(self) -> list[nn.Parameter]:
+        """The extractor's convolution weights whose kernel is a whole window (Projector.sp_conv_parameters)."""
+        return []
+
     def windows(self, grid_features: torch.Tensor):
         """Each token's input window (B, C', s, s), in token order; any channel count C'."""
         for side, (r0, c0, r1, c1) in zip(self.sides, self.boxes()):
@@ -95,6 +99,9 @@ class SpatialFeatureExtractor(SpatialWindows):
     def __init__(self, mode: str, vision_width: int, sp_width: int, grid: int, sides=None) -> None:
         super().__init__(mode, grid, sides)
         self.weights = nn.ParameterList(conv_weight(sp_width, vision_width, s) for s in self.sides)
+
+    def full_window_weights(self) -> list[nn.Parameter]:
+        return list(self.weights)
 
     def forward(self, grid_features: torch.Tensor) -> torch.Tensor:
         """(B, C, G, G) -> (B, 6, D)."""
@@ -178,6 +185,9 @@ class SpatialProjector(Projector):
 
     def sp_boxes(self) -> list[tuple[int, int, int, int]]:
         return self.sfe.boxes()
+
+    def sp_conv_parameters(self) -> list[nn.Parameter]:
+        return [*self.sfe.full_window_weights(), *([self.dfi.kv_weight] if self.dfi is not None else [])]
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         grid_features = patch_grid(patches, self.grid)
