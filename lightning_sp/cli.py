@@ -23,7 +23,7 @@ from lightning_sp.config import ConfigError
 def _train(args) -> None:
     from lightning_sp.train import train_from_overrides
 
-    train_from_overrides(args.overrides)
+    train_from_overrides(args.overrides, config_files=args.config)
 
 
 def _config(args) -> None:
@@ -31,14 +31,14 @@ def _config(args) -> None:
 
     from lightning_sp.config import compose
 
-    print(OmegaConf.to_yaml(compose(args.overrides)))
+    print(OmegaConf.to_yaml(compose(args.overrides, config_files=args.config)))
 
 
 def _prepare(args) -> None:
     from lightning_sp.config import compose
     from lightning_sp.data.prepare import ensure_synthetic
 
-    cfg = compose(args.overrides)
+    cfg = compose(args.overrides, config_files=args.config)
     if cfg.data.synthetic is None:
         raise ConfigError(f"data '{cfg.choices['data']}' is not synthetic; use `convert` for real data")
     ensure_synthetic(cfg.data, image_size=cfg.model.vision.image_size)
@@ -121,7 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("export", _export, "merged Hugging Face dir of a checkpoint: ckpt=PATH out=DIR [dtype=bfloat16]"),
     ):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("overrides", nargs="*", help="group=name (variant=pooling) or key=value (seed=3)")
+        p.add_argument("overrides", nargs="*", help="group=name (variant=pooling), experiment=NAME "
+                       "(conf/experiment/NAME.yaml) or key=value (seed=3)")
+        if name in ("train", "config", "prepare-data"):
+            p.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
+                           help="a YAML of config keys (and optional `defaults:` group selections), merged after "
+                                "the groups and experiment=, before the command line's key=value; repeatable")
         p.set_defaults(fn=fn)
     p = sub.add_parser("convert", help="LLaVA JSON + image root -> WebDataset shards + index")
     p.add_argument("--json", required=True)
@@ -148,6 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_options_last(argv: list[str]) -> list[str]:
+    """`--config FILE` may sit anywhere among the key=value overrides: argparse lets options follow a `nargs="*"`
+    positional but not interrupt it, so every `--config FILE` / `--config=FILE` moves to the end."""
+    rest, options, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            options += argv[i:i + 2]
+            i += 2
+            continue
+        (options if argv[i].startswith("--config=") else rest).append(argv[i])
+        i += 1
+    return rest + options
+
+
 def main(argv: list[str] | None = None) -> int:
     # Our own logger only: Lightning configures its own, and a root handler would print its lines twice.
     handler = logging.StreamHandler()
@@ -155,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     package_log = logging.getLogger("lightning_sp")
     package_log.addHandler(handler)
     package_log.setLevel(logging.INFO)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_config_options_last(sys.argv[1:] if argv is None else argv))
     try:
         args.fn(args)
     except ConfigError as e:

@@ -167,6 +167,12 @@ class TrainerConfig:
     # check runs in train() once the launcher has resolved the world size.
     global_batch_size: Optional[int] = None
     enable_progress_bar: bool = True
+    # Lightning's everyday Trainer arguments, passed through as they are.
+    num_nodes: int = 1
+    max_epochs: Optional[int] = None  # None: max_steps alone decides
+    fast_dev_run: Any = False  # True or N: N batches of train and val, no checkpoints or logs (a smoke test)
+    deterministic: Any = None  # True, False, "warn" or None (torch's default)
+    profiler: Optional[str] = None  # "simple", "advanced" or "pytorch": report at the end of fit
 
 
 @dataclass
@@ -252,23 +258,62 @@ def _merge(base: DictConfig, other: Any, schema: DictConfig, source: str) -> Dic
         raise _explain(e, schema, source) from e
 
 
-def compose(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | str = CONF_DIR) -> DictConfig:
-    """Compose base + groups + dotlist overrides into a validated, read-only RunConfig."""
+def _experiment_layers(experiment: Optional[str], config_files, conf_dir: Path) -> list[tuple[str, DictConfig]]:
+    """The experiment file (`experiment=NAME`: conf/experiment/NAME.yaml) and then each `--config FILE.yaml`, as
+    (source, YAML). Each may hold `defaults:` (group selections) and any config fields."""
+    paths = []
+    if experiment is not None:
+        path = conf_dir / "experiment" / f"{experiment}.yaml"
+        if not path.is_file():
+            valid = group_choices("experiment", conf_dir) if path.parent.is_dir() else []
+            raise ConfigError(f"unknown experiment '{experiment}'; valid choices: {', '.join(valid) or 'none'} "
+                              f"(files in {path.parent})")
+        paths.append(path)
+    for f in config_files:
+        path = Path(f).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--config {f}: no such file")
+        paths.append(path)
+    layers = []
+    for path in paths:
+        layer = _load_yaml(path)
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(layer).__name__}")
+        layers.append((str(path), layer))
+    return layers
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | str = CONF_DIR,
+            config_files: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose a validated, read-only RunConfig, later layers winning: base.yaml -> one file per group -> the
+    experiment file (`experiment=NAME`) -> each of `config_files` (`--config FILE.yaml`) -> the command line's
+    `a.b=value`. Group selections (`variant=pooling`) come from base.yaml's `defaults:`, then the experiment's and
+    the config files' `defaults:`, then the command line."""
     conf_dir = Path(conf_dir)
     schema = OmegaConf.structured(RunConfig)
     base = _load_yaml(conf_dir / "base.yaml")
     choices = dict(base.pop("defaults", {}) or {})
-    field_overrides = []
+    field_overrides, cli_choices, experiment = [], {}, None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, value = item.split("=", 1)
         if key in GROUPS:
-            choices[key] = value
+            cli_choices[key] = value
+        elif key == "experiment":
+            experiment = value
         elif key == "defaults":
             raise ConfigError("'defaults' is reserved; select groups with group=name, e.g. variant=pooling")
         else:
             field_overrides.append(item)
+    layers = _experiment_layers(experiment, config_files, conf_dir)
+    for source, layer in layers:
+        selected = layer.pop("defaults", None) or {}
+        unknown = sorted(set(selected) - set(GROUPS))
+        if unknown:
+            raise ConfigError(f"{source}: defaults selects unknown groups {unknown}; groups: {', '.join(GROUPS)}")
+        choices.update(selected)
+    choices.update(cli_choices)
 
     cfg = _merge(schema, base, schema, str(conf_dir / "base.yaml"))
     for group in GROUPS:
@@ -280,12 +325,14 @@ def compose(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | str = 
             valid = group_choices(group, conf_dir)
             raise ConfigError(f"unknown {group} '{name}'; valid choices: {', '.join(valid)} (files in {path.parent})")
         cfg = _merge(cfg, _load_yaml(path), schema, str(path))
+    for source, layer in layers:
+        cfg = _merge(cfg, layer, schema, source)
     try:
         dotlist = OmegaConf.from_dotlist(field_overrides)
     except Exception as e:
         raise ConfigError(f"cannot parse overrides {field_overrides}: {e}") from e
     cfg = _merge(cfg, dotlist, schema, "command line")
-    cfg.choices = {g: choices[g] for g in GROUPS}
+    cfg.choices = {g: choices[g] for g in GROUPS} | ({"experiment": experiment} if experiment else {})
     given = {item.split("=", 1)[0].strip() for item in field_overrides}
     _derive_accumulation(cfg, explicit="trainer.accumulate_grad_batches" in given)
     _warn_unused_lora_overrides(cfg, given)
@@ -363,10 +410,16 @@ def device_count(cfg: DictConfig) -> Optional[int]:
     return n
 
 
+def total_devices(cfg: DictConfig) -> Optional[int]:
+    """Devices over all nodes: `trainer.devices` x `trainer.num_nodes` (None while devices is -1/"auto")."""
+    n = device_count(cfg)
+    return None if n is None else n * cfg.trainer.num_nodes
+
+
 def global_batch_size(cfg: DictConfig) -> Optional[int]:
     """Samples per optimizer step: per-device batch x devices x accumulation (None while `trainer.devices`
     is -1/"auto", which only the launcher resolves; train.py logs the resolved value)."""
-    n = device_count(cfg)
+    n = total_devices(cfg)
     if n is None:
         return None
     return cfg.data.batch_size * n * cfg.trainer.accumulate_grad_batches
@@ -377,7 +430,7 @@ def _derive_accumulation(cfg: DictConfig, explicit: bool) -> None:
     the device count known: accumulation = global / (per-device batch x devices), when that divides evenly
     (otherwise `validate` refuses the config with the numbers)."""
     t = cfg.trainer
-    n = device_count(cfg)
+    n = total_devices(cfg)
     if t.global_batch_size is None or explicit or t.accumulate_grad_batches != 1 or n is None:
         return
     per_step = cfg.data.batch_size * n
@@ -425,10 +478,12 @@ def _check_global_batch_config(cfg: DictConfig) -> None:
         return
     if g < 1:
         raise ConfigError(f"trainer.global_batch_size must be >= 1 (or null: not checked), got {g}")
-    n = device_count(cfg)
+    n = total_devices(cfg)
     if n is not None:
         if b * n * a != g:
-            raise ConfigError(f"trainer.global_batch_size={g}, but data.batch_size {b} x trainer.devices {n} x "
+            devices = f"trainer.devices {n}" if t.num_nodes == 1 else \
+                f"{n} devices (trainer.devices {n // t.num_nodes} x trainer.num_nodes {t.num_nodes})"
+            raise ConfigError(f"trainer.global_batch_size={g}, but data.batch_size {b} x {devices} x "
                               f"trainer.accumulate_grad_batches {a} = {b * n * a}: {_global_batch_fix(cfg, n)}")
     elif g % (b * a):
         raise ConfigError(
@@ -515,9 +570,20 @@ def _validate_distribution(cfg: DictConfig) -> None:
             "state in bf16; use trainer.precision=bf16-mixed (FSDP2 computes in bf16, keeps fp32 trainable weights) "
             "and model.llm.dtype=bfloat16 for bf16 frozen weights"
         )
+    if not isinstance(t.num_nodes, int) or t.num_nodes < 1:
+        raise ConfigError(f"trainer.num_nodes must be a positive integer, got {t.num_nodes!r}")
+    if t.profiler not in (None, "simple", "advanced", "pytorch"):
+        raise ConfigError(f"trainer.profiler must be simple, advanced, pytorch or null, got {t.profiler!r}")
+    if t.deterministic not in (None, True, False, "warn"):
+        raise ConfigError(f"trainer.deterministic must be true, false, warn or null, got {t.deterministic!r}")
+    if not (isinstance(t.fast_dev_run, bool) or (isinstance(t.fast_dev_run, int) and t.fast_dev_run >= 0)):
+        raise ConfigError(f"trainer.fast_dev_run must be true, false or a number of batches, got {t.fast_dev_run!r}")
+    if t.max_epochs is not None and t.max_epochs != -1 and t.max_epochs < 1:
+        raise ConfigError(f"trainer.max_epochs must be >= 1, -1 (no limit) or null, got {t.max_epochs}")
     _check_global_batch_config(cfg)
     total = global_batch_size(cfg)
-    log.info("global batch = %d per device x %s devices x %d accumulation%s", cfg.data.batch_size, t.devices,
+    nodes = f" x {t.num_nodes} nodes" if t.num_nodes != 1 else ""
+    log.info("global batch = %d per device x %s devices%s x %d accumulation%s", cfg.data.batch_size, t.devices, nodes,
              t.accumulate_grad_batches, f" = {total}" if total else " (devices resolved at launch)")
 
 

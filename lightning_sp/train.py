@@ -95,6 +95,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
+        num_nodes=t.num_nodes,
+        max_epochs=t.max_epochs,
+        fast_dev_run=t.fast_dev_run,
+        deterministic=t.deterministic,
+        profiler=t.profiler,
         strategy=build_strategy(cfg),
         precision=t.precision,
         max_steps=t.max_steps,
@@ -251,5 +256,5 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def train_from_overrides(overrides: list[str]) -> dict[str, float]:
-    return train(config_lib.compose(overrides))
+def train_from_overrides(overrides: list[str], config_files: list[str] = ()) -> dict[str, float]:
+    return train(config_lib.compose(overrides, config_files=config_files))

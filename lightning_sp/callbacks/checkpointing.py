@@ -49,7 +49,9 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         self._last_checkpoint_saved = self._last_checkpoint_saved or self.last_model_path
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self._last_global_step_saved != trainer.global_step and not self._should_skip_saving_checkpoint(trainer):
+        if self._should_skip_saving_checkpoint(trainer):  # fast_dev_run writes nothing (Lightning's own hook would)
+            return
+        if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
 
