@@ -18,9 +18,9 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from lightning_sp.paths import resolve
+from lightning_sp.paths import SHIPPED, resolve
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = SHIPPED / "conf"  # package data: a wheel install composes the same configs (`conf/` links here)
 log = logging.getLogger(__name__)
 
 # Applied in this order: later groups refine earlier ones (a model preset may adjust the stage's learning
