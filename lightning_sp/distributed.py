@@ -349,8 +349,11 @@ def gather_objects(obj: Any) -> list[Any]:
 
 
 def launched_rank() -> int:
-    """This process's global rank as the launcher set it (0 before any launch)."""
-    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+    """This process's global rank as the launcher set it (0 before any launch). A node started with NODE_RANK
+    alone (one process per node, Lightning's own environment) is rank NODE_RANK x local world size + LOCAL_RANK."""
+    for var in ("RANK", "SLURM_PROCID"):
         if os.environ.get(var):
             return int(os.environ[var])
-    return 0
+    local = int(os.environ.get("LOCAL_RANK") or 0)
+    node = int(os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK") or 0)
+    return node * int(os.environ.get("LOCAL_WORLD_SIZE") or 1) + local

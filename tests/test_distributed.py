@@ -272,3 +272,44 @@ def test_equal_val_shares_give_every_rank_the_same_number_of_batches(data, token
                              val_batch_size=1, num_workers=0, equal_val_shares=True)
         counts[rank] = sum(len(b["ids"]) for b in dm.val_dataloader())
     assert counts == {0: 2, 1: 2, 2: 2}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S)
+def test_two_nodes_one_process_each_over_localhost(data, tmp_path):
+    """Two "nodes" on this machine, launched as a cluster would (NODE_RANK, MASTER_ADDR/PORT per node, one
+    process each): one world of 2, equal steps and batches per rank, one checkpoint written by global rank 0 that
+    equals the 2-rank DDP result's shape and loads without a cluster."""
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "lightning_sp", "train",
+            *overrides(data, run_dir, "trainer=ddp_cpu", "trainer.devices=1", "trainer.num_nodes=2")]
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "LIGHTNING_SP_RUN_DIR")}
+    base.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    procs = [subprocess.Popen(args, cwd=REPO_ROOT, env={**base, "NODE_RANK": str(node)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for node in (0, 1)]
+    outs = []
+    try:
+        for proc in procs:
+            outs.append(proc.communicate(timeout=LAUNCH_TIMEOUT_S)[0])
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("2-node run hung:\n" + "\n".join(p.communicate()[0][-3000:] for p in procs))
+    assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(o[-4000:] for o in outs)
+    ranks = rank_summaries(run_dir)
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["rank"] for r in ranks] == [0, 1]
+    assert [r["global_step"] for r in ranks] == [STEPS, STEPS] and [r["batches"] for r in ranks] == [STEPS, STEPS]
+    assert "global batch 8 = 4 per device x 2 devices" in outs[0]  # nodes counted
+    assert "resolved config in config.yaml" in outs[0] and "resolved config" not in outs[1]  # node 1 is not rank 0
+    state = trainable_state(run_dir / "checkpoints" / "last.ckpt")
+    assert state and all(torch.isfinite(t).all() for t in state.values())
