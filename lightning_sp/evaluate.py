@@ -109,7 +109,13 @@ def load_module(path: str | Path, overrides: Sequence[str] = (), device: str = "
     if dtype is not None:
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        # RoPE's inverse frequencies stay float32, as transformers' from_pretrained(torch_dtype=...) keeps them:
+        # rounded to bf16 they shift every position's angle (logits up to ~0.03 apart on the tiny model).
+        keep = {name: buf for name, buf in module.named_buffers() if name.endswith("inv_freq")}
         module = module.to(getattr(torch, dtype))
+        for name, buf in keep.items():
+            owner, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(owner), attr, buf)
     return module.to(_device(device)).eval()
 
 

@@ -31,6 +31,18 @@ def files(tmp_path_factory):
     return write_benchmark_files(tmp_path_factory.mktemp("bench"))
 
 
+def test_bf16_evaluation_keeps_rope_frequencies_in_float32(run_dir):
+    from lightning_sp.evaluate import load_module
+
+    full = load_module(run_dir, dtype="float32")
+    half = load_module(run_dir, dtype="bfloat16")
+    ref = {n: b for n, b in full.named_buffers() if n.endswith("inv_freq")}
+    got = {n: b for n, b in half.named_buffers() if n.endswith("inv_freq")}
+    assert ref and ref.keys() == got.keys()
+    assert all(got[n].dtype == torch.float32 and torch.equal(got[n], ref[n]) for n in ref)
+    assert next(half.model.llm.parameters()).dtype == torch.bfloat16
+
+
 def _rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
