@@ -587,6 +587,39 @@ def _validate_distribution(cfg: DictConfig) -> None:
              t.accumulate_grad_batches, f" = {total}" if total else " (devices resolved at launch)")
 
 
+def parse_command_options(args, options_cls, command: str, usage: str) -> tuple[dict, list[str]]:
+    """`key=value` arguments of a command that works on an existing run (eval, export) -> (the command's own
+    options, a `options_cls` dataclass, as a dict; the dotted `a.b=value` overrides of the run's stored config).
+    A group selection (`variant=pooling`) is refused with the reason: the checkpoint fixes the model."""
+    plain, dotted = [], []
+    for item in args:
+        if "=" not in item:
+            raise ConfigError(f"{command}: argument '{item}' is not of the form key=value ({usage})")
+        (dotted if "." in item.split("=", 1)[0] else plain).append(item)
+    valid = list(OmegaConf.structured(options_cls).keys())
+    for item in plain:
+        key = item.split("=", 1)[0]
+        if key in GROUPS or key == "experiment":
+            raise ConfigError(f"{command}: '{item}' selects a config group, but {command} works on a trained run "
+                              f"whose config (model, variant, data, ...) is stored in its checkpoint; name the run "
+                              f"with ckpt=... ({usage}). Dotted keys such as model.llm.dtype=bfloat16 override the "
+                              f"stored config")
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown {command} option '{key}'.{hint} Valid: {', '.join(valid)} (dotted keys such as "
+                              f"model.llm.dtype=bfloat16 override the run's config)")
+    schema = OmegaConf.structured(options_cls)
+    try:
+        opts = OmegaConf.merge(schema, OmegaConf.from_dotlist(plain))
+        missing = sorted(OmegaConf.missing_keys(opts))
+    except Exception as exc:  # type errors: batch_size=many
+        raise ConfigError(f"bad {command} option: {exc}") from exc
+    if missing:
+        raise ConfigError(f"{command} needs {', '.join(missing)}: {usage}")
+    return OmegaConf.to_container(opts), dotted
+
+
 def save(cfg: DictConfig, path: Path | str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, path, resolve=True)

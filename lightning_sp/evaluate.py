@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -40,7 +40,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from lightning_sp.config import ConfigError
+from lightning_sp.config import ConfigError, parse_command_options
 from lightning_sp.data.conversation import (IGNORE_INDEX, encode_continuation, encode_prompt, expand_image_token,
                                            reference_answer)
 from lightning_sp.data.images import ImageProcessor
@@ -523,26 +523,8 @@ def evaluate(ckpt: str, benchmark: str, questions: Optional[str] = None, answers
 
 def parse_eval_args(args: Sequence[str]) -> tuple[dict, list[str]]:
     """`key=value` arguments -> (EvalOptions fields, run-config dotlist overrides for dotted keys)."""
-    plain, dotted = [], []
-    for item in args:
-        if "=" not in item:
-            raise ConfigError(f"argument '{item}' is not of the form key=value (e.g. benchmark=pope)")
-        (dotted if "." in item.split("=", 1)[0] else plain).append(item)
-    schema = OmegaConf.structured(EvalOptions)
-    valid = [f.name for f in fields(EvalOptions)]
-    for item in plain:
-        if item.split("=", 1)[0] not in valid:
-            raise ConfigError(f"unknown eval option '{item.split('=', 1)[0]}'; valid: {', '.join(valid)} "
-                              "(dotted keys such as model.llm.dtype=bfloat16 override the run's config)")
-    try:
-        opts = OmegaConf.merge(schema, OmegaConf.from_dotlist(plain))
-        missing = sorted(OmegaConf.missing_keys(opts))
-    except Exception as exc:  # type errors: batch_size=many
-        raise ConfigError(f"bad eval option: {exc}") from exc
-    if missing:
-        raise ConfigError(f"missing {', '.join(missing)}: python -m lightning_sp eval ckpt=<run>/checkpoints/"
-                          f"last.ckpt benchmark=<{'|'.join(BENCHMARKS)}> [key=value ...]")
-    return OmegaConf.to_container(opts), dotted
+    return parse_command_options(args, EvalOptions, "eval", f"python -m lightning_sp eval ckpt=<run>/checkpoints/"
+                                 f"last.ckpt benchmark=<{'|'.join(BENCHMARKS)}> [key=value ...]")
 
 
 def evaluate_from_args(args: Sequence[str]) -> dict:

@@ -39,7 +39,7 @@ from typing import Optional, Sequence
 import torch
 from omegaconf import MISSING, OmegaConf
 
-from lightning_sp.config import ConfigError
+from lightning_sp.config import ConfigError, parse_command_options
 
 log = logging.getLogger(__name__)
 
@@ -254,17 +254,6 @@ def export_hf(ckpt, out, dtype: Optional[str] = None, overrides: Sequence[str] =
 
 def export_from_args(args: Sequence[str]) -> Path:
     """`export` CLI: `key=value` options of ExportOptions; dotted keys override the run's config."""
-    options, overrides = [], []
-    for item in args:
-        if "=" not in item:
-            raise ConfigError(f"argument '{item}' is not of the form key=value (e.g. ckpt=runs/x out=exports/x)")
-        (overrides if "." in item.split("=", 1)[0] else options).append(item)
-    schema = OmegaConf.structured(ExportOptions)
-    try:
-        opts = OmegaConf.merge(schema, OmegaConf.from_dotlist(options))
-        missing = OmegaConf.missing_keys(opts)
-    except Exception as e:  # unknown key / bad type
-        raise ConfigError(f"export: {e}; valid keys: {', '.join(schema.keys())}") from e
-    if missing:
-        raise ConfigError(f"export needs {', '.join(sorted(missing))} (e.g. ckpt=runs/x/checkpoints/last.ckpt out=DIR)")
-    return export_hf(opts.ckpt, opts.out, opts.dtype, overrides, opts.max_shard_size)
+    opts, overrides = parse_command_options(args, ExportOptions, "export",
+                                            "python -m lightning_sp export ckpt=<run or .ckpt> out=DIR [dtype=bfloat16]")
+    return export_hf(opts["ckpt"], opts["out"], opts["dtype"], overrides, opts["max_shard_size"])

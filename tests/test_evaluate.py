@@ -144,8 +144,22 @@ def test_eval_arguments_are_validated():
     assert overrides == ["model.llm.dtype=bfloat16"]
     with pytest.raises(ConfigError, match="unknown eval option 'batchsize'.*batch_size"):
         parse_eval_args(["ckpt=x", "benchmark=pope", "batchsize=4"])
-    with pytest.raises(ConfigError, match="missing benchmark"):
+    with pytest.raises(ConfigError, match="eval needs benchmark"):
         parse_eval_args(["ckpt=x"])
+    # A group selection names the model, which the checkpoint already fixes: said so, not "unknown key".
+    with pytest.raises(ConfigError, match="'variant=pooling' selects a config group.*stored in its checkpoint"):
+        parse_eval_args(["ckpt=x", "benchmark=pope", "variant=pooling"])
+
+
+def test_export_arguments_are_validated_the_same_way():
+    from lightning_sp.export import export_from_args
+
+    with pytest.raises(ConfigError, match="'variant=cropping' selects a config group"):
+        export_from_args(["ckpt=x", "out=y", "variant=cropping"])
+    with pytest.raises(ConfigError, match="unknown export option 'dtyp'. Did you mean 'dtype'"):
+        export_from_args(["ckpt=x", "out=y", "dtyp=bfloat16"])
+    with pytest.raises(ConfigError, match="export needs out"):
+        export_from_args(["ckpt=x"])
 
 
 def test_eval_cli_end_to_end(run_dir, files, tmp_path):
