@@ -5,6 +5,7 @@
     python -m lightning_sp convert --json X.json --image-root DIR --out data/shards/NAME
     python -m lightning_sp config variant=cropping       # print the composed, validated config
     python -m lightning_sp eval ckpt=RUN/checkpoints/last.ckpt benchmark=pope questions=F.jsonl image_root=DIR
+    python -m lightning_sp generate ckpt=RUN image=F.png question="Where is the red circle?"   # streamed answer
     python -m lightning_sp ablate study=default trainer.max_steps=20   # every arm x seed, then results.md/csv
     python -m lightning_sp export ckpt=RUN out=DIR [dtype=bfloat16]   # merged HF dir (Llava / trust_remote_code)
     python -m lightning_sp import-official --lora-dir DIR --variant pooling --llm ID --vision ID --out RUN
@@ -63,6 +64,19 @@ def _eval(args) -> None:
         raise SystemExit(2) from None
 
 
+def _generate(args) -> None:
+    from lightning_sp.checkpoint import CheckpointError
+    from lightning_sp.generate import generate_from_args
+
+    try:
+        generate_from_args(args.overrides)
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        print(f"generate error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _ablate(args) -> None:
     from lightning_sp.ablate import ablate_from_args
 
@@ -117,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("config", _config, "print the composed config without building anything"),
         ("prepare-data", _prepare, "generate and shard the synthetic data of a config"),
         ("eval", _eval, "evaluate a checkpoint: ckpt=PATH benchmark=pope|vqa|synthetic [questions=F key=value]"),
+        ("generate", _generate, "ask about an image, answer streamed: ckpt=RUN|.ckpt|EXPORT image=F [question=...]"),
         ("ablate", _ablate, "run an ablation study (study=default) and write its results table"),
         ("export", _export, "merged Hugging Face dir of a checkpoint: ckpt=PATH out=DIR [dtype=bfloat16]"),
     ):

@@ -209,7 +209,7 @@ class Predictor:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def generate(self, batch: dict, max_new_tokens: int) -> list[str]:
+    def generate(self, batch: dict, max_new_tokens: int, streamer=None) -> list[str]:
         new_tokens = self.model.generate(
             batch["prompt_ids"].to(self.device),
             batch["prompt_attention_mask"].to(self.device),
@@ -217,6 +217,7 @@ class Predictor:
             max_new_tokens=max_new_tokens,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
+            streamer=streamer,
         )
         return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 

@@ -117,6 +117,7 @@ class LlavaSP(nn.Module):
         eos_token_id: Optional[int] = None,
         pad_token_id: Optional[int] = None,
         synced_gpus: Optional[bool] = None,  # None: HF decides (True when FSDP-managed and world size > 1)
+        streamer=None,  # a transformers streamer (TextStreamer, TextIteratorStreamer): tokens as they come
     ) -> torch.Tensor:
         """Greedy decoding from LEFT-padded prompts; returns only the new tokens (B, <=max_new_tokens)."""
         if prompt_attention_mask[:, -1].min() == 0:
@@ -130,4 +131,5 @@ class LlavaSP(nn.Module):
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
             synced_gpus=synced_gpus,
+            streamer=streamer,
         )
