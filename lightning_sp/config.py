@@ -18,6 +18,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+from lightning_sp.data import locations
 from lightning_sp.paths import SHIPPED, resolve
 
 CONF_DIR = SHIPPED / "conf"  # package data: a wheel install composes the same configs (`conf/` links here)
@@ -543,10 +544,11 @@ def check_data_paths(cfg: DictConfig) -> None:
     for key, directory in (("data.train_dir", data.train_dir), ("data.val_dir", data.val_dir)):
         if directory is None:
             continue
-        index = Path(directory) / "index.json"
-        if index.is_file():
+        if locations.exists(directory, "index.json"):
             continue
-        state = "does not exist" if not Path(directory).exists() else "has no index.json"
+        index = locations.join(directory, "index.json")
+        state = ("cannot be read" if locations.is_url(directory) else
+                 "does not exist" if not Path(directory).exists() else "has no index.json")
         source = ("data.synthetic is set but did not produce it" if data.synthetic is not None else
                   "data.synthetic is unset, so nothing generates it")
         fix = (f"make the shards with `python -m lightning_sp convert --json <llava.json> --image-root <images> "

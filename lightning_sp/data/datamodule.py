@@ -34,6 +34,7 @@ from lightning_sp.data.conversation import (IGNORE_INDEX, RecordError, _check_to
                                             expand_image_token, get_template, reference_answer,
                                             supervised_logit_positions)
 from lightning_sp.data.images import ImageDecodeError, ImageProcessor
+from lightning_sp.data import locations
 from lightning_sp.data.shards import load_index
 from lightning_sp.data.tokenizer import IMAGE_TOKEN, load_tokenizer
 from lightning_sp.data.train_stream import StreamPosition, TrainStream, take_exactly
@@ -340,7 +341,9 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"max_length={max_length} leaves no room for text after {num_visual_tokens} visual "
                              "tokens; raise data.max_length")
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
-        self.train_dir, self.val_dir = Path(train_dir), Path(val_dir) if val_dir else None
+        # A directory or a URL (data/locations.py): shards stream from either, nothing copied.
+        self.train_dir = locations.normalise(train_dir)
+        self.val_dir = locations.normalise(val_dir) if val_dir else None
         self.template, self.num_visual_tokens, self.image_size = template, num_visual_tokens, image_size
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.shuffle_buffer, self.max_length, self.seed = shuffle_buffer, max_length, seed
@@ -376,8 +379,8 @@ class ShardDataModule(L.LightningDataModule):
         return wds.WebLoader(dataset, batch_size=None, num_workers=self.num_workers,
                              generator=torch.Generator().manual_seed(self.seed))
 
-    def _urls(self, directory: Path, index: dict) -> list[str]:
-        return [str(directory / s["name"]) for s in index["shards"] if s["samples"] > 0]
+    def _urls(self, directory, index: dict) -> list[str]:
+        return [locations.join(directory, s["name"]) for s in index["shards"] if s["samples"] > 0]
 
     def train_dataloader(self):
         if self.train_index is None:
@@ -409,7 +412,7 @@ class ShardDataModule(L.LightningDataModule):
                              collate=partial(collate_train, **self._collate_kwargs()),
                              handler=builder.shard_error, resume=resume, on_lost=builder.records_lost,
                              on_replayed=builder.discard_pending,
-                             expected_samples={str(self.train_dir / s["name"]): s["samples"]
+                             expected_samples={locations.join(self.train_dir, s["name"]): s["samples"]
                                                for s in self.train_index["shards"]})
         return self._loader(stream)
 

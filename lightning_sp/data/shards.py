@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 from tqdm import tqdm
 
+from lightning_sp.data import locations
 from lightning_sp.data.images import ImageDecodeError, check_header
 
 ARGS_FILE = "convert_args.json"  # what the shards in a directory were made from; guards resume
@@ -323,10 +324,10 @@ def convert(json_path, image_root, out_dir, shard_size: int = 1000, workers: int
 
 def load_index(shard_dir) -> dict:
     """The index of a shard directory, with a message naming the fix when it is missing."""
-    path = Path(shard_dir) / "index.json"
-    if not path.is_file():
+    path = locations.join(shard_dir, "index.json")
+    if not locations.exists(shard_dir, "index.json"):
         raise FileNotFoundError(f"{path} not found: make shards with lightning_sp.data.shards.convert(...)")
-    index = json.loads(path.read_text())
+    index = json.loads(locations.read_text(shard_dir, "index.json"))
     # Shards are read as `shard_dir / name`: a name with a folder, `..` or an absolute path would read elsewhere.
     for entry in index.get("shards", []) if isinstance(index, dict) else []:
         name = entry.get("name") if isinstance(entry, dict) else None
