@@ -141,7 +141,7 @@ def pil_expand2square(img: Image.Image, background: tuple[int, int, int]) -> Ima
     return canvas
 
 
-LLAVA_BACKGROUND = tuple(int(255 * m) for m in CLIP_MEAN)  # LLaVA truncates; ours rounds (<= 1 level apart)
+LLAVA_BACKGROUND = tuple(int(255 * m) for m in CLIP_MEAN)  # LLaVA truncates, and so does ours (images.pad_fill)
 
 
 def llava_image(source, processor) -> torch.Tensor:
@@ -309,7 +309,8 @@ def previous_sample(raw: dict, tokenizer, num_visual: int = NUM_VISUAL_TOKENS, i
     text_max = max_length - (num_visual - 1 if record.get("image") else 0)
     ids, labels, has_image = previous_tokenize(record, tokenizer, text_max, template)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    pixels = previous_image_path(_decode(image), [round(255 * m) for m in CLIP_MEAN], image_size) if has_image \
+    # The pad colour is LLaVA's truncated mean, as ImageProcessor's since it stopped rounding (images.pad_fill).
+    pixels = previous_image_path(_decode(image), [int(255 * m) for m in CLIP_MEAN], image_size) if has_image \
         else torch.zeros(3, image_size, image_size)
     input_ids, labels = previous_expand(ids, labels, image_id, num_visual) if has_image else \
         (torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(labels, dtype=torch.long))
