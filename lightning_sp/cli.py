@@ -122,6 +122,46 @@ def _export_official(args) -> None:
     print(f"wrote {export_official(args.ckpt, args.out)}")
 
 
+def _run_options() -> str:
+    from lightning_sp.options_help import run_options_help
+
+    return run_options_help()
+
+
+def _command_options(module: str, cls: str):
+    def text() -> str:
+        import importlib
+
+        from lightning_sp.options_help import command_options_help
+
+        return command_options_help(getattr(importlib.import_module(module), cls))
+
+    return text
+
+
+# What `<command> --help` lists, generated from the schema when asked (composing the config takes a moment).
+_OPTION_HELP = {
+    "train": _run_options, "config": _run_options, "prepare-data": _run_options,
+    "eval": _command_options("lightning_sp.evaluate", "EvalOptions"),
+    "export": _command_options("lightning_sp.export", "ExportOptions"),
+    "generate": _command_options("lightning_sp.generate", "GenerateOptions"),
+}
+
+
+class _HelpWithOptions(argparse.Action):
+    """-h/--help that appends the command's options (options_help.py), built only when help is asked for."""
+
+    def __init__(self, option_strings, dest, options=None, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+        self.options = options
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.options is not None:
+            parser.epilog = self.options()
+        parser.print_help()
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lightning_sp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("ablate", _ablate, "run an ablation study (study=default) and write its results table"),
         ("export", _export, "merged Hugging Face dir of a checkpoint: ckpt=PATH out=DIR [dtype=bfloat16]"),
     ):
-        p = sub.add_parser(name, help=help_)
+        p = sub.add_parser(name, help=help_, add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("-h", "--help", action=_HelpWithOptions, options=_OPTION_HELP.get(name),
+                       help="show this command's options with their defaults and meanings, then exit")
         p.add_argument("overrides", nargs="*", help="group=name (variant=pooling), experiment=NAME "
                        "(conf/experiment/NAME.yaml) or key=value (seed=3)")
         if name in ("train", "config", "prepare-data"):

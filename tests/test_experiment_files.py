@@ -6,6 +6,7 @@ import io
 
 import pytest
 from lightning.pytorch.profilers import SimpleProfiler
+from omegaconf import OmegaConf
 
 from lightning_sp.cli import main
 from lightning_sp.config import ConfigError, compose, global_batch_size
@@ -75,3 +76,25 @@ def test_global_batch_counts_nodes():
     with pytest.raises(ConfigError, match="trainer.num_nodes"):
         compose(["trainer.devices=2", "trainer.num_nodes=2", "data.batch_size=4", "trainer.global_batch_size=12",
                  "trainer.accumulate_grad_batches=1"])
+
+
+def _help(command, capsys) -> str:
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_command_help_lists_every_option_with_its_default_and_meaning(capsys):
+    from lightning_sp.config import flatten
+
+    text = _help("train", capsys)
+    listed = {line.split()[0] for line in text.splitlines() if line.startswith("  ") and "." in line.split()[0]}
+    cfg = compose([])
+    every = {k for k in flatten(OmegaConf.to_container(cfg)) if not k.startswith("choices.")}
+    assert every <= listed | {"seed", "run_dir", "save_top_k", "init", "resume"}, sorted(every - listed)
+    row = next(line for line in text.splitlines() if line.strip().startswith("model.llm.initializer_range"))
+    assert "0.088" in row and "Std of the random-init weights" in row  # the embedded default's value, the comment
+    assert "variant=pooling  (also: " in text and "experiment=NAME" in text
+    eval_text = _help("eval", capsys)
+    assert any(line.split()[:3] == ["benchmark", "(required)", "pope"] for line in eval_text.splitlines())
