@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
 from lightning_sp.config import ConfigError, parse_command_options
 

@@ -8,17 +8,17 @@ from collections import defaultdict
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from transformers import get_cosine_schedule_with_warmup, get_wsd_schedule
-
 from omegaconf import DictConfig, OmegaConf
+from transformers import get_cosine_schedule_with_warmup, get_wsd_schedule
 
 from lightning_sp import config as config_lib
 from lightning_sp import rng
-from lightning_sp.data.tokenizer import load_tokenizer
-from lightning_sp.paths import resolve
+from lightning_sp.callbacks.throughput import batch_samples, batch_tokens
 from lightning_sp.data.conversation import IGNORE_INDEX, supervised_logit_positions
+from lightning_sp.data.tokenizer import load_tokenizer
 from lightning_sp.distributed import gather_objects
 from lightning_sp.models.vlm import LlavaSP
+from lightning_sp.paths import resolve
 from lightning_sp.trainable import parameter_table, set_trainable
 
 log = logging.getLogger(__name__)
@@ -108,9 +108,9 @@ class LlavaSPModule(L.LightningModule):
             self._rng_to_restore = None
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        # this fit's averages (train.run_summary): samples and tokens that are not padding
-        self.samples_trained += int(batch["input_ids"].shape[0])
-        self.tokens_trained += int(batch["attention_mask"].sum())
+        # this fit's averages (train.run_summary), counted as ThroughputMonitor counts its window
+        self.samples_trained += batch_samples(batch)
+        self.tokens_trained += batch_tokens(batch)
 
     def on_before_optimizer_step(self, optimizer):
         if self.trainer.global_step % self.trainer.log_every_n_steps:
