@@ -93,15 +93,11 @@ def load_module(path: PathLike, overrides: Iterable[str] = (), tokenizer=None):
     `overrides` change the stored config before building (say `model.llm.dtype=float32`, or a local
     `model.llm.name_or_path`). Returns the module in eval mode.
     """
-    from lightning_sp.data.tokenizer import load_tokenizer
     from lightning_sp.module import LlavaSPModule
-    from lightning_sp.paths import resolve
 
     ckpt = read_checkpoint(path)
     cfg = checkpoint_config(ckpt, overrides)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(str(resolve(cfg.model.tokenizer)))
-    module = LlavaSPModule(cfg, tokenizer)
+    module = LlavaSPModule(cfg, tokenizer)  # tokenizer None: the module loads the config's
     module.on_load_checkpoint(ckpt)  # raises if a trainable tensor is missing
     result = module.load_state_dict(ckpt["state_dict"], strict=False)
     if result.unexpected_keys:

@@ -23,7 +23,6 @@ from lightning_sp.callbacks.throughput import throughput_monitor
 from lightning_sp.callbacks.skip_limit import SkipLimit
 from lightning_sp.data.datamodule import ShardDataModule
 from lightning_sp.data.prepare import ensure_synthetic
-from lightning_sp.data.tokenizer import load_tokenizer
 from lightning_sp.distributed import RankSummary, build_strategy, launched_rank
 from lightning_sp.module import LlavaSPModule
 from lightning_sp.paths import resolve
@@ -219,8 +218,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.data.synthetic is not None:
         ensure_synthetic(cfg.data, image_size=cfg.model.vision.image_size)
     config_lib.check_data_paths(cfg)  # missing shards fail here, before any model is built
-    tokenizer = load_tokenizer(str(resolve(cfg.model.tokenizer)))
-    module = LlavaSPModule(cfg, tokenizer)
+    module = LlavaSPModule(cfg)  # loads the config's tokenizer
+    tokenizer = module.tokenizer
     if cfg.init:  # warm start: weights only; optimizer, schedule and step start fresh
         from lightning_sp.warm_start import warm_start
 

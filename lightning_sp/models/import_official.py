@@ -188,7 +188,6 @@ def import_official(lora_dir: PathLike, variant: str, out: PathLike, *, llm: Opt
 
     from lightning_sp.checkpoint import save_module_checkpoint
     from lightning_sp.config import compose, group_choices
-    from lightning_sp.data.tokenizer import load_tokenizer
     from lightning_sp.module import LlavaSPModule
 
     if variant not in VARIANTS:
@@ -236,7 +235,7 @@ def import_official(lora_dir: PathLike, variant: str, out: PathLike, *, llm: Opt
         f"projector.head_bias={'true' if variant == 'cropping' else 'false'}",
     ]
     cfg = compose([*fields, *overrides])
-    module = LlavaSPModule(cfg, load_tokenizer(cfg.model.tokenizer))
+    module = LlavaSPModule(cfg)  # loads the config's tokenizer
     llm_width = module.model.llm.config.hidden_size
     if widths.H != llm_width:
         raise OfficialCheckpointError(f"{where}/{NON_LORA}: the projector outputs H={widths.H} but the LLM {llm} has "
