@@ -223,6 +223,7 @@ def test_train_checks_the_global_batch_once_the_world_size_is_known(tmp_path, mo
     class Stub:
         def __init__(self, *args, **kwargs):
             self.model = type("M", (), {"num_visual_tokens": 1})()
+            self.tokenizer = None  # train() takes the datamodule's tokenizer from the module
 
     monkeypatch.setattr(train_lib, "LlavaSPModule", Stub)
     monkeypatch.setattr(train_lib, "build_datamodule", lambda *args: None)
