@@ -40,7 +40,7 @@ def resolve_checkpoint(path: PathLike) -> Path:
     raise FileNotFoundError(f"checkpoint not found: {p}")
 
 
-class CheckpointError(pickle.UnpicklingError, ValueError):
+class CheckpointError(pickle.UnpicklingError, config_lib.InputError):
     """A file that is not a lightning_sp checkpoint we can read: the CLI prints it as one line (exit 2)."""
 
 

@@ -18,7 +18,7 @@ import argparse
 import logging
 import sys
 
-from lightning_sp.config import ConfigError
+from lightning_sp.config import ConfigError, InputError
 
 
 def _train(args) -> None:
@@ -53,28 +53,31 @@ def _convert(args) -> None:
     print(f"wrote {len(index['shards'])} shards to {args.out}")
 
 
+def _one_line_errors(fn):
+    """Missing files and unusable inputs (InputError: unreadable checkpoints, bad benchmark files, release layouts
+    that do not match) end the command with their message (exit 2), not a traceback."""
+    def run(args) -> None:
+        try:
+            fn(args)
+        except (FileNotFoundError, InputError) as e:
+            print(f"{args.command} error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return run
+
+
+@_one_line_errors
 def _eval(args) -> None:
-    from lightning_sp.checkpoint import CheckpointError
-    from lightning_sp.evaluate import EvalDataError, evaluate_from_args
+    from lightning_sp.evaluate import evaluate_from_args
 
-    try:
-        evaluate_from_args(args.overrides)
-    except (FileNotFoundError, EvalDataError, CheckpointError) as e:
-        print(f"eval error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    evaluate_from_args(args.overrides)
 
 
+@_one_line_errors
 def _generate(args) -> None:
-    from lightning_sp.checkpoint import CheckpointError
     from lightning_sp.generate import generate_from_args
 
-    try:
-        generate_from_args(args.overrides)
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        print(f"generate error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    generate_from_args(args.overrides)
 
 
 def _ablate(args) -> None:
@@ -84,29 +87,14 @@ def _ablate(args) -> None:
         raise SystemExit(1)
 
 
-def _official_errors(fn):
-    """Missing files and release-layout problems end the command with their message (exit 2), not a traceback."""
-    def run(args) -> None:
-        from lightning_sp.checkpoint import CheckpointError
-        from lightning_sp.models.official import OfficialCheckpointError
-
-        try:
-            fn(args)
-        except (FileNotFoundError, OfficialCheckpointError, CheckpointError) as e:
-            print(f"{args.command} error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-
-    return run
-
-
-@_official_errors
+@_one_line_errors
 def _export(args) -> None:
     from lightning_sp.export import export_from_args
 
     print(f"exported to {export_from_args(args.overrides)}")
 
 
-@_official_errors
+@_one_line_errors
 def _import_official(args) -> None:
     from lightning_sp.models.import_official import import_official
 
@@ -115,7 +103,7 @@ def _import_official(args) -> None:
     print(f"wrote {path} (use init={args.out} to warm-start a run from it)")
 
 
-@_official_errors
+@_one_line_errors
 def _export_official(args) -> None:
     from lightning_sp.models.import_official import export_official
 

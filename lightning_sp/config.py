@@ -219,6 +219,11 @@ class ConfigError(ValueError):
     """A config that cannot be composed or validated; the message names the key and the fix."""
 
 
+class InputError(ValueError):
+    """A file or record given to a command that it cannot use; the message names it and the fix, so the CLI prints
+    the message alone (exit 2), not a traceback. Commands' own data errors subclass it."""
+
+
 def group_choices(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
     return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
 

@@ -40,7 +40,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from lightning_sp.config import ConfigError, parse_command_options
+from lightning_sp.config import ConfigError, InputError, parse_command_options
 from lightning_sp.data.conversation import (IGNORE_INDEX, encode_continuation, encode_prompt, expand_image_token,
                                            reference_answer)
 from lightning_sp.data.images import ImageProcessor
@@ -56,7 +56,7 @@ PAPER_MAX_NEW_TOKENS = 128
 OVERALL_METRICS = ("accuracy", "vqa_accuracy", "precision", "recall", "f1", "yes_ratio")
 
 
-class EvalDataError(ValueError):
+class EvalDataError(InputError):
     """A benchmark file or question that cannot be used; the message names the question and the fix."""
 
 

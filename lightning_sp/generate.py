@@ -17,7 +17,7 @@ import torch
 from omegaconf import MISSING
 from transformers import TextStreamer
 
-from lightning_sp.config import parse_command_options
+from lightning_sp.config import ConfigError, parse_command_options
 
 USAGE = 'python -m lightning_sp generate ckpt=<run, .ckpt or HF export> image=PATH [question="..."] [max_new_tokens=64]'
 
@@ -91,7 +91,7 @@ def generate_from_args(args: Sequence[str], questions: Optional[Iterable[str]] =
     """CLI entry: answers (also streamed to stdout) for `question=` or each stdin line."""
     opts, overrides = parse_command_options(args, GenerateOptions, "generate", USAGE)
     if overrides:
-        raise ValueError(f"generate takes no config overrides ({', '.join(overrides)}); {USAGE}")
+        raise ConfigError(f"generate takes no config overrides ({', '.join(overrides)}); {USAGE}")
     answer = answerer(opts)
     if opts["question"] is not None:
         questions = [opts["question"]]

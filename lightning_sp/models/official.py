@@ -25,7 +25,7 @@ from typing import Iterable, Mapping, Optional, Union
 
 import torch
 
-from lightning_sp.config import ProjectorConfig
+from lightning_sp.config import InputError, ProjectorConfig
 from lightning_sp.models.projectors import build_projector
 from lightning_sp.models.projectors.spatial import PAPER_GRID, PAPER_SIDES, SpatialProjector
 
@@ -60,7 +60,7 @@ StateDict = Mapping[str, torch.Tensor]
 Source = Union[str, os.PathLike, StateDict]
 
 
-class OfficialCheckpointError(ValueError):
+class OfficialCheckpointError(InputError):
     """An official-layout state dict does not match the requested LLaVA-SP variant (or cannot be read safely)."""
 
     def __init__(self, message: str, *, missing: Iterable[str] = (), unexpected: Iterable[str] = (),
