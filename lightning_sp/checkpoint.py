@@ -58,22 +58,25 @@ def read_checkpoint(path: PathLike) -> dict:
     """The checkpoint dict (tensors on CPU), read with `torch.load(weights_only=True)`: never unpickles code.
     Raises CheckpointError for a file that is not a readable checkpoint or that holds objects other than data."""
     p = resolve_checkpoint(path)
+
+    def unreadable(reason: str) -> CheckpointError:
+        return CheckpointError(f"{p} is not a readable checkpoint ({reason}); pass a .ckpt written by lightning_sp, "
+                               f"or a run directory")
+
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # "Unsupported global": the file references a class or function to call, the shape of a code-running
         # pickle. Anything else (an unknown opcode, a bad load key) is a file that is not a pickle at all.
         if "Unsupported global" not in str(e):
-            raise CheckpointError(f"{p} is not a readable checkpoint (torch.load: {_unpickler_reason(e)}); pass "
-                                  f"a .ckpt written by lightning_sp, or a run directory") from e
+            raise unreadable(f"torch.load: {_unpickler_reason(e)}") from e
         raise CheckpointError(
             f"{p}: refused to load: it holds objects other than tensors and plain containers (a file that could run "
             f"code when unpickled). Checkpoints are only read with torch.load(weights_only=True); lightning_sp never "
             f"writes such objects, so this file was not written by it or was altered ({_unpickler_reason(e)})"
         ) from e
     except (RuntimeError, EOFError, OSError) as e:  # not a zip archive, cut short, unreadable
-        raise CheckpointError(f"{p} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                              f"pass a .ckpt written by lightning_sp, or a run directory") from e
+        raise unreadable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
         raise CheckpointError(f"{p} is not a lightning_sp checkpoint (no 'state_dict')")
     return dict(ckpt)
