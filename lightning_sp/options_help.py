@@ -43,10 +43,10 @@ def field_meanings(cls) -> dict[str, str]:
 
 
 def _walk(cls, prefix: str = ""):
-    """(dotted key, meaning, is_section) for every field of a dataclass tree."""
+    """(dotted key, meaning) for every leaf field of a dataclass tree."""
     meanings = field_meanings(cls)
-    hints = {f.name: f for f in dataclasses.fields(cls)}
-    for name, f in hints.items():
+    for f in dataclasses.fields(cls):
+        name = f.name
         key = f"{prefix}{name}"
         nested = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(nested):

@@ -325,9 +325,11 @@ def convert(json_path, image_root, out_dir, shard_size: int = 1000, workers: int
 def load_index(shard_dir) -> dict:
     """The index of a shard directory, with a message naming the fix when it is missing."""
     path = locations.join(shard_dir, "index.json")
-    if not locations.exists(shard_dir, "index.json"):
-        raise FileNotFoundError(f"{path} not found: make shards with lightning_sp.data.shards.convert(...)")
-    index = json.loads(locations.read_text(shard_dir, "index.json"))
+    try:  # one read (a URL is fetched once), a missing file named with the fix
+        text = locations.read_text(shard_dir, "index.json")
+    except (FileNotFoundError, IsADirectoryError):
+        raise FileNotFoundError(f"{path} not found: make shards with lightning_sp.data.shards.convert(...)") from None
+    index = json.loads(text)
     # Shards are read as `shard_dir / name`: a name with a folder, `..` or an absolute path would read elsewhere.
     for entry in index.get("shards", []) if isinstance(index, dict) else []:
         name = entry.get("name") if isinstance(entry, dict) else None
