@@ -252,7 +252,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("train/loss", "val/loss", "val/accuracy") if k in metrics)
         print(f"run finished in {metrics['wall_time_s']:.0f}s: {shown} -> {run_dir}", flush=True)
+    leave_process_group()
     return metrics
+
+
+def leave_process_group() -> None:
+    """Close the run's process group before the interpreter exits. Left to interpreter shutdown, a rank whose
+    peer (rank 0 hosts the rendezvous store) has already exited can abort in gloo's thread teardown ("terminate
+    called without an active exception", exit -6) after a successful run; seen with one process per node."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # nobody leaves while a peer may still talk to the store
+        torch.distributed.destroy_process_group()
 
 
 def train_from_overrides(overrides: list[str], config_files: list[str] = ()) -> dict[str, float]:
