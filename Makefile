@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+EVAL_STAMP := $(VENV)/.installed-eval
 VARIANT ?= pooling
 ARGS ?=
 PYTEST_ARGS ?=
@@ -23,6 +24,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
+# The suite also runs real lmms-eval (tests/test_lmms_eval_cli.py): `make test` adds the `eval` extra, which
+# `make train` does not need. pip resolves it with our pins (transformers < 5), not lmms-eval's newest wishes.
+$(EVAL_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,eval]'
+	@touch $(EVAL_STAMP)
+
 setup: $(STAMP) ## create .venv and install the package with its dev extras
 
 train: $(STAMP) ## train the embedded default: make train VARIANT=pooling|mlp|cropping ARGS="trainer.max_steps=50"
@@ -37,7 +44,7 @@ tokenizer: $(STAMP) ## rebuild the shipped tokenizer in data/tokenizer
 encoder: $(STAMP) ## re-pretrain the shipped tiny vision encoder in data/encoder (contrastive, synthetic scenes; minutes)
 	$(PY) -m lightning_sp.pretrain_encoder --out data/encoder $(ARGS)
 
-test: $(STAMP) ## run the test suite on CPU (nothing downloaded)
+test: $(EVAL_STAMP) ## run the test suite on CPU (nothing downloaded; installs the eval extra: lmms-eval)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ablate: $(STAMP) ## run a study's arms x seeds (default: mlp/pooling/cropping x 2, ~1 h), write runs/ablate/<study>/results.md+csv+png: make ablate ABLATE=arms ARGS="trainer.max_steps=20"

@@ -8,7 +8,7 @@
 The model is rebuilt from the checkpoint alone: ``last.ckpt`` holds the trainable tensors and the resolved run
 config (``lightning_sp_config``); frozen weights (vision tower, base LLM) are rebuilt from that config.
 
-Protocol (LLaVA-1.5 eval scripts, LLAVA_SP.md §7): the run's conversation template (vicuna_v1), the image
+Protocol (LLaVA-1.5 eval scripts, docs/METHOD.md §7): the run's conversation template (vicuna_v1), the image
 placeholder first, the short-answer suffix "Answer the question using a single word or phrase." on its own line
 (added unless the question already ends with it, as LLaVA's own question files do), greedy decoding up to 128
 new tokens. Prompts are LEFT-padded and position ids come from the attention mask, so a batch answers exactly
@@ -179,6 +179,12 @@ class PromptBuilder:
         }
 
 
+def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
+    """``text`` up to the earliest occurrence of any stop string (lm-eval's ``until`` convention)."""
+    cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
 class _Prepared(torch.utils.data.Dataset):
     def __init__(self, questions: Sequence[Question], builder: PromptBuilder):
         self.questions, self.builder = questions, builder
@@ -209,7 +215,9 @@ class Predictor:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def generate(self, batch: dict, max_new_tokens: int, streamer=None) -> list[str]:
+    def generate(self, batch: dict, max_new_tokens: int, streamer=None, stop_strings: Sequence[str] = ()) -> list[str]:
+        """Greedy answers for a collated batch; with ``stop_strings`` each answer ends before the first of them
+        (decoding stops there instead of running to ``max_new_tokens``)."""
         new_tokens = self.model.generate(
             batch["prompt_ids"].to(self.device),
             batch["prompt_attention_mask"].to(self.device),
@@ -218,11 +226,14 @@ class Predictor:
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
             streamer=streamer,
+            stop_strings=stop_strings,
+            tokenizer=self.tokenizer,
         )
-        return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [cut_at_stop_strings(t, stop_strings).strip() for t in texts]
 
     def predict(self, questions: Sequence[Question], batch_size: int = 8, max_new_tokens: int = PAPER_MAX_NEW_TOKENS,
-                num_workers: int = 0, progress: bool = True) -> list[str]:
+                num_workers: int = 0, progress: bool = True, stop_strings: Sequence[str] = ()) -> list[str]:
         """Greedy answers, in the order of ``questions``."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -231,7 +242,7 @@ class Predictor:
                                              collate_fn=self.builder.collate)
         answers: list[str] = []
         for batch in tqdm(loader, desc="generating", unit="batch", disable=not progress):
-            answers += self.generate(batch, max_new_tokens)
+            answers += self.generate(batch, max_new_tokens, stop_strings=stop_strings)
         return answers
 
     @torch.no_grad()

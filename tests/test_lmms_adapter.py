@@ -65,7 +65,21 @@ def test_generate_until_cuts_at_stop_strings(adapter):
     if cut_at is None:
         pytest.skip("the tiny model answered with single characters")
     cut = lm.generate_until(_gen_requests(lm, {"max_new_tokens": 6, "until": [cut_at]}))
-    assert cut == [a.split(cut_at)[0] for a in full]
+    assert cut == [a.split(cut_at)[0].strip() for a in full]
+    # decoding itself stops at the stop string (it does not run to max_new_tokens and cut the text afterwards)
+    predictor: Predictor = lm.predictor
+    q = next(q for q, a in zip(_questions(lm), full) if cut_at in a)
+    batch = predictor.builder.collate([predictor.builder(q)])
+    args = (batch["prompt_ids"], batch["prompt_attention_mask"], batch["pixel_values"])
+    whole = predictor.model.generate(*args, max_new_tokens=6)
+    stopped = predictor.model.generate(*args, max_new_tokens=6, stop_strings=[cut_at], tokenizer=predictor.tokenizer)
+    assert stopped.shape[1] < whole.shape[1] and torch.equal(stopped[0], whole[0, :stopped.shape[1]])
+    assert cut_at in predictor.tokenizer.decode(stopped[0]) and cut_at not in predictor.tokenizer.decode(stopped[0, :-1])
+
+
+def _questions(lm) -> list[Question]:
+    docs = lm.task_dict["pope"]["test"]
+    return [Question(question_id=i, text=docs[i]["question"], image=docs[i]["image"]) for i in range(len(docs))]
 
 
 def _manual_logprob(predictor, q, cont_ids):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -118,10 +118,16 @@ class LlavaSP(nn.Module):
         pad_token_id: Optional[int] = None,
         synced_gpus: Optional[bool] = None,  # None: HF decides (True when FSDP-managed and world size > 1)
         streamer=None,  # a transformers streamer (TextStreamer, TextIteratorStreamer): tokens as they come
+        stop_strings: Sequence[str] = (),
+        tokenizer=None,  # needed with stop_strings (transformers matches them on the tokens' text)
     ) -> torch.Tensor:
-        """Greedy decoding from LEFT-padded prompts; returns only the new tokens (B, <=max_new_tokens)."""
+        """Greedy decoding from LEFT-padded prompts; returns only the new tokens (B, <=max_new_tokens).
+
+        A sequence ends at EOS or once its text contains one of ``stop_strings`` (transformers'
+        StopStringCriteria; the stop string's tokens are kept, as HF does); the batch ends when all have."""
         if prompt_attention_mask[:, -1].min() == 0:
             raise ValueError("generation prompts must be left-padded (last column of the attention mask all ones)")
+        stops = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
         return self.llm.generate(
             inputs_embeds=self.embed(prompt_ids, pixel_values),
             attention_mask=prompt_attention_mask,
@@ -132,4 +138,5 @@ class LlavaSP(nn.Module):
             pad_token_id=pad_token_id,
             synced_gpus=synced_gpus,
             streamer=streamer,
+            **stops,
         )
