@@ -118,6 +118,10 @@ class DataConfig:
     val_batch_size: int = 32
     num_workers: int = 1
     shuffle_buffer: int = 500
+    # LLaVA's group_by_modality_length (its stage 2): within each group of this many batches of a rank's stream,
+    # image and text-only samples are batched apart and by length, and the batches shuffled; 1 = off (batches in
+    # stream order). Keeps equal batches per rank, no repeats and exact mid-epoch resume.
+    length_group_batches: int = 1
     max_length: int = 2048
     shard_size: int = 1000
     synthetic: Optional[SyntheticDataConfig] = None  # set: generate + convert the data when shards are missing
@@ -376,7 +380,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.stage.name == "align" and cfg.stage.lora:
         raise ConfigError(
             "stage.lora=true with stage.name=align: the align stage trains the projector only (LLM frozen, no "
-            "LoRA; LLAVA_SP.md §4). Set stage.lora=false, or train LoRA in stage=finetune "
+            "LoRA; docs/METHOD.md §4). Set stage.lora=false, or train LoRA in stage=finetune "
             "(init=<align run> carries the projector over)"
         )
     from lightning_sp.data.conversation import TEMPLATES
@@ -398,6 +402,9 @@ def validate(cfg: DictConfig) -> None:
     if not 0.0 <= cfg.data.max_skipped_fraction <= 1.0:
         raise ConfigError(f"data.max_skipped_fraction must be in [0, 1] (1 never stops), got "
                           f"{cfg.data.max_skipped_fraction}")
+    if cfg.data.length_group_batches < 1:
+        raise ConfigError(f"data.length_group_batches must be >= 1 (1 = off; LLaVA-style length grouping over that "
+                          f"many batches otherwise), got {cfg.data.length_group_batches}")
     if cfg.viz.every_n_val < 1 or cfg.viz.num_images < 1:
         raise ConfigError(f"viz.every_n_val and viz.num_images must be >= 1 (viz.enabled=false turns the "
                           f"attention maps off), got {cfg.viz.every_n_val} and {cfg.viz.num_images}")

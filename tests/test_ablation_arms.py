@@ -1,4 +1,4 @@
-"""Every ablation arm (LLAVA_SP.md §5) is a registered projector selected by a variant YAML alone.
+"""Every ablation arm (docs/METHOD.md §5) is a registered projector selected by a variant YAML alone.
 
 Each arm: its YAML composes, it builds at tiny widths, its token count is §5's, its parameter count is the
 hand-computed one, its numbers equal an independent torch restatement, every parameter trains, bad grids are
@@ -32,6 +32,7 @@ SP_TOKENS = {
     "pooling_nodfi": 6, "cropping_nodfi": 6, "pooling_dfi49": 6, "cropping_dfi49": 6,
     "pooling_sp1": 1, "pooling_sp3": 3, "pooling_sp12": 12, "cropping_sp1": 1, "cropping_sp3": 3, "cropping_sp12": 12,
     "cropping_transformer": 6, "cropping_stacked": 6, "pooling_stacked": 6, "conv49": 49, "learned_queries": 6,
+    "official_sp1": 1, "official_sp3": 3, "official_sp12": 12,
 }
 # Parameters invariant by construction: a bias on the DFI keys shifts all logits of a query equally (softmax
 # ignores it), so its gradient is zero up to rounding.
@@ -104,6 +105,44 @@ def test_new_spatial_arms_have_no_official_layout(name):
     for variant in ("pooling", "cropping"):
         with pytest.raises(OfficialCheckpointError):
             official_state_dict(proj, variant)
+
+
+# ---- the official code's SP-count arms --------------------------------------------------------------------------
+
+OFFICIAL_SIDES = {"official_sp1": [24], "official_sp3": [8, 16, 24], "official_sp12": list(range(2, 25, 2))}
+
+
+def official_count_arm(proj, z, sides):
+    """The official 1/3/12-token arm restated (docs/METHOD.md §8): per side s, one Conv2d(C -> D, kernel s, no bias)
+    over the grid's centred s x s crop gives one token; no DFI; GELU and an unbiased Linear(D -> H) head; the
+    patches through mlp2x_gelu after them."""
+    b = z.shape[0]
+    zmap = z.transpose(1, 2).reshape(b, C, G, G)
+    tokens = []
+    for s, w in zip(sides, proj.sfe.weights):
+        lo = (G - s) // 2
+        conv = nn.Conv2d(C, D, s, bias=False).double()
+        conv.weight.data.copy_(w.data)
+        tokens.append(conv(zmap[:, :, lo:lo + s, lo:lo + s]).reshape(b, D))
+    head = nn.Linear(D, H, bias=False).double()
+    head.weight.data.copy_(proj.spatial_head[1].weight.data)
+    patches = proj.patch_head[2](F.gelu(proj.patch_head[0](z)))
+    return torch.cat([head(F.gelu(torch.stack(tokens, 1))), patches], 1)
+
+
+@pytest.mark.parametrize("variant", sorted(OFFICIAL_SIDES))
+def test_official_count_arms_equal_their_restatement(variant):
+    cfg = composed(variant)
+    torch.manual_seed(0)
+    proj = build_projector(cfg.projector, vision_width=C, llm_width=H, grid=G).double()
+    assert getattr(proj, "dfi", None) is None and proj.spatial_head[1].bias is None
+    z = torch.randn(2, G * G, C, dtype=torch.float64)
+    torch.testing.assert_close(proj(z), official_count_arm(proj, z, OFFICIAL_SIDES[variant]), rtol=1e-10, atol=1e-10)
+    n = len(OFFICIAL_SIDES[variant])
+    assert n_params(proj) == sum(C * D * s * s for s in OFFICIAL_SIDES[variant]) + D * H + W_P
+    # ours of the same count is a different arm: the released SFE + DFI, and a biased head
+    ours = build_projector(composed(f"cropping_sp{n}").projector, vision_width=C, llm_width=H, grid=G)
+    assert ours.dfi is not None and ours.spatial_head[1].bias is not None
 
 
 # ---- conv49 ----------------------------------------------------------------------------------------------------

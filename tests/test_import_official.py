@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def official_shapes(variant):
-    """LLAVA_SP.md §3, written out independently of lightning_sp.models.official.KEY_TABLE."""
+    """docs/METHOD.md §3, written out independently of lightning_sp.models.official.KEY_TABLE."""
     shapes = {}
     for s in SIDES:
         shapes[f"model.conv_{s}.1.weight" if variant == "pooling" and s < 24 else f"model.conv_{s}.weight"] = (D, C, s, s)

@@ -1,4 +1,4 @@
-"""Import/export of the released LLaVA-SP projector weights (LLAVA_SP.md §3) against a straight-line §2 forward
+"""Import/export of the released LLaVA-SP projector weights (docs/METHOD.md §3) against a straight-line §2 forward
 written here directly on the official tensors."""
 
 import math
@@ -31,7 +31,7 @@ SIDES = (4, 8, 12, 16, 20, 24)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-# ---- the official layout, written out from LLAVA_SP.md §3 (independently of KEY_TABLE) ---------------------------
+# ---- the official layout, written out from docs/METHOD.md §3 (independently of KEY_TABLE) ---------------------------
 
 
 def official_shapes(variant, c=C, d=D, h=H):

@@ -15,7 +15,7 @@ TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.mark.parametrize("model, llm", [("llava7b", "lmsys/vicuna-7b-v1.5"), ("llava13b", "lmsys/vicuna-13b-v1.5")])
 def test_presets_carry_the_recipe(model, llm):
-    """LLAVA_SP.md §4: align 1e-3 / batch 256 on LCS-558K; finetune LoRA r128 a256 2e-4, projector 2e-5, batch 128."""
+    """docs/METHOD.md §4: align 1e-3 / batch 256 on LCS-558K; finetune LoRA r128 a256 2e-4, projector 2e-5, batch 128."""
     finetune = compose([f"model={model}", "data=llava665k", "stage=finetune", "trainer=gpu"])
     align = compose([f"model={model}", "data=lcs558k", "stage=align", "trainer=gpu"])
     for cfg in (finetune, align):

@@ -1,4 +1,4 @@
-"""Projectors against an independent nn.Conv2d / nn.AdaptiveAvgPool2d restatement of LLAVA_SP.md §2."""
+"""Projectors against an independent nn.Conv2d / nn.AdaptiveAvgPool2d restatement of docs/METHOD.md §2."""
 
 import math
 
@@ -88,7 +88,7 @@ def test_parameter_counts_and_head_bias_follow_the_release(name, dfi, bias):
 
 
 def test_paper_shape_parameter_count():
-    """At C=1024, D=512 the SP part is ~0.90 B parameters and the 24x24 conv alone 302 M (LLAVA_SP.md §2)."""
+    """At C=1024, D=512 the SP part is ~0.90 B parameters and the 24x24 conv alone 302 M (docs/METHOD.md §2)."""
     with torch.device("meta"):  # shapes only: 3.6 GB of real weights would be slow to initialise
         proj = build_projector(proj_cfg("pooling", sp_width=512), vision_width=1024, llm_width=8, grid=24)
     assert proj.sfe.weights[-1].numel() == 301_989_888

@@ -161,8 +161,8 @@ def _parse(record, template: Template, need_answer: bool) -> tuple[list[tuple[st
 
     turns = [(turn["from"], turn["value"]) for turn in convs]
     if has_image:
-        # Same normalisation as LLaVA's preprocess_multimodal. An image record without the placeholder
-        # (LLaVA would crash on it) gets one prepended: the image is evidently meant to be seen.
+        # Same normalisation as LLaVA's preprocess_multimodal. An image record without the placeholder (LLaVA
+        # silently leaves the image out: it is never spliced in) gets one prepended: it is meant to be seen.
         turns[0] = (HUMAN, IMAGE_TOKEN + "\n" + turns[0][1].replace(IMAGE_TOKEN, "").strip())
     if template.plain and not (has_image and len(convs) <= 2):
         raise fail("template", "the plain template needs an image record with one human/gpt pair", "use vicuna_v1")

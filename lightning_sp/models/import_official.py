@@ -1,6 +1,6 @@
 """Whole-model import/export of a released LLaVA-SP LoRA directory (`Levideus/llava-sp-{pooling,cropping}-lora`).
 
-A release directory holds (LLAVA_SP.md §3):
+A release directory holds (docs/METHOD.md §3):
   adapter_config.json                      PEFT LoRA config (r, lora_alpha, target_modules, base_model_name_or_path)
   adapter_model.safetensors | .bin         LoRA tensors, `base_model.model.model.layers.N.<proj>.lora_{A,B}.weight`
   non_lora_trainables.bin                  SFE, DFI, W_s, W_p under PEFT names (`base_model.model.model.conv_4.1.weight`)

@@ -1,4 +1,4 @@
-"""Import and export of the released LLaVA-SP projector weights (LLAVA_SP.md §3).
+"""Import and export of the released LLaVA-SP projector weights (docs/METHOD.md §3).
 
 The official `non_lora_trainables.bin` of `Levideus/llava-sp-{pooling,cropping}-lora` holds the SFE, DFI, W_s and
 W_p tensors under PEFT names such as `base_model.model.model.conv_4.1.weight`. `KEY_TABLE` below is the only

@@ -1,4 +1,4 @@
-"""Ablation arms of LLAVA_SP.md §5 that need code (the rest are config options of `pooling` / `cropping`).
+"""Ablation arms of docs/METHOD.md §5 that need code (the rest are config options of `pooling` / `cropping`).
 
 Each arm is one registered class + one `conf/variant/<name>.yaml`:
 

@@ -1,6 +1,6 @@
 """LLaVA-SP projectors: Spatial Feature Extractor (SFE) + Detail Feature Integrator (DFI) + W_s + W_p.
 
-Shapes (LLAVA_SP.md §2): patches Z (B, G*G, C) -> 6 SP tokens (B, 6, D) -> W_s -> (B, 6, H), placed before
+Shapes (docs/METHOD.md §2): patches Z (B, G*G, C) -> 6 SP tokens (B, 6, D) -> W_s -> (B, 6, H), placed before
 W_p(Z) (B, G*G, H). At G=24 the windows are exactly the paper's; other grids scale them proportionally.
 
 Every SFE convolution covers its whole input window (kernel = window), so each output token is one dot
