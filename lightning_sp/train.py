@@ -65,6 +65,7 @@ def build_datamodule(cfg: DictConfig, tokenizer, num_visual_tokens: int) -> Shar
         val_batch_size=data.val_batch_size,
         num_workers=data.num_workers,
         shuffle_buffer=data.shuffle_buffer,
+        length_group_batches=data.length_group_batches,
         max_length=data.max_length,
         seed=cfg.seed,
         # Sharded weights all-gather in every forward: each rank must run the same number of val batches.

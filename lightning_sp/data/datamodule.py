@@ -333,7 +333,8 @@ class ShardDataModule(L.LightningDataModule):
     def __init__(self, train_dir, val_dir=None, tokenizer=None, template: str = "vicuna_v1",
                  num_visual_tokens: int = 582, image_size: int = 336, batch_size: int = 16,
                  val_batch_size: int = 32, num_workers: int = 1, shuffle_buffer: int = 500,
-                 max_length: int | None = 2048, seed: int = 0, equal_val_shares: bool = False):
+                 max_length: int | None = 2048, seed: int = 0, equal_val_shares: bool = False,
+                 length_group_batches: int = 1):
         super().__init__()
         if tokenizer is None:
             raise ValueError("ShardDataModule needs a tokenizer (object or path for load_tokenizer)")
@@ -347,6 +348,9 @@ class ShardDataModule(L.LightningDataModule):
         self.template, self.num_visual_tokens, self.image_size = template, num_visual_tokens, image_size
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.shuffle_buffer, self.max_length, self.seed = shuffle_buffer, max_length, seed
+        if length_group_batches < 1:
+            raise ValueError(f"length_group_batches must be >= 1 (1 = off), got {length_group_batches}")
+        self.length_group_batches = length_group_batches  # TrainStream.group_batches: LLaVA's length grouping
         self.equal_val_shares = equal_val_shares  # see EqualShare; train.py sets it for trainer.strategy=fsdp
         self.steps_per_epoch: int | None = None
         self.train_index = self.val_index = None
@@ -411,7 +415,7 @@ class ShardDataModule(L.LightningDataModule):
                              batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer, builder=builder,
                              collate=partial(collate_train, **self._collate_kwargs()),
                              handler=builder.shard_error, resume=resume, on_lost=builder.records_lost,
-                             on_replayed=builder.discard_pending,
+                             on_replayed=builder.discard_pending, group_batches=self.length_group_batches,
                              expected_samples={locations.join(self.train_dir, s["name"]): s["samples"]
                                                for s in self.train_index["shards"]})
         return self._loader(stream)
@@ -426,7 +430,7 @@ class ShardDataModule(L.LightningDataModule):
         # Every rank streams its own shards, so the checkpoint (written by rank 0) needs every rank's position.
         # Lightning builds checkpoint contents on all ranks together, so a collective is safe here.
         return {"stream_positions": gather_objects(self.position.state_dict()), "steps_per_epoch": self.steps_per_epoch,
-                "num_workers": self.num_workers}
+                "num_workers": self.num_workers, "length_group_batches": self.length_group_batches}
 
     def load_state_dict(self, state: dict) -> None:
         if "stream_positions" not in state:
@@ -436,12 +440,14 @@ class ShardDataModule(L.LightningDataModule):
         if any(p.batches for p in positions):  # stopped mid-epoch: the stream must continue identically
             changed = {key: (was, now) for key, was, now in (
                 ("ranks", len(positions), self._world_size()), ("data.num_workers", state["num_workers"],
-                 self.num_workers), ("steps per epoch", state["steps_per_epoch"], self.steps_per_epoch))
+                 self.num_workers), ("steps per epoch", state["steps_per_epoch"], self.steps_per_epoch),
+                ("data.length_group_batches", state.get("length_group_batches", 1), self.length_group_batches))
                 if was != now}
             if changed:
                 raise ValueError(f"the checkpoint stopped mid-epoch and the data layout changed since (was, now): "
-                                 f"{changed}; resume with the same devices, data.num_workers, data.batch_size and "
-                                 "shards, or from a checkpoint written at the end of an epoch")
+                                 f"{changed}; resume with the same devices, data.num_workers, data.batch_size, "
+                                 "data.length_group_batches and shards, or from a checkpoint written at the end of "
+                                 "an epoch")
         self._resume = positions[rank] if rank < len(positions) else StreamPosition(epoch=positions[0].epoch)
 
     def val_dataloader(self):

@@ -61,19 +61,28 @@ class TrainStream(IterableDataset):
     ``on_lost(url, n)`` hears of ``n`` samples a shard did not yield against ``expected_samples[url]``;
     ``on_replayed()`` is called once a resume's replay is done: shard-level events met while replaying (``handler``,
     ``on_lost``) were counted by the run that trained on those samples, so the listener drops them.
+
+    ``group_batches > 1`` batches by modality and length (LLaVA's ``group_by_modality_length``, per rank and
+    worker, see :func:`length_grouped`): every ``group_batches * batch_size`` consecutive samples are batched
+    together, and a batch's stream position is the raw count at its group's start (its group's end for the
+    group's last batch), so a resume rebuilds a partly trained group and skips the batches already trained.
     """
 
     def __init__(self, urls: list[str], *, seed: int, epoch: int, per_rank: int, batch_size: int,
                  shuffle_buffer: int, builder: Callable[[Iterable[dict]], Iterator[dict]],
                  collate: Callable[[list[dict]], dict], handler: Callable[[Exception], bool],
                  resume: StreamPosition | None = None, expected_samples: dict[str, int] | None = None,
-                 on_lost: Callable[[str, int], None] | None = None, on_replayed: Callable[[], None] | None = None):
+                 on_lost: Callable[[str, int], None] | None = None, on_replayed: Callable[[], None] | None = None,
+                 group_batches: int = 1):
         self.urls, self.seed, self.epoch, self.per_rank = list(urls), seed, epoch, per_rank
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.builder, self.collate, self.handler = builder, collate, handler
         self.resume = resume if resume is not None and resume.batches > 0 else None
         self.expected_samples, self.on_lost = expected_samples or {}, on_lost  # per url, from index.json
         self.on_replayed = on_replayed
+        if group_batches < 1:
+            raise ValueError(f"group_batches must be >= 1, got {group_batches}")
+        self.group_batches = group_batches
 
     def _rng(self, *parts) -> random.Random:
         return random.Random("/".join(str(p) for p in (self.seed, self.epoch, *parts)))
@@ -138,7 +147,51 @@ class TrainStream(IterableDataset):
                     out["stream_position"] = (worker, read)
                     yield out
 
-        yield from take_exactly(positioned(), share, "batches")
+        def grouped() -> Iterator[dict]:
+            # The builder reads raw samples a batch at a time (SampleBuilder._chunks), and a group is whole batches:
+            # when a group completes, `read` counts exactly the raw samples of this and the earlier groups.
+            size, start, group = self.group_batches * self.batch_size, read, []
+            trained = skip_batches % self.group_batches  # of the first group, when resuming inside it
+            for sample in self.builder(samples):
+                group.append(sample)
+                if len(group) < size:
+                    continue
+                end = read
+                batches = length_grouped(group, self.batch_size, self._rng("groups", rank, worker, start))
+                for i, members in enumerate(batches[trained:], trained):
+                    out = self.collate(members)
+                    out["stream_position"] = (worker, end if i == len(batches) - 1 else start)
+                    yield out
+                group, start, trained = [], end, 0
+
+        batches = grouped() if self.group_batches > 1 else positioned()
+        yield from take_exactly(batches, share, "batches")
+
+
+def sample_length(sample: dict) -> int:
+    return len(sample["input_ids"])
+
+
+def length_grouped(samples: list[dict], batch_size: int, rng: random.Random) -> list[list[dict]]:
+    """LLaVA's ``group_by_modality_length`` on one group of samples (a multiple of ``batch_size``): image and
+    text-only samples are batched apart, each sorted by length (longest first, stream order among equals), so a
+    batch pads to lengths close to its own; the few left over from each modality (fewer than a batch each, a batch
+    together) make one mixed batch; the batches are shuffled with ``rng``.
+
+    LLaVA groups megabatches drawn from the whole dataset by one sampler; here every (rank, worker) streams its own
+    shards, so a group is that stream's next samples (``data.length_group_batches`` batches of them)."""
+    if len(samples) % batch_size:
+        raise ValueError(f"a group of {len(samples)} samples is not whole batches of {batch_size}")
+    batches, rest = [], []
+    for has_image in (True, False):
+        pool = sorted((s for s in samples if bool(s["has_image"]) == has_image), key=sample_length, reverse=True)
+        whole = len(pool) - len(pool) % batch_size
+        batches += [pool[i:i + batch_size] for i in range(0, whole, batch_size)]
+        rest += pool[whole:]
+    if rest:
+        batches.append(rest)
+    rng.shuffle(batches)
+    return batches
 
 
 def take_exactly(src: Iterable, share: int, what: str) -> Iterator:
