@@ -54,10 +54,11 @@ eval: $(STAMP) ## evaluate a run: make eval RUN=runs/pooling/<stamp> BENCH=synth
 	@test -n "$(RUN)" || { echo "usage: make eval RUN=<run dir or .ckpt> BENCH=synthetic|pope|vqa [ARGS=...]" >&2; exit 2; }
 	$(PY) -m lightning_sp eval ckpt=$(RUN) benchmark=$(BENCH) $(ARGS)
 
-bench: $(STAMP) ## CPU benchmarks: projector vs Conv2d, SP vs MLP step, input pipeline vs LLaVA, step/memory scaling (~6-7 min on 2 cores) -> benchmarks/RESULTS.md
+bench: $(STAMP) ## CPU benchmarks: projector vs Conv2d, SP vs MLP step, input pipeline vs LLaVA, length grouping, step/memory scaling (~7-8 min on 2 cores) -> benchmarks/RESULTS.md
 	$(PY) benchmarks/projector_bench.py --write benchmarks/RESULTS.md
 	$(PY) benchmarks/step_bench.py --write benchmarks/RESULTS.md
 	$(PY) benchmarks/input_bench.py --write benchmarks/RESULTS.md
+	$(PY) benchmarks/length_group_bench.py --write benchmarks/RESULTS.md
 	$(PY) benchmarks/scaling_bench.py --write benchmarks/RESULTS.md
 
 bench-gpu: $(STAMP) ## on a GPU: 7B-shape LoRA train step (step time, tokens/s, memory, MFU): make bench-gpu ARGS="--batch 8" -> benchmarks/RESULTS.md

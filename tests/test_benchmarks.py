@@ -209,3 +209,17 @@ def test_fast_decode_only_reduces_large_jpegs():
     assert _decode_draft(ib.photo(rng, 1200, 1600), 336).shape == (3, 300, 400)  # 1/4
     d = (fast(large) - full(large)).abs()
     assert fast(large).shape == (3, 336, 336) and d.mean() < 0.03  # about one uint8 level (0.015) on average
+
+
+def test_length_group_bench_padding_and_draw():
+    bench = load("length_group_bench")
+    batches = [[{"input_ids": range(3)}, {"input_ids": range(5)}], [{"input_ids": range(4)}, {"input_ids": range(4)}]]
+    share, mean_len = bench.padding_share(batches)
+    assert share == pytest.approx(2 / 18) and mean_len == pytest.approx(18 / 4)  # padded 10 + 8, real 16
+    samples = bench.draw(4096)  # 32 groups of 8 batches of 16
+    text_only = [s for s in samples if not s["has_image"]]
+    assert abs(len(text_only) / 4096 - bench.TEXT_ONLY_SHARE) < 0.015
+    assert all(bench.VISUAL + 30 <= len(s["input_ids"]) <= bench.MAX_LENGTH for s in samples if s["has_image"])
+    plain, grouped = bench.batches_of(samples, 1), bench.batches_of(samples, 8)
+    assert sorted(s["id"] for b in grouped for s in b) == [s["id"] for b in plain for s in b]  # same samples
+    assert bench.padding_share(grouped)[0] < bench.padding_share(plain)[0]

@@ -78,11 +78,14 @@ def trainable(run_dir):
 
 
 @pytest.mark.slow
-def test_crash_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_cfg, monkeypatch):
+@pytest.mark.parametrize("groups", [1, 2])
+def test_crash_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_cfg, monkeypatch, groups):
     """6 batches per epoch, checkpoints at steps 3, 6, 9, two data workers (so the resumed loader must start
-    with the second worker), LoRA dropout (so the random stream must be restored too)."""
+    with the second worker), LoRA dropout (so the random stream must be restored too). With length groups of 2
+    batches per worker, the step-3 checkpoint falls inside the second worker's first group."""
     data = small_data(tmp_path / "data")
-    common = [*data, "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "viz.enabled=false", *EXACT]
+    common = [*data, "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "viz.enabled=false", *EXACT,
+              f"data.length_group_batches={groups}"]
     crash_at = [None]
     steps = record_steps(monkeypatch, crash_at)
     train(tiny_cfg(*common, f"run_dir={tmp_path / 'whole'}"))
