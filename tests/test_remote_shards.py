@@ -68,3 +68,29 @@ def test_an_unreachable_url_is_named_before_any_model_is_built(served):
     cfg = compose([*data, "data.synthetic=null", f"data.train_dir={url}/nope", f"data.val_dir={url}/val"])
     with pytest.raises(ConfigError, match=r"data.train_dir=http://127\.0\.0\.1:\d+/nope cannot be read"):
         check_data_paths(cfg)
+
+
+def test_a_crashed_run_on_urls_resumes_to_the_uninterrupted_result(served, monkeypatch):
+    """Mid-epoch resume over HTTP: the replay re-reads the shards from the server up to the saved position, and
+    the resumed run ends with the uninterrupted run's samples, losses and weights (two data workers)."""
+    from test_resume import Crash, record_steps
+
+    root, data, url = served
+    remote = ["data.synthetic=null", f"data.train_dir={url}/train", f"data.val_dir={url}/val", "data.num_workers=2",
+              "trainer.max_steps=6", "trainer.log_every_n_steps=1"]
+    crash_at = [None]
+    steps = record_steps(monkeypatch, crash_at)
+    _, whole_state = _run(root, data, "url-whole", *remote)
+    whole = list(steps)
+    steps.clear()
+    crash_at[0] = 4  # after the step-3 checkpoint
+    with pytest.raises(Crash):
+        _run(root, data, "url-broken", *remote)
+    crash_at[0] = None
+    steps.clear()
+    _Recording.requested.clear()
+    _, resumed_state = _run(root, data, "url-broken", *remote, "resume=auto")
+    assert any(p.startswith("/train/") and p.endswith(".tar") for p in _Recording.requested)  # replayed over HTTP
+    assert [s for s, _, _ in steps] == [3, 4, 5] and steps == whole[3:]
+    assert whole_state.keys() == resumed_state.keys()
+    assert all(torch.equal(whole_state[k], resumed_state[k]) for k in whole_state)
