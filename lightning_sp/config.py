@@ -135,12 +135,15 @@ class StageConfig:
     name: str = "finetune"  # align | finetune
     template: str = "vicuna_v1"  # plain | vicuna_v1
     lora: bool = True  # attach LoRA adapters to the LLM (finetune); align trains the projector only
+    # Every LLM weight trains (no LoRA): LLaVA-1.5 "full", the paper's main baseline (stage=finetune_full).
+    full_llm: bool = False
 
 
 @dataclass
 class OptimConfig:
     lr_projector: float = 2e-5
     lr_lora: float = 2e-4
+    lr_llm: float = 2e-5  # the LLM's own weights under stage.full_llm (LLaVA-1.5 full fine-tuning: 2e-5)
     # Full-window SP convolutions (fan-in up to 24*24*C): Adam moves every weight by ~lr per step, so their
     # outputs move by ~lr * fan_in; None = lr_projector (the official recipe).
     lr_sp_conv: Optional[float] = None
@@ -383,6 +386,9 @@ def validate(cfg: DictConfig) -> None:
             "LoRA; docs/METHOD.md §4). Set stage.lora=false, or train LoRA in stage=finetune "
             "(init=<align run> carries the projector over)"
         )
+    if cfg.stage.full_llm and (cfg.stage.name != "finetune" or cfg.stage.lora):
+        raise ConfigError(f"stage.full_llm=true trains every LLM weight in stage=finetune without LoRA (got "
+                          f"stage.name={cfg.stage.name}, stage.lora={cfg.stage.lora}): use stage=finetune_full")
     from lightning_sp.data.conversation import TEMPLATES
 
     if cfg.stage.template not in TEMPLATES:

@@ -14,6 +14,8 @@ unit                          trains?     contents
 LoRA of decoder layer i       yes         every LoRA A/B linear inside layer i, one grouped unit
 decoder layer i               no          the rest of layer i (the frozen base projections, norms)
 modules_to_save copies        yes         each trained copy (e.g. embed_tokens, lm_head) its own unit
+input embeddings (full LLM)   yes         stage.full_llm: the table on its own (looked up before the LLM's
+                                          forward), then the decoder (norm) and lm_head as trained subtrees
 input / output embeddings     no          the frozen originals (their own units: never all-gathered when
                                           a trained copy replaces them)
 the HF causal LM              no          what is left (final norm); its forward is the one `generate` calls
@@ -167,9 +169,14 @@ def plan_units(model: nn.Module) -> list[Unit]:
         if adapters and any(not q.requires_grad for q in p.free(layer)):
             p.add(adapters, label=f"{len(adapters)} trainable modules")
         p.add([layer])
+    inp, out = llm.get_input_embeddings(), llm.get_output_embeddings()
+    if all(q.requires_grad for q in p.free(inp)):
+        # Trained in full (stage.full_llm): a unit of its own, before the trainable subtrees would put it in the
+        # decoder's. LlavaSP.embed looks tokens up before the LLM's forward runs, so an enclosing unit would not
+        # have all-gathered the table yet.
+        p.add([inp])
     for sub in p.trainable_subtrees(llm):
         p.add([sub])
-    inp, out = llm.get_input_embeddings(), llm.get_output_embeddings()
     tied = out is not None and {id(q) for q in inp.parameters()} & {id(q) for q in out.parameters()}
     if not tied:  # tied weights must share a unit: leave them to the LM's unit
         p.add([p.narrow(inp)])

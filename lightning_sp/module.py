@@ -26,13 +26,18 @@ log = logging.getLogger(__name__)
 
 def optimizer_groups(model) -> dict[str, list]:
     """Trainable parameters by optimizer group: `sp_conv` (what the projector declares, see
-    Projector.sp_conv_parameters), `projector` (the rest of it) and `lora` (the LLM's adapters and saved modules)."""
+    Projector.sp_conv_parameters), `projector` (the rest of it), `lora` (the LLM's adapters and peft's saved
+    modules) and `llm` (the LLM's own weights, trained in full under stage.full_llm)."""
     sp_conv = {id(p) for p in model.projector.sp_conv_parameters()}
-    groups = {"projector": [], "sp_conv": [], "lora": []}
+    groups = {"projector": [], "sp_conv": [], "lora": [], "llm": []}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            group = "lora" if not name.startswith("projector.") else "sp_conv" if id(p) in sp_conv else "projector"
-            groups[group].append(p)
+        if not p.requires_grad:
+            continue
+        if name.startswith("projector."):
+            group = "sp_conv" if id(p) in sp_conv else "projector"
+        else:
+            group = "lora" if "lora_" in name or "modules_to_save" in name else "llm"
+        groups[group].append(p)
     return groups
 
 
@@ -203,7 +208,7 @@ class LlavaSPModule(L.LightningModule):
                 raise RuntimeError(f"configure_optimizers ran before sharding: {plain[:3]} are not DTensors")
         optim = self.cfg.optim
         lr_sp_conv = optim.lr_sp_conv if optim.lr_sp_conv is not None else optim.lr_projector
-        lrs = {"projector": optim.lr_projector, "sp_conv": lr_sp_conv, "lora": optim.lr_lora}
+        lrs = {"projector": optim.lr_projector, "sp_conv": lr_sp_conv, "lora": optim.lr_lora, "llm": optim.lr_llm}
         param_groups = [
             {"params": ps, "lr": lrs[name], "name": name} for name, ps in groups.items() if ps
         ]

@@ -143,8 +143,8 @@ def run_summary(module: LlavaSPModule, trainer: L.Trainer, cfg: DictConfig, fit_
 
 # ---- TensorBoard's HPARAMS tab ----------------------------------------------------------------------------------
 
-HPARAM_KEYS = ("seed", "stage.name", "stage.lora", "data.batch_size", "trainer.max_steps",
-               "trainer.accumulate_grad_batches", "optim.lr_projector", "optim.lr_sp_conv", "optim.lr_lora",
+HPARAM_KEYS = ("seed", "stage.name", "stage.lora", "stage.full_llm", "data.batch_size", "trainer.max_steps",
+               "trainer.accumulate_grad_batches", "optim.lr_projector", "optim.lr_sp_conv", "optim.lr_lora", "optim.lr_llm",
                "optim.warmup_ratio", "model.vision.hidden_size", "model.vision.num_layers", "model.llm.hidden_size",
                "model.llm.num_layers")
 NOT_HPARAMS = ("run_dir", "resume", "choices.variant")  # where and how a run ran; the variant is `variant`

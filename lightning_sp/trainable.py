@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 
+import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def set_trainable(model: nn.Module, stage_cfg) -> None:
-    """Vision frozen; the whole projector (SFE, DFI, W_s, W_p) trains in every stage; the LLM trains only
-    through its LoRA adapters (and peft `modules_to_save`), which exist only when `stage.lora` is set."""
+    """Vision frozen; the whole projector (SFE, DFI, W_s, W_p) trains in every stage; the LLM trains through its
+    LoRA adapters (and peft `modules_to_save`), which exist only when `stage.lora` is set, or in full
+    (`stage.full_llm`), its weights then kept in float32 as the optimizer's master copy (bf16 compute comes from
+    the trainer's precision, as for every trained weight)."""
     model.vision.requires_grad_(False)
     model.projector.requires_grad_(True)
+    if getattr(stage_cfg, "full_llm", False):
+        model.llm.requires_grad_(True)
+        if any(p.dtype != torch.float32 for p in model.llm.parameters()):
+            log.info("stage.full_llm: the LLM's weights are trained in float32 (loaded as %s)",
+                     next(model.llm.parameters()).dtype)
+            model.llm.float()
+        return
     if not stage_cfg.lora:
         model.llm.requires_grad_(False)
     trainable_llm = [n for n, p in model.llm.named_parameters() if p.requires_grad]

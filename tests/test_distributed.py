@@ -313,3 +313,44 @@ def test_two_nodes_one_process_each_over_localhost(data, tmp_path):
     assert "resolved config in config.yaml" in outs[0] and "resolved config" not in outs[1]  # node 1 is not rank 0
     state = trainable_state(run_dir / "checkpoints" / "last.ckpt")
     assert state and all(torch.isfinite(t).all() for t in state.values())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(4 * LAUNCH_TIMEOUT_S)
+def test_full_finetuning_under_fsdp_resumes_from_a_kill_to_the_uninterrupted_result(data, tmp_path):
+    """stage=finetune_full on 2 processes under FSDP2 (every decoder layer a trainable unit; the uneven shards and
+    the text-only rank above), killed with SIGKILL once its mid-epoch step-2 checkpoint exists, then resume=auto:
+    the final weights -- the whole LLM and the projector -- and the loss equal a run that was never killed."""
+    import time
+
+    def args(run: str, *extra: str) -> list[str]:
+        return ["-m", "lightning_sp", "train", *overrides(
+            data, tmp_path / run, "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
+            "trainer.precision=32-true", "stage=finetune_full", "optim.lr_llm=1e-3", "trainer.max_steps=8",
+            "trainer.val_check_interval=2"), *extra]
+
+    launch(args("whole"))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "LIGHTNING_SP_RUN_DIR")}
+    env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    victim = subprocess.Popen([sys.executable, *args("killed")], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    first = tmp_path / "killed" / "checkpoints" / "step000002.ckpt"
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while not first.is_file() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(victim.pid, signal.SIGKILL)  # both ranks: the second is the first one's child
+    victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+    launch(args("killed", "resume=auto"))
+
+    whole, resumed = (trainable_state(tmp_path / r / "checkpoints" / "last.ckpt") for r in ("whole", "killed"))
+    assert whole.keys() == resumed.keys()
+    assert {k.split(".")[1] for k in whole} == {"llm", "projector"}  # the whole LLM is saved: it all trains
+    assert any(k.endswith("layers.0.self_attn.q_proj.weight") for k in whole) and not any("lora_" in k for k in whole)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole), \
+        max((whole[k] - resumed[k]).abs().max().item() for k in whole)
+    metrics = [json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("whole", "killed")]
+    assert metrics[0]["train/loss"] == metrics[1]["train/loss"] and metrics[1]["global_step"] == 8
+    assert_equal_work_with_a_text_only_rank(tmp_path / "killed", steps=8, batches=6)
