@@ -6,6 +6,11 @@ resolved run config. Frozen weights (vision tower, base LLM) are rebuilt from th
 the config's `name_or_path` models (or, for random-init models, their seeds) is the whole model.
 
 A run directory stands for its `checkpoints/last.ckpt`.
+
+Under `trainer.sharded_checkpoints` (FSDP2) a checkpoint is a *directory*: torch distributed checkpoint (DCP)
+files, one per rank, for the model (`state_dict`) and the optimizer, and Lightning's `meta.pt` with everything
+else (config, step, loop and data-stream state). Every function here takes either form; reading a directory needs
+no process group and loads the trainable tensors only, never the optimizer's shards.
 """
 
 from __future__ import annotations
@@ -27,14 +32,25 @@ PathLike = Union[str, os.PathLike]
 CONFIG_KEY = "lightning_sp_config"
 
 
+SHARDED_META = "meta.pt"  # Lightning ModelParallelStrategy's non-tensor part of a sharded checkpoint
+
+
+def is_sharded_checkpoint(path: PathLike) -> bool:
+    """A directory written by `ModelParallelStrategy(save_distributed_checkpoint=True)`: DCP's `.metadata` and
+    Lightning's `meta.pt`."""
+    p = Path(path)
+    return p.is_dir() and (p / ".metadata").is_file() and (p / SHARDED_META).is_file()
+
+
 def resolve_checkpoint(path: PathLike) -> Path:
-    """A `.ckpt` file as given; a run directory -> its `checkpoints/last.ckpt` (or `last.ckpt`)."""
+    """A `.ckpt` file (or sharded checkpoint directory) as given; a run directory -> its `checkpoints/last.ckpt`
+    (or `last.ckpt`)."""
     p = Path(path).expanduser()
-    if p.is_file():
+    if p.is_file() or is_sharded_checkpoint(p):
         return p
     if p.is_dir():
         for candidate in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
-            if candidate.is_file():
+            if candidate.is_file() or is_sharded_checkpoint(candidate):
                 return candidate
         raise FileNotFoundError(f"{p} is a directory without checkpoints/last.ckpt (nor last.ckpt); pass a .ckpt file")
     raise FileNotFoundError(f"checkpoint not found: {p}")
@@ -54,10 +70,40 @@ def _unpickler_reason(error: Exception) -> str:
     return lines[0] if lines else repr(error)
 
 
+def sharded_tensor_keys(path: PathLike) -> dict[str, Any]:
+    """The model tensors a sharded checkpoint holds: parameter name -> DCP's metadata (size, dtype)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    prefix = "state_dict."
+    return {k[len(prefix):]: m for k, m in metadata.items()
+            if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+
+
+def read_sharded_checkpoint(path: PathLike) -> dict:
+    """A sharded checkpoint directory as the dict a single file would hold, without its optimizer state: `meta.pt`
+    (torch.load, weights only) plus `state_dict` assembled from every rank's shards (DCP's own reader, no process
+    group: `torch.distributed.checkpoint.load(..., no_dist=True)` into tensors sized from its metadata)."""
+    import torch.distributed.checkpoint as dcp
+
+    p = Path(path)
+    ckpt = dict(torch.load(p / SHARDED_META, map_location="cpu", weights_only=True))
+    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in sharded_tensor_keys(p).items()}
+    if not state:
+        raise CheckpointError(f"{p}: a sharded checkpoint without model tensors")
+    dcp.load({"state_dict": state}, checkpoint_id=str(p), no_dist=True)
+    ckpt["state_dict"] = state
+    return ckpt
+
+
 def read_checkpoint(path: PathLike) -> dict:
     """The checkpoint dict (tensors on CPU), read with `torch.load(weights_only=True)`: never unpickles code.
-    Raises CheckpointError for a file that is not a readable checkpoint or that holds objects other than data."""
+    Raises CheckpointError for a file that is not a readable checkpoint or that holds objects other than data.
+    A sharded checkpoint directory gives the same dict without the optimizer state."""
     p = resolve_checkpoint(path)
+    if is_sharded_checkpoint(p):
+        return read_sharded_checkpoint(p)
 
     def unreadable(reason: str) -> CheckpointError:
         return CheckpointError(f"{p} is not a readable checkpoint ({reason}); pass a .ckpt written by lightning_sp, "

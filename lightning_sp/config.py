@@ -181,6 +181,9 @@ class TrainerConfig:
     fast_dev_run: Any = False  # True or N: N batches of train and val, no checkpoints or logs (a smoke test)
     deterministic: Any = None  # True, False, "warn" or None (torch's default)
     profiler: Optional[str] = None  # "simple", "advanced" or "pytorch": report at the end of fit
+    # trainer=fsdp only: each checkpoint a directory of per-rank torch distributed checkpoint shards (model and
+    # optimizer state never gathered to one rank: 7B full fine-tuning) instead of one file gathered on rank 0.
+    sharded_checkpoints: bool = False
 
 
 @dataclass
@@ -408,6 +411,9 @@ def validate(cfg: DictConfig) -> None:
     if not 0.0 <= cfg.data.max_skipped_fraction <= 1.0:
         raise ConfigError(f"data.max_skipped_fraction must be in [0, 1] (1 never stops), got "
                           f"{cfg.data.max_skipped_fraction}")
+    if cfg.trainer.sharded_checkpoints and cfg.trainer.strategy != "fsdp":
+        raise ConfigError(f"trainer.sharded_checkpoints=true needs trainer.strategy=fsdp (the shards are FSDP2's), got "
+                          f"trainer.strategy={cfg.trainer.strategy}")
     if cfg.data.length_group_batches < 1:
         raise ConfigError(f"data.length_group_batches must be >= 1 (1 = off; LLaVA-style length grouping over that "
                           f"many batches otherwise), got {cfg.data.length_group_batches}")

@@ -64,6 +64,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from lightning_sp.checkpoint import SHARDED_META, is_sharded_checkpoint, sharded_tensor_keys
+
 log = logging.getLogger(__name__)
 
 BF16_PRECISIONS = ("bf16-mixed", "bf16", "bf16-true")
@@ -282,8 +284,10 @@ class FSDP2Strategy(ModelParallelStrategy):
     """ModelParallelStrategy as pure FSDP2: data parallel over every process, no tensor parallelism.
 
     Checkpoints hold trainable tensors only (`ignore_frozen_params`: the frozen 7B LLM is never gathered to
-    rank 0 just to be dropped by `LlavaSPModule.on_save_checkpoint`), as one file (`save_distributed_checkpoint`
-    False) in the same layout as single-device runs, so `last.ckpt` loads anywhere with `torch.load`."""
+    rank 0 just to be dropped by `LlavaSPModule.on_save_checkpoint`). By default as one file in the same layout as
+    single-device runs, so `last.ckpt` loads anywhere with `torch.load`; with `trainer.sharded_checkpoints`
+    (`save_distributed_checkpoint`) as a directory of per-rank DCP shards that nothing gathers (full fine-tuning
+    at 7B: ~92 GB of weights and AdamW state), which `checkpoint.read_checkpoint` reads without a process group."""
 
     def __init__(self, save_distributed_checkpoint: bool = False, **kwargs) -> None:
         super().__init__(data_parallel_size="auto", tensor_parallel_size="auto",
@@ -308,13 +312,37 @@ class FSDP2Strategy(ModelParallelStrategy):
         if path.is_file():
             keys = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)["state_dict"].keys()
             self.lightning_module.check_trainable_keys(keys)
+        elif is_sharded_checkpoint(path):
+            self.lightning_module.check_trainable_keys(sharded_tensor_keys(path))
+            return self._load_sharded(path, weights_only)
         return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
+    def _load_sharded(self, path: Path, weights_only: Optional[bool]) -> dict[str, Any]:
+        """Lightning's sharded load, but for trainable tensors only: its own asks DCP for the module's whole state
+        dict, frozen weights included, which our checkpoints leave out by design ("Missing key in checkpoint").
+        Each rank reads its own shards of the model and of every optimizer; returns the rest (`meta.pt`)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        model_state = {"state_dict": get_model_state_dict(self.model, options=StateDictOptions(
+            ignore_frozen_params=True))}
+        dcp.load(model_state, checkpoint_id=str(path))
+        set_model_state_dict(self.model, model_state["state_dict"], options=StateDictOptions(strict=False))
+        for idx, optimizer in enumerate(self.optimizers):  # keyed as ModelParallelStrategy.save_checkpoint keys them
+            key = f"optimizer_{idx}"
+            optim_state = {key: get_optimizer_state_dict(self.model, optimizer)}
+            dcp.load(optim_state, checkpoint_id=str(path))
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[key],
+                                     options=StateDictOptions(cpu_offload=True))
+        return torch.load(path / SHARDED_META, map_location="cpu", weights_only=weights_only)
 
 
 def build_strategy(cfg) -> Any:
     """The Trainer's `strategy` argument for `cfg.trainer.strategy` (`fsdp` is ours; the rest is Lightning's)."""
     if cfg.trainer.strategy == "fsdp":
-        return FSDP2Strategy()
+        return FSDP2Strategy(save_distributed_checkpoint=cfg.trainer.sharded_checkpoints)
     return cfg.trainer.strategy
 
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_sp import config as config_lib
 from lightning_sp.callbacks.checkpointing import BestAndLastCheckpoint
+from lightning_sp.checkpoint import SHARDED_META, is_sharded_checkpoint
 from lightning_sp.callbacks.nonfinite import NonFiniteGuard
 from lightning_sp.callbacks.throughput import throughput_monitor
 from lightning_sp.callbacks.skip_limit import SkipLimit
@@ -172,8 +173,13 @@ def log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, float]) 
 
 
 def _checkpoint_step(path: Path) -> int | None:
-    """The global step a checkpoint file holds, or None when it cannot be read (truncated, not a checkpoint)."""
+    """The global step a checkpoint file (or sharded directory) holds, or None when it cannot be read (truncated,
+    not a checkpoint)."""
     try:
+        if path.is_dir():  # sharded: the step is in Lightning's meta.pt, the shards need not be read
+            if not is_sharded_checkpoint(path):
+                raise FileNotFoundError("a directory without DCP's .metadata and meta.pt (a save cut short?)")
+            path = path / SHARDED_META
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: tensors stay on disk
         return int(ckpt["global_step"])
     except Exception as exc:  # noqa: BLE001 -- any unreadable file is skipped, and said so
@@ -200,8 +206,9 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
         log.info("resume=auto: continuing from %s (step %d)", best, steps[best])
         return str(best)
     path = resolve(cfg.resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint file (use resume=auto or a .ckpt path)")
+    if not (path.is_file() or is_sharded_checkpoint(path)):
+        raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint file or sharded checkpoint directory (use "
+                                "resume=auto or a .ckpt path)")
     return str(path)
 
 

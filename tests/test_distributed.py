@@ -190,6 +190,10 @@ def ddp_run(data, tmp_path_factory) -> Path:
 
 
 def trainable_state(path: Path) -> dict[str, torch.Tensor]:
+    from lightning_sp.checkpoint import read_checkpoint
+
+    if path.is_dir():  # a sharded checkpoint (trainer.sharded_checkpoints)
+        return read_checkpoint(path)["state_dict"]
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
@@ -317,17 +321,20 @@ def test_two_nodes_one_process_each_over_localhost(data, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(4 * LAUNCH_TIMEOUT_S)
-def test_full_finetuning_under_fsdp_resumes_from_a_kill_to_the_uninterrupted_result(data, tmp_path):
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
+def test_full_finetuning_under_fsdp_resumes_from_a_kill_to_the_uninterrupted_result(data, tmp_path, sharded):
     """stage=finetune_full on 2 processes under FSDP2 (every decoder layer a trainable unit; the uneven shards and
     the text-only rank above), killed with SIGKILL once its mid-epoch step-2 checkpoint exists, then resume=auto:
-    the final weights -- the whole LLM and the projector -- and the loss equal a run that was never killed."""
+    the final weights -- the whole LLM and the projector -- and the loss equal a run that was never killed. With
+    trainer.sharded_checkpoints every checkpoint is a directory of per-rank DCP shards, resumed from as such, and
+    `eval`/`export`'s loader rebuilds the model from it."""
     import time
 
     def args(run: str, *extra: str) -> list[str]:
         return ["-m", "lightning_sp", "train", *overrides(
             data, tmp_path / run, "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
             "trainer.precision=32-true", "stage=finetune_full", "optim.lr_llm=1e-3", "trainer.max_steps=8",
-            "trainer.val_check_interval=2"), *extra]
+            "trainer.val_check_interval=2", f"trainer.sharded_checkpoints={str(sharded).lower()}"), *extra]
 
     launch(args("whole"))
     env = {k: v for k, v in os.environ.items()
@@ -337,7 +344,10 @@ def test_full_finetuning_under_fsdp_resumes_from_a_kill_to_the_uninterrupted_res
                               stderr=subprocess.DEVNULL, start_new_session=True)
     first = tmp_path / "killed" / "checkpoints" / "step000002.ckpt"
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    while not first.is_file() and victim.poll() is None and time.monotonic() < deadline:
+    from lightning_sp.checkpoint import is_sharded_checkpoint
+
+    while not (first.is_file() or is_sharded_checkpoint(first)) and victim.poll() is None \
+            and time.monotonic() < deadline:
         time.sleep(0.02)
     os.killpg(victim.pid, signal.SIGKILL)  # both ranks: the second is the first one's child
     victim.wait(timeout=60)
@@ -354,3 +364,12 @@ def test_full_finetuning_under_fsdp_resumes_from_a_kill_to_the_uninterrupted_res
     metrics = [json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("whole", "killed")]
     assert metrics[0]["train/loss"] == metrics[1]["train/loss"] and metrics[1]["global_step"] == 8
     assert_equal_work_with_a_text_only_rank(tmp_path / "killed", steps=8, batches=6)
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    assert last.is_dir() == sharded
+    if sharded:  # one shard file per rank; the module is rebuilt from the directory without a process group
+        from lightning_sp.checkpoint import load_module
+
+        assert sorted(p.name for p in last.resolve().glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+        module = load_module(tmp_path / "killed")
+        params = dict(module.named_parameters())
+        assert all(torch.equal(params[k], resumed[k]) for k in resumed)

@@ -60,3 +60,9 @@ def test_a_full_run_trains_and_saves_every_llm_weight(tmp_path, tiny_cfg, tokeni
     assert [g["name"] for g in ckpt["optimizer_states"][0]["param_groups"]] == ["projector", "sp_conv", "llm"]
     module = load_module(tmp_path / "run")  # rebuilt from the config, trained LLM weights loaded
     assert all(torch.equal(p, saved[n]) for n, p in module.model.llm.named_parameters())
+
+
+def test_sharded_checkpoints_need_fsdp():
+    with pytest.raises(ConfigError, match="trainer.sharded_checkpoints=true needs trainer.strategy=fsdp"):
+        compose(["trainer=ddp_cpu", "trainer.sharded_checkpoints=true"])
+    assert compose(["trainer=fsdp", "trainer.sharded_checkpoints=true"]).trainer.sharded_checkpoints
