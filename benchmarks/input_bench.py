@@ -268,10 +268,10 @@ def previous_tokenize(record: dict, tokenizer, max_length: int, template: str = 
     """conversation.encode before the direct tokenizer call, for records it accepts (no truncation errors): the
     transformers tokenizer call, then the per-token label list. Kept as the yardstick of the direct Rust tokenizer
     call; the numbers must be identical."""
-    from lightning_sp.data.conversation import _check_image, _check_tokenizer, _parse, get_template
+    from lightning_sp.data.conversation import _check_image, check_tokenizer, _parse, get_template
 
     template = get_template(template)
-    image_id = _check_tokenizer(tokenizer, template)
+    image_id = check_tokenizer(tokenizer, template)
     turns, has_image = _parse(record, template, need_answer=True)
     text, spans = template.render(turns)
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)

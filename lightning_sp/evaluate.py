@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
@@ -50,7 +50,6 @@ from lightning_sp.metrics import ExactMatch, POPEMetrics, VQAAccuracy
 log = logging.getLogger(__name__)
 
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
-MULTIPLE_CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."
 BENCHMARKS = ("pope", "synthetic", "vqa")
 PAPER_MAX_NEW_TOKENS = 128
 OVERALL_METRICS = ("accuracy", "vqa_accuracy", "precision", "recall", "f1", "yes_ratio")

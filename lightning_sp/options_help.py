@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-from typing import Any
 
 from omegaconf import OmegaConf
 

@@ -46,7 +46,7 @@ def test_round_trip(tok, text):
 
 def test_image_token_is_one_id_anywhere(tok):
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    for text in [IMAGE_TOKEN, f"x{IMAGE_TOKEN}y", f"USER: {IMAGE_TOKEN}\nWhat?", f"a<image>b"]:
+    for text in [IMAGE_TOKEN, f"x{IMAGE_TOKEN}y", f"USER: {IMAGE_TOKEN}\nWhat?", "a<image>b"]:
         ids = tok(text)["input_ids"]
         assert ids.count(image_id) == 1, text
         assert tok.decode(ids[1:]) == text

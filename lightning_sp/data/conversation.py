@@ -177,7 +177,7 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def _check_tokenizer(tokenizer, template: Template) -> int:
+def check_tokenizer(tokenizer, template: Template) -> int:
     """Configuration errors (not record errors): fail loudly once rather than drop every record."""
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError("a fast tokenizer is required (label masks use char offsets)")
@@ -322,12 +322,23 @@ def encode(record: dict, tokenizer, template: str | Template, max_length: int | 
     ``max_length`` counts the ``<image>`` placeholder as one token; to bound the sequence after visual
     expansion pass ``max_length - (num_visual_tokens - 1)``. Raises :class:`RecordError` for unusable records.
     """
-    tpl = get_template(template)
-    return _encode(record, tokenizer, tpl, max_length, _check_tokenizer(tokenizer, tpl))
+    return RecordEncoder(tokenizer, template)(record, max_length)
+
+
+class RecordEncoder:
+    """:func:`encode` for many records: the template is looked up and the tokenizer checked once, when it is made
+    (configuration errors raise here, before any record)."""
+
+    def __init__(self, tokenizer, template: str | Template) -> None:
+        self.tokenizer, self.template = tokenizer, get_template(template)
+        self.image_id = check_tokenizer(tokenizer, self.template)
+
+    def __call__(self, record: dict, max_length: int | None = None) -> Encoded:
+        return _encode(record, self.tokenizer, self.template, max_length, self.image_id)
 
 
 def _encode(record: dict, tokenizer, tpl: Template, max_length: int | None, image_id: int) -> Encoded:
-    """:func:`encode` once the tokenizer has passed ``_check_tokenizer`` (``image_id``: what that returned)."""
+    """:func:`encode` once the tokenizer has passed :func:`check_tokenizer` (``image_id``: what it returned)."""
     turns, has_image = _parse(record, tpl, need_answer=True)
     rid = record.get("id", "<no id>")
     text, spans = tpl.render(turns)
@@ -432,7 +443,7 @@ def encode_prompt(record: dict, tokenizer, template: str | Template) -> list[int
     The one function that builds prompt ids: the datamodule's eval fields, ``evaluate`` (and through it the lmms-eval
     adapter) and ``runs.prompt_ids`` all call it."""
     tpl = get_template(template)
-    image_id = _check_tokenizer(tokenizer, tpl)
+    image_id = check_tokenizer(tokenizer, tpl)
     turns, has_image = _prompt_turns(record, tpl)
     ids = _tokenize_text(tokenizer, tpl.render(turns, prompt_only=True)[0], image_id, offsets=False)[0]
     _check_image(ids, image_id, has_image, record.get("id", "<no id>"))
@@ -446,7 +457,7 @@ def encode_continuation(record: dict, tokenizer, template: str | Template, conti
     ``vicuna_v1`` (none in ``plain``). Tokenising the continuation alone would differ with SentencePiece tokenizers:
     a legacy Llama tokenizer gives " 2" alone a dummy prefix ("▁", "▁", "2") that it never has after the prompt."""
     tpl = get_template(template)
-    image_id = _check_tokenizer(tokenizer, tpl)
+    image_id = check_tokenizer(tokenizer, tpl)
     turns, _ = _prompt_turns(record, tpl)
     prompt_text = tpl.render(turns, prompt_only=True)[0]
     if continuation and not continuation[0].isspace() and not tpl.plain:

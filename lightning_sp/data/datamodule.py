@@ -30,8 +30,8 @@ import webdataset as wds
 from torch.nn.utils.rnn import pad_sequence
 from webdataset.utils import pytorch_worker_info
 
-from lightning_sp.data.conversation import (IGNORE_INDEX, RecordError, _check_tokenizer, _encode, encode_prompt,
-                                            expand_image_token, get_template, reference_answer,
+from lightning_sp.data.conversation import (IGNORE_INDEX, RecordEncoder, RecordError, encode_prompt,
+                                            expand_image_token, reference_answer,
                                             supervised_logit_positions)
 from lightning_sp.data.images import ImageDecodeError, ImageProcessor
 from lightning_sp.data import locations
@@ -72,7 +72,7 @@ class SampleBuilder:
         self.batch_size = batch_size if batch_size and batch_size > 0 else None
         self._slab: torch.Tensor | None = None  # this batch's pixel buffer; samples returned so far fill its slots
         self._slot = 0
-        self._encoder = None  # (template, image id) once the tokenizer has passed the configuration check
+        self._encoder: RecordEncoder | None = None  # made on the first record (checks the tokenizer once)
         self.skipped: Counter = Counter()  # reason -> count, in this process (each DataLoader worker has its own)
         self._pending: Counter = Counter()  # reason -> count since the last yielded sample
 
@@ -103,9 +103,8 @@ class SampleBuilder:
     def _encode(self, record: dict, max_length: int | None):
         """conversation.encode(record, tokenizer, template, max_length), the tokenizer checked once per builder."""
         if self._encoder is None:  # raises here, on the first record, exactly as encode() would
-            template = get_template(self.template)
-            self._encoder = (template, _check_tokenizer(self.tokenizer, template))
-        return _encode(record, self.tokenizer, self._encoder[0], max_length, self._encoder[1])
+            self._encoder = RecordEncoder(self.tokenizer, self.template)
+        return self._encoder(record, max_length)
 
     def build(self, sample: dict) -> dict:
         return self._finish(*self._prepare(sample))

@@ -18,7 +18,6 @@ decoding option of `generate` applies. Batched prompts must be LEFT-padded (the 
 """
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -13,12 +12,6 @@ from lightning_sp.data.conversation import IGNORE_INDEX, supervised_logit_positi
 from lightning_sp.models.llm import attach_lora, build_llm
 from lightning_sp.models.projectors import Projector, build_projector
 from lightning_sp.models.vision import VisionTower
-
-
-@dataclass
-class StepOutput:
-    loss: torch.Tensor
-    logits: Optional[torch.Tensor]
 
 
 def assert_finite(tensor: torch.Tensor, what: str) -> None:
