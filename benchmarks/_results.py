@@ -66,3 +66,11 @@ def write_section(path, name: str, body: str, device: str | None = None) -> None
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(update_section(text, name, body, device))
+
+
+def publish(body: str, path, name: str, device: str | None = None) -> None:
+    """Print a benchmark's report and, when `path` is given, write it as the benchmark's section there."""
+    print(body)
+    if path:
+        write_section(path, name, body, device)
+        print(f"wrote {path}")

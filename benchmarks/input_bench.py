@@ -52,7 +52,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.nn.utils.rnn import pad_sequence  # noqa: E402
 
-from _results import load_average, machine, now, write_section  # noqa: E402
+from _results import load_average, machine, now, publish  # noqa: E402
 
 SECTION = "input_bench"
 # (height, width): the commonest COCO train2017 shapes (LLaVA-665K is ~half COCO; GQA/VG/OCR are similar or larger).
@@ -653,12 +653,9 @@ def main(argv=None) -> int:
     large = large_images(args.large, args.repeats) if args.large else None
     body = report(args, times, stages, n_check, agreement, labels, large, jpeg_kib,
                   time.perf_counter() - started, load_before, identical)
-    print(body)
+    publish(body, args.write, SECTION)
     if profile:
         print(profile)
-    if args.write:
-        write_section(args.write, SECTION, body)
-        print(f"wrote {args.write}")
     return 0
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import load_average, machine, now, write_section  # noqa: E402
+from _results import load_average, machine, now, publish  # noqa: E402
 
 SECTION = "length_group_bench"
 VISUAL, MAX_LENGTH, BATCH, TEXT_ONLY_SHARE = 582, 2048, 16, 0.06
@@ -153,11 +153,7 @@ def main(argv=None) -> int:
               f"of the same {len(plain) * BATCH} samples ({real} real tokens), fwd + bwd + AdamW, {args.threads} "
               f"threads: stream order {t_plain:.1f} s, grouped by 8 {t_grouped:.1f} s: **{t_plain / t_grouped:.2f}x** "
               "faster grouped."]
-    body = "\n".join(lines) + "\n"
-    print(body)
-    if args.write:
-        write_section(args.write, SECTION, body)
-        print(f"wrote {args.write}")
+    publish("\n".join(lines) + "\n", args.write, SECTION)
     return 0
 
 
