@@ -32,11 +32,16 @@ SP_TOKENS = {
     "pooling_nodfi": 6, "cropping_nodfi": 6, "pooling_dfi49": 6, "cropping_dfi49": 6,
     "pooling_sp1": 1, "pooling_sp3": 3, "pooling_sp12": 12, "cropping_sp1": 1, "cropping_sp3": 3, "cropping_sp12": 12,
     "cropping_transformer": 6, "cropping_stacked": 6, "pooling_stacked": 6, "conv49": 49, "learned_queries": 6,
-    "official_sp1": 1, "official_sp3": 3, "official_sp12": 12,
+    "official_sp1": 1, "official_sp3": 3, "official_sp12": 12, "official_transformer": 6, "official_stacked": 6,
 }
 # Parameters invariant by construction: a bias on the DFI keys shifts all logits of a query equally (softmax
 # ignores it), so its gradient is zero up to rounding.
 SOFTMAX_SHIFT_INVARIANT = ("dfi.key.0.bias", "dfi.key.1.bias")
+# The official transformer arm's decoder starts from a zero query (as released): in its first layer the bias-free
+# pre-norms of the self-attention and of the cross-attention's query see zeros, and the self-attention (one token)
+# outputs zeros, so these get no gradient at initialisation (the query itself, and every later layer, do).
+ZERO_QUERY_INVARIANT = tuple(f"decoder.layers.0.{n}" for n in ("norm1.weight", "self_attn.in_proj_weight",
+                                                                "self_attn.out_proj.weight", "norm2.weight"))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,7 +90,7 @@ def test_every_variant_composes_builds_and_trains(variant):
     out.square().mean().backward()
     for name, p in proj.named_parameters():
         assert p.grad is not None, f"{variant}: {name} is not in the graph"
-        if not name.endswith(SOFTMAX_SHIFT_INVARIANT):
+        if not name.endswith(SOFTMAX_SHIFT_INVARIANT + ZERO_QUERY_INVARIANT):
             assert p.grad.abs().sum() > 0, f"{variant}: zero gradient for {name}"
 
 
@@ -143,6 +148,90 @@ def test_official_count_arms_equal_their_restatement(variant):
     # ours of the same count is a different arm: the released SFE + DFI, and a biased head
     ours = build_projector(composed(f"cropping_sp{n}").projector, vision_width=C, llm_width=H, grid=G)
     assert ours.dfi is not None and ours.spatial_head[1].bias is not None
+
+
+# ---- the official code's transformer and stacked-conv arms -----------------------------------------------------
+
+PAPER_CROPS = {4: (10, 14), 8: (8, 16), 12: (6, 18), 16: (4, 20), 20: (2, 22), 24: (0, 24)}
+# The official conv stacks as released (kernel, output channels as "C" = 1024 / "D" = 512 at 7B), written out here
+# independently of lightning_sp.models.projectors.official_arms.OFFICIAL_STACKS.
+RELEASED_STACKS = {
+    4: "3D 2D", 8: "5D 3D 2D", 12: "5C 3D 5D 2D", 16: "5C 3C 5D 3D 3D 2D", 20: "5C 5C 3C 5D 3D 3D 2D",
+    24: "5C 5C 5C 3D 5D 3D 3D 2D",
+}
+
+
+def official_head(proj, tokens):
+    head = nn.Linear(tokens.shape[-1], H, bias=False).to(tokens.dtype)
+    head.weight.data.copy_(proj.spatial_head[1].weight.data)
+    patches = proj.patch_head[2](F.gelu(proj.patch_head[0](_last_z)))
+    return torch.cat([head(F.gelu(tokens)), patches], 1)
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")  # nn.Transformer's, for the reference below
+def test_official_transformer_arm_equals_its_restatement():
+    """Per crop: nn.Transformer(d_model=C, 8 heads, 4 + 4 layers, FFN C, dropout 0.1, pre-norm, no bias) over the
+    crop's patches (row-major) with a zero query as target; GELU + unbiased Linear(C -> H); no DFI."""
+    global _last_z
+    torch.manual_seed(0)
+    proj = build_projector(composed("official_transformer").projector, vision_width=C, llm_width=H, grid=G).eval()
+    assert getattr(proj, "dfi", None) is None and proj.spatial_head[1].in_features == C
+    assert torch.equal(proj.sfe.queries, torch.zeros(6, C))  # zero-initialised, as released
+    _last_z = z = torch.randn(2, G * G, C)
+    zmap = z.transpose(1, 2).reshape(2, C, G, G)
+    tokens = []
+    for i, side in enumerate(sorted(PAPER_CROPS)):
+        ref = nn.Transformer(d_model=C, nhead=8, num_encoder_layers=4, num_decoder_layers=4, dim_feedforward=C,
+                             dropout=0.1, batch_first=True, norm_first=True, bias=False).eval()
+        ref.load_state_dict(proj.sfe.transformers[i].state_dict())
+        lo, hi = PAPER_CROPS[side]
+        src = zmap[:, :, lo:hi, lo:hi].permute(0, 2, 3, 1).reshape(2, side * side, C)
+        tokens.append(ref(src, proj.sfe.queries[i].expand(2, 1, C))[:, 0])
+    torch.testing.assert_close(proj(z), official_head(proj, torch.stack(tokens, 1)), rtol=1e-5, atol=1e-5)
+    per_transformer = n_params(proj.sfe.transformers[0])
+    # encoder layer: attention 4C^2 + FFN 2C^2 + 2 LayerNorms (weights only); decoder layer: 2 attentions; + 2 norms
+    assert per_transformer == 4 * (6 * C * C + 2 * C) + 4 * (10 * C * C + 3 * C) + 2 * C
+    assert n_params(proj) == 6 * per_transformer + 6 * C + C * H + W_P
+    proj.train()
+    assert proj(z).shape == (2, 582, H)  # dropout 0.1 in training, as released
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_official_stacked_arm_equals_its_restatement(training):
+    """Per crop: the released Conv2d (no bias) + BatchNorm2d chain down to 1x1, no activation; GELU + unbiased
+    Linear(D -> H); no DFI. In training BatchNorm uses the batch's statistics, in eval its running ones."""
+    global _last_z
+    torch.manual_seed(0)
+    proj = build_projector(composed("official_stacked").projector, vision_width=C, llm_width=H, grid=G)
+    proj.train(training)
+    for module in proj.modules():  # non-trivial BatchNorm state, so that eval mode is checked too
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    _last_z = z = torch.randn(3, G * G, C)
+    zmap = z.transpose(1, 2).reshape(3, C, G, G)
+    tokens = []
+    for i, side in enumerate(sorted(PAPER_CROPS)):
+        layers, width = [], C
+        for spec in RELEASED_STACKS[side].split():
+            out = C if spec[1] == "C" else D
+            layers += [nn.Conv2d(width, out, int(spec[0]), bias=False), nn.BatchNorm2d(out)]
+            width = out
+        ref = nn.Sequential(*layers).train(training)
+        ref.load_state_dict(proj.sfe.stacks[i].state_dict())
+        lo, hi = PAPER_CROPS[side]
+        tokens.append(ref(zmap[:, :, lo:hi, lo:hi]).reshape(3, D))
+    torch.testing.assert_close(proj(z), official_head(proj, torch.stack(tokens, 1)), rtol=1e-5, atol=1e-5)
+
+
+def test_official_arms_refuse_what_they_cannot_be():
+    with pytest.raises(ConfigError, match="official_stacked' has the official conv stacks .* 12x12 grid"):
+        compose(["variant=official_stacked"])  # the embedded default's 12x12 grid
+    with pytest.raises(ConfigError, match="official SFE-only arm: projector.dfi and projector.head_bias"):
+        compose(["variant=official_transformer", "projector.dfi=true"])
+    assert compose(["variant=official_transformer"]).projector.name == "official_transformer"  # any grid
 
 
 # ---- conv49 ----------------------------------------------------------------------------------------------------
@@ -363,6 +452,7 @@ FULL_WINDOW = {
     "conv49": ["conv_tokens.weight"],
     "pooling_stacked": [f"sfe.merge.{i}" for i in range(6)] + ["dfi.kv_weight"],
     "cropping_stacked": [f"sfe.merge.{i}" for i in range(6)] + ["dfi.kv_weight"],
+    "official_transformer": [], "official_stacked": [],  # no full-window kernel; no DFI
 }
 
 

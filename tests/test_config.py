@@ -10,7 +10,8 @@ from lightning_sp.config import CONF_DIR, GROUPS, ConfigError, compose, group_ch
 
 
 PAPER_GRID = ["model.vision.name_or_path=null", "model.vision.patch_size=14"]  # a random 24x24-grid encoder
-NEED_LARGER_GRID = {"conv49", "pooling_dfi49", "cropping_dfi49", "pooling_stacked", "cropping_stacked"}
+NEED_LARGER_GRID = {"conv49", "pooling_dfi49", "cropping_dfi49", "pooling_stacked", "cropping_stacked",
+                    "official_stacked"}
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -56,8 +57,11 @@ def test_unknown_group_choice_lists_valid_ones():
 
 
 def test_unknown_projector_name_lists_registry():
-    with pytest.raises(ConfigError, match=r"unknown projector 'convnext'.*valid: .*\bcropping, .*\bmlp, pooling\b"):
+    from lightning_sp.models.projectors import PROJECTORS
+
+    with pytest.raises(ConfigError, match=r"unknown projector 'convnext' \(key projector.name\); valid: ") as e:
         compose(["projector.name=convnext"])
+    assert str(e.value).split("valid: ")[1].split(", ") == sorted(PROJECTORS)
 
 
 def test_grid_the_projector_cannot_use_fails_at_config_time():

@@ -32,5 +32,6 @@ def build_projector(cfg, vision_width: int, llm_width: int, grid: int) -> Projec
 # Importing the modules registers them.
 from lightning_sp.models.projectors import mlp, spatial  # noqa: E402,F401
 from lightning_sp.models.projectors import baselines  # noqa: E402,F401  (ablation arms; after spatial)
+from lightning_sp.models.projectors import official_arms  # noqa: E402,F401  (the official code's own arms)
 
 __all__ = ["PROJECTORS", "Projector", "ProjectorConfigError", "TokenLayout", "build_projector", "register"]

@@ -156,7 +156,8 @@ class SpatialProjector(Projector):
         self.dfi = DetailFeatureIntegrator(vision_width, d, grid, cfg.dfi_kv_tokens) if cfg.dfi else None
         # SFE-only arms use an unbiased head (official code); with DFI the released variant decides.
         bias = cfg.head_bias if cfg.head_bias is not None else (self.default_head_bias and cfg.dfi)
-        self.spatial_head = nn.Sequential(nn.GELU(), nn.Linear(2 * d if cfg.dfi else d, llm_width, bias=bias))
+        width = 2 * d if cfg.dfi else getattr(self.sfe, "out_width", d)  # an extractor may hand on other widths
+        self.spatial_head = nn.Sequential(nn.GELU(), nn.Linear(width, llm_width, bias=bias))
         self.patch_head = patch_head(vision_width, llm_width)
 
     def build_extractor(self, cfg, vision_width: int, sp_width: int, grid: int) -> nn.Module:
