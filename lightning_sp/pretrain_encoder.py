@@ -102,15 +102,26 @@ class SceneBatches(torch.utils.data.IterableDataset):
 class SceneCLIP(nn.Module):
     """Vision tower (trained here) + projection, and the fact-set caption encoder, in a shared embedding space."""
 
-    def __init__(self, vision: CLIPVisionModel, embed_dim: int = 64) -> None:
+    def __init__(self, vision: CLIPVisionModel, embed_dim: int = 64, position_layer: int | None = None) -> None:
         super().__init__()
         self.vision = vision
         self.visual_projection = nn.Linear(vision.config.hidden_size, embed_dim, bias=False)
         self.fact_embedding = nn.Linear(len(FACTS), embed_dim, bias=False)  # multi-hot @ table = sum of facts
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+        # Optional self-supervised position task: from each patch's feature at `position_layer` (the layer the
+        # projector reads), a linear head names the patch's own place on the grid.
+        self.position_layer = position_layer
+        grid = vision.config.image_size // vision.config.patch_size
+        self.position_head = nn.Linear(vision.config.hidden_size, grid * grid) if position_layer is not None else None
+        self.last_position_loss: torch.Tensor | None = None
 
     def logits(self, pixels: torch.Tensor, facts: torch.Tensor) -> torch.Tensor:
-        image = F.normalize(self.visual_projection(self.vision(pixel_values=pixels).pooler_output), dim=-1)
+        out = self.vision(pixel_values=pixels, output_hidden_states=self.position_head is not None)
+        if self.position_head is not None:
+            patches = out.hidden_states[self.position_layer][:, 1:]  # (B, G*G, C), CLS dropped as the projector does
+            places = torch.arange(patches.shape[1], device=patches.device).repeat(patches.shape[0])
+            self.last_position_loss = F.cross_entropy(self.position_head(patches).flatten(0, 1), places)
+        image = F.normalize(self.visual_projection(out.pooler_output), dim=-1)
         text = F.normalize(self.fact_embedding(facts), dim=-1)
         return self.logit_scale.exp().clamp(max=100) * text @ image.t()  # (captions, images), as CLIPModel
 
@@ -123,7 +134,7 @@ def retrieval_accuracy(model: SceneCLIP, pixels: torch.Tensor, facts: torch.Tens
 
 
 def pretrain(out: Path, overrides: list[str], steps: int, batch_size: int, lr: float, seed: int,
-             progress: bool = True) -> dict:
+             progress: bool = True, position_weight: float = 0.0) -> dict:
     cfg = config_lib.compose(overrides)
     vision_cfg = cfg.model.vision
     if vision_cfg.name_or_path:
@@ -132,7 +143,7 @@ def pretrain(out: Path, overrides: list[str], steps: int, batch_size: int, lr: f
     torch.manual_seed(seed)
     tower = VisionTower.from_config(vision_cfg)  # the embedded default's own init (sincos positions included)
     vision = tower.model.requires_grad_(True).train()
-    model = SceneCLIP(vision)
+    model = SceneCLIP(vision, position_layer=vision_cfg.select_layer if position_weight > 0 else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     held_out = SceneBatches(256, vision_cfg.image_size, seed + 1).batch(0)  # another seed: unseen scenes
@@ -144,6 +155,8 @@ def pretrain(out: Path, overrides: list[str], steps: int, batch_size: int, lr: f
         if step == steps:
             break
         loss = clip_loss(model.logits(pixels, facts))
+        if position_weight > 0:
+            loss = loss + position_weight * model.last_position_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -162,7 +175,8 @@ def pretrain(out: Path, overrides: list[str], steps: int, batch_size: int, lr: f
     recipe = {
         "what": "tiny CLIP vision encoder for the embedded default, contrastive on synthetic scene captions",
         "command": f"python -m lightning_sp.pretrain_encoder --out {out} --steps {steps} --batch-size {batch_size} "
-                   f"--lr {lr} --seed {seed}" + (" " + " ".join(overrides) if overrides else ""),
+                   f"--lr {lr} --seed {seed}" + (f" --position-weight {position_weight}" if position_weight else "")
+                   + (" " + " ".join(overrides) if overrides else ""),
         "config_overrides": overrides,
         "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
         "loss_history": history,
@@ -186,11 +200,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--position-weight", type=float, default=0.0,
+                        help="weight of a self-supervised loss that names each patch's grid place from its feature at "
+                             "model.vision.select_layer (0: CLIP's loss alone, as the shipped encoder)")
     parser.add_argument("overrides", nargs="*", help="config overrides describing the encoder (model.vision.*)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     recipe = pretrain(args.out, ["model.vision.name_or_path=null", *args.overrides], args.steps, args.batch_size,
-                      args.lr, args.seed)
+                      args.lr, args.seed, position_weight=args.position_weight)
     print(f"encoder written to {args.out}: held-out caption->image top-1 {recipe['held_out_retrieval_top1']:.3f} "
           f"(chance {recipe['held_out_chance']:.4f}) in {recipe['seconds']:.0f}s")
 

@@ -76,3 +76,28 @@ def test_shipped_encoder_matches_its_recipe_and_the_default_config():
     assert resolve(cfg.model.vision.name_or_path) == SHIPPED
     saved = json.loads((SHIPPED / "config.json").read_text())
     assert (saved["image_size"], saved["patch_size"]) == (cfg.model.vision.image_size, cfg.model.vision.patch_size)
+
+
+def test_the_position_task_names_each_patch_place_from_the_projector_layer():
+    """--position-weight: a linear head on the patch features of model.vision.select_layer (what the projector
+    reads) is trained to name each patch's grid index, self-supervised (no VQA answer involved)."""
+    overrides = ["model.vision.name_or_path=null", "variant=mlp", "model.vision.image_size=84", "model.vision.patch_size=28",
+                 "model.vision.hidden_size=16", "model.vision.intermediate_size=32", "model.vision.num_layers=2"]
+    cfg = compose(overrides)
+    torch.manual_seed(0)
+    vision = VisionTower.from_config(cfg.model.vision).model
+    model = pe.SceneCLIP(vision, position_layer=cfg.model.vision.select_layer)
+    pixels, facts = pe.SceneBatches(2, image_size=84, seed=0).batch(0)
+    model.logits(pixels, facts)
+    feats = vision(pixels, output_hidden_states=True).hidden_states[cfg.model.vision.select_layer][:, 1:]  # (2, 9, C)
+    expected = torch.nn.functional.cross_entropy(model.position_head(feats).reshape(18, 9), torch.arange(9).repeat(2))
+    torch.testing.assert_close(model.last_position_loss, expected)
+    assert pe.SceneCLIP(vision).position_head is None  # off by default: the shipped recipe is CLIP's loss alone
+
+
+def test_a_pretraining_with_the_position_task_records_it_in_its_recipe(tmp_path):
+    overrides = ["model.vision.name_or_path=null", "variant=mlp", "model.vision.image_size=84", "model.vision.patch_size=28",
+                 "model.vision.hidden_size=16", "model.vision.intermediate_size=32", "model.vision.num_layers=2"]
+    recipe = pe.pretrain(tmp_path / "enc", overrides, steps=2, batch_size=4, lr=1e-3, seed=0, progress=False,
+                         position_weight=0.5)
+    assert "--position-weight 0.5" in recipe["command"]
