@@ -41,8 +41,8 @@ data: $(STAMP) ## generate + shard the synthetic spatial-VQA data (train does th
 tokenizer: $(STAMP) ## rebuild the shipped tokenizer in data/tokenizer
 	$(PY) -m lightning_sp.data.tokenizer --out data/tokenizer
 
-encoder: $(STAMP) ## re-pretrain the shipped tiny vision encoder in data/encoder (contrastive, synthetic scenes; minutes)
-	$(PY) -m lightning_sp.pretrain_encoder --out data/encoder $(ARGS)
+encoder: $(STAMP) ## re-pretrain the shipped tiny vision encoder in data/encoder (contrastive + patch places, synthetic scenes; ~5 min)
+	$(PY) -m lightning_sp.pretrain_encoder --out data/encoder --position-weight 1.0 model.vision.patch_size=28 $(ARGS)
 
 test: $(EVAL_STAMP) ## run the test suite on CPU (nothing downloaded; installs the eval extra: lmms-eval)
 	$(PY) -m pytest $(PYTEST_ARGS)
