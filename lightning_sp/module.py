@@ -19,7 +19,7 @@ from lightning_sp.data.tokenizer import load_tokenizer
 from lightning_sp.distributed import gather_objects
 from lightning_sp.models.vlm import LlavaSP
 from lightning_sp.paths import resolve
-from lightning_sp.trainable import parameter_table, set_trainable
+from lightning_sp.trainable import llm_part, parameter_table, set_trainable
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def optimizer_groups(model) -> dict[str, list]:
         if name.startswith("projector."):
             group = "sp_conv" if id(p) in sp_conv else "projector"
         else:
-            group = "lora" if "lora_" in name or "modules_to_save" in name else "llm"
+            group = "llm" if llm_part(name) == "base" else "lora"
         groups[group].append(p)
     return groups
 

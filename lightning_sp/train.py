@@ -145,9 +145,9 @@ def run_summary(module: LlavaSPModule, trainer: L.Trainer, cfg: DictConfig, fit_
 # ---- TensorBoard's HPARAMS tab ----------------------------------------------------------------------------------
 
 HPARAM_KEYS = ("seed", "stage.name", "stage.lora", "stage.full_llm", "data.batch_size", "trainer.max_steps",
-               "trainer.accumulate_grad_batches", "optim.lr_projector", "optim.lr_sp_conv", "optim.lr_lora", "optim.lr_llm",
-               "optim.warmup_ratio", "model.vision.hidden_size", "model.vision.num_layers", "model.llm.hidden_size",
-               "model.llm.num_layers")
+               "trainer.accumulate_grad_batches", "optim.lr_projector", "optim.lr_sp_conv", "optim.lr_lora",
+               "optim.lr_llm", "optim.warmup_ratio", "model.vision.hidden_size", "model.vision.num_layers",
+               "model.llm.hidden_size", "model.llm.num_layers")
 NOT_HPARAMS = ("run_dir", "resume", "choices.variant")  # where and how a run ran; the variant is `variant`
 
 
@@ -244,7 +244,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with warnings.catch_warnings():
         # Resuming writes into the run's own checkpoint directory by design: Lightning's "exists and is not
         # empty" is then false (for a fresh run in a used run_dir it stays, and is true).
-        for message in _FALSE_FIT_WARNINGS + ((r"Checkpoint directory .* exists and is not empty",) if ckpt_path else ()):
+        resumed = (r"Checkpoint directory .* exists and is not empty",) if ckpt_path else ()
+        for message in _FALSE_FIT_WARNINGS + resumed:
             warnings.filterwarnings("ignore", message=message)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path,
                     weights_only=True)  # resume never unpickles code, whatever torch's default or environment

@@ -18,7 +18,7 @@ def set_trainable(model: nn.Module, stage_cfg) -> None:
     the trainer's precision, as for every trained weight)."""
     model.vision.requires_grad_(False)
     model.projector.requires_grad_(True)
-    if getattr(stage_cfg, "full_llm", False):
+    if stage_cfg.full_llm:
         model.llm.requires_grad_(True)
         if any(p.dtype != torch.float32 for p in model.llm.parameters()):
             log.info("stage.full_llm: the LLM's weights are trained in float32 (loaded as %s)",
@@ -32,16 +32,23 @@ def set_trainable(model: nn.Module, stage_cfg) -> None:
         raise RuntimeError("stage.lora is set but the LLM has no trainable LoRA parameters")
 
 
+def llm_part(name: str) -> str:
+    """What an LLM parameter is, by peft's naming: `LoRA` (an adapter's A/B), `modules_to_save` (peft's trained
+    copy of a module) or `base` (the model's own weight)."""
+    if "lora_" in name:
+        return "LoRA"
+    if "modules_to_save" in name:
+        return "modules_to_save"
+    return "base"
+
+
 def _component(name: str) -> str:
     parts = name.split(".")
     if parts[0] == "projector":
         return "projector." + parts[1]
     if parts[0] == "llm":
-        if "lora_" in name:
-            return "llm (LoRA)"
-        if "modules_to_save" in name:
-            return "llm (modules_to_save)"
-        return "llm"
+        part = llm_part(name)
+        return "llm" if part == "base" else f"llm ({part})"
     return parts[0]
 
 

@@ -1,8 +1,9 @@
 """Training throughput the way Lightning measures it (`ThroughputMonitor`), in samples and *real* tokens.
 
 Logged as `train/device/samples_per_sec` and `train/device/items_per_sec` (tokens that are not padding), plus
-the all-device `train/samples_per_sec` and `train/items_per_sec` when there are several devices, over a sliding window of the last `trainer.log_every_n_steps` batches; the fit's average goes to metrics.json
-(`fit_samples_per_sec`, `fit_tokens_per_sec`, train.run_summary).
+the all-device `train/samples_per_sec` and `train/items_per_sec` when there are several devices, over a sliding
+window of the last `trainer.log_every_n_steps` batches; the fit's average goes to metrics.json (`fit_samples_per_sec`,
+`fit_tokens_per_sec`, train.run_summary).
 """
 
 from __future__ import annotations
