@@ -19,19 +19,26 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 from lightning_sp.data import locations
-from lightning_sp.paths import SHIPPED, resolve
+from lightning_sp.paths import SHIPPED
 
 CONF_DIR = SHIPPED / "conf"  # package data: a wheel install composes the same configs (`conf/` links here)
 log = logging.getLogger(__name__)
 
 # Applied in this order: later groups refine earlier ones (a model preset may adjust the stage's learning
 # rates, a variant the projector a model preset sized).
-GROUPS = ("stage", "model", "data", "trainer", "variant")
+GROUPS = ("stage", "model", "vision", "data", "trainer", "variant")
+# Groups that may stay unselected: `vision=<preset>` swaps the model preset's encoder (conf/vision/) when given.
+OPTIONAL_GROUPS = ("vision",)
 
 
 @dataclass
 class VisionConfig:
-    name_or_path: Optional[str] = None  # HF id or local dir; None builds a random-init CLIP from the fields below
+    # Registry name of the encoder family (lightning_sp/models/vision): clip (HF CLIP) | timm (SigLIP, DINOv2, ...).
+    backbone: str = "clip"
+    arch: Optional[str] = None  # timm only: the architecture name, e.g. vit_so400m_patch14_siglip_384
+    # Pretrained weights: clip an HF id or local dir; timm a hub id, a weights file or a directory. None builds a
+    # random-init encoder of the backbone's family from the fields below.
+    name_or_path: Optional[str] = None
     image_size: int = 336
     patch_size: int = 14
     hidden_size: int = 64
@@ -334,6 +341,8 @@ def compose(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | str = 
     cfg = _merge(schema, base, schema, str(conf_dir / "base.yaml"))
     for group in GROUPS:
         name = choices.get(group)
+        if name is None and group in OPTIONAL_GROUPS:
+            continue
         if name is None:
             raise ConfigError(f"no '{group}' selected; choose one of: {', '.join(group_choices(group, conf_dir))}")
         path = conf_dir / group / f"{name}.yaml"
@@ -348,7 +357,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | str = 
     except Exception as e:
         raise ConfigError(f"cannot parse overrides {field_overrides}: {e}") from e
     cfg = _merge(cfg, dotlist, schema, "command line")
-    cfg.choices = {g: choices[g] for g in GROUPS} | ({"experiment": experiment} if experiment else {})
+    cfg.choices = {g: choices[g] for g in GROUPS if g in choices} | ({"experiment": experiment} if experiment else {})
     given = {item.split("=", 1)[0].strip() for item in field_overrides}
     _derive_accumulation(cfg, explicit="trainer.accumulate_grad_batches" in given)
     _warn_unused_lora_overrides(cfg, given)
@@ -360,6 +369,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | str = 
 def validate(cfg: DictConfig) -> None:
     """Cross-field checks that a type schema cannot express; all run before any model is built."""
     from lightning_sp.models.projectors import PROJECTORS, ProjectorConfigError
+    from lightning_sp.models.vision import backbone_class
 
     missing = OmegaConf.missing_keys(cfg)
     if missing:
@@ -369,10 +379,15 @@ def validate(cfg: DictConfig) -> None:
             f"unknown projector '{cfg.projector.name}' (key projector.name); valid: {', '.join(sorted(PROJECTORS))}"
         )
     vision = cfg.model.vision
-    if vision.image_size < 1 or vision.patch_size < 1 or vision.image_size % vision.patch_size:
-        raise ConfigError(f"model.vision.image_size ({vision.image_size}) must be a positive multiple of "
-                          f"model.vision.patch_size ({vision.patch_size})")
-    _check_encoder_geometry(vision)
+    # The grid is image_size // patch_size: a convolutional patch embedding drops the remainder (SigLIP SO400M/14
+    # at 384 px: 27x27, its last 6 pixel rows and columns unused), as timm and transformers do.
+    if vision.patch_size < 1 or vision.image_size < vision.patch_size:
+        raise ConfigError(f"model.vision.image_size ({vision.image_size}) must be at least "
+                          f"model.vision.patch_size ({vision.patch_size}), which must be positive")
+    try:
+        backbone_class(vision).check_config(vision)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(str(e).strip('"')) from e
     grid = vision.image_size // vision.patch_size
     try:
         PROJECTORS[cfg.projector.name].check_config(cfg.projector, grid=grid)
@@ -527,37 +542,6 @@ def _warn_unused_lora_overrides(cfg: DictConfig, given: set[str]) -> None:
     if unused:
         log.warning("%s: no effect in this run: stage.lora=false (stage %s) attaches no LoRA adapters",
                     ", ".join(unused), cfg.stage.name)
-
-
-def _encoder_geometry(name_or_path: str) -> Optional[tuple[int, int]]:
-    """(image_size, patch_size) of a pretrained CLIP vision encoder, read from its config.json when that is on
-    disk (a local directory or the hub cache: never downloaded); None when it cannot be read here."""
-    try:
-        from transformers import CLIPVisionConfig
-
-        local = resolve(name_or_path)
-        config = CLIPVisionConfig.from_pretrained(str(local) if local.is_dir() else str(name_or_path),
-                                                  local_files_only=True)
-    except Exception:  # noqa: BLE001 -- not local, not cached, not a CLIP config: checked when the model loads
-        return None
-    return int(config.image_size), int(config.patch_size)
-
-
-def _check_encoder_geometry(vision: DictConfig) -> None:
-    """A pretrained encoder's grid comes from its own config: model.vision.image_size / patch_size must agree,
-    or the projector would be sized for a grid the encoder does not give."""
-    if not vision.name_or_path:
-        return
-    geometry = _encoder_geometry(vision.name_or_path)
-    if geometry is None or geometry == (vision.image_size, vision.patch_size):
-        return
-    size, patch = geometry
-    raise ConfigError(
-        f"model.vision.name_or_path={vision.name_or_path} takes {size}px images with patch {patch} (a {size // patch}x"
-        f"{size // patch} grid), but the config says model.vision.image_size={vision.image_size}, "
-        f"model.vision.patch_size={vision.patch_size} ({vision.image_size // vision.patch_size}x"
-        f"{vision.image_size // vision.patch_size}); set model.vision.image_size={size} model.vision.patch_size={patch}"
-    )
 
 
 def check_data_paths(cfg: DictConfig) -> None:

@@ -19,7 +19,7 @@ input embeddings (full LLM)   yes         stage.full_llm: the table on its own (
 input / output embeddings     no          the frozen originals (their own units: never all-gathered when
                                           a trained copy replaces them)
 the HF causal LM              no          what is left (final norm); its forward is the one `generate` calls
-vision encoder layer j        no          one unit per CLIP layer
+vision encoder block j        no          one unit per block (the backbone's fsdp_blocks())
 vision tower                  no          patch/position embeddings, layer norms
 projector.sfe                 yes         the SP extractor (all six full-window SP convolutions)
 projector.dfi                 yes         the DFI (its K/V convolution + LN-linears)
@@ -186,7 +186,7 @@ def plan_units(model: nn.Module) -> list[Unit]:
             p.add([p.narrow(out)])
     p.add([hf])
     p.add([llm])
-    for layer in _layers(model.vision):
+    for layer in model.vision.fsdp_blocks():
         p.add([layer])
     p.add([model.vision])
     for name in PROJECTOR_UNITS:

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from lightning_sp.config import ConfigError, InputError, parse_command_options
 from lightning_sp.data.conversation import (IGNORE_INDEX, encode_continuation, encode_prompt, expand_image_token,
                                            reference_answer)
-from lightning_sp.data.images import ImageProcessor
+from lightning_sp.data.images import DEFAULT_STATS, ImageProcessor, ImageStats
 from lightning_sp.data.tokenizer import IMAGE_TOKEN
 from lightning_sp.metrics import ExactMatch, POPEMetrics, VQAAccuracy
 
@@ -141,10 +141,11 @@ class PromptBuilder:
 
     Holds no model, so DataLoader workers can use it."""
 
-    def __init__(self, tokenizer, template: str, num_visual_tokens: int, image_size: int):
+    def __init__(self, tokenizer, template: str, num_visual_tokens: int, image_size: int,
+                 image_stats: ImageStats | None = None):
         self.tokenizer, self.template, self.num_visual_tokens = tokenizer, template, num_visual_tokens
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.processor = ImageProcessor(image_size)
+        self.processor = ImageProcessor(image_size, *(image_stats or DEFAULT_STATS))
         self.image_size = image_size
 
     def record(self, q: Question) -> dict:
@@ -202,7 +203,7 @@ class Predictor:
         self.module = module.eval()
         self.model, self.tokenizer, self.cfg = module.model, module.tokenizer, module.cfg
         self.builder = PromptBuilder(self.tokenizer, self.cfg.stage.template, self.model.num_visual_tokens,
-                                     self.cfg.model.vision.image_size)
+                                     self.cfg.model.vision.image_size, image_stats=self.model.vision.stats)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, overrides: Sequence[str] = (), device: str = "auto",

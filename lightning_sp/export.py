@@ -122,16 +122,17 @@ def _client_tokenizer(tokenizer, template: str):
     return tok
 
 
-def _processor(tokenizer, image_size: int, patch_size: int, extra_tokens: int):
-    """LlavaProcessor whose `<image>` expands to grid**2 + extra_tokens placeholders (CLS counted, then dropped)."""
+def _processor(tokenizer, image_size: int, patch_size: int, extra_tokens: int, stats):
+    """LlavaProcessor whose `<image>` expands to grid**2 + extra_tokens placeholders (CLS counted, then dropped);
+    `stats`: the encoder's (mean, std)."""
     from transformers import LlavaImageProcessor, LlavaProcessor
 
-    from lightning_sp.data.images import CLIP_MEAN, CLIP_STD
     from lightning_sp.data.tokenizer import IMAGE_TOKEN
 
+    mean, std = stats
     image_processor = LlavaImageProcessor(
         do_pad=True, size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), resample=3,  # PIL bicubic
+        image_mean=list(mean), image_std=list(std), resample=3,  # PIL bicubic
     )
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1 + extra_tokens,
@@ -161,7 +162,7 @@ def _export_llava(model, tokenizer, cfg, dtype: torch.dtype, out: Path, max_shar
     tower = model.vision.model
     head = model.projector.patch_head
     config = LlavaConfig(
-        vision_config=tower.config.to_dict(), text_config=llm.config.to_dict(), image_token_index=image_id,
+        vision_config=model.vision.hf_vision_config().to_dict(), text_config=llm.config.to_dict(), image_token_index=image_id,
         projector_hidden_act="gelu", vision_feature_select_strategy="default",
         vision_feature_layer=model.vision.select_layer, image_seq_length=model.num_visual_tokens,
         multimodal_projector_bias=True, tie_word_embeddings=llm.config.tie_word_embeddings,
@@ -193,7 +194,7 @@ def _export_remote(model, tokenizer, cfg, dtype: torch.dtype, out: Path, max_sha
                      "sides": list(p.sides) if p.sides is not None else None,
                      "head_bias": projector.spatial_head[1].bias is not None}
     config = LlavaSPConfig(
-        vision_config=model.vision.model.config.to_dict(), text_config=llm.config.to_dict(),
+        vision_config=model.vision.hf_vision_config().to_dict(), text_config=llm.config.to_dict(),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=model.vision.select_layer,
         projector=projector_cfg, image_seq_length=model.num_visual_tokens,
     )
@@ -228,6 +229,10 @@ def export_hf(ckpt, out, dtype: Optional[str] = None, overrides: Sequence[str] =
         raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype_name!r}")
     torch_dtype = getattr(torch, dtype_name)
     name = cfg.projector.name
+    try:
+        model.vision.hf_vision_config()
+    except NotImplementedError as e:
+        raise ConfigError(str(e)) from e
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
@@ -246,7 +251,7 @@ def export_hf(ckpt, out, dtype: Optional[str] = None, overrides: Sequence[str] =
         log.warning("this run uses the plain (align-stage) template; exporting the vicuna_v1 chat template")
         template = "vicuna_v1"
     processor = _processor(_client_tokenizer(tokenizer, template), v.image_size, v.patch_size,
-                           model.projector.layout.num_sp_tokens)
+                           model.projector.layout.num_sp_tokens, model.vision.stats)
     processor.save_pretrained(out)  # also writes the tokenizer
     log.info("exported %s as %s (%s) to %s", ckpt, kind, dtype_name, out)
     return out

@@ -61,9 +61,12 @@ def run_options_help() -> str:
     cfg = compose([])
     lines = ["groups (group=name; default first):"]
     for group in GROUPS:
-        chosen = cfg.choices[group]
+        chosen = cfg.choices.get(group)
         others = [c for c in group_choices(group) if c != chosen]
-        lines.append(f"  {group}={chosen}  (also: {', '.join(others) or '-'})")
+        if chosen is None:  # an optional group (config.OPTIONAL_GROUPS): the model preset's choice stands
+            lines.append(f"  {group}=NAME  (optional; conf/{group}/: {', '.join(others) or '-'})")
+        else:
+            lines.append(f"  {group}={chosen}  (also: {', '.join(others) or '-'})")
     lines.append(f"  experiment=NAME  (conf/experiment/: {', '.join(group_choices('experiment')) or '-'})")
     lines.append("")
     lines.append("keys (key=value; the value shown is the embedded default's):")

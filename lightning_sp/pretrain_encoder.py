@@ -41,7 +41,7 @@ from transformers.models.clip.modeling_clip import clip_loss
 from lightning_sp import config as config_lib
 from lightning_sp.data import synthetic
 from lightning_sp.data.images import ImageProcessor
-from lightning_sp.models.vision import VisionTower
+from lightning_sp.models.vision import build_vision
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def pretrain(out: Path, overrides: list[str], steps: int, batch_size: int, lr: f
         raise ValueError(f"model.vision.name_or_path={vision_cfg.name_or_path}: this script pretrains the random-init "
                          "encoder the config describes; run it with model.vision.name_or_path=null")
     torch.manual_seed(seed)
-    tower = VisionTower.from_config(vision_cfg)  # the embedded default's own init (sincos positions included)
+    tower = build_vision(vision_cfg)  # the embedded default's own init (sincos positions included)
     vision = tower.model.requires_grad_(True).train()
     model = SceneCLIP(vision, position_layer=vision_cfg.select_layer if position_weight > 0 else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)

@@ -25,6 +25,7 @@ from lightning_sp.callbacks.skip_limit import SkipLimit
 from lightning_sp.data.datamodule import ShardDataModule
 from lightning_sp.data.prepare import ensure_synthetic
 from lightning_sp.distributed import RankSummary, build_strategy, launched_rank
+from lightning_sp.models.vision import image_stats
 from lightning_sp.module import LlavaSPModule
 from lightning_sp.paths import resolve
 from lightning_sp.stats import VAL_QUESTIONS, write_questions
@@ -55,6 +56,8 @@ def run_dir_for(cfg: DictConfig) -> Path:
 
 def build_datamodule(cfg: DictConfig, tokenizer, num_visual_tokens: int) -> ShardDataModule:
     data = cfg.data
+    # The encoder's own normalisation (and LLaVA's pad colour, its mean), from the config: no model needed.
+    stats = image_stats(cfg.model.vision)
     return ShardDataModule(
         train_dir=data.train_dir,
         val_dir=data.val_dir,
@@ -62,6 +65,7 @@ def build_datamodule(cfg: DictConfig, tokenizer, num_visual_tokens: int) -> Shar
         template=cfg.stage.template,
         num_visual_tokens=num_visual_tokens,
         image_size=cfg.model.vision.image_size,
+        image_stats=stats,
         batch_size=data.batch_size,
         val_batch_size=data.val_batch_size,
         num_workers=data.num_workers,
@@ -147,7 +151,7 @@ def run_summary(module: LlavaSPModule, trainer: L.Trainer, cfg: DictConfig, fit_
 HPARAM_KEYS = ("seed", "stage.name", "stage.lora", "stage.full_llm", "data.batch_size", "trainer.max_steps",
                "trainer.accumulate_grad_batches", "optim.lr_projector", "optim.lr_sp_conv", "optim.lr_lora",
                "optim.lr_llm", "optim.warmup_ratio", "model.vision.hidden_size", "model.vision.num_layers",
-               "model.llm.hidden_size", "model.llm.num_layers")
+               "model.vision.backbone", "model.llm.hidden_size", "model.llm.num_layers")
 NOT_HPARAMS = ("run_dir", "resume", "choices.variant")  # where and how a run ran; the variant is `variant`
 
 

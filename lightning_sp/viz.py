@@ -469,7 +469,7 @@ def compute_sample_maps(model, tokenizer, pixel_values: torch.Tensor, prompt_ids
 
     projector = model.projector
     layout = projector.layout
-    image = denormalize(pixel_values)
+    image = denormalize(pixel_values, *model.vision.stats)
     hw = image.shape[:2]
     s = layout.num_sp_tokens
     visual = by_layer.mean(dim=(0, 1))

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from lightning_sp.config import CONF_DIR, GROUPS, ConfigError, compose, group_choices, load_saved, save
@@ -117,9 +118,16 @@ def test_every_variant_that_needs_particular_grids_says_so(variant):
         assert "grid" in text and "refused" in text, f"conf/variant/{variant}.yaml must say which grids it needs"
 
 
-def test_image_size_must_be_a_multiple_of_patch_size():
-    with pytest.raises(ConfigError, match=r"model\.vision\.image_size \(300\).*model\.vision\.patch_size \(14\)"):
-        compose([*PAPER_GRID, "model.vision.image_size=300"])
+def test_image_size_must_hold_a_patch_and_the_grid_is_its_floor(tokenizer, one_thread):
+    with pytest.raises(ConfigError, match=r"model\.vision\.image_size \(10\).*model\.vision\.patch_size \(14\)"):
+        compose([*PAPER_GRID, "model.vision.image_size=10"])
+    # 300 px at patch 14: the convolution drops the last 6 pixels, a 21x21 grid (as SigLIP SO400M/14 at 384 px)
+    from lightning_sp.models.vlm import LlavaSP
+
+    cfg = compose([*PAPER_GRID, "model.vision.image_size=300", "model.vision.hidden_size=32",
+                   "model.vision.intermediate_size=64", "model.llm.hidden_size=64", "projector.sp_width=16"])
+    model = LlavaSP.from_config(cfg, tokenizer)
+    assert model.vision.grid == 21 and model.vision(torch.zeros(1, 3, 300, 300)).shape == (1, 21 * 21, 32)
     with pytest.raises(ConfigError, match=r"model\.vision\.patch_size \(0\)"):
         compose(["model.vision.name_or_path=null", "model.vision.patch_size=0"])
 

@@ -180,7 +180,7 @@ def test_trust_remote_code_reaches_from_pretrained_as_given(monkeypatch, tokeniz
     import transformers
 
     from lightning_sp.models.llm import build_llm
-    from lightning_sp.models.vision import VisionTower
+    from lightning_sp.models.vision import build_vision
 
     seen = {}
 
@@ -196,7 +196,7 @@ def test_trust_remote_code_reaches_from_pretrained_as_given(monkeypatch, tokeniz
     flag = str(asked).lower()
     cfg = compose(["model=llava7b", f"model.vision.trust_remote_code={flag}", f"model.llm.trust_remote_code={flag}"])
     with pytest.raises(_Captured):
-        VisionTower.from_config(cfg.model.vision)
+        build_vision(cfg.model.vision)
     with pytest.raises(_Captured):
         build_llm(cfg.model.llm, tokenizer)
     assert seen["vision"]["trust_remote_code"] is asked and seen["llm"]["trust_remote_code"] is asked

@@ -10,7 +10,7 @@ from transformers import CLIPVisionModel
 from lightning_sp import pretrain_encoder as pe
 from lightning_sp.config import compose
 from lightning_sp.data import synthetic
-from lightning_sp.models.vision import VisionTower
+from lightning_sp.models.vision import build_vision
 from lightning_sp.paths import resolve
 
 SHIPPED = resolve("data/encoder")
@@ -57,13 +57,13 @@ def test_a_short_pretraining_writes_a_loadable_encoder_with_its_checksum(tmp_pat
     assert json.loads((out / "recipe.json").read_text())["steps"] == 3
     # The run's own config loads it through the normal path, and the tower returns the saved model's features.
     cfg = compose([*overrides[1:], f"model.vision.name_or_path={out}"])
-    tower = VisionTower.from_config(cfg.model.vision)
+    tower = build_vision(cfg.model.vision)
     saved = CLIPVisionModel.from_pretrained(out).eval()
     pixels = torch.randn(2, 3, 84, 84)
     expected = saved(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
     torch.testing.assert_close(tower(pixels), expected)
     # Trained: the weights moved away from the random init the config describes.
-    random_init = VisionTower.from_config(compose(overrides).model.vision)
+    random_init = build_vision(compose(overrides).model.vision)
     assert not torch.allclose(tower(pixels), random_init(pixels))
 
 
@@ -85,7 +85,7 @@ def test_the_position_task_names_each_patch_place_from_the_projector_layer():
                  "model.vision.hidden_size=16", "model.vision.intermediate_size=32", "model.vision.num_layers=2"]
     cfg = compose(overrides)
     torch.manual_seed(0)
-    vision = VisionTower.from_config(cfg.model.vision).model
+    vision = build_vision(cfg.model.vision).model
     model = pe.SceneCLIP(vision, position_layer=cfg.model.vision.select_layer)
     pixels, facts = pe.SceneBatches(2, image_size=84, seed=0).batch(0)
     model.logits(pixels, facts)

@@ -33,7 +33,7 @@ from webdataset.utils import pytorch_worker_info
 from lightning_sp.data.conversation import (IGNORE_INDEX, RecordEncoder, RecordError, encode_prompt,
                                             expand_image_token, reference_answer,
                                             supervised_logit_positions)
-from lightning_sp.data.images import ImageDecodeError, ImageProcessor
+from lightning_sp.data.images import DEFAULT_STATS, ImageDecodeError, ImageProcessor, ImageStats
 from lightning_sp.data import locations
 from lightning_sp.data.shards import load_index
 from lightning_sp.data.tokenizer import IMAGE_TOKEN, load_tokenizer
@@ -63,11 +63,12 @@ class SampleBuilder:
     """
 
     def __init__(self, tokenizer, template: str, num_visual_tokens: int, image_size: int,
-                 max_length: int | None, for_eval: bool = False, batch_size: int | None = None):
+                 max_length: int | None, for_eval: bool = False, batch_size: int | None = None,
+                 image_stats: ImageStats | None = None):
         self.tokenizer, self.template, self.for_eval = tokenizer, template, for_eval
         self.num_visual_tokens, self.max_length = num_visual_tokens, max_length
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.processor = ImageProcessor(image_size)
+        self.processor = ImageProcessor(image_size, *(image_stats or DEFAULT_STATS))
         self.image_size = image_size
         self.batch_size = batch_size if batch_size and batch_size > 0 else None
         self._slab: torch.Tensor | None = None  # this batch's pixel buffer; samples returned so far fill its slots
@@ -333,8 +334,10 @@ class ShardDataModule(L.LightningDataModule):
                  num_visual_tokens: int = 582, image_size: int = 336, batch_size: int = 16,
                  val_batch_size: int = 32, num_workers: int = 1, shuffle_buffer: int = 500,
                  max_length: int | None = 2048, seed: int = 0, equal_val_shares: bool = False,
-                 length_group_batches: int = 1):
+                 length_group_batches: int = 1, image_stats: ImageStats | None = None):
+        """``image_stats``: the vision backbone's (mean, std) normalisation (default CLIP's)."""
         super().__init__()
+        self.image_stats = image_stats
         if tokenizer is None:
             raise ValueError("ShardDataModule needs a tokenizer (object or path for load_tokenizer)")
         if max_length is not None and max_length <= num_visual_tokens:
@@ -409,7 +412,7 @@ class ShardDataModule(L.LightningDataModule):
                                f"in epoch {epoch}: cannot continue the stream exactly")
         self.position = resume or StreamPosition(epoch=epoch)
         builder = SampleBuilder(self.tokenizer, self.template, self.num_visual_tokens, self.image_size,
-                                self.max_length, batch_size=self.batch_size)
+                                self.max_length, batch_size=self.batch_size, image_stats=self.image_stats)
         stream = TrainStream(urls, seed=self.seed, epoch=epoch, per_rank=self.steps_per_epoch,
                              batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer, builder=builder,
                              collate=partial(collate_train, **self._collate_kwargs()),
@@ -455,7 +458,8 @@ class ShardDataModule(L.LightningDataModule):
         if self.val_index is None:
             self.setup("validate")
         builder = SampleBuilder(self.tokenizer, self.template, self.num_visual_tokens, self.image_size,
-                                self.max_length, for_eval=True, batch_size=self.val_batch_size)
+                                self.max_length, for_eval=True, batch_size=self.val_batch_size,
+                                image_stats=self.image_stats)
         dataset = wds.WebDataset(self._urls(self.val_dir, self.val_index), handler=builder.shard_error,
                                  nodesplitter=None, workersplitter=None, shardshuffle=False, empty_check=False)
         dataset = dataset.compose(split_samples, builder)

@@ -32,6 +32,9 @@ from torchvision.transforms.v2 import functional as F
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# (mean, std) per RGB channel: each vision backbone declares its own (models/vision); CLIP's is the LLaVA default.
+ImageStats = tuple[tuple[float, float, float], tuple[float, float, float]]
+DEFAULT_STATS: ImageStats = (CLIP_MEAN, CLIP_STD)
 
 # torchvision 0.29 deprecates its decoders in favour of torchcodec (not a dependency here). They still work; the
 # warning would otherwise fire for every image decoded in every data worker. Silenced around our own decode call

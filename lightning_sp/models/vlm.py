@@ -11,7 +11,7 @@ from torch import nn
 from lightning_sp.data.conversation import IGNORE_INDEX, supervised_logit_positions
 from lightning_sp.models.llm import attach_lora, build_llm
 from lightning_sp.models.projectors import Projector, build_projector
-from lightning_sp.models.vision import VisionTower
+from lightning_sp.models.vision import VisionBackbone, build_vision
 
 
 def assert_finite(tensor: torch.Tensor, what: str) -> None:
@@ -32,7 +32,7 @@ class LlavaSP(nn.Module):
     image, no placeholder): every rank then issues the same collectives under DDP/FSDP.
     """
 
-    def __init__(self, vision: VisionTower, projector: Projector, llm: nn.Module, image_token_id: int) -> None:
+    def __init__(self, vision: VisionBackbone, projector: Projector, llm: nn.Module, image_token_id: int) -> None:
         super().__init__()
         self.vision = vision
         self.projector = projector
@@ -41,7 +41,7 @@ class LlavaSP(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, tokenizer) -> "LlavaSP":
-        vision = VisionTower.from_config(cfg.model.vision)
+        vision = build_vision(cfg.model.vision)
         llm = build_llm(cfg.model.llm, tokenizer)
         projector = build_projector(
             cfg.projector, vision_width=vision.hidden_size, llm_width=llm.config.hidden_size, grid=vision.grid
