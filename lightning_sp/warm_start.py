@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 PROJECTOR_PREFIX = "model.projector."
 # Config fields whose difference makes the checkpoint's projector see other features than it was trained on.
-_FEATURE_FIELDS = ("model.vision.name_or_path", "model.vision.select_layer", "model.vision.image_size",
+_FEATURE_FIELDS = ("model.vision.backbone", "model.vision.arch", "model.vision.name_or_path", "model.vision.select_layer",
+                   "model.vision.image_size",
                    "model.vision.patch_size", "model.llm.name_or_path")
 _RANDOM_INIT_FIELDS = {"model.vision.name_or_path": ("model.vision.init_seed", "model.vision.position_init"),
                        "model.llm.name_or_path": ("model.llm.init_seed", "model.llm.rope_theta",
