@@ -14,7 +14,7 @@ RUN ?=
 ABLATE ?= default
 BENCH ?= synthetic
 
-.PHONY: help setup train data tokenizer encoder test bench bench-gpu tensorboard clean notebook ablate eval
+.PHONY: help setup train data tokenizer encoder lint test bench bench-gpu tensorboard clean notebook ablate eval
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,6 +43,10 @@ tokenizer: $(STAMP) ## rebuild the shipped tokenizer in data/tokenizer
 
 encoder: $(STAMP) ## re-pretrain the shipped tiny vision encoder in data/encoder (contrastive + patch places, synthetic scenes; ~5 min)
 	$(PY) -m lightning_sp.pretrain_encoder --out data/encoder --position-weight 1.0 model.vision.patch_size=28 $(ARGS)
+
+lint: $(STAMP) ## ruff: lint and formatting check (pyproject [tool.ruff]); `$(VENV)/bin/ruff format .` fixes the formatting
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: $(EVAL_STAMP) ## run the test suite on CPU (nothing downloaded; installs the eval extra: lmms-eval)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -28,8 +28,12 @@ def machine(device: str = "cpu") -> str:
     """Platform, cores, torch and threads, and the accelerator's name for a CUDA device."""
     import torch
 
-    parts = [platform.platform(), f"{os.cpu_count()} CPU cores", f"torch {torch.__version__}",
-             f"{torch.get_num_threads()} intra-op threads"]
+    parts = [
+        platform.platform(),
+        f"{os.cpu_count()} CPU cores",
+        f"torch {torch.__version__}",
+        f"{torch.get_num_threads()} intra-op threads",
+    ]
     if str(device).startswith("cuda") and torch.cuda.is_available():
         parts.append(f"{torch.cuda.get_device_name(torch.device(device))} (CUDA {torch.version.cuda})")
     else:
@@ -41,7 +45,7 @@ def replace_block(text: str, begin: str, end: str, block: str) -> str:
     """`text` with the span begin..end (markers included) replaced by `block`, or `block` appended."""
     start, stop = text.find(begin), text.find(end)
     if start >= 0 and stop > start:
-        return text[:start] + block + text[stop + len(end):]
+        return text[:start] + block + text[stop + len(end) :]
     return text.rstrip("\n") + ("\n\n" if text.strip() else "") + block + "\n"
 
 
@@ -52,7 +56,7 @@ def update_section(text: str, name: str, body: str, device: str | None = None) -
     if device is None:
         return replace_block(text, begin, end, f"{begin}\n{body}{end}")
     start, stop = text.find(begin), text.find(end)
-    inner = text[start + len(begin):stop] if start >= 0 and stop > start else ""
+    inner = text[start + len(begin) : stop] if start >= 0 and stop > start else ""
     if f"<!-- {name}:" not in inner:
         inner = ""  # written before the section had per-device blocks: that content is what this run replaces
     sub_begin, sub_end = f"<!-- {name}:{device} -->", f"<!-- /{name}:{device} -->"

@@ -54,24 +54,49 @@ LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0))
 
 SHAPE_7B = [
-    "model.vision.hidden_size=1024", "model.vision.num_layers=24", "model.vision.num_heads=16",
-    "model.vision.intermediate_size=4096", "model.vision.image_size=336", "model.vision.patch_size=14",
-    "model.llm.hidden_size=4096", "model.llm.num_layers=32", "model.llm.num_heads=32", "model.llm.num_kv_heads=32",
-    "model.llm.intermediate_size=11008", "model.llm.max_position_embeddings=4096",
+    "model.vision.hidden_size=1024",
+    "model.vision.num_layers=24",
+    "model.vision.num_heads=16",
+    "model.vision.intermediate_size=4096",
+    "model.vision.image_size=336",
+    "model.vision.patch_size=14",
+    "model.llm.hidden_size=4096",
+    "model.llm.num_layers=32",
+    "model.llm.num_heads=32",
+    "model.llm.num_kv_heads=32",
+    "model.llm.intermediate_size=11008",
+    "model.llm.max_position_embeddings=4096",
 ]
 SHAPE_TINY = [  # same structure, CPU-sized; the 336 px / patch 14 geometry is kept (the SP windows need 24x24)
-    "model.vision.hidden_size=32", "model.vision.num_layers=2", "model.vision.num_heads=2",
-    "model.vision.intermediate_size=64", "model.llm.hidden_size=64", "model.llm.num_layers=2",
-    "model.llm.num_heads=4", "model.llm.num_kv_heads=4", "model.llm.intermediate_size=128",
-    "model.llm.max_position_embeddings=4096", "model.lora.r=8", "model.lora.alpha=16", "projector.sp_width=16",
+    "model.vision.hidden_size=32",
+    "model.vision.num_layers=2",
+    "model.vision.num_heads=2",
+    "model.vision.intermediate_size=64",
+    "model.llm.hidden_size=64",
+    "model.llm.num_layers=2",
+    "model.llm.num_heads=4",
+    "model.llm.num_kv_heads=4",
+    "model.llm.intermediate_size=128",
+    "model.llm.max_position_embeddings=4096",
+    "model.lora.r=8",
+    "model.lora.alpha=16",
+    "projector.sp_width=16",
 ]
 TINY_VOCAB = 1000
 
 
 def overrides(variant: str, tiny: bool, grad_ckpt: bool) -> list[str]:
-    return ["model=llava7b", "stage=finetune", f"variant={variant}", "model.vision.name_or_path=null",
-            "model.llm.name_or_path=null", "model.llm.dtype=bfloat16", "model.llm.attn_implementation=sdpa",
-            f"model.llm.gradient_checkpointing={str(grad_ckpt).lower()}", *(SHAPE_TINY if tiny else SHAPE_7B)]
+    return [
+        "model=llava7b",
+        "stage=finetune",
+        f"variant={variant}",
+        "model.vision.name_or_path=null",
+        "model.llm.name_or_path=null",
+        "model.llm.dtype=bfloat16",
+        "model.llm.attn_implementation=sdpa",
+        f"model.llm.gradient_checkpointing={str(grad_ckpt).lower()}",
+        *(SHAPE_TINY if tiny else SHAPE_7B),
+    ]
 
 
 class VocabOnly:
@@ -91,6 +116,7 @@ class VocabOnly:
 
 
 # ---- FLOP accounting ---------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -117,8 +143,15 @@ class Shape:
 def llama_linears(s: Shape) -> dict[str, tuple[int, int]]:
     """(in, out) of each linear of one Llama decoder layer."""
     h, i, kv = s.llm_hidden, s.llm_intermediate, s.llm_hidden // s.llm_heads * s.llm_kv_heads
-    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    return {
+        "q_proj": (h, h),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (h, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
 
 
 FORMULA = (
@@ -139,13 +172,16 @@ def step_flops(s: Shape) -> dict[str, float]:
     layer = sum(i * o for i, o in llama_linears(s).values())
     n_llm = s.llm_layers * layer + s.llm_hidden * s.vocab
     head_t = s.batch * s.head_positions
-    n_lora = s.llm_layers * sum(s.lora_r * (i + o) for name, (i, o) in llama_linears(s).items()
-                                if name in s.lora_targets)
-    attn_fwd = s.llm_layers * s.batch * 2 * s.seq ** 2 * s.llm_hidden  # QK^T + AV over the causal half
+    n_lora = s.llm_layers * sum(
+        s.lora_r * (i + o) for name, (i, o) in llama_linears(s).items() if name in s.lora_targets
+    )
+    attn_fwd = s.llm_layers * s.batch * 2 * s.seq**2 * s.llm_hidden  # QK^T + AV over the causal half
     p = (s.image_size // s.patch_size) ** 2 + 1
-    vis_layer_params = 4 * s.vis_hidden ** 2 + 2 * s.vis_hidden * s.vis_intermediate
-    vision = s.batch * (s.vis_layers * (2 * vis_layer_params * p + 4 * p ** 2 * s.vis_hidden)
-                        + 2 * 3 * s.patch_size ** 2 * s.vis_hidden * (p - 1))
+    vis_layer_params = 4 * s.vis_hidden**2 + 2 * s.vis_hidden * s.vis_intermediate
+    vision = s.batch * (
+        s.vis_layers * (2 * vis_layer_params * p + 4 * p**2 * s.vis_hidden)
+        + 2 * 3 * s.patch_size**2 * s.vis_hidden * (p - 1)
+    )
     out = {
         "llm_frozen": 4 * s.llm_layers * layer * t + 4 * s.llm_hidden * s.vocab * head_t,
         "llm_lora": 6 * n_lora * t,
@@ -168,8 +204,9 @@ def visual_tokens(cfg) -> int:
 
     grid = cfg.model.vision.image_size // cfg.model.vision.patch_size
     with torch.device("meta"):
-        return build_projector(cfg.projector, vision_width=cfg.model.vision.hidden_size,
-                               llm_width=cfg.model.llm.hidden_size, grid=grid).layout.num_tokens
+        return build_projector(
+            cfg.projector, vision_width=cfg.model.vision.hidden_size, llm_width=cfg.model.llm.hidden_size, grid=grid
+        ).layout.num_tokens
 
 
 def projector_flops(cfg, batch: int = 1) -> float:
@@ -182,8 +219,9 @@ def projector_flops(cfg, batch: int = 1) -> float:
 
     grid = cfg.model.vision.image_size // cfg.model.vision.patch_size
     with torch.device("meta"):
-        proj = build_projector(cfg.projector, vision_width=cfg.model.vision.hidden_size,
-                               llm_width=cfg.model.llm.hidden_size, grid=grid)
+        proj = build_projector(
+            cfg.projector, vision_width=cfg.model.vision.hidden_size, llm_width=cfg.model.llm.hidden_size, grid=grid
+        )
         x = torch.empty(batch, grid * grid, cfg.model.vision.hidden_size)
     with FlopCounterMode(display=False) as counter:
         proj(x).float().square().mean().backward()  # the features need no grad: CLIP is frozen
@@ -193,16 +231,30 @@ def projector_flops(cfg, batch: int = 1) -> float:
 def shape_from(cfg, batch: int, seq: int, vocab: int, visual_tokens: int) -> Shape:
     """The step's shape; every position after BOS + the visual tokens is supervised (as in the step below)."""
     v, m = cfg.model.vision, cfg.model.llm
-    return Shape(batch=batch, seq=seq, llm_hidden=m.hidden_size, llm_layers=m.num_layers, llm_heads=m.num_heads,
-                 llm_kv_heads=m.num_kv_heads, llm_intermediate=m.intermediate_size, vocab=vocab,
-                 head_positions=seq - 1 - visual_tokens,
-                 lora_r=cfg.model.lora.r if cfg.stage.lora else 0, lora_targets=tuple(cfg.model.lora.target_modules),
-                 vis_hidden=v.hidden_size, vis_layers=v.num_layers, vis_intermediate=v.intermediate_size,
-                 image_size=v.image_size, patch_size=v.patch_size,
-                 projector_flops_per_image=projector_flops(cfg), grad_ckpt=bool(m.gradient_checkpointing))
+    return Shape(
+        batch=batch,
+        seq=seq,
+        llm_hidden=m.hidden_size,
+        llm_layers=m.num_layers,
+        llm_heads=m.num_heads,
+        llm_kv_heads=m.num_kv_heads,
+        llm_intermediate=m.intermediate_size,
+        vocab=vocab,
+        head_positions=seq - 1 - visual_tokens,
+        lora_r=cfg.model.lora.r if cfg.stage.lora else 0,
+        lora_targets=tuple(cfg.model.lora.target_modules),
+        vis_hidden=v.hidden_size,
+        vis_layers=v.num_layers,
+        vis_intermediate=v.intermediate_size,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        projector_flops_per_image=projector_flops(cfg),
+        grad_ckpt=bool(m.gradient_checkpointing),
+    )
 
 
 # ---- the step ----------------------------------------------------------------------------------------------
+
 
 @contextmanager
 def built_on(device, dtype):
@@ -262,9 +314,9 @@ def run(args) -> dict:
     gen = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(5, vocab - 1, (args.batch, args.max_length), device=device, generator=gen)
     ids[:, 0] = VocabOnly.bos_token_id
-    ids[:, 1:1 + n_vis] = model.image_token_id
+    ids[:, 1 : 1 + n_vis] = model.image_token_id
     labels = ids.clone()
-    labels[:, :1 + n_vis] = -100
+    labels[:, : 1 + n_vis] = -100
     mask = torch.ones_like(ids)
     size = cfg.model.vision.image_size
     pixels = torch.randn(args.batch, 3, size, size, device=device, generator=gen)
@@ -293,27 +345,49 @@ def run(args) -> dict:
         times.append(time.perf_counter() - t0)
     loss = float(loss)
     step_s = sorted(times)[len(times) // 2]  # median
-    peak_mem = (torch.cuda.max_memory_allocated() / 2**30 if cuda
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    peak_mem = (
+        torch.cuda.max_memory_allocated() / 2**30
+        if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     peak = args.peak_tflops or (peak_tflops(name) if cuda else None)
-    params = {"trainable": sum(p.numel() for p in trainable),
-              "frozen": sum(p.numel() for p in model.parameters() if not p.requires_grad)}
+    params = {
+        "trainable": sum(p.numel() for p in trainable),
+        "frozen": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+    }
     result = {
-        "device": name, "shape": asdict(shape), "flops": flops, "step_s": step_s, "steps_s": times,
-        "build_s": build_s, "tokens_per_s": flops["tokens"] / step_s, "peak_mem_gib": peak_mem,
-        "peak_tflops": peak, "loss": loss, "params": params, "visual_tokens": n_vis,
+        "device": name,
+        "shape": asdict(shape),
+        "flops": flops,
+        "step_s": step_s,
+        "steps_s": times,
+        "build_s": build_s,
+        "tokens_per_s": flops["tokens"] / step_s,
+        "peak_mem_gib": peak_mem,
+        "peak_tflops": peak,
+        "loss": loss,
+        "params": params,
+        "visual_tokens": n_vis,
         "achieved_tflops": flops["model"] / step_s / 1e12,
         "mfu": flops["model"] / step_s / (peak * 1e12) if peak else None,
         "hfu": flops["hardware"] / step_s / (peak * 1e12) if peak else None,
     }
     # The formula's parameter count must be the built model's (catches a shape the formula does not describe).
-    linear_frozen = sum(m.weight.numel() for n, m in model.llm.named_modules()
-                        if isinstance(m, torch.nn.Linear) and "lora_" not in n and n.split(".")[-1] in
-                        (*LLAMA_LINEARS, "base_layer", "lm_head"))
+    linear_frozen = sum(
+        m.weight.numel()
+        for n, m in model.llm.named_modules()
+        if isinstance(m, torch.nn.Linear)
+        and "lora_" not in n
+        and n.split(".")[-1] in (*LLAMA_LINEARS, "base_layer", "lm_head")
+    )
     lora = sum(p.numel() for n, p in model.llm.named_parameters() if "lora_" in n)
-    result["param_check"] = {"n_llm_formula": flops["n_llm"], "n_llm_model": linear_frozen,
-                             "n_lora_formula": flops["n_lora"], "n_lora_model": lora}
+    result["param_check"] = {
+        "n_llm_formula": flops["n_llm"],
+        "n_llm_model": linear_frozen,
+        "n_lora_formula": flops["n_lora"],
+        "n_lora_model": lora,
+    }
     if args.count_flops:
         result["flop_counter"] = counted_flops(step, shape, flops)
     return result
@@ -331,14 +405,14 @@ def counted_flops(step, shape: Shape, flops: dict) -> dict:
     by_op = {str(op): n for op, n in counter.get_flop_counts().get("Global", {}).items()}
     measured = sum(n for op, n in by_op.items() if "scaled_dot_product" not in op)
     p = (shape.image_size // shape.patch_size) ** 2 + 1
-    vision_attention = shape.batch * shape.vis_layers * 4 * p ** 2 * shape.vis_hidden
+    vision_attention = shape.batch * shape.vis_layers * 4 * p**2 * shape.vis_hidden
     attention_fwd = flops["llm_attention"] / 3
-    expected = (flops["hardware"] - flops["llm_attention"] - vision_attention
-                - (attention_fwd if shape.grad_ckpt else 0))
+    expected = flops["hardware"] - flops["llm_attention"] - vision_attention - (attention_fwd if shape.grad_ckpt else 0)
     return {"measured": measured, "formula": expected, "ratio": measured / expected, "by_op": by_op}
 
 
 # ---- report ------------------------------------------------------------------------------------------------
+
 
 def fmt_flops(x: float) -> str:
     return f"{x / 1e12:.1f} TFLOP" if x >= 1e11 else f"{x / 1e9:.3f} GFLOP"
@@ -349,10 +423,13 @@ def flop_table(flops: dict) -> list[str]:
     for key in ("llm_frozen", "llm_lora", "llm_attention", "vision", "projector"):
         rows.append(f"| {key} | {fmt_flops(flops[key])} | {flops[key] / flops['model']:.1%} |")
     rows.append(f"| **model (MFU numerator)** | **{fmt_flops(flops['model'])}** | 100% |")
-    rows.append(f"| recompute (gradient checkpointing) | {fmt_flops(flops['recompute'])} | "
-                f"{flops['recompute'] / flops['model']:.1%} |")
-    rows.append(f"| hardware (HFU numerator) | {fmt_flops(flops['hardware'])} | "
-                f"{flops['hardware'] / flops['model']:.1%} |")
+    rows.append(
+        f"| recompute (gradient checkpointing) | {fmt_flops(flops['recompute'])} | "
+        f"{flops['recompute'] / flops['model']:.1%} |"
+    )
+    rows.append(
+        f"| hardware (HFU numerator) | {fmt_flops(flops['hardware'])} | {flops['hardware'] / flops['model']:.1%} |"
+    )
     return rows
 
 
@@ -380,8 +457,11 @@ def report(r: dict, args, load_before: str) -> str:
         "",
         (f"Peak: {r['peak_tflops']} TFLOP/s dense bf16. " if r["peak_tflops"] else "No peak for this device: MFU n/a. ")
         + "Memory: "
-        + ("torch.cuda.max_memory_allocated over the timed steps." if args.device.startswith("cuda")
-           else "peak RSS of the process."),
+        + (
+            "torch.cuda.max_memory_allocated over the timed steps."
+            if args.device.startswith("cuda")
+            else "peak RSS of the process."
+        ),
         "",
         *flop_table(r["flops"]),
         "",
@@ -389,10 +469,13 @@ def report(r: dict, args, load_before: str) -> str:
     ]
     if "flop_counter" in r:
         c = r["flop_counter"]
-        lines += ["", f"FlopCounterMode over one executed step, attention left out of both sides: "
-                  f"{fmt_flops(c['measured'])} measured vs {fmt_flops(c['formula'])} by the formula "
-                  f"(ratio {c['ratio']:.4f}; non-reentrant checkpointing skips recomputing each layer's last "
-                  "LoRA-B product, which the formula counts)."]
+        lines += [
+            "",
+            f"FlopCounterMode over one executed step, attention left out of both sides: "
+            f"{fmt_flops(c['measured'])} measured vs {fmt_flops(c['formula'])} by the formula "
+            f"(ratio {c['ratio']:.4f}; non-reentrant checkpointing skips recomputing each layer's last "
+            "LoRA-B product, which the formula counts).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -400,8 +483,9 @@ def flops_only_report(args) -> str:
     from lightning_sp.config import compose
 
     cfg = compose(overrides(args.variant, args.tiny, not args.no_grad_ckpt))
-    flops = step_flops(shape_from(cfg, args.batch, args.max_length, TINY_VOCAB if args.tiny else VOCAB,
-                                  visual_tokens(cfg)))
+    flops = step_flops(
+        shape_from(cfg, args.batch, args.max_length, TINY_VOCAB if args.tiny else VOCAB, visual_tokens(cfg))
+    )
     at = lambda mfu: flops["model"] / (989e12 * mfu)  # noqa: E731
     lines = [
         f"## LLaVA-SP 7B-shape stage-2 LoRA step ({args.variant}): not measured yet: no GPU lent in this session",
@@ -434,13 +518,21 @@ def main(argv=None) -> int:
     parser.add_argument("--peak-tflops", type=float, help="peak dense bf16 TFLOP/s (default: by device name)")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized shape with the same structure (tests)")
     parser.add_argument("--flops-only", action="store_true", help="print the FLOP budget of a step; build nothing")
-    parser.add_argument("--count-flops", action="store_true",
-                        help="one extra step under FlopCounterMode to check the formula (always on with --tiny)")
+    parser.add_argument(
+        "--count-flops",
+        action="store_true",
+        help="one extra step under FlopCounterMode to check the formula (always on with --tiny)",
+    )
     parser.add_argument("--json", action="store_true", help="print the raw result as one JSON line at the end")
     parser.add_argument("--write", type=Path, help="write the results as this benchmark's section of a Markdown file")
     args = parser.parse_args(argv)
-    defaults = {"device": ("cpu", "cuda"), "batch": (2, 16), "max_length": (640, 2048), "steps": (1, 5),
-                "warmup": (0, 2)}
+    defaults = {
+        "device": ("cpu", "cuda"),
+        "batch": (2, 16),
+        "max_length": (640, 2048),
+        "steps": (1, 5),
+        "warmup": (0, 2),
+    }
     for name, (tiny, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else full)
@@ -464,8 +556,10 @@ def main(argv=None) -> int:
     print(body)
     check = result["param_check"]
     ok = check["n_llm_formula"] == check["n_llm_model"] and check["n_lora_formula"] == check["n_lora_model"]
-    print(f"parameter check (formula vs built model): N_llm {check['n_llm_formula']} vs {check['n_llm_model']}, "
-          f"N_lora {check['n_lora_formula']} vs {check['n_lora_model']}: {'ok' if ok else 'MISMATCH'}")
+    print(
+        f"parameter check (formula vs built model): N_llm {check['n_llm_formula']} vs {check['n_llm_model']}, "
+        f"N_lora {check['n_lora_formula']} vs {check['n_lora_model']}: {'ok' if ok else 'MISMATCH'}"
+    )
     if args.write and not args.tiny:
         write_section(args.write, SECTION, body, "cuda" if args.device.startswith("cuda") else "cpu")
         print(f"wrote {args.write}")

@@ -63,15 +63,20 @@ MAX_LENGTH = 2048
 IGNORE_INDEX = -100
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-WORDS = ("the a man woman dog cat table red blue green left right top bottom next to holding sitting standing on in "
-         "of with near behind front street car bus train sign picture image shows what is are there how many color "
-         "people two three white black small large wooden window building tree sky grass water plate food pizza "
-         "person wearing shirt hat ball playing game field room kitchen bed chair laptop phone bike road").split()
-SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+WORDS = (
+    "the a man woman dog cat table red blue green left right top bottom next to holding sitting standing on in "
+    "of with near behind front street car bus train sign picture image shows what is are there how many color "
+    "people two three white black small large wooden window building tree sky grass water plate food pizza "
+    "person wearing shirt hat ball playing game field room kitchen bed chair laptop phone bike road"
+).split()
+SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
 
 
 # ---- data ------------------------------------------------------------------------------------------------
+
 
 def photo(rng: np.random.Generator, h: int, w: int, quality: int = 90) -> bytes:
     """A JPEG that compresses like a photo: gradients (sky, walls), blotches (objects), fine noise (texture)."""
@@ -121,14 +126,24 @@ def make_dataset(root: Path, n: int, seed: int = 0) -> tuple[list[dict], Path, P
 
 # ---- LLaVA-1.5's per-sample pipeline (written here from its description) -------------------------------
 
+
 def clip_processor():
     """transformers.CLIPImageProcessor with openai/clip-vit-large-patch14-336's preprocessor settings."""
     from transformers import CLIPImageProcessor
 
-    return CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-                              do_resize=True, do_center_crop=True, do_rescale=True, rescale_factor=1 / 255,
-                              do_normalize=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
-                              resample=Image.BICUBIC, do_convert_rgb=True)
+    return CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_resize=True,
+        do_center_crop=True,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+        resample=Image.BICUBIC,
+        do_convert_rgb=True,
+    )
 
 
 def pil_expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -188,7 +203,7 @@ class LlavaPipeline:
             instruction = round_text.split(assistant)[0] + assistant
             round_len = len(self.tokenize_image(round_text))
             instruction_len = len(self.tokenize_image(instruction)) - 2
-            labels[cur:cur + instruction_len] = [IGNORE_INDEX] * instruction_len
+            labels[cur : cur + instruction_len] = [IGNORE_INDEX] * instruction_len
             cur += round_len
         labels[cur:] = [IGNORE_INDEX] * (len(labels) - cur)
         if cur < MAX_LENGTH and cur != len(ids):  # LLaVA's "tokenization mismatch": the sample is fully masked
@@ -208,10 +223,15 @@ class LlavaPipeline:
     def collate(self, samples: list[dict]) -> dict:
         pad = self.tok.pad_token_id
         input_ids = pad_sequence([s["input_ids"] for s in samples], batch_first=True, padding_value=pad)[:, :MAX_LENGTH]
-        labels = pad_sequence([s["labels"] for s in samples], batch_first=True,
-                              padding_value=IGNORE_INDEX)[:, :MAX_LENGTH]
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": input_ids.ne(pad),
-                "images": torch.stack([s["image"] for s in samples])}
+        labels = pad_sequence([s["labels"] for s in samples], batch_first=True, padding_value=IGNORE_INDEX)[
+            :, :MAX_LENGTH
+        ]
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": input_ids.ne(pad),
+            "images": torch.stack([s["image"] for s in samples]),
+        }
 
     def run(self, batch_size: int) -> int:
         """One pass, full batches only (as ours); returns the number of samples batched."""
@@ -223,6 +243,7 @@ class LlavaPipeline:
 
 # ---- ours ------------------------------------------------------------------------------------------------
 
+
 class OursPipeline:
     """The training loader of `ShardDataModule`, in this process (num_workers=0), one epoch per `run`."""
 
@@ -231,9 +252,16 @@ class OursPipeline:
 
         # Shuffle buffer off: its fill at the start of an epoch reads samples ahead (a one-time cost in training,
         # amortised over the epoch, but several passes of this small data set).
-        self.dm = ShardDataModule(shard_dir, tokenizer=tokenizer, num_visual_tokens=NUM_VISUAL_TOKENS,
-                                  image_size=IMAGE_SIZE, batch_size=batch_size, num_workers=0, shuffle_buffer=1,
-                                  max_length=MAX_LENGTH)
+        self.dm = ShardDataModule(
+            shard_dir,
+            tokenizer=tokenizer,
+            num_visual_tokens=NUM_VISUAL_TOKENS,
+            image_size=IMAGE_SIZE,
+            batch_size=batch_size,
+            num_workers=0,
+            shuffle_buffer=1,
+            max_length=MAX_LENGTH,
+        )
         self.dm.setup("fit")
 
     def run(self, batch_size: int) -> int:
@@ -241,6 +269,7 @@ class OursPipeline:
 
 
 # ---- measurement -----------------------------------------------------------------------------------------
+
 
 def timed(fn) -> tuple[int, float, float]:
     """(items, wall seconds, CPU seconds of this process). Everything here runs on one thread, so CPU time is
@@ -258,13 +287,13 @@ def previous_image_path(image: torch.Tensor, fill: list[int], size: int = IMAGE_
 
     from lightning_sp.data.images import expand2square
 
-    image = F.resize(expand2square(image, fill), [size, size], interpolation=InterpolationMode.BICUBIC,
-                     antialias=True)
+    image = F.resize(expand2square(image, fill), [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
     return F.normalize(F.to_dtype(image, torch.float32, scale=True), mean=list(CLIP_MEAN), std=list(CLIP_STD))
 
 
-def previous_tokenize(record: dict, tokenizer, max_length: int, template: str = "vicuna_v1"
-                      ) -> tuple[list[int], list[int], bool]:
+def previous_tokenize(
+    record: dict, tokenizer, max_length: int, template: str = "vicuna_v1"
+) -> tuple[list[int], list[int], bool]:
     """conversation.encode before the direct tokenizer call, for records it accepts (no truncation errors): the
     transformers tokenizer call, then the per-token label list. Kept as the yardstick of the direct Rust tokenizer
     call; the numbers must be identical."""
@@ -279,25 +308,36 @@ def previous_tokenize(record: dict, tokenizer, max_length: int, template: str = 
     supervised = bytearray(len(text))
     for start, end in spans:
         supervised[start:end] = b"\x01" * (end - start)
-    labels = [tid if end > start and supervised.find(1, start, end) != -1 else IGNORE_INDEX
-              for tid, (start, end) in zip(ids, enc["offset_mapping"])]
+    labels = [
+        tid if end > start and supervised.find(1, start, end) != -1 else IGNORE_INDEX
+        for tid, (start, end) in zip(ids, enc["offset_mapping"])
+    ]
     _check_image(ids, image_id, has_image, record.get("id"))
     ids, labels = ids[:max_length], labels[:max_length]
     assert sum(label != IGNORE_INDEX for label in labels) > 0
     return ids, labels, has_image
 
 
-def previous_expand(ids: list[int], labels: list[int], image_id: int, num_visual: int = NUM_VISUAL_TOKENS
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def previous_expand(
+    ids: list[int], labels: list[int], image_id: int, num_visual: int = NUM_VISUAL_TOKENS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """expand_image_token before the numpy path: list -> tensor, then torch.cat around the image position."""
     ids, lab = torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(labels, dtype=torch.long)
     p = int((ids == image_id).nonzero().flatten()[0])
-    return (torch.cat([ids[:p], ids.new_full((num_visual,), image_id), ids[p + 1:]]),
-            torch.cat([lab[:p], lab.new_full((num_visual,), IGNORE_INDEX), lab[p + 1:]]))
+    return (
+        torch.cat([ids[:p], ids.new_full((num_visual,), image_id), ids[p + 1 :]]),
+        torch.cat([lab[:p], lab.new_full((num_visual,), IGNORE_INDEX), lab[p + 1 :]]),
+    )
 
 
-def previous_sample(raw: dict, tokenizer, num_visual: int = NUM_VISUAL_TOKENS, image_size: int = IMAGE_SIZE,
-                    max_length: int = MAX_LENGTH, template: str = "vicuna_v1") -> dict:
+def previous_sample(
+    raw: dict,
+    tokenizer,
+    num_visual: int = NUM_VISUAL_TOKENS,
+    image_size: int = IMAGE_SIZE,
+    max_length: int = MAX_LENGTH,
+    template: str = "vicuna_v1",
+) -> dict:
     """SampleBuilder.build before the batch pixel buffer and the direct tokenizer call, from a raw shard sample of
     a record it accepts. The pixels come from `previous_image_path` (the CHW torchvision path), independent of
     ImageProcessor."""
@@ -310,24 +350,37 @@ def previous_sample(raw: dict, tokenizer, num_visual: int = NUM_VISUAL_TOKENS, i
     ids, labels, has_image = previous_tokenize(record, tokenizer, text_max, template)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     # The pad colour is LLaVA's truncated mean, as ImageProcessor's since it stopped rounding (images.pad_fill).
-    pixels = previous_image_path(_decode(image), [int(255 * m) for m in CLIP_MEAN], image_size) if has_image \
+    pixels = (
+        previous_image_path(_decode(image), [int(255 * m) for m in CLIP_MEAN], image_size)
+        if has_image
         else torch.zeros(3, image_size, image_size)
-    input_ids, labels = previous_expand(ids, labels, image_id, num_visual) if has_image else \
-        (torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(labels, dtype=torch.long))
-    return {"id": str(record["id"]), "input_ids": input_ids, "labels": labels, "pixel_values": pixels,
-            "has_image": has_image}
+    )
+    input_ids, labels = (
+        previous_expand(ids, labels, image_id, num_visual)
+        if has_image
+        else (torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(labels, dtype=torch.long))
+    )
+    return {
+        "id": str(record["id"]),
+        "input_ids": input_ids,
+        "labels": labels,
+        "pixel_values": pixels,
+        "has_image": has_image,
+    }
 
 
 def previous_collate(samples: list[dict], pad_id: int) -> dict:
     """collate_train before the batch pixel buffer: pad_sequence of each field, attention mask from ones_like,
     torch.stack of the pixels."""
     ids = [s["input_ids"] for s in samples]
-    return {"input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_id),
-            "labels": pad_sequence([s["labels"] for s in samples], batch_first=True, padding_value=IGNORE_INDEX),
-            "attention_mask": pad_sequence([torch.ones_like(i) for i in ids], batch_first=True, padding_value=0),
-            "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-            "has_image": torch.tensor([s["has_image"] for s in samples], dtype=torch.bool),
-            "ids": [s["id"] for s in samples]}
+    return {
+        "input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_id),
+        "labels": pad_sequence([s["labels"] for s in samples], batch_first=True, padding_value=IGNORE_INDEX),
+        "attention_mask": pad_sequence([torch.ones_like(i) for i in ids], batch_first=True, padding_value=0),
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "has_image": torch.tensor([s["has_image"] for s in samples], dtype=torch.bool),
+        "ids": [s["id"] for s in samples],
+    }
 
 
 BATCH_TENSORS = ("input_ids", "labels", "attention_mask", "pixel_values", "has_image")
@@ -348,7 +401,8 @@ def same_batch(batch: dict, ref: dict) -> bool:
     """Every tensor field equal (torch.equal), dtype and shape included, and the same records in the same order."""
     return batch["ids"] == ref["ids"] and all(
         batch[k].dtype == ref[k].dtype and batch[k].shape == ref[k].shape and torch.equal(batch[k], ref[k])
-        for k in BATCH_TENSORS)
+        for k in BATCH_TENSORS
+    )
 
 
 def batches_identical(pipeline: "OursPipeline", shard_dir: Path, tokenizer) -> tuple[int, int]:
@@ -393,36 +447,56 @@ def per_stage(records, image_root: Path, tokenizer, n: int, batch: int, repeats:
     before_diff = max((a - b).abs().max().item() for a, b in zip(pixels, before))
     max_text = MAX_LENGTH - NUM_VISUAL_TOKENS + 1
     ours["tokenise + mask (1 pass, char offsets)"], encoded = ms(
-        lambda r: encode(r, tokenizer, "vicuna_v1", max_text), records[:n])
+        lambda r: encode(r, tokenizer, "vicuna_v1", max_text), records[:n]
+    )
     previous["tokenise + mask"], prev_encoded = ms(lambda r: previous_tokenize(r, tokenizer, max_text), records[:n])
     ours["expand <image> to 582 positions"], expanded = ms(
-        lambda e: expand_image_token(e.input_ids, e.labels, image_id, NUM_VISUAL_TOKENS), encoded)
+        lambda e: expand_image_token(e.input_ids, e.labels, image_id, NUM_VISUAL_TOKENS), encoded
+    )
     previous["expand <image>"], prev_expanded = ms(lambda e: previous_expand(e[0], e[1], image_id), prev_encoded)
-    samples = [{"id": str(i), "input_ids": x[0], "labels": x[1], "pixel_values": p, "has_image": True}
-               for i, (x, p) in enumerate(zip(expanded, pixels))]
-    ours["collate"], collated = ms(lambda b: collate_train(samples[b:b + batch], tokenizer.pad_token_id,
-                                                           image_token_id=image_id,
-                                                           num_visual_tokens=NUM_VISUAL_TOKENS),
-                                   range(0, n_batched, batch), per=n_batched)
-    prev_samples = [{"id": str(i), "input_ids": x[0], "labels": x[1], "pixel_values": p, "has_image": True}
-                    for i, (x, p) in enumerate(zip(prev_expanded, before))]
-    previous["collate"], prev_collated = ms(lambda b: previous_collate(prev_samples[b:b + batch],
-                                                                       tokenizer.pad_token_id),
-                                            range(0, n_batched, batch), per=n_batched)
+    samples = [
+        {"id": str(i), "input_ids": x[0], "labels": x[1], "pixel_values": p, "has_image": True}
+        for i, (x, p) in enumerate(zip(expanded, pixels))
+    ]
+    ours["collate"], collated = ms(
+        lambda b: collate_train(
+            samples[b : b + batch], tokenizer.pad_token_id, image_token_id=image_id, num_visual_tokens=NUM_VISUAL_TOKENS
+        ),
+        range(0, n_batched, batch),
+        per=n_batched,
+    )
+    prev_samples = [
+        {"id": str(i), "input_ids": x[0], "labels": x[1], "pixel_values": p, "has_image": True}
+        for i, (x, p) in enumerate(zip(prev_expanded, before))
+    ]
+    previous["collate"], prev_collated = ms(
+        lambda b: previous_collate(prev_samples[b : b + batch], tokenizer.pad_token_id),
+        range(0, n_batched, batch),
+        per=n_batched,
+    )
     same = all(same_batch(a, b) for a, b in zip(collated, prev_collated))
 
     theirs["decode (PIL open + convert)"], pil_images = ms(
-        lambda r: Image.open(image_root / r["image"]).convert("RGB"), records[:n])
+        lambda r: Image.open(image_root / r["image"]).convert("RGB"), records[:n]
+    )
     theirs["expand2square (PIL)"], squares = ms(lambda im: pil_expand2square(im, LLAVA_BACKGROUND), pil_images)
     theirs["CLIPImageProcessor"], images = ms(
-        lambda im: clip.preprocess(im, return_tensors="pt")["pixel_values"][0], squares)
+        lambda im: clip.preprocess(im, return_tensors="pt")["pixel_values"][0], squares
+    )
     theirs["tokenise + mask (per round, lengths)"], tokenized = ms(
-        lambda r: llava.tokenize(copy.deepcopy(r["conversations"])), records[:n])
+        lambda r: llava.tokenize(copy.deepcopy(r["conversations"])), records[:n]
+    )
     batch_items = [{"input_ids": t[0], "labels": t[1], "image": im} for t, im in zip(tokenized, images)]
-    theirs["collate"], _ = ms(lambda b: llava.collate(batch_items[b:b + batch]), range(0, n_batched, batch),
-                              per=n_batched)
-    return {"ours": ours, "llava": theirs, "before": (before_ms, before_diff), "previous": previous,
-            "previous_same": same}
+    theirs["collate"], _ = ms(
+        lambda b: llava.collate(batch_items[b : b + batch]), range(0, n_batched, batch), per=n_batched
+    )
+    return {
+        "ours": ours,
+        "llava": theirs,
+        "before": (before_ms, before_diff),
+        "previous": previous,
+        "previous_same": same,
+    }
 
 
 def diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -435,8 +509,10 @@ def pixel_agreement(records, image_root: Path, n: int) -> tuple[float, float]:
     from lightning_sp.data.images import ImageProcessor
 
     proc, clip = ImageProcessor(IMAGE_SIZE), clip_processor()
-    diffs = [diff(proc((image_root / r["image"]).read_bytes()), llava_image(image_root / r["image"], clip))
-             for r in records[:n]]
+    diffs = [
+        diff(proc((image_root / r["image"]).read_bytes()), llava_image(image_root / r["image"], clip))
+        for r in records[:n]
+    ]
     return max(d[0] for d in diffs), sum(d[1] for d in diffs) / len(diffs)
 
 
@@ -465,9 +541,13 @@ def large_images(n: int, repeats: int, seed: int = 1) -> dict:
         d = [diff(x, y) for x, y in zip(outs[a], outs[b])]
         return max(x[0] for x in d), sum(x[1] for x in d) / len(d)
 
-    return {"ms": {k: statistics.median(v) for k, v in ms.items()}, "n": n,
-            "fast_vs_full": agg("ours_fast", "ours"), "full_vs_llava": agg("ours", "llava"),
-            "fast_vs_llava": agg("ours_fast", "llava")}
+    return {
+        "ms": {k: statistics.median(v) for k, v in ms.items()},
+        "n": n,
+        "fast_vs_full": agg("ours_fast", "ours"),
+        "full_vs_llava": agg("ours", "llava"),
+        "fast_vs_llava": agg("ours_fast", "llava"),
+    }
 
 
 def label_agreement(records, tokenizer, n: int) -> tuple[int, int]:
@@ -503,8 +583,9 @@ def within(d: tuple[float, float]) -> str:
     return "within" if d[0] < TOLERANCE[0] and d[1] < TOLERANCE[1] else "OUTSIDE"
 
 
-def report(args, times, stages, n_check, agreement, labels, large, jpeg_kib, elapsed, load_before,
-           identical=None) -> str:
+def report(
+    args, times, stages, n_check, agreement, labels, large, jpeg_kib, elapsed, load_before, identical=None
+) -> str:
     med = {k: statistics.median(r[0] for r in v) for k, v in times.items()}  # CPU time
     wall = {k: statistics.median(r[1] for r in v) for k, v in times.items()}
     ratio, wall_ratio = med["ours"] / med["llava"], wall["ours"] / wall["llava"]
@@ -542,40 +623,50 @@ def report(args, times, stages, n_check, agreement, labels, large, jpeg_kib, ela
         lines.append(f"| {on} | {ov:.2f} | {tn} | {tv:.2f} |")
     lines.append(f"| **sum** | **{sum(v for _, v in o):.2f}** | | **{sum(v for _, v in t):.2f}** |")
     before_ms, before_diff = stages["before"]
-    lines += ["", f"- the image path after decode was {before_ms:.2f} ms/sample before the channels-last rewrite "
-              "(CHW tensor: torchvision pad, resize, to_dtype + normalize; timed in this run): now "
-              f"{stages['ours']['pad + resize + normalise (uint8 HWC)']:.2f} ms, max output difference "
-              f"{before_diff:g} (bit-identical)"]
+    lines += [
+        "",
+        f"- the image path after decode was {before_ms:.2f} ms/sample before the channels-last rewrite "
+        "(CHW tensor: torchvision pad, resize, to_dtype + normalize; timed in this run): now "
+        f"{stages['ours']['pad + resize + normalise (uint8 HWC)']:.2f} ms, max output difference "
+        f"{before_diff:g} (bit-identical)",
+    ]
     prev, o_ = stages["previous"], stages["ours"]
-    lines += ["- sample building and collate before the batch pixel buffer and the direct tokenizer call (same "
-              f"outputs; timed in this run): tokenise + mask {prev['tokenise + mask']:.2f} ms through transformers' "
-              "tokenizer call, now "
-              f"{o_['tokenise + mask (1 pass, char offsets)']:.2f} ms calling its Rust tokenizer directly; expand "
-              f"<image> {prev['expand <image>']:.2f} -> {o_['expand <image> to 582 positions']:.2f} ms (numpy); "
-              f"collate {prev['collate']:.2f} -> {o_['collate']:.2f} ms (each image is written into its slot of "
-              "the batch's pixel buffer, so no torch.stack copy; the batch checks run on the padded matrices); "
-              f"collated batches equal: {'yes' if stages['previous_same'] else 'NO'}. End to end, the SampleBuilder "
-              "also tokenises the raw samples a batch still needs before decoding their images (no read-ahead: "
-              "the stream positions stay those of one-by-one building), which spares the tokenizer the caches the "
-              "images evicted; the per-stage rows cannot show that"]
+    lines += [
+        "- sample building and collate before the batch pixel buffer and the direct tokenizer call (same "
+        f"outputs; timed in this run): tokenise + mask {prev['tokenise + mask']:.2f} ms through transformers' "
+        "tokenizer call, now "
+        f"{o_['tokenise + mask (1 pass, char offsets)']:.2f} ms calling its Rust tokenizer directly; expand "
+        f"<image> {prev['expand <image>']:.2f} -> {o_['expand <image> to 582 positions']:.2f} ms (numpy); "
+        f"collate {prev['collate']:.2f} -> {o_['collate']:.2f} ms (each image is written into its slot of "
+        "the batch's pixel buffer, so no torch.stack copy; the batch checks run on the padded matrices); "
+        f"collated batches equal: {'yes' if stages['previous_same'] else 'NO'}. End to end, the SampleBuilder "
+        "also tokenises the raw samples a batch still needs before decoding their images (no read-ahead: "
+        "the stream positions stay those of one-by-one building), which spares the tokenizer the caches the "
+        "images evicted; the per-stage rows cannot show that"
+    ]
     if identical is not None:
-        lines.append(f"- end to end: {identical[0]}/{identical[1]} batches of a pass of ours bit-identical "
-                     "(input_ids, labels, attention_mask, pixel_values, has_image; dtype and shape) to the previous "
-                     "sample building + collate of the same records (`previous_sample`/`previous_collate`, images "
-                     "by the CHW torchvision path)")
+        lines.append(
+            f"- end to end: {identical[0]}/{identical[1]} batches of a pass of ours bit-identical "
+            "(input_ids, labels, attention_mask, pixel_values, has_image; dtype and shape) to the previous "
+            "sample building + collate of the same records (`previous_sample`/`previous_collate`, images "
+            "by the CHW torchvision path)"
+        )
     if ratio < 3:
         e2e, summed = 1e3 / med["ours"], sum(v for _, v in o)
         decode, after = stages["ours"]["decode (torchvision)"], stages["ours"]["pad + resize + normalise (uint8 HWC)"]
-        lines += ["", f"Below the 3x target ({ratio:.2f}x). Where a worker's {e2e:.2f} ms per sample go (`--profile` "
-                  f"prints the cProfile): JPEG decode {decode:.2f} ms ({decode / e2e:.0%}) is libjpeg-turbo in both "
-                  "paths and cannot shrink at COCO sizes without leaving LLaVA's pixels (a 1/2 DCT decode of 640 px "
-                  f"is 320 < 336); the image path after it is {after:.2f} ms against LLaVA's {t[1][1] + t[2][1]:.2f}; "
-                  f"tokenisation {o[2][1]:.2f} ms; the remaining {e2e - summed:.2f} ms (end to end minus the stage "
-                  "sum) are the tar stream (Python tarfile in WebDataset), JSON, and the cache misses of a pipeline "
-                  "that moves megabytes of pixels per record (the SampleBuilder already tokenises a batch's records "
-                  "before its images). Handing uint8 pixels to the GPU and normalising there would save a further "
-                  "0.2-0.4 ms/sample and 4x of the workers' shared-memory traffic, but changes the batch contract "
-                  "(model, eval, export): not done."]
+        lines += [
+            "",
+            f"Below the 3x target ({ratio:.2f}x). Where a worker's {e2e:.2f} ms per sample go (`--profile` "
+            f"prints the cProfile): JPEG decode {decode:.2f} ms ({decode / e2e:.0%}) is libjpeg-turbo in both "
+            "paths and cannot shrink at COCO sizes without leaving LLaVA's pixels (a 1/2 DCT decode of 640 px "
+            f"is 320 < 336); the image path after it is {after:.2f} ms against LLaVA's {t[1][1] + t[2][1]:.2f}; "
+            f"tokenisation {o[2][1]:.2f} ms; the remaining {e2e - summed:.2f} ms (end to end minus the stage "
+            "sum) are the tar stream (Python tarfile in WebDataset), JSON, and the cache misses of a pipeline "
+            "that moves megabytes of pixels per record (the SampleBuilder already tokenises a batch's records "
+            "before its images). Handing uint8 pixels to the GPU and normalising there would save a further "
+            "0.2-0.4 ms/sample and 4x of the workers' shared-memory traffic, but changes the batch contract "
+            "(model, eval, export): not done.",
+        ]
     lines += [
         "",
         f"- pixels, ours vs LLaVA over {n_check} images (normalised units; one uint8 level = 0.015): "
@@ -633,8 +724,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="input_bench_") as tmp:
         records, image_root, shard_dir = make_dataset(Path(tmp), args.samples)
         jpeg_kib = sum((image_root / r["image"]).stat().st_size for r in records) / len(records) / 1024
-        pipes = {"ours": OursPipeline(shard_dir, tokenizer, args.batch),
-                 "llava": LlavaPipeline(records, image_root, tokenizer)}
+        pipes = {
+            "ours": OursPipeline(shard_dir, tokenizer, args.batch),
+            "llava": LlavaPipeline(records, image_root, tokenizer),
+        }
         for pipe in pipes.values():
             pipe.run(args.batch)  # warm-up: page cache, lazy imports, allocator
         times = {name: [] for name in pipes}  # (samples/s of CPU time, samples/s of wall time) per pass
@@ -642,8 +735,11 @@ def main(argv=None) -> int:
             for name, pipe in pipes.items():
                 n, wall, cpu = timed(lambda: pipe.run(args.batch))
                 times[name].append((n / cpu, n / wall))
-                print(f"{name}: {n} samples, {cpu:.2f} s CPU = {n / cpu:.1f} samples/s; {wall:.2f} s wall = "
-                      f"{n / wall:.1f} samples/s", flush=True)
+                print(
+                    f"{name}: {n} samples, {cpu:.2f} s CPU = {n / cpu:.1f} samples/s; {wall:.2f} s wall = "
+                    f"{n / wall:.1f} samples/s",
+                    flush=True,
+                )
         n_check = min(args.samples, 48)
         stages = per_stage(records, image_root, tokenizer, n_check, args.batch)
         agreement = pixel_agreement(records, image_root, n_check)
@@ -651,8 +747,19 @@ def main(argv=None) -> int:
         identical = batches_identical(pipes["ours"], shard_dir, tokenizer)
         profile = profile_ours(pipes["ours"], args.batch) if args.profile else ""
     large = large_images(args.large, args.repeats) if args.large else None
-    body = report(args, times, stages, n_check, agreement, labels, large, jpeg_kib,
-                  time.perf_counter() - started, load_before, identical)
+    body = report(
+        args,
+        times,
+        stages,
+        n_check,
+        agreement,
+        labels,
+        large,
+        jpeg_kib,
+        time.perf_counter() - started,
+        load_before,
+        identical,
+    )
     publish(body, args.write, SECTION)
     if profile:
         print(profile)

@@ -30,8 +30,12 @@ from _results import load_average, machine, now, publish  # noqa: E402
 
 SECTION = "length_group_bench"
 VISUAL, MAX_LENGTH, BATCH, TEXT_ONLY_SHARE = 582, 2048, 16, 0.06
-OVERRIDES = ["variant=pooling", "model.llm.max_position_embeddings=4096", "model.vision.name_or_path=null",
-             "model.vision.patch_size=14"]
+OVERRIDES = [
+    "variant=pooling",
+    "model.llm.max_position_embeddings=4096",
+    "model.vision.name_or_path=null",
+    "model.vision.patch_size=14",
+]
 
 
 def draw(n: int, seed: int = 0) -> list[dict]:
@@ -53,10 +57,10 @@ def batches_of(samples: list[dict], group_batches: int, seed: int = 0) -> list[l
 
     whole = len(samples) - len(samples) % (group_batches * BATCH)
     if group_batches == 1:
-        return [samples[i:i + BATCH] for i in range(0, whole, BATCH)]
+        return [samples[i : i + BATCH] for i in range(0, whole, BATCH)]
     size, out = group_batches * BATCH, []
     for start in range(0, whole, size):
-        out += length_grouped(samples[start:start + size], BATCH, random.Random(f"{seed}/{start}"))
+        out += length_grouped(samples[start : start + size], BATCH, random.Random(f"{seed}/{start}"))
     return out
 
 
@@ -91,8 +95,8 @@ def step_times(plain: list[list[dict]], grouped: list[list[dict]], threads: int)
             n = len(s["input_ids"])
             mask[row, :n] = 1
             if s["has_image"]:
-                ids[row, 1:1 + model.num_visual_tokens] = model.image_token_id
-            labels[row, n - 8:n] = ids[row, n - 8:n]  # an answer at the end
+                ids[row, 1 : 1 + model.num_visual_tokens] = model.image_token_id
+            labels[row, n - 8 : n] = ids[row, n - 8 : n]  # an answer at the end
         return ids, mask, labels, torch.randn(len(batch), 3, size, size)
 
     def step(batch) -> float:
@@ -127,7 +131,7 @@ def main(argv=None) -> int:
         rows.append((g, share, mean_len))
         print(f"groups of {g:2d} batches: padding {share:.1%}, mean padded length {mean_len:.0f}", flush=True)
     steps = args.steps - args.steps % 8
-    plain, grouped = batches_of(samples[:steps * BATCH], 1), batches_of(samples[:steps * BATCH], 8)
+    plain, grouped = batches_of(samples[: steps * BATCH], 1), batches_of(samples[: steps * BATCH], 8)
     assert sorted(s["id"] for b in plain for s in b) == sorted(s["id"] for b in grouped for s in b)
     t_plain, t_grouped = step_times(plain, grouped, args.threads)
     real = sum(len(s["input_ids"]) for b in plain for s in b)
@@ -147,12 +151,17 @@ def main(argv=None) -> int:
         "|---:|---:|---:|---:|",
     ]
     for g, share, mean_len in rows:
-        lines.append(f"| {g}{' (off)' if g == 1 else ''} | {share:.1%} | {mean_len:.0f} | "
-                     f"{share / base if base else float('nan'):.2f}x |")
-    lines += ["", f"Step time, the embedded model at the paper's grid ({VISUAL} visual tokens), {len(plain)} batches "
-              f"of the same {len(plain) * BATCH} samples ({real} real tokens), fwd + bwd + AdamW, {args.threads} "
-              f"threads: stream order {t_plain:.1f} s, grouped by 8 {t_grouped:.1f} s: **{t_plain / t_grouped:.2f}x** "
-              "faster grouped."]
+        lines.append(
+            f"| {g}{' (off)' if g == 1 else ''} | {share:.1%} | {mean_len:.0f} | "
+            f"{share / base if base else float('nan'):.2f}x |"
+        )
+    lines += [
+        "",
+        f"Step time, the embedded model at the paper's grid ({VISUAL} visual tokens), {len(plain)} batches "
+        f"of the same {len(plain) * BATCH} samples ({real} real tokens), fwd + bwd + AdamW, {args.threads} "
+        f"threads: stream order {t_plain:.1f} s, grouped by 8 {t_grouped:.1f} s: **{t_plain / t_grouped:.2f}x** "
+        "faster grouped.",
+    ]
     publish("\n".join(lines) + "\n", args.write, SECTION)
     return 0
 

@@ -102,6 +102,7 @@ def compare(out, ref_out, params, ref_grads, n_sp) -> list[tuple[str, float, flo
     with SP tokens that differ by rounding; where that gradient is a difference of near-equal terms (the query
     bias, through the softmax) rounding is amplified a little, so they are checked to 1e-4 one by one, and to
     1e-5 all together (global norm over every gradient)."""
+
     def sq(t):
         return torch.linalg.vector_norm(t).item() ** 2
 
@@ -165,17 +166,27 @@ def bench_variant(variant, args, device):
     cotangent = torch.randn(args.batch, 6 + 576, args.llm_width, device=device, generator=gen)
 
     ours_fwd, ours_bwd, kept, _ = run_form(proj, params, x, cotangent, args.warmup, args.iters, device)
-    conv_fwd, conv_bwd, _, errors = run_form(conv, params, x, cotangent, args.conv_warmup, args.iters, device,
-                                             reference=kept)
+    conv_fwd, conv_bwd, _, errors = run_form(
+        conv, params, x, cotangent, args.conv_warmup, args.iters, device, reference=kept
+    )
     del kept
     n_params = sum(p.numel() for p in params.values())
-    return {"variant": variant, "params": n_params, "ours": (ours_fwd, ours_bwd), "conv": (conv_fwd, conv_bwd),
-            "errors": errors}
+    return {
+        "variant": variant,
+        "params": n_params,
+        "ours": (ours_fwd, ours_bwd),
+        "conv": (conv_fwd, conv_bwd),
+        "errors": errors,
+    }
 
 
 def machine(device: torch.device) -> str:
-    parts = [platform.platform(), f"{os.cpu_count()} CPU cores", f"torch {torch.__version__}",
-             f"{torch.get_num_threads()} intra-op threads"]
+    parts = [
+        platform.platform(),
+        f"{os.cpu_count()} CPU cores",
+        f"torch {torch.__version__}",
+        f"{torch.get_num_threads()} intra-op threads",
+    ]
     if device.type == "cuda":
         parts.append(f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, TF32 off)")
     else:
@@ -207,16 +218,25 @@ def report(results, args, device, elapsed, load_before) -> str:
     for r in results:
         o_total = mean(r["ours"][0]) + mean(r["ours"][1])
         c_total = mean(r["conv"][0]) + mean(r["conv"][1])
-        lines.append(f"| {r['variant']} | ours (matmul) | {mean(r['ours'][0]):.3f} | {mean(r['ours'][1]):.3f} | "
-                     f"{o_total:.3f} | |")
-        lines.append(f"| {r['variant']} | nn.Conv2d | {mean(r['conv'][0]):.3f} | {mean(r['conv'][1]):.3f} | "
-                     f"{c_total:.3f} | {c_total / o_total:.1f}x |")
-    lines += ["", "Numerical agreement, relative error ||ours - conv|| / ||conv|| (limit 1e-5; 1e-4 for one small "
-              "DFI/W_s gradient alone; the key biases' gradients are 0 up to rounding and are compared with the "
-              "total gradient norm):", ""]
+        lines.append(
+            f"| {r['variant']} | ours (matmul) | {mean(r['ours'][0]):.3f} | {mean(r['ours'][1]):.3f} | "
+            f"{o_total:.3f} | |"
+        )
+        lines.append(
+            f"| {r['variant']} | nn.Conv2d | {mean(r['conv'][0]):.3f} | {mean(r['conv'][1]):.3f} | "
+            f"{c_total:.3f} | {c_total / o_total:.1f}x |"
+        )
+    lines += [
+        "",
+        "Numerical agreement, relative error ||ours - conv|| / ||conv|| (limit 1e-5; 1e-4 for one small "
+        "DFI/W_s gradient alone; the key biases' gradients are 0 up to rounding and are compared with the "
+        "total gradient norm):",
+        "",
+    ]
     for r in results:
-        errs = ", ".join(f"{what} {value:.1e}{'' if value <= limit else f' ABOVE {limit:g}'}"
-                         for what, value, limit in r["errors"])
+        errs = ", ".join(
+            f"{what} {value:.1e}{'' if value <= limit else f' ABOVE {limit:g}'}" for what, value, limit in r["errors"]
+        )
         lines.append(f"- {r['variant']} ({r['params'] / 1e6:.0f} M parameters): {errs}")
     return "\n".join(lines) + "\n"
 
@@ -227,8 +247,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, help="default 2 on CPU, 8 (the paper's shape) on CUDA")
     parser.add_argument("--iters", type=int, help="timed iterations per form (default 1 on CPU, 10 on CUDA)")
     parser.add_argument("--warmup", type=int, help="untimed iterations of our form (default 1 on CPU, 3 on CUDA)")
-    parser.add_argument("--conv-warmup", type=int,
-                        help="untimed iterations of the conv form (default 0 on CPU, 3 on CUDA)")
+    parser.add_argument(
+        "--conv-warmup", type=int, help="untimed iterations of the conv form (default 0 on CPU, 3 on CUDA)"
+    )
     parser.add_argument("--variants", nargs="+", default=["pooling", "cropping"], choices=["pooling", "cropping"])
     parser.add_argument("--vision-width", type=int, default=1024, help="C (CLIP ViT-L/14-336: 1024)")
     parser.add_argument("--sp-width", type=int, default=512, help="D (paper: 512)")

@@ -32,8 +32,12 @@ SECTION = "scaling_bench"
 VARIANT = "pooling"
 # Positions beyond the tiny preset's 1024 (582 visual + 1024 text): RoPE needs no table, the field only documents.
 # The paper's 24x24 grid (a random tiny encoder), not the embedded default's 12x12: 582 visual tokens.
-OVERRIDES = [f"variant={VARIANT}", "model.llm.max_position_embeddings=4096", "model.vision.name_or_path=null",
-             "model.vision.patch_size=14"]
+OVERRIDES = [
+    f"variant={VARIANT}",
+    "model.llm.max_position_embeddings=4096",
+    "model.vision.name_or_path=null",
+    "model.vision.patch_size=14",
+]
 
 
 def peak_gib(device: str) -> float:
@@ -60,9 +64,9 @@ def child(batch: int, text: int, device: str, iters: int, threads: int | None) -
     model = LlavaSPModule(cfg, tokenizer).model.to(device)
     n = model.num_visual_tokens
     ids = torch.randint(5, len(tokenizer) - 1, (batch, 1 + n + text), device=device)
-    ids[:, 1:1 + n] = model.image_token_id
+    ids[:, 1 : 1 + n] = model.image_token_id
     labels = ids.clone()
-    labels[:, :1 + n] = -100
+    labels[:, : 1 + n] = -100
     pixels = torch.randn(batch, 3, cfg.model.vision.image_size, cfg.model.vision.image_size, device=device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     cuda = device.startswith("cuda")
@@ -85,13 +89,30 @@ def child(batch: int, text: int, device: str, iters: int, threads: int | None) -
     if cuda:
         torch.cuda.synchronize()
     step_s = (time.perf_counter() - start) / iters
-    return {"batch": batch, "text": text, "visual": n, "seq": ids.shape[1], "step_s": step_s,
-            "tokens_per_s": batch * ids.shape[1] / step_s, "peak_gib": peak_gib(device), "built_gib": built}
+    return {
+        "batch": batch,
+        "text": text,
+        "visual": n,
+        "seq": ids.shape[1],
+        "step_s": step_s,
+        "tokens_per_s": batch * ids.shape[1] / step_s,
+        "peak_gib": peak_gib(device),
+        "built_gib": built,
+    }
 
 
 def run_point(batch: int, text: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(batch), str(text), "--device", args.device,
-           "--iters", str(args.iters)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(batch),
+        str(text),
+        "--device",
+        args.device,
+        "--iters",
+        str(args.iters),
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -102,8 +123,11 @@ def run_point(batch: int, text: int, args) -> dict:
 
 def report(points: list[dict], args, elapsed: float, load_before: str) -> str:
     cuda = args.device.startswith("cuda")
-    memory = ("torch.cuda.max_memory_allocated" if cuda else
-              "peak RSS of the point's own process (ru_maxrss), after build = RSS once the model is built")
+    memory = (
+        "torch.cuda.max_memory_allocated"
+        if cuda
+        else "peak RSS of the point's own process (ru_maxrss), after build = RSS once the model is built"
+    )
     by = {(p["batch"], p["text"]): p for p in points}
     lines = [
         f"## Step time and peak memory vs sequence length and batch, embedded default ({VARIANT}), {args.device}",
@@ -119,8 +143,10 @@ def report(points: list[dict], args, elapsed: float, load_before: str) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in points:
-        lines.append(f"| {p['batch']} | {p['text']} | {p['seq']} | {p['step_s']:.3f} | {p['tokens_per_s']:.0f} | "
-                     f"{p['peak_gib']:.2f} | {p['built_gib']:.2f} | {p['peak_gib'] - p['built_gib']:.2f} |")
+        lines.append(
+            f"| {p['batch']} | {p['text']} | {p['seq']} | {p['step_s']:.3f} | {p['tokens_per_s']:.0f} | "
+            f"{p['peak_gib']:.2f} | {p['built_gib']:.2f} | {p['peak_gib'] - p['built_gib']:.2f} |"
+        )
     # Growth factors measured in this run: along the batch at the shortest text, along the text at the largest batch.
     b_lo, b_hi, t_lo, t_hi = min(args.batches), max(args.batches), min(args.texts), max(args.texts)
 
@@ -130,12 +156,14 @@ def report(points: list[dict], args, elapsed: float, load_before: str) -> str:
 
     notes = []
     if (b_lo, t_lo) in by and (b_hi, t_lo) in by and b_hi > b_lo:
-        notes.append(f"batch {b_lo} -> {b_hi} (x{b_hi / b_lo:g}) at text {t_lo}: "
-                     + growth(by[(b_lo, t_lo)], by[(b_hi, t_lo)]))
+        notes.append(
+            f"batch {b_lo} -> {b_hi} (x{b_hi / b_lo:g}) at text {t_lo}: " + growth(by[(b_lo, t_lo)], by[(b_hi, t_lo)])
+        )
     if (b_hi, t_lo) in by and (b_hi, t_hi) in by and t_hi > t_lo:
         lo, hi = by[(b_hi, t_lo)], by[(b_hi, t_hi)]
-        notes.append(f"text {t_lo} -> {t_hi} at batch {b_hi} (sequence x{hi['seq'] / lo['seq']:.2f}): "
-                     + growth(lo, hi))
+        notes.append(
+            f"text {t_lo} -> {t_hi} at batch {b_hi} (sequence x{hi['seq'] / lo['seq']:.2f}): " + growth(lo, hi)
+        )
     if notes:
         lines += ["", "Measured growth: " + "; ".join(notes) + "."]
     return "\n".join(lines) + "\n"
@@ -145,14 +173,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--texts", type=int, nargs="+", default=[64, 256, 1024],
-                        help="text tokens after the visual ones")
-    parser.add_argument("--skip", nargs="*", default=[], metavar="BxT",
-                        help="grid points to leave out, e.g. 16x1024")
+    parser.add_argument(
+        "--texts", type=int, nargs="+", default=[64, 256, 1024], help="text tokens after the visual ones"
+    )
+    parser.add_argument("--skip", nargs="*", default=[], metavar="BxT", help="grid points to leave out, e.g. 16x1024")
     parser.add_argument("--iters", type=int, default=2)
-    parser.add_argument("--threads", type=int,
-                        help="intra-op threads in each point (default 1 on CPU: on a shared 2-core host a second "
-                             "thread mostly spin-waits, and step times scatter 2-4x; torch's default on CUDA)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="intra-op threads in each point (default 1 on CPU: on a shared 2-core host a second "
+        "thread mostly spin-waits, and step times scatter 2-4x; torch's default on CUDA)",
+    )
     parser.add_argument("--write", type=Path, help="write the results as this benchmark's section of a Markdown file")
     parser.add_argument("--child", nargs=2, type=int, metavar=("BATCH", "TEXT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -174,8 +205,11 @@ def main(argv=None) -> int:
                 continue
             points.append(run_point(batch, text, args))
             p = points[-1]
-            print(f"batch {batch:3d} text {text:5d}: {p['step_s']:.3f} s/step, {p['tokens_per_s']:.0f} tokens/s, "
-                  f"peak {p['peak_gib']:.2f} GiB (after build {p['built_gib']:.2f})", flush=True)
+            print(
+                f"batch {batch:3d} text {text:5d}: {p['step_s']:.3f} s/step, {p['tokens_per_s']:.0f} tokens/s, "
+                f"peak {p['peak_gib']:.2f} GiB (after build {p['built_gib']:.2f})",
+                flush=True,
+            )
     body = report(points, args, time.perf_counter() - started, load_before)
     print(body)
     if args.write:

@@ -15,10 +15,11 @@ A study is a YAML file in ``conf/ablate/`` (or any path given as ``study=path/to
 Each run's overrides are, in order: the budget, the arm's, the command line's (``ARGS``), then ``seed=<k>`` and
 ``run_dir=<root>/<study>/<arm>/seed<k>`` (so ``make tensorboard`` shows the arms side by side). Every run's config
 is composed and validated before the first one starts; when ``trainer.val_check_interval`` does not divide
-``trainer.max_steps`` it is lowered to their gcd, so that every run ends with a validation of its final weights. Re-running a study skips finished runs (``metrics.json``
-present); a finished run whose saved config differs from the one the study now asks for is an error that names
-the differing keys (its results would silently stand for another config); an unfinished run directory (a crash,
-an interrupt) is cleared and run again. A failing run is reported and the study goes on.
+``trainer.max_steps`` it is lowered to their gcd, so that every run ends with a validation of its final weights.
+Re-running a study skips finished runs (``metrics.json`` present); a finished run whose saved config differs from
+the one the study now asks for is an error that names the differing keys (its results would silently stand for
+another config); an unfinished run directory (a crash, an interrupt) is cleared and run again. A failing run is
+reported and the study goes on.
 
 Runs train in this process (``lightning_sp.train.train``), or each in a subprocess (``python -m lightning_sp
 train``) when the config launches several processes (DDP/FSDP, ``trainer.devices`` other than 1) or with
@@ -104,6 +105,7 @@ class PlannedRun:
 
 # ---- study files ------------------------------------------------------------------------------------------
 
+
 def study_path(study: str | Path) -> Path:
     p = Path(study)
     if p.suffix in (".yaml", ".yml"):
@@ -112,8 +114,10 @@ def study_path(study: str | Path) -> Path:
         return p
     p = CONF_DIR / "ablate" / f"{study}.yaml"
     if not p.is_file():
-        raise ConfigError(f"unknown study '{study}'; valid: {', '.join(group_choices('ablate'))} "
-                          f"(files in {p.parent}), or a path to a study .yaml")
+        raise ConfigError(
+            f"unknown study '{study}'; valid: {', '.join(group_choices('ablate'))} "
+            f"(files in {p.parent}), or a path to a study .yaml"
+        )
     return p
 
 
@@ -144,19 +148,30 @@ def load_study(study: str | Path) -> tuple[str, StudySpec]:
 
 # ---- planning ---------------------------------------------------------------------------------------------
 
+
 def config_differences(saved_yaml: Path, cfg: DictConfig) -> list[str]:
     """Keys whose value differs between a run's saved config and ``cfg`` (keys only one of them has -- a field
     added to the schema since -- and cosmetic keys are ignored)."""
+
     def plain(c: Any) -> dict:  # JSON round trip: tuples (schema defaults) and lists (YAML) compare equal
         return flatten(json.loads(json.dumps(OmegaConf.to_container(c, resolve=True))))
 
     saved, wanted = plain(OmegaConf.load(saved_yaml)), plain(cfg)
-    return [f"{k}: {saved[k]!r} -> {wanted[k]!r}" for k in sorted(saved.keys() & wanted.keys())
-            if saved[k] != wanted[k] and k not in COSMETIC_KEYS]
+    return [
+        f"{k}: {saved[k]!r} -> {wanted[k]!r}"
+        for k in sorted(saved.keys() & wanted.keys())
+        if saved[k] != wanted[k] and k not in COSMETIC_KEYS
+    ]
 
 
-def plan_study(name: str, spec: StudySpec, overrides: Sequence[str] = (), root: str | Path = DEFAULT_ROOT,
-               arms: Optional[Sequence[str]] = None, seeds: Optional[Sequence[int]] = None) -> list[PlannedRun]:
+def plan_study(
+    name: str,
+    spec: StudySpec,
+    overrides: Sequence[str] = (),
+    root: str | Path = DEFAULT_ROOT,
+    arms: Optional[Sequence[str]] = None,
+    seeds: Optional[Sequence[int]] = None,
+) -> list[PlannedRun]:
     """Compose and validate every run of the study (nothing is built or trained)."""
     for item in overrides:
         key = item.split("=", 1)[0]
@@ -183,8 +198,13 @@ def plan_study(name: str, spec: StudySpec, overrides: Sequence[str] = (), root: 
                 if t.max_steps % t.val_check_interval:
                     # The table must report the final model: validate at a step count that divides max_steps.
                     every = math.gcd(t.max_steps, t.val_check_interval)
-                    log.info("arm %s: trainer.val_check_interval %d -> %d so that step %d (the last) validates",
-                             arm.name, t.val_check_interval, every, t.max_steps)
+                    log.info(
+                        "arm %s: trainer.val_check_interval %d -> %d so that step %d (the last) validates",
+                        arm.name,
+                        t.val_check_interval,
+                        every,
+                        t.max_steps,
+                    )
                     run_overrides.insert(-2, f"trainer.val_check_interval={every}")
                     cfg = compose(run_overrides)
             except ConfigError as exc:
@@ -197,9 +217,12 @@ def plan_study(name: str, spec: StudySpec, overrides: Sequence[str] = (), root: 
             if diff:
                 stale.append(f"{run.run_dir}: {'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}")
     if stale:
-        raise ConfigError("finished runs were trained with another config than the study now asks for:\n  "
-                          + "\n  ".join(stale) + "\ndelete them, or write this variant of the study elsewhere "
-                          "(root=<dir>)")
+        raise ConfigError(
+            "finished runs were trained with another config than the study now asks for:\n  "
+            + "\n  ".join(stale)
+            + "\ndelete them, or write this variant of the study elsewhere "
+            "(root=<dir>)"
+        )
     return runs
 
 
@@ -210,6 +233,7 @@ def _needs_process(cfg: DictConfig) -> bool:
 
 
 # ---- running ----------------------------------------------------------------------------------------------
+
 
 def _run_in_process(run: PlannedRun) -> None:
     from lightning_sp.train import train
@@ -237,18 +261,32 @@ def _run_subprocess(run: PlannedRun) -> None:
         raise RuntimeError(f"{run.run_dir} has no metrics.json after training")
 
 
-def run_study(study: str | Path = "default", overrides: Sequence[str] = (), root: str | Path = DEFAULT_ROOT,
-              arms: Optional[Sequence[str]] = None, seeds: Optional[Sequence[int]] = None,
-              isolate: str | bool = "auto", progress: bool = True) -> dict:
+def run_study(
+    study: str | Path = "default",
+    overrides: Sequence[str] = (),
+    root: str | Path = DEFAULT_ROOT,
+    arms: Optional[Sequence[str]] = None,
+    seeds: Optional[Sequence[int]] = None,
+    isolate: str | bool = "auto",
+    progress: bool = True,
+) -> dict:
     """Run (or finish) a study and write its results table. Returns ``{"study_dir", "ran", "skipped",
     "failed", "rows", "markdown"}``; ``failed`` lists ``(arm, seed, error)``."""
     name, spec = load_study(study)
     runs = plan_study(name, spec, overrides, root, arms, seeds)
     study_dir = Path(root) / name
     study_dir.mkdir(parents=True, exist_ok=True)
-    (study_dir / "study.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({
-        "source": str(study_path(study)), "command_line": list(overrides), **OmegaConf.to_container(
-            OmegaConf.structured(spec))})))
+    (study_dir / "study.yaml").write_text(
+        OmegaConf.to_yaml(
+            OmegaConf.create(
+                {
+                    "source": str(study_path(study)),
+                    "command_line": list(overrides),
+                    **OmegaConf.to_container(OmegaConf.structured(spec)),
+                }
+            )
+        )
+    )
 
     ran, skipped, failed = [], [], []
     bar = tqdm(total=len(runs), desc=f"ablate {name}", unit="run", disable=not progress, dynamic_ncols=True)
@@ -263,8 +301,11 @@ def run_study(study: str | Path = "default", overrides: Sequence[str] = (), root
         if run.run_dir.exists():
             log.warning("%s: clearing the unfinished run in %s", label, run.run_dir)
             shutil.rmtree(run.run_dir)
-        separate = isolate is True or str(isolate).lower() == "true" or (
-            str(isolate).lower() == "auto" and _needs_process(run.cfg))
+        separate = (
+            isolate is True
+            or str(isolate).lower() == "true"
+            or (str(isolate).lower() == "auto" and _needs_process(run.cfg))
+        )
         try:
             (_run_subprocess if separate else _run_in_process)(run)
             ran.append(label)
@@ -278,24 +319,50 @@ def run_study(study: str | Path = "default", overrides: Sequence[str] = (), root
     seeds = list(spec.seeds if seeds is None else seeds)
     rows = summarize(study_dir, arm_names, seeds)
     arm_overrides = {a.name: a.overrides for a in spec.arms}
-    markdown = write_results(study_dir, name, spec, rows, arm_overrides, list(overrides), failed, seeds,
-                             priors=priors(runs, rows))
+    markdown = write_results(
+        study_dir, name, spec, rows, arm_overrides, list(overrides), failed, seeds, priors=priors(runs, rows)
+    )
     print(markdown, flush=True)
     chart_note = f", {study_dir / 'results.png'}" if (study_dir / "results.png").is_file() else ""
-    print(f"results: {study_dir / 'results.md'}, {study_dir / 'results.csv'}{chart_note} "
-          f"({len(ran)} run, {len(skipped)} skipped, {len(failed)} failed)", flush=True)
-    return {"study_dir": study_dir, "ran": ran, "skipped": skipped, "failed": failed, "rows": rows,
-            "markdown": markdown}
+    print(
+        f"results: {study_dir / 'results.md'}, {study_dir / 'results.csv'}{chart_note} "
+        f"({len(ran)} run, {len(skipped)} skipped, {len(failed)} failed)",
+        flush=True,
+    )
+    return {
+        "study_dir": study_dir,
+        "ran": ran,
+        "skipped": skipped,
+        "failed": failed,
+        "rows": rows,
+        "markdown": markdown,
+    }
 
 
 # ---- results ----------------------------------------------------------------------------------------------
 
 # Reported keys, in table order (per-question-type accuracies are inserted after val/accuracy).
-_TAIL_KEYS = ("val/loss", "train/loss", "num_visual_tokens", "params/total", "params/trainable", "params/projector",
-              "fit_time_s", "fit_samples_per_sec")
-_HEADERS = {"val/accuracy": "val acc", "val/loss": "val loss", "train/loss": "train loss",
-            "num_visual_tokens": "visual tokens", "params/total": "params", "params/trainable": "trainable",
-            "params/projector": "projector", "fit_time_s": "fit time (s)", "fit_samples_per_sec": "samples/s"}
+_TAIL_KEYS = (
+    "val/loss",
+    "train/loss",
+    "num_visual_tokens",
+    "params/total",
+    "params/trainable",
+    "params/projector",
+    "fit_time_s",
+    "fit_samples_per_sec",
+)
+_HEADERS = {
+    "val/accuracy": "val acc",
+    "val/loss": "val loss",
+    "train/loss": "train loss",
+    "num_visual_tokens": "visual tokens",
+    "params/total": "params",
+    "params/trainable": "trainable",
+    "params/projector": "projector",
+    "fit_time_s": "fit time (s)",
+    "fit_samples_per_sec": "samples/s",
+}
 _COUNTS = ("num_visual_tokens", "params/total", "params/trainable", "params/projector")
 
 
@@ -308,15 +375,17 @@ def summarize(study_dir: Path, arms: Sequence[str], seeds: Sequence[int]) -> lis
             path = study_dir / arm / f"seed{seed}" / "metrics.json"
             if path.is_file():
                 runs[arm][seed] = json.loads(path.read_text())
-    qtypes = sorted({k for per_seed in runs.values() for m in per_seed.values() for k in m
-                     if k.startswith("val/accuracy_")})
+    qtypes = sorted(
+        {k for per_seed in runs.values() for m in per_seed.values() for k in m if k.startswith("val/accuracy_")}
+    )
     keys = ["val/accuracy", *qtypes, *_TAIL_KEYS]
     rows = []
     for arm in arms:
         stats = {}
         for key in keys:
-            values = [m[key] for m in runs[arm].values() if isinstance(m.get(key), (int, float))
-                      and not math.isnan(m[key])]
+            values = [
+                m[key] for m in runs[arm].values() if isinstance(m.get(key), (int, float)) and not math.isnan(m[key])
+            ]
             if values:
                 stats[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None)
         rows.append({"arm": arm, "seeds": sorted(runs[arm]), "stats": stats})
@@ -326,6 +395,7 @@ def summarize(study_dir: Path, arms: Sequence[str], seeds: Sequence[int]) -> lis
 
 # ---- per-question statistics: intervals, paired comparisons, priors ------------------------------------------
 
+
 def _question_hits(study_dir: Path, arm: str, seeds: Sequence[int]) -> dict[int, dict[str, tuple[str, int]]]:
     """``{seed: {question id: (qtype, hit)}}`` of the arm's finished runs that wrote per-question results."""
     out = {}
@@ -334,8 +404,11 @@ def _question_hits(study_dir: Path, arm: str, seeds: Sequence[int]) -> dict[int,
         if path.is_file():
             out[seed] = {q["id"]: (q["qtype"], q["hit"]) for q in stats.read_questions(path)}
         else:
-            log.warning("%s has no %s (a run from before per-question results): left out of the intervals",
-                        path.parent, stats.VAL_QUESTIONS)
+            log.warning(
+                "%s has no %s (a run from before per-question results): left out of the intervals",
+                path.parent,
+                stats.VAL_QUESTIONS,
+            )
     return out
 
 
@@ -398,12 +471,16 @@ def priors(runs: Sequence[PlannedRun], rows: list[dict]) -> dict[str, dict[str, 
             if not (root / "train.json").is_file() or not (root / "val.json").is_file():
                 log.warning("no train.json/val.json in %s: no per-type prior for %s", root, run.arm)
                 continue
-            raw[root] = (json.loads((root / "train.json").read_text()),
-                         {r["id"]: r for r in json.loads((root / "val.json").read_text())})
+            raw[root] = (
+                json.loads((root / "train.json").read_text()),
+                {r["id"]: r for r in json.loads((root / "val.json").read_text())},
+            )
         train, val = raw[root]
         baseline = majority_baseline([val[i] for i in scored[run.arm] if i in val], reference=train)
-        out[run.arm] = {"val/accuracy": baseline["overall"],
-                        **{f"val/accuracy_{qt}": acc for qt, acc in baseline["per_qtype"].items()}}
+        out[run.arm] = {
+            "val/accuracy": baseline["overall"],
+            **{f"val/accuracy_{qt}": acc for qt, acc in baseline["per_qtype"].items()},
+        }
     return out
 
 
@@ -432,7 +509,7 @@ def _cell(key: str, stat: Optional[tuple]) -> str:
 
 def _header(key: str) -> str:
     if key.startswith("val/accuracy_"):
-        return "acc " + key[len("val/accuracy_"):]
+        return "acc " + key[len("val/accuracy_") :]
     return _HEADERS.get(key, key)
 
 
@@ -458,14 +535,20 @@ def _prior_rows(rows: list[dict], priors: dict[str, dict[str, float]]) -> list[t
 
 def _interval_lines(rows: list[dict], priors: dict[str, dict[str, float]], reference: str) -> list[str]:
     keys = _accuracy_keys(k for r in rows for k in r["intervals"])
-    lines = ["## Accuracy with 95 % confidence intervals", "",
-             "Exact match on the validation questions, scored teacher-forced (every answer token and the end of "
-             "turn right; equal to greedy decoding + exact match), pooled over the seeds: the accuracy over every "
-             f"question x seed, its interval a percentile bootstrap over questions ({stats.N_BOOT:,} resamples, "
-             "each resampled question bringing its hits from every seed)."
-             + (" `prior`: answering each question type's most frequent training answer (what guessing scores)."
-                if priors else " No prior: the study's data is not the synthetic set (or its JSON is missing)."),
-             ""]
+    lines = [
+        "## Accuracy with 95 % confidence intervals",
+        "",
+        "Exact match on the validation questions, scored teacher-forced (every answer token and the end of "
+        "turn right; equal to greedy decoding + exact match), pooled over the seeds: the accuracy over every "
+        f"question x seed, its interval a percentile bootstrap over questions ({stats.N_BOOT:,} resamples, "
+        "each resampled question bringing its hits from every seed)."
+        + (
+            " `prior`: answering each question type's most frequent training answer (what guessing scores)."
+            if priors
+            else " No prior: the study's data is not the synthetic set (or its JSON is missing)."
+        ),
+        "",
+    ]
     header = ["arm", "seeds", "questions", *[_header(k) for k in keys]]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for label, prior in _prior_rows(rows, priors):
@@ -474,25 +557,42 @@ def _interval_lines(rows: list[dict], priors: dict[str, dict[str, float]], refer
     for r in rows:
         if r["intervals"]:
             n = r["intervals"]["val/accuracy"]
-            lines.append("| " + " | ".join([r["arm"], str(n.seeds), str(n.questions),
-                                            *[_interval_cell(r["intervals"].get(k)) for k in keys]]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [r["arm"], str(n.seeds), str(n.questions), *[_interval_cell(r["intervals"].get(k)) for k in keys]]
+                )
+                + " |"
+            )
     lines += ["", f"## Paired comparison with `{reference}`", ""]
     paired = [r for r in rows if r["paired"] is not None]
     if not paired:
-        return lines + [f"No paired comparison: the study has no `{reference}` arm with per-question results, "
-                        "the reference every arm is compared with.", ""]
-    lines += [f"Each arm minus `{reference}` on the same questions and seeds. Interval: paired bootstrap over "
-              "questions; p: exact two-sided sign-flip test over questions (each question's hits summed over "
-              "seeds; with one seed, McNemar's exact test on the discordant pairs). better / worse: question x "
-              f"seed pairs only the arm / only `{reference}` got right. **Bold**: p < {ALPHA}.", "",
-              "| arm | questions x seeds | difference | 95 % CI | p | better / worse | significant |",
-              "|---|---:|---:|---:|---:|---:|---|"]
+        return lines + [
+            f"No paired comparison: the study has no `{reference}` arm with per-question results, "
+            "the reference every arm is compared with.",
+            "",
+        ]
+    lines += [
+        f"Each arm minus `{reference}` on the same questions and seeds. Interval: paired bootstrap over "
+        "questions; p: exact two-sided sign-flip test over questions (each question's hits summed over "
+        "seeds; with one seed, McNemar's exact test on the discordant pairs). better / worse: question x "
+        f"seed pairs only the arm / only `{reference}` got right. **Bold**: p < {ALPHA}.",
+        "",
+        "| arm | questions x seeds | difference | 95 % CI | p | better / worse | significant |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
     for r in paired:
         c = r["paired"]
         p = f"{c.p_value:.3g}"
-        cells = [r["arm"], f"{c.questions} x {c.seeds}", f"{c.difference:+.3f}", f"[{c.low:+.3f}, {c.high:+.3f}]",
-                 f"**{p}**" if c.significant(ALPHA) else p, f"{c.better} / {c.worse}",
-                 "yes" if c.significant(ALPHA) else "no"]
+        cells = [
+            r["arm"],
+            f"{c.questions} x {c.seeds}",
+            f"{c.difference:+.3f}",
+            f"[{c.low:+.3f}, {c.high:+.3f}]",
+            f"**{p}**" if c.significant(ALPHA) else p,
+            f"{c.better} / {c.worse}",
+            "yes" if c.significant(ALPHA) else "no",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -505,8 +605,11 @@ def _spread_lines(rows: list[dict], seeds: Sequence[int]) -> list[str]:
         means = [r["stats"][key][0] for r in rows if key in r["stats"]]
         if len(means) > 1 and min(means) < max(means):  # bold the winner(s), not a column of ties
             best[key] = max(means)
-    lines = [f"Mean ± sample std over seeds {list(seeds)} of each run's final metrics (`metrics.json`; accuracies "
-             "as above, per question type in `acc <type>`); fit time includes validation.", ""]
+    lines = [
+        f"Mean ± sample std over seeds {list(seeds)} of each run's final metrics (`metrics.json`; accuracies "
+        "as above, per question type in `acc <type>`); fit time includes validation.",
+        "",
+    ]
     header = ["arm", "seeds", *[_header(k) for k in keys]]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(keys)) + "|"]
     for r in rows:
@@ -520,15 +623,30 @@ def _spread_lines(rows: list[dict], seeds: Sequence[int]) -> list[str]:
     return lines
 
 
-def _write_csv(path: Path, rows: list[dict], arm_overrides: dict, priors: dict[str, dict[str, float]],
-               reference: str) -> None:
+def _write_csv(
+    path: Path, rows: list[dict], arm_overrides: dict, priors: dict[str, dict[str, float]], reference: str
+) -> None:
     keys = _keys(rows)
     acc_keys = _accuracy_keys(k for r in rows for k in r["intervals"])
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["arm", "overrides", "n_seeds", "seeds", *[f"{k}_{s}" for k in keys for s in ("mean", "std")],
-                     "n_questions", *[f"{k}_{s}" for k in acc_keys for s in ("pooled", "ci_low", "ci_high", "prior")],
-                     "reference", "diff", "diff_ci_low", "diff_ci_high", "p_value", "significant"])
+    writer.writerow(
+        [
+            "arm",
+            "overrides",
+            "n_seeds",
+            "seeds",
+            *[f"{k}_{s}" for k in keys for s in ("mean", "std")],
+            "n_questions",
+            *[f"{k}_{s}" for k in acc_keys for s in ("pooled", "ci_low", "ci_high", "prior")],
+            "reference",
+            "diff",
+            "diff_ci_low",
+            "diff_ci_high",
+            "p_value",
+            "significant",
+        ]
+    )
     for r in rows:
         values = []
         for k in keys:
@@ -541,24 +659,47 @@ def _write_csv(path: Path, rows: list[dict], arm_overrides: dict, priors: dict[s
             values += ["", "", ""] if iv is None else [repr(iv.estimate), repr(iv.low), repr(iv.high)]
             values.append(repr(prior[k]) if k in prior else "")
         c = r["paired"]
-        values += ["", "", "", "", "", ""] if c is None else [
-            reference, repr(c.difference), repr(c.low), repr(c.high), repr(c.p_value), str(c.significant(ALPHA))]
-        writer.writerow([r["arm"], " ".join(arm_overrides.get(r["arm"], [])), len(r["seeds"]),
-                         " ".join(map(str, r["seeds"])), *values])
+        values += (
+            ["", "", "", "", "", ""]
+            if c is None
+            else [reference, repr(c.difference), repr(c.low), repr(c.high), repr(c.p_value), str(c.significant(ALPHA))]
+        )
+        writer.writerow(
+            [
+                r["arm"],
+                " ".join(arm_overrides.get(r["arm"], [])),
+                len(r["seeds"]),
+                " ".join(map(str, r["seeds"])),
+                *values,
+            ]
+        )
     path.write_text(buf.getvalue())
 
 
-def write_results(study_dir: Path, name: str, spec: StudySpec, rows: list[dict], arm_overrides: dict,
-                  command_line: list[str], failed: list, seeds: Optional[Sequence[int]] = None,
-                  priors: Optional[dict[str, dict[str, float]]] = None, reference: str = REFERENCE_ARM) -> str:
+def write_results(
+    study_dir: Path,
+    name: str,
+    spec: StudySpec,
+    rows: list[dict],
+    arm_overrides: dict,
+    command_line: list[str],
+    failed: list,
+    seeds: Optional[Sequence[int]] = None,
+    priors: Optional[dict[str, dict[str, float]]] = None,
+    reference: str = REFERENCE_ARM,
+) -> str:
     """Write results.md and results.csv (and results.png when there are per-question results); returns the
     markdown. ``seeds``: those asked for (default the spec's); ``priors``: :func:`priors`' per arm."""
     priors = priors or {}
     lines = [f"# Ablation study `{name}`", ""]
     if spec.description:
         lines += [spec.description.strip(), ""]
-    lines += [f"Budget (every arm): `{' '.join(spec.budget) or '-'}`"
-              + (f"; command line: `{' '.join(command_line)}`" if command_line else "") + ".", ""]
+    lines += [
+        f"Budget (every arm): `{' '.join(spec.budget) or '-'}`"
+        + (f"; command line: `{' '.join(command_line)}`" if command_line else "")
+        + ".",
+        "",
+    ]
     if any(r["intervals"] for r in rows):
         lines += _interval_lines(rows, priors, reference)
         write_chart(study_dir / "results.png", rows, priors)
@@ -597,9 +738,15 @@ def chart(rows: list[dict], priors: dict[str, dict[str, float]]):
         prior = priors.get(r["arm"], {})
         at = [(xi, prior[k]) for xi, k in zip(x, keys) if k in prior]
         if at:
-            ax.hlines([p for _, p in at], [xi - width / 2 for xi, _ in at], [xi + width / 2 for xi, _ in at],
-                      colors="black", linewidths=2, label="prior (majority answer per type)" if j == 0 else None)
-    ax.set_xticks(groups, ["overall" if k == "val/accuracy" else k[len("val/accuracy_"):] for k in keys])
+            ax.hlines(
+                [p for _, p in at],
+                [xi - width / 2 for xi, _ in at],
+                [xi + width / 2 for xi, _ in at],
+                colors="black",
+                linewidths=2,
+                label="prior (majority answer per type)" if j == 0 else None,
+            )
+    ax.set_xticks(groups, ["overall" if k == "val/accuracy" else k[len("val/accuracy_") :] for k in keys])
     ax.set_ylabel("accuracy (95 % CI)")
     ax.set_ylim(0, 1)
     fig.legend(loc="outside upper center", fontsize="small", ncols=min(5, len(shown) + 1))  # off the bars
@@ -611,6 +758,7 @@ def write_chart(path: Path, rows: list[dict], priors: dict[str, dict[str, float]
 
 
 # ---- command line -----------------------------------------------------------------------------------------
+
 
 def parse_ablate_args(args: Sequence[str]) -> tuple[dict, list[str]]:
     """`key=value` arguments -> (run_study keyword arguments, overrides for every arm)."""

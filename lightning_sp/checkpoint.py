@@ -77,8 +77,11 @@ def sharded_tensor_keys(path: PathLike) -> dict[str, Any]:
 
     metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     prefix = "state_dict."
-    return {k[len(prefix):]: m for k, m in metadata.items()
-            if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    return {
+        k[len(prefix) :]: m
+        for k, m in metadata.items()
+        if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)
+    }
 
 
 def read_sharded_checkpoint(path: PathLike) -> dict:
@@ -106,8 +109,9 @@ def read_checkpoint(path: PathLike) -> dict:
         return read_sharded_checkpoint(p)
 
     def unreadable(reason: str) -> CheckpointError:
-        return CheckpointError(f"{p} is not a readable checkpoint ({reason}); pass a .ckpt written by lightning_sp, "
-                               f"or a run directory")
+        return CheckpointError(
+            f"{p} is not a readable checkpoint ({reason}); pass a .ckpt written by lightning_sp, or a run directory"
+        )
 
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
@@ -150,8 +154,10 @@ def load_module(path: PathLike, overrides: Iterable[str] = (), tokenizer=None):
     module.on_load_checkpoint(ckpt)  # raises if a trainable tensor is missing
     result = module.load_state_dict(ckpt["state_dict"], strict=False)
     if result.unexpected_keys:
-        raise KeyError(f"{resolve_checkpoint(path)} holds {len(result.unexpected_keys)} tensors this model does not "
-                       f"have, e.g. {sorted(result.unexpected_keys)[:5]}")
+        raise KeyError(
+            f"{resolve_checkpoint(path)} holds {len(result.unexpected_keys)} tensors this model does not "
+            f"have, e.g. {sorted(result.unexpected_keys)[:5]}"
+        )
     module.eval()
     return module
 
@@ -163,8 +169,12 @@ def save_module_checkpoint(module, run_dir: PathLike, extra: Optional[Mapping[st
     import lightning
 
     run_dir = Path(run_dir)
-    checkpoint: dict[str, Any] = {"state_dict": module.state_dict(), "epoch": 0, "global_step": 0,
-                                  "pytorch-lightning_version": lightning.__version__}
+    checkpoint: dict[str, Any] = {
+        "state_dict": module.state_dict(),
+        "epoch": 0,
+        "global_step": 0,
+        "pytorch-lightning_version": lightning.__version__,
+    }
     module.on_save_checkpoint(checkpoint)
     checkpoint["state_dict"] = {k: v.detach().cpu().contiguous() for k, v in checkpoint["state_dict"].items()}
     checkpoint.update(extra or {})

@@ -1,15 +1,15 @@
 """Command-line entry points: thin wrappers that parse arguments and call library functions.
 
-    python -m lightning_sp train variant=pooling trainer.max_steps=50 seed=3 run_dir=runs/x
-    python -m lightning_sp prepare-data [overrides]      # generate + shard the synthetic data of a config
-    python -m lightning_sp convert --json X.json --image-root DIR --out data/shards/NAME
-    python -m lightning_sp config variant=cropping       # print the composed, validated config
-    python -m lightning_sp eval ckpt=RUN/checkpoints/last.ckpt benchmark=pope questions=F.jsonl image_root=DIR
-    python -m lightning_sp generate ckpt=RUN image=F.png question="Where is the red circle?"   # streamed answer
-    python -m lightning_sp ablate study=default trainer.max_steps=20   # every arm x seed, then results.md/csv
-    python -m lightning_sp export ckpt=RUN out=DIR [dtype=bfloat16]   # merged HF dir (Llava / trust_remote_code)
-    python -m lightning_sp import-official --lora-dir DIR --variant pooling --llm ID --vision ID --out RUN
-    python -m lightning_sp export-official --ckpt RUN --out DIR         # back to adapter + non_lora_trainables.bin
+python -m lightning_sp train variant=pooling trainer.max_steps=50 seed=3 run_dir=runs/x
+python -m lightning_sp prepare-data [overrides]      # generate + shard the synthetic data of a config
+python -m lightning_sp convert --json X.json --image-root DIR --out data/shards/NAME
+python -m lightning_sp config variant=cropping       # print the composed, validated config
+python -m lightning_sp eval ckpt=RUN/checkpoints/last.ckpt benchmark=pope questions=F.jsonl image_root=DIR
+python -m lightning_sp generate ckpt=RUN image=F.png question="Where is the red circle?"   # streamed answer
+python -m lightning_sp ablate study=default trainer.max_steps=20   # every arm x seed, then results.md/csv
+python -m lightning_sp export ckpt=RUN out=DIR [dtype=bfloat16]   # merged HF dir (Llava / trust_remote_code)
+python -m lightning_sp import-official --lora-dir DIR --variant pooling --llm ID --vision ID --out RUN
+python -m lightning_sp export-official --ckpt RUN --out DIR         # back to adapter + non_lora_trainables.bin
 """
 
 from __future__ import annotations
@@ -48,14 +48,16 @@ def _prepare(args) -> None:
 def _convert(args) -> None:
     from lightning_sp.data.shards import convert
 
-    index = convert(args.json, args.image_root, args.out, shard_size=args.shard_size, workers=args.workers,
-                    seed=args.seed)
+    index = convert(
+        args.json, args.image_root, args.out, shard_size=args.shard_size, workers=args.workers, seed=args.seed
+    )
     print(f"wrote {len(index['shards'])} shards to {args.out}")
 
 
 def _one_line_errors(fn):
     """Missing files and unusable inputs (InputError: unreadable checkpoints, bad benchmark files, release layouts
     that do not match) end the command with their message (exit 2), not a traceback."""
+
     def run(args) -> None:
         try:
             fn(args)
@@ -98,8 +100,16 @@ def _export(args) -> None:
 def _import_official(args) -> None:
     from lightning_sp.models.import_official import import_official
 
-    path = import_official(args.lora_dir, args.variant, args.out, llm=args.llm, vision=args.vision,
-                           tokenizer=args.tokenizer, preset=args.preset, overrides=args.overrides)
+    path = import_official(
+        args.lora_dir,
+        args.variant,
+        args.out,
+        llm=args.llm,
+        vision=args.vision,
+        tokenizer=args.tokenizer,
+        preset=args.preset,
+        overrides=args.overrides,
+    )
     print(f"wrote {path} (use init={args.out} to warm-start a run from it)")
 
 
@@ -129,7 +139,9 @@ def _command_options(module: str, cls: str):
 
 # What `<command> --help` lists, generated from the schema when asked (composing the config takes a moment).
 _OPTION_HELP = {
-    "train": _run_options, "config": _run_options, "prepare-data": _run_options,
+    "train": _run_options,
+    "config": _run_options,
+    "prepare-data": _run_options,
     "eval": _command_options("lightning_sp.evaluate", "EvalOptions"),
     "export": _command_options("lightning_sp.export", "ExportOptions"),
     "generate": _command_options("lightning_sp.generate", "GenerateOptions"),
@@ -151,8 +163,9 @@ class _HelpWithOptions(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lightning_sp", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_sp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_ in (
         ("train", _train, "train a model (config overrides as key=value)"),
@@ -164,14 +177,27 @@ def build_parser() -> argparse.ArgumentParser:
         ("export", _export, "merged Hugging Face dir of a checkpoint: ckpt=PATH out=DIR [dtype=bfloat16]"),
     ):
         p = sub.add_parser(name, help=help_, add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("-h", "--help", action=_HelpWithOptions, options=_OPTION_HELP.get(name),
-                       help="show this command's options with their defaults and meanings, then exit")
-        p.add_argument("overrides", nargs="*", help="group=name (variant=pooling), experiment=NAME "
-                       "(conf/experiment/NAME.yaml) or key=value (seed=3)")
+        p.add_argument(
+            "-h",
+            "--help",
+            action=_HelpWithOptions,
+            options=_OPTION_HELP.get(name),
+            help="show this command's options with their defaults and meanings, then exit",
+        )
+        p.add_argument(
+            "overrides",
+            nargs="*",
+            help="group=name (variant=pooling), experiment=NAME (conf/experiment/NAME.yaml) or key=value (seed=3)",
+        )
         if name in ("train", "config", "prepare-data"):
-            p.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
-                           help="a YAML of config keys (and optional `defaults:` group selections), merged after "
-                                "the groups and experiment=, before the command line's key=value; repeatable")
+            p.add_argument(
+                "--config",
+                action="append",
+                default=[],
+                metavar="FILE.yaml",
+                help="a YAML of config keys (and optional `defaults:` group selections), merged after "
+                "the groups and experiment=, before the command line's key=value; repeatable",
+            )
         p.set_defaults(fn=fn)
     p = sub.add_parser("convert", help="LLaVA JSON + image root -> WebDataset shards + index")
     p.add_argument("--json", required=True)
@@ -204,7 +230,7 @@ def _config_options_last(argv: list[str]) -> list[str]:
     rest, options, i = [], [], 0
     while i < len(argv):
         if argv[i] == "--config" and i + 1 < len(argv):
-            options += argv[i:i + 2]
+            options += argv[i : i + 2]
             i += 2
             continue
         (options if argv[i].startswith("--config=") else rest).append(argv[i])

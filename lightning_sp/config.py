@@ -289,8 +289,10 @@ def _experiment_layers(experiment: Optional[str], config_files, conf_dir: Path) 
         path = conf_dir / "experiment" / f"{experiment}.yaml"
         if not path.is_file():
             valid = group_choices("experiment", conf_dir) if path.parent.is_dir() else []
-            raise ConfigError(f"unknown experiment '{experiment}'; valid choices: {', '.join(valid) or 'none'} "
-                              f"(files in {path.parent})")
+            raise ConfigError(
+                f"unknown experiment '{experiment}'; valid choices: {', '.join(valid) or 'none'} "
+                f"(files in {path.parent})"
+            )
         paths.append(path)
     for f in config_files:
         path = Path(f).expanduser()
@@ -306,8 +308,11 @@ def _experiment_layers(experiment: Optional[str], config_files, conf_dir: Path) 
     return layers
 
 
-def compose(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path | str = CONF_DIR,
-            config_files: list[str] | tuple[str, ...] = ()) -> DictConfig:
+def compose(
+    overrides: list[str] | tuple[str, ...] = (),
+    conf_dir: Path | str = CONF_DIR,
+    config_files: list[str] | tuple[str, ...] = (),
+) -> DictConfig:
     """Compose a validated, read-only RunConfig, later layers winning: base.yaml -> one file per group -> the
     experiment file (`experiment=NAME`) -> each of `config_files` (`--config FILE.yaml`) -> the command line's
     `a.b=value`. Group selections (`variant=pooling`) come from base.yaml's `defaults:`, then the experiment's and
@@ -382,8 +387,10 @@ def validate(cfg: DictConfig) -> None:
     # The grid is image_size // patch_size: a convolutional patch embedding drops the remainder (SigLIP SO400M/14
     # at 384 px: 27x27, its last 6 pixel rows and columns unused), as timm and transformers do.
     if vision.patch_size < 1 or vision.image_size < vision.patch_size:
-        raise ConfigError(f"model.vision.image_size ({vision.image_size}) must be at least "
-                          f"model.vision.patch_size ({vision.patch_size}), which must be positive")
+        raise ConfigError(
+            f"model.vision.image_size ({vision.image_size}) must be at least "
+            f"model.vision.patch_size ({vision.patch_size}), which must be positive"
+        )
     try:
         backbone_class(vision).check_config(vision)
     except (KeyError, ValueError) as e:
@@ -405,12 +412,16 @@ def validate(cfg: DictConfig) -> None:
             "(init=<align run> carries the projector over)"
         )
     if cfg.stage.full_llm and (cfg.stage.name != "finetune" or cfg.stage.lora):
-        raise ConfigError(f"stage.full_llm=true trains every LLM weight in stage=finetune without LoRA (got "
-                          f"stage.name={cfg.stage.name}, stage.lora={cfg.stage.lora}): use stage=finetune_full")
+        raise ConfigError(
+            f"stage.full_llm=true trains every LLM weight in stage=finetune without LoRA (got "
+            f"stage.name={cfg.stage.name}, stage.lora={cfg.stage.lora}): use stage=finetune_full"
+        )
     from lightning_sp.data.conversation import TEMPLATES
 
     if cfg.stage.template not in TEMPLATES:
-        raise ConfigError(f"unknown template '{cfg.stage.template}' (key stage.template); valid: {', '.join(TEMPLATES)}")
+        raise ConfigError(
+            f"unknown template '{cfg.stage.template}' (key stage.template); valid: {', '.join(TEMPLATES)}"
+        )
     if cfg.resume is not None and cfg.init is not None:
         raise ConfigError("init= (warm start: weights only) and resume= (continue a run) exclude each other")
     if cfg.resume == "auto" and not cfg.run_dir:
@@ -420,21 +431,30 @@ def validate(cfg: DictConfig) -> None:
     if not 0.0 <= cfg.optim.decay_ratio <= 1.0 - cfg.optim.warmup_ratio:
         raise ConfigError(f"optim.decay_ratio must be in [0, 1 - optim.warmup_ratio], got {cfg.optim.decay_ratio}")
     if cfg.model.vision.position_init not in ("sincos", "hf"):
-        raise ConfigError(f"model.vision.position_init must be 'sincos' or 'hf', got '{cfg.model.vision.position_init}'")
+        raise ConfigError(
+            f"model.vision.position_init must be 'sincos' or 'hf', got '{cfg.model.vision.position_init}'"
+        )
     if cfg.model.llm.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.llm.dtype must be float32, bfloat16 or float16, got '{cfg.model.llm.dtype}'")
     if not 0.0 <= cfg.data.max_skipped_fraction <= 1.0:
-        raise ConfigError(f"data.max_skipped_fraction must be in [0, 1] (1 never stops), got "
-                          f"{cfg.data.max_skipped_fraction}")
+        raise ConfigError(
+            f"data.max_skipped_fraction must be in [0, 1] (1 never stops), got {cfg.data.max_skipped_fraction}"
+        )
     if cfg.trainer.sharded_checkpoints and cfg.trainer.strategy != "fsdp":
-        raise ConfigError(f"trainer.sharded_checkpoints=true needs trainer.strategy=fsdp (the shards are FSDP2's), got "
-                          f"trainer.strategy={cfg.trainer.strategy}")
+        raise ConfigError(
+            f"trainer.sharded_checkpoints=true needs trainer.strategy=fsdp (the shards are FSDP2's), got "
+            f"trainer.strategy={cfg.trainer.strategy}"
+        )
     if cfg.data.length_group_batches < 1:
-        raise ConfigError(f"data.length_group_batches must be >= 1 (1 = off; LLaVA-style length grouping over that "
-                          f"many batches otherwise), got {cfg.data.length_group_batches}")
+        raise ConfigError(
+            f"data.length_group_batches must be >= 1 (1 = off; LLaVA-style length grouping over that "
+            f"many batches otherwise), got {cfg.data.length_group_batches}"
+        )
     if cfg.viz.every_n_val < 1 or cfg.viz.num_images < 1:
-        raise ConfigError(f"viz.every_n_val and viz.num_images must be >= 1 (viz.enabled=false turns the "
-                          f"attention maps off), got {cfg.viz.every_n_val} and {cfg.viz.num_images}")
+        raise ConfigError(
+            f"viz.every_n_val and viz.num_images must be >= 1 (viz.enabled=false turns the "
+            f"attention maps off), got {cfg.viz.every_n_val} and {cfg.viz.num_images}"
+        )
     _validate_distribution(cfg)
 
 
@@ -476,9 +496,15 @@ def _derive_accumulation(cfg: DictConfig, explicit: bool) -> None:
     per_step = cfg.data.batch_size * n
     if per_step >= 1 and t.global_batch_size > per_step and t.global_batch_size % per_step == 0:
         t.accumulate_grad_batches = t.global_batch_size // per_step
-        log.info("trainer.accumulate_grad_batches=%d derived from trainer.global_batch_size=%d = data.batch_size "
-                 "%d x %d devices x %d", t.accumulate_grad_batches, t.global_batch_size, cfg.data.batch_size, n,
-                 t.accumulate_grad_batches)
+        log.info(
+            "trainer.accumulate_grad_batches=%d derived from trainer.global_batch_size=%d = data.batch_size "
+            "%d x %d devices x %d",
+            t.accumulate_grad_batches,
+            t.global_batch_size,
+            cfg.data.batch_size,
+            n,
+            t.accumulate_grad_batches,
+        )
 
 
 def _global_batch_fix(cfg: DictConfig, devices: int) -> str:
@@ -486,13 +512,20 @@ def _global_batch_fix(cfg: DictConfig, devices: int) -> str:
     g, b = cfg.trainer.global_batch_size, cfg.data.batch_size
     per_step = b * devices
     if g % per_step == 0:
-        return (f"set trainer.accumulate_grad_batches={g // per_step} (or leave it out and give trainer.devices "
-                f"as a number: it is then derived)")
+        return (
+            f"set trainer.accumulate_grad_batches={g // per_step} (or leave it out and give trainer.devices "
+            f"as a number: it is then derived)"
+        )
     batches = [d for d in range(min(b, g // devices), 0, -1) if (g // devices) % d == 0] if g % devices == 0 else []
-    hint = f"data.batch_size={batches[0]} (with trainer.accumulate_grad_batches={g // devices // batches[0]}), " \
-        if batches else ""
-    return (f"{g} is not a multiple of data.batch_size x devices = {b} x {devices} = {per_step}: use {hint}"
-            f"another device count, or trainer.global_batch_size={per_step * max(1, round(g / per_step))}")
+    hint = (
+        f"data.batch_size={batches[0]} (with trainer.accumulate_grad_batches={g // devices // batches[0]}), "
+        if batches
+        else ""
+    )
+    return (
+        f"{g} is not a multiple of data.batch_size x devices = {b} x {devices} = {per_step}: use {hint}"
+        f"another device count, or trainer.global_batch_size={per_step * max(1, round(g / per_step))}"
+    )
 
 
 def check_global_batch(cfg: DictConfig, world_size: int) -> None:
@@ -521,10 +554,15 @@ def _check_global_batch_config(cfg: DictConfig) -> None:
     n = total_devices(cfg)
     if n is not None:
         if b * n * a != g:
-            devices = f"trainer.devices {n}" if t.num_nodes == 1 else \
-                f"{n} devices (trainer.devices {n // t.num_nodes} x trainer.num_nodes {t.num_nodes})"
-            raise ConfigError(f"trainer.global_batch_size={g}, but data.batch_size {b} x {devices} x "
-                              f"trainer.accumulate_grad_batches {a} = {b * n * a}: {_global_batch_fix(cfg, n)}")
+            devices = (
+                f"trainer.devices {n}"
+                if t.num_nodes == 1
+                else f"{n} devices (trainer.devices {n // t.num_nodes} x trainer.num_nodes {t.num_nodes})"
+            )
+            raise ConfigError(
+                f"trainer.global_batch_size={g}, but data.batch_size {b} x {devices} x "
+                f"trainer.accumulate_grad_batches {a} = {b * n * a}: {_global_batch_fix(cfg, n)}"
+            )
     elif g % (b * a):
         raise ConfigError(
             f"trainer.global_batch_size={g} is not a multiple of data.batch_size {b} x "
@@ -540,8 +578,11 @@ def _warn_unused_lora_overrides(cfg: DictConfig, given: set[str]) -> None:
         return
     unused = sorted(k for k in given if k.startswith("model.lora.") or k == "optim.lr_lora")
     if unused:
-        log.warning("%s: no effect in this run: stage.lora=false (stage %s) attaches no LoRA adapters",
-                    ", ".join(unused), cfg.stage.name)
+        log.warning(
+            "%s: no effect in this run: stage.lora=false (stage %s) attaches no LoRA adapters",
+            ", ".join(unused),
+            cfg.stage.name,
+        )
 
 
 def check_data_paths(cfg: DictConfig) -> None:
@@ -555,16 +596,27 @@ def check_data_paths(cfg: DictConfig) -> None:
         if locations.exists(directory, "index.json"):
             continue
         index = locations.join(directory, "index.json")
-        state = ("cannot be read" if locations.is_url(directory) else
-                 "does not exist" if not Path(directory).exists() else "has no index.json")
-        source = ("data.synthetic is set but did not produce it" if data.synthetic is not None else
-                  "data.synthetic is unset, so nothing generates it")
-        fix = (f"make the shards with `python -m lightning_sp convert --json <llava.json> --image-root <images> "
-               f"--out {directory}`, or point {key} at a shard directory")
+        state = (
+            "cannot be read"
+            if locations.is_url(directory)
+            else "does not exist"
+            if not Path(directory).exists()
+            else "has no index.json"
+        )
+        source = (
+            "data.synthetic is set but did not produce it"
+            if data.synthetic is not None
+            else "data.synthetic is unset, so nothing generates it"
+        )
+        fix = (
+            f"make the shards with `python -m lightning_sp convert --json <llava.json> --image-root <images> "
+            f"--out {directory}`, or point {key} at a shard directory"
+        )
         if key == "data.val_dir":
             fix += ", or set data.val_dir=null (no validation)"
-        raise ConfigError(f"{key}={directory} {state} ({index} missing; {source}): {fix}. data=synthetic "
-                          f"generates its own data")
+        raise ConfigError(
+            f"{key}={directory} {state} ({index} missing; {source}): {fix}. data=synthetic generates its own data"
+        )
 
 
 def _validate_distribution(cfg: DictConfig) -> None:
@@ -593,8 +645,14 @@ def _validate_distribution(cfg: DictConfig) -> None:
     _check_global_batch_config(cfg)
     total = global_batch_size(cfg)
     nodes = f" x {t.num_nodes} nodes" if t.num_nodes != 1 else ""
-    log.info("global batch = %d per device x %s devices%s x %d accumulation%s", cfg.data.batch_size, t.devices, nodes,
-             t.accumulate_grad_batches, f" = {total}" if total else " (devices resolved at launch)")
+    log.info(
+        "global batch = %d per device x %s devices%s x %d accumulation%s",
+        cfg.data.batch_size,
+        t.devices,
+        nodes,
+        t.accumulate_grad_batches,
+        f" = {total}" if total else " (devices resolved at launch)",
+    )
 
 
 def parse_command_options(args, options_cls, command: str, usage: str) -> tuple[dict, list[str]]:
@@ -610,15 +668,19 @@ def parse_command_options(args, options_cls, command: str, usage: str) -> tuple[
     for item in plain:
         key = item.split("=", 1)[0]
         if key in GROUPS or key == "experiment":
-            raise ConfigError(f"{command}: '{item}' selects a config group, but {command} works on a trained run "
-                              f"whose config (model, variant, data, ...) is stored in its checkpoint; name the run "
-                              f"with ckpt=... ({usage}). Dotted keys such as model.llm.dtype=bfloat16 override the "
-                              f"stored config")
+            raise ConfigError(
+                f"{command}: '{item}' selects a config group, but {command} works on a trained run "
+                f"whose config (model, variant, data, ...) is stored in its checkpoint; name the run "
+                f"with ckpt=... ({usage}). Dotted keys such as model.llm.dtype=bfloat16 override the "
+                f"stored config"
+            )
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown {command} option '{key}'.{hint} Valid: {', '.join(valid)} (dotted keys such as "
-                              f"model.llm.dtype=bfloat16 override the run's config)")
+            raise ConfigError(
+                f"unknown {command} option '{key}'.{hint} Valid: {', '.join(valid)} (dotted keys such as "
+                f"model.llm.dtype=bfloat16 override the run's config)"
+            )
     schema = OmegaConf.structured(options_cls)
     try:
         opts = OmegaConf.merge(schema, OmegaConf.from_dotlist(plain))

@@ -77,6 +77,7 @@ _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 
 # ---- the wrap plan -----------------------------------------------------------------------------------------
 
+
 @dataclass
 class Unit:
     """One `fully_shard` call: its modules and the parameters it will own."""
@@ -217,12 +218,16 @@ def check_units(units: list[Unit], model: nn.Module) -> None:
 
 def describe_units(units: list[Unit]) -> str:
     width = max(len(u.name) for u in units)
-    rows = [f"{u.name:<{width}}  {'trainable' if u.trainable else 'frozen' if u.trainable is False else '-':>9}  "
-            f"{u.numel():>13,}" for u in units]
+    rows = [
+        f"{u.name:<{width}}  {'trainable' if u.trainable else 'frozen' if u.trainable is False else '-':>9}  "
+        f"{u.numel():>13,}"
+        for u in units
+    ]
     return "\n".join([f"{'FSDP unit':<{width}}  {'':>9}  {'parameters':>13}", *rows])
 
 
 # ---- applying it -------------------------------------------------------------------------------------------
+
 
 def _fingerprint(tensors: list[torch.Tensor]) -> str:
     h = hashlib.sha1()
@@ -250,8 +255,10 @@ def sync_initial_weights(units: list[Unit], device: torch.device) -> None:
     dist.all_gather_object(everyone, frozen)
     bad = sorted(k for k in frozen if any(other[k] != frozen[k] for other in everyone))
     if bad:
-        raise RuntimeError(f"ranks hold different frozen weights in {bad[:5]}: every rank must load the same "
-                           "checkpoints (model.*.name_or_path) and init seeds")
+        raise RuntimeError(
+            f"ranks hold different frozen weights in {bad[:5]}: every rank must load the same "
+            "checkpoints (model.*.name_or_path) and init seeds"
+        )
 
 
 def shard_model(model: nn.Module, mesh, bf16: bool, sync: bool = True) -> list[Unit]:
@@ -268,8 +275,9 @@ def shard_model(model: nn.Module, mesh, bf16: bool, sync: bool = True) -> list[U
     check_units(units, model)
     if sync:
         sync_initial_weights(units, torch.device(mesh.device_type))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
-        MixedPrecisionPolicy()
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    )
     for unit in units:
         fully_shard(unit.modules if len(unit.modules) > 1 else unit.modules[0], mesh=mesh, mp_policy=mp)
     plain = [n for n, q in model.named_parameters() if not isinstance(q, DTensor)]
@@ -279,6 +287,7 @@ def shard_model(model: nn.Module, mesh, bf16: bool, sync: bool = True) -> list[U
 
 
 # ---- the strategy ------------------------------------------------------------------------------------------
+
 
 class FSDP2Strategy(ModelParallelStrategy):
     """ModelParallelStrategy as pure FSDP2: data parallel over every process, no tensor parallelism.
@@ -290,8 +299,12 @@ class FSDP2Strategy(ModelParallelStrategy):
     at 7B: ~92 GB of weights and AdamW state), which `checkpoint.read_checkpoint` reads without a process group."""
 
     def __init__(self, save_distributed_checkpoint: bool = False, **kwargs) -> None:
-        super().__init__(data_parallel_size="auto", tensor_parallel_size="auto",
-                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size="auto",
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            **kwargs,
+        )
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
@@ -301,8 +314,9 @@ class FSDP2Strategy(ModelParallelStrategy):
     def lightning_module_state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        options = StateDictOptions(full_state_dict=not self._save_distributed_checkpoint, cpu_offload=True,
-                                   ignore_frozen_params=True)
+        options = StateDictOptions(
+            full_state_dict=not self._save_distributed_checkpoint, cpu_offload=True, ignore_frozen_params=True
+        )
         return get_model_state_dict(self.model, options=options)
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
@@ -322,20 +336,26 @@ class FSDP2Strategy(ModelParallelStrategy):
         dict, frozen weights included, which our checkpoints leave out by design ("Missing key in checkpoint").
         Each rank reads its own shards of the model and of every optimizer; returns the rest (`meta.pt`)."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
-        model_state = {"state_dict": get_model_state_dict(self.model, options=StateDictOptions(
-            ignore_frozen_params=True))}
+        model_state = {
+            "state_dict": get_model_state_dict(self.model, options=StateDictOptions(ignore_frozen_params=True))
+        }
         dcp.load(model_state, checkpoint_id=str(path))
         set_model_state_dict(self.model, model_state["state_dict"], options=StateDictOptions(strict=False))
         for idx, optimizer in enumerate(self.optimizers):  # keyed as ModelParallelStrategy.save_checkpoint keys them
             key = f"optimizer_{idx}"
             optim_state = {key: get_optimizer_state_dict(self.model, optimizer)}
             dcp.load(optim_state, checkpoint_id=str(path))
-            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[key],
-                                     options=StateDictOptions(cpu_offload=True))
+            set_optimizer_state_dict(
+                self.model, optimizer, optim_state_dict=optim_state[key], options=StateDictOptions(cpu_offload=True)
+            )
         return torch.load(path / SHARDED_META, map_location="cpu", weights_only=weights_only)
 
 
@@ -347,6 +367,7 @@ def build_strategy(cfg) -> Any:
 
 
 # ---- per-rank accounting -----------------------------------------------------------------------------------
+
 
 class RankSummary(Callback):
     """Counts what each rank trained on and writes `<run_dir>/ranks/rank<r>.json` at the end of fit, so that a
@@ -364,10 +385,16 @@ class RankSummary(Callback):
             self.text_only_batches += 1
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        summary = {"rank": trainer.global_rank, "world_size": trainer.world_size,
-                   "global_step": trainer.global_step, "batches": self.batches, "samples": self.samples,
-                   "text_only_batches": self.text_only_batches, "epochs": trainer.current_epoch,
-                   "strategy": type(trainer.strategy).__name__}
+        summary = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "global_step": trainer.global_step,
+            "batches": self.batches,
+            "samples": self.samples,
+            "text_only_batches": self.text_only_batches,
+            "epochs": trainer.current_epoch,
+            "strategy": type(trainer.strategy).__name__,
+        }
         log.info("rank %d/%d done: %s", trainer.global_rank, trainer.world_size, summary)
         out = self.run_dir / "ranks"
         out.mkdir(parents=True, exist_ok=True)
@@ -375,7 +402,8 @@ class RankSummary(Callback):
 
 
 def gather_objects(obj: Any) -> list[Any]:
-    """`obj` from every rank, in rank order (a collective: every rank must call it); `[obj]` outside torch.distributed."""
+    """`obj` from every rank, in rank order (a collective: every rank must call it); `[obj]` outside
+    torch.distributed."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return [obj]
     gathered: list[Any] = [None] * torch.distributed.get_world_size()

@@ -41,8 +41,13 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from lightning_sp.config import ConfigError, InputError, parse_command_options
-from lightning_sp.data.conversation import (IGNORE_INDEX, encode_continuation, encode_prompt, expand_image_token,
-                                           reference_answer)
+from lightning_sp.data.conversation import (
+    IGNORE_INDEX,
+    encode_continuation,
+    encode_prompt,
+    expand_image_token,
+    reference_answer,
+)
 from lightning_sp.data.images import DEFAULT_STATS, ImageProcessor, ImageStats
 from lightning_sp.data.tokenizer import IMAGE_TOKEN
 from lightning_sp.metrics import ExactMatch, POPEMetrics, VQAAccuracy
@@ -93,6 +98,7 @@ class EvalOptions:
 
 # ---- model ------------------------------------------------------------------------------------------------
 
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,6 +126,7 @@ def load_module(path: str | Path, overrides: Sequence[str] = (), device: str = "
 
 # ---- prompts and batches ----------------------------------------------------------------------------------
 
+
 def _pixels_from(image, processor: ImageProcessor, qid) -> torch.Tensor:
     if isinstance(image, (str, Path)):
         path = Path(image)
@@ -141,8 +148,9 @@ class PromptBuilder:
 
     Holds no model, so DataLoader workers can use it."""
 
-    def __init__(self, tokenizer, template: str, num_visual_tokens: int, image_size: int,
-                 image_stats: ImageStats | None = None):
+    def __init__(
+        self, tokenizer, template: str, num_visual_tokens: int, image_size: int, image_stats: ImageStats | None = None
+    ):
         self.tokenizer, self.template, self.num_visual_tokens = tokenizer, template, num_visual_tokens
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.processor = ImageProcessor(image_size, *(image_stats or DEFAULT_STATS))
@@ -171,10 +179,12 @@ class PromptBuilder:
     def collate(self, items: list[dict]) -> dict:
         prompts = [it["prompt_ids"] for it in items]
         return {
-            "prompt_ids": pad_sequence(prompts, batch_first=True, padding_value=self.tokenizer.pad_token_id,
-                                       padding_side="left"),
-            "prompt_attention_mask": pad_sequence([torch.ones_like(p) for p in prompts], batch_first=True,
-                                                  padding_value=0, padding_side="left"),
+            "prompt_ids": pad_sequence(
+                prompts, batch_first=True, padding_value=self.tokenizer.pad_token_id, padding_side="left"
+            ),
+            "prompt_attention_mask": pad_sequence(
+                [torch.ones_like(p) for p in prompts], batch_first=True, padding_value=0, padding_side="left"
+            ),
             "pixel_values": torch.stack([it["pixel_values"] for it in items]),
         }
 
@@ -202,12 +212,18 @@ class Predictor:
     def __init__(self, module):
         self.module = module.eval()
         self.model, self.tokenizer, self.cfg = module.model, module.tokenizer, module.cfg
-        self.builder = PromptBuilder(self.tokenizer, self.cfg.stage.template, self.model.num_visual_tokens,
-                                     self.cfg.model.vision.image_size, image_stats=self.model.vision.stats)
+        self.builder = PromptBuilder(
+            self.tokenizer,
+            self.cfg.stage.template,
+            self.model.num_visual_tokens,
+            self.cfg.model.vision.image_size,
+            image_stats=self.model.vision.stats,
+        )
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, overrides: Sequence[str] = (), device: str = "auto",
-                        dtype: Optional[str] = None) -> "Predictor":
+    def from_checkpoint(
+        cls, path: str | Path, overrides: Sequence[str] = (), device: str = "auto", dtype: Optional[str] = None
+    ) -> "Predictor":
         return cls(load_module(path, overrides, device=device, dtype=dtype))
 
     @property
@@ -232,14 +248,25 @@ class Predictor:
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [cut_at_stop_strings(t, stop_strings).strip() for t in texts]
 
-    def predict(self, questions: Sequence[Question], batch_size: int = 8, max_new_tokens: int = PAPER_MAX_NEW_TOKENS,
-                num_workers: int = 0, progress: bool = True, stop_strings: Sequence[str] = ()) -> list[str]:
+    def predict(
+        self,
+        questions: Sequence[Question],
+        batch_size: int = 8,
+        max_new_tokens: int = PAPER_MAX_NEW_TOKENS,
+        num_workers: int = 0,
+        progress: bool = True,
+        stop_strings: Sequence[str] = (),
+    ) -> list[str]:
         """Greedy answers, in the order of ``questions``."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        loader = torch.utils.data.DataLoader(_Prepared(questions, self.builder), batch_size=batch_size,
-                                             shuffle=False, num_workers=num_workers,
-                                             collate_fn=self.builder.collate)
+        loader = torch.utils.data.DataLoader(
+            _Prepared(questions, self.builder),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=self.builder.collate,
+        )
         answers: list[str] = []
         for batch in tqdm(loader, desc="generating", unit="batch", disable=not progress):
             answers += self.generate(batch, max_new_tokens, stop_strings=stop_strings)
@@ -264,13 +291,14 @@ class Predictor:
         ids = torch.cat([prompt, cont]).unsqueeze(0).to(self.device)
         pixels = self.builder.pixel_values(question).unsqueeze(0).to(self.device)
         logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels).logits
-        logits = logits[0, prompt.numel() - 1: -1].float()
+        logits = logits[0, prompt.numel() - 1 : -1].float()
         cont = cont.to(self.device)
         logprob = torch.log_softmax(logits, dim=-1).gather(1, cont.unsqueeze(1)).sum()
         return float(logprob), bool((logits.argmax(dim=-1) == cont).all())
 
 
 # ---- benchmark files --------------------------------------------------------------------------------------
+
 
 def read_records(path: str | Path) -> Any:
     """A .jsonl file as a list of dicts, anything else as JSON."""
@@ -328,8 +356,12 @@ def with_suffix(text: str, suffix: Optional[str]) -> str:
     return f"{text}\n{suffix}"
 
 
-def load_question_file(path: str | Path, image_root: Optional[str | Path] = None, answers: Optional[str] = None,
-                       suffix: Optional[str] = SHORT_ANSWER_PROMPT) -> list[Question]:
+def load_question_file(
+    path: str | Path,
+    image_root: Optional[str | Path] = None,
+    answers: Optional[str] = None,
+    suffix: Optional[str] = SHORT_ANSWER_PROMPT,
+) -> list[Question]:
     """LLaVA-1.5 question file or POPE annotations (jsonl): question_id, image, text [, label, category,
     answers]. Image paths resolve against ``image_root`` (default: the file's folder)."""
     path = Path(path)
@@ -341,21 +373,24 @@ def load_question_file(path: str | Path, image_root: Optional[str | Path] = None
     questions, seen = [], set()
     for n, row in enumerate(rows, 1):
         if "question_id" not in row or not any(k in row for k in ("text", "question")):
-            raise EvalDataError(f"{path} entry {n}: needs 'question_id' and 'text' (LLaVA question format), "
-                                f"got keys {sorted(row)}")
+            raise EvalDataError(
+                f"{path} entry {n}: needs 'question_id' and 'text' (LLaVA question format), got keys {sorted(row)}"
+            )
         qid = row["question_id"]
         if str(qid) in seen:
             raise EvalDataError(f"{path}: question_id {qid!r} appears twice")
         seen.add(str(qid))
         references = _refs_of(row.get("answers", row.get("answer"))) or refs.get(str(qid))
-        questions.append(Question(
-            question_id=qid,
-            text=with_suffix(row.get("text", row.get("question")), suffix),
-            image=root / row["image"] if row.get("image") else None,
-            references=references,
-            label=row.get("label"),
-            category=None if row.get("category") is None else str(row["category"]),
-        ))
+        questions.append(
+            Question(
+                question_id=qid,
+                text=with_suffix(row.get("text", row.get("question")), suffix),
+                image=root / row["image"] if row.get("image") else None,
+                references=references,
+                label=row.get("label"),
+                category=None if row.get("category") is None else str(row["category"]),
+            )
+        )
     if answers:
         missing = [q.question_id for q in questions if q.references is None]
         if missing:
@@ -371,8 +406,10 @@ def synthetic_questions(cfg: DictConfig) -> list[Question]:
     from lightning_sp.data.shards import load_index
 
     if cfg.data.val_dir is None:
-        raise ConfigError("benchmark=synthetic evaluates data.val_dir, which this run's config leaves unset; "
-                          "pass data.val_dir=<shard dir>")
+        raise ConfigError(
+            "benchmark=synthetic evaluates data.val_dir, which this run's config leaves unset; "
+            "pass data.val_dir=<shard dir>"
+        )
     if cfg.data.synthetic is not None:
         ensure_synthetic(cfg.data, image_size=cfg.model.vision.image_size)
     val_dir = Path(cfg.data.val_dir)
@@ -386,18 +423,21 @@ def synthetic_questions(cfg: DictConfig) -> list[Question]:
         human = [t["value"] for t in record["conversations"] if t["from"] == "human"]
         answer = reference_answer(record)
         qtype = record.get("qtype") or (record.get("qtypes") or ["all"])[-1]
-        questions.append(Question(
-            question_id=record.get("id", sample["__key__"]),
-            text=human[-1].replace(IMAGE_TOKEN, "").strip(),
-            image=image if record.get("image") else None,
-            references=None if answer is None else [answer],
-            category=str(qtype),
-            record=record,
-        ))
+        questions.append(
+            Question(
+                question_id=record.get("id", sample["__key__"]),
+                text=human[-1].replace(IMAGE_TOKEN, "").strip(),
+                image=image if record.get("image") else None,
+                references=None if answer is None else [answer],
+                category=str(qtype),
+                record=record,
+            )
+        )
     return questions
 
 
 # ---- scoring ----------------------------------------------------------------------------------------------
+
 
 def _by_category(questions: Sequence[Question], predictions: Sequence[str], make, update) -> dict:
     """{None: overall metric, category: metric, ...} over the questions that have references."""
@@ -441,24 +481,35 @@ def score(benchmark: str, questions: Sequence[Question], predictions: Sequence[s
 
 # ---- the command ------------------------------------------------------------------------------------------
 
+
 def _default_out(ckpt: Path, benchmark: str, questions: Optional[str]) -> Path:
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     name = benchmark if questions is None else f"{benchmark}-{Path(questions).stem}"
     return run_dir / "eval" / name
 
 
-def load_benchmark(benchmark: str, cfg: DictConfig, questions: Optional[str] = None, answers: Optional[str] = None,
-                   image_root: Optional[str] = None, prompt_suffix: Optional[str] = None) -> list[Question]:
+def load_benchmark(
+    benchmark: str,
+    cfg: DictConfig,
+    questions: Optional[str] = None,
+    answers: Optional[str] = None,
+    image_root: Optional[str] = None,
+    prompt_suffix: Optional[str] = None,
+) -> list[Question]:
     if benchmark not in BENCHMARKS:
         raise ConfigError(f"unknown benchmark '{benchmark}'; valid: {', '.join(BENCHMARKS)}")
     if benchmark == "synthetic":
         if questions is not None or prompt_suffix:
-            raise ConfigError("benchmark=synthetic reads the run's val shards; it takes no questions= or "
-                              "prompt_suffix= (pass data.val_dir=... to evaluate other shards)")
+            raise ConfigError(
+                "benchmark=synthetic reads the run's val shards; it takes no questions= or "
+                "prompt_suffix= (pass data.val_dir=... to evaluate other shards)"
+            )
         return synthetic_questions(cfg)
     if questions is None:
-        raise ConfigError(f"benchmark={benchmark} needs questions=<file.jsonl> (LLaVA question file"
-                          f"{' or POPE annotations' if benchmark == 'pope' else ''})")
+        raise ConfigError(
+            f"benchmark={benchmark} needs questions=<file.jsonl> (LLaVA question file"
+            f"{' or POPE annotations' if benchmark == 'pope' else ''})"
+        )
     suffix = SHORT_ANSWER_PROMPT if prompt_suffix is None else prompt_suffix
     if suffix.strip().lower() == "none":
         suffix = ""
@@ -473,11 +524,24 @@ def load_benchmark(benchmark: str, cfg: DictConfig, questions: Optional[str] = N
     return loaded
 
 
-def evaluate(ckpt: str, benchmark: str, questions: Optional[str] = None, answers: Optional[str] = None,
-             image_root: Optional[str] = None, out: Optional[str] = None, batch_size: int = 8,
-             max_new_tokens: Optional[int] = None, prompt_suffix: Optional[str] = None, limit: Optional[int] = None,
-             device: str = "auto", dtype: Optional[str] = None, num_workers: int = 0,
-             overrides: Sequence[str] = (), predictor: Optional[Predictor] = None, progress: bool = True) -> dict:
+def evaluate(
+    ckpt: str,
+    benchmark: str,
+    questions: Optional[str] = None,
+    answers: Optional[str] = None,
+    image_root: Optional[str] = None,
+    out: Optional[str] = None,
+    batch_size: int = 8,
+    max_new_tokens: Optional[int] = None,
+    prompt_suffix: Optional[str] = None,
+    limit: Optional[int] = None,
+    device: str = "auto",
+    dtype: Optional[str] = None,
+    num_workers: int = 0,
+    overrides: Sequence[str] = (),
+    predictor: Optional[Predictor] = None,
+    progress: bool = True,
+) -> dict:
     """Evaluate one checkpoint on one benchmark; writes ``predictions.jsonl`` and ``metrics.json`` into ``out``
     and returns the metrics.json content. ``predictor`` reuses an already loaded model."""
     started = time.perf_counter()
@@ -494,11 +558,18 @@ def evaluate(ckpt: str, benchmark: str, questions: Optional[str] = None, answers
         items = items[:limit]
     if max_new_tokens is None:
         max_new_tokens = cfg.eval.max_new_tokens if benchmark == "synthetic" else PAPER_MAX_NEW_TOKENS
-    log.info("evaluating %s on %d %s questions (batch %d, up to %d new tokens)", ckpt_path, len(items), benchmark,
-             batch_size, max_new_tokens)
+    log.info(
+        "evaluating %s on %d %s questions (batch %d, up to %d new tokens)",
+        ckpt_path,
+        len(items),
+        benchmark,
+        batch_size,
+        max_new_tokens,
+    )
     gen_started = time.perf_counter()
-    predictions = predictor.predict(items, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                    num_workers=num_workers, progress=progress)
+    predictions = predictor.predict(
+        items, batch_size=batch_size, max_new_tokens=max_new_tokens, num_workers=num_workers, progress=progress
+    )
     gen_seconds = time.perf_counter() - gen_started
     metrics = score(benchmark, items, predictions)
 
@@ -528,15 +599,23 @@ def evaluate(ckpt: str, benchmark: str, questions: Optional[str] = None, answers
     }
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in OVERALL_METRICS)
-    print(f"{benchmark}: {len(items)} questions in {gen_seconds:.1f}s; {shown or 'no references: predictions only'}"
-          f" -> {out_dir}", flush=True)
+    print(
+        f"{benchmark}: {len(items)} questions in {gen_seconds:.1f}s; {shown or 'no references: predictions only'}"
+        f" -> {out_dir}",
+        flush=True,
+    )
     return result
 
 
 def parse_eval_args(args: Sequence[str]) -> tuple[dict, list[str]]:
     """`key=value` arguments -> (EvalOptions fields, run-config dotlist overrides for dotted keys)."""
-    return parse_command_options(args, EvalOptions, "eval", f"python -m lightning_sp eval ckpt=<run>/checkpoints/"
-                                 f"last.ckpt benchmark=<{'|'.join(BENCHMARKS)}> [key=value ...]")
+    return parse_command_options(
+        args,
+        EvalOptions,
+        "eval",
+        f"python -m lightning_sp eval ckpt=<run>/checkpoints/"
+        f"last.ckpt benchmark=<{'|'.join(BENCHMARKS)}> [key=value ...]",
+    )
 
 
 def evaluate_from_args(args: Sequence[str]) -> dict:
@@ -544,5 +623,16 @@ def evaluate_from_args(args: Sequence[str]) -> dict:
     return evaluate(**opts, overrides=overrides)
 
 
-__all__ = ["BENCHMARKS", "EvalOptions", "Predictor", "PromptBuilder", "Question", "SHORT_ANSWER_PROMPT",
-           "evaluate", "load_module", "load_question_file", "score", "synthetic_questions"]
+__all__ = [
+    "BENCHMARKS",
+    "EvalOptions",
+    "Predictor",
+    "PromptBuilder",
+    "Question",
+    "SHORT_ANSWER_PROMPT",
+    "evaluate",
+    "load_module",
+    "load_question_file",
+    "score",
+    "synthetic_questions",
+]

@@ -131,12 +131,22 @@ def _processor(tokenizer, image_size: int, patch_size: int, extra_tokens: int, s
 
     mean, std = stats
     image_processor = LlavaImageProcessor(
-        do_pad=True, size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-        image_mean=list(mean), image_std=list(std), resample=3,  # PIL bicubic
+        do_pad=True,
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(mean),
+        image_std=list(std),
+        resample=3,  # PIL bicubic
     )
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1 + extra_tokens,
-                          image_token=IMAGE_TOKEN, chat_template=tokenizer.chat_template)
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1 + extra_tokens,
+        image_token=IMAGE_TOKEN,
+        chat_template=tokenizer.chat_template,
+    )
 
 
 def _set_dtype(config, dtype: torch.dtype) -> None:
@@ -157,15 +167,24 @@ def _export_llava(model, tokenizer, cfg, dtype: torch.dtype, out: Path, max_shar
     vocab = llm.get_input_embeddings().num_embeddings
     if image_id >= vocab:
         llm.resize_token_embeddings(image_id + 1, pad_to_multiple_of=64)
-        log.info("grew the LLM vocabulary from %d to %d rows for <image> (id %d)", vocab,
-                 llm.get_input_embeddings().num_embeddings, image_id)
+        log.info(
+            "grew the LLM vocabulary from %d to %d rows for <image> (id %d)",
+            vocab,
+            llm.get_input_embeddings().num_embeddings,
+            image_id,
+        )
     tower = model.vision.model
     head = model.projector.patch_head
     config = LlavaConfig(
-        vision_config=model.vision.hf_vision_config().to_dict(), text_config=llm.config.to_dict(), image_token_index=image_id,
-        projector_hidden_act="gelu", vision_feature_select_strategy="default",
-        vision_feature_layer=model.vision.select_layer, image_seq_length=model.num_visual_tokens,
-        multimodal_projector_bias=True, tie_word_embeddings=llm.config.tie_word_embeddings,
+        vision_config=model.vision.hf_vision_config().to_dict(),
+        text_config=llm.config.to_dict(),
+        image_token_index=image_id,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=model.vision.select_layer,
+        image_seq_length=model.num_visual_tokens,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=llm.config.tie_word_embeddings,
     )
     _set_dtype(config, dtype)
     state = {
@@ -190,13 +209,21 @@ def _export_remote(model, tokenizer, cfg, dtype: torch.dtype, out: Path, max_sha
     llm = _merged_llm(model)
     projector = model.projector
     p = cfg.projector
-    projector_cfg = {"name": p.name, "sp_width": p.sp_width, "dfi": bool(p.dfi), "dfi_kv_tokens": p.dfi_kv_tokens,
-                     "sides": list(p.sides) if p.sides is not None else None,
-                     "head_bias": projector.spatial_head[1].bias is not None}
+    projector_cfg = {
+        "name": p.name,
+        "sp_width": p.sp_width,
+        "dfi": bool(p.dfi),
+        "dfi_kv_tokens": p.dfi_kv_tokens,
+        "sides": list(p.sides) if p.sides is not None else None,
+        "head_bias": projector.spatial_head[1].bias is not None,
+    }
     config = LlavaSPConfig(
-        vision_config=model.vision.hf_vision_config().to_dict(), text_config=llm.config.to_dict(),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=model.vision.select_layer,
-        projector=projector_cfg, image_seq_length=model.num_visual_tokens,
+        vision_config=model.vision.hf_vision_config().to_dict(),
+        text_config=llm.config.to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=model.vision.select_layer,
+        projector=projector_cfg,
+        image_seq_length=model.num_visual_tokens,
     )
     _set_dtype(config, dtype)
     state = {
@@ -217,8 +244,9 @@ def _export_remote(model, tokenizer, cfg, dtype: torch.dtype, out: Path, max_sha
     hf.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
 
 
-def export_hf(ckpt, out, dtype: Optional[str] = None, overrides: Sequence[str] = (),
-              max_shard_size: str = "5GB") -> Path:
+def export_hf(
+    ckpt, out, dtype: Optional[str] = None, overrides: Sequence[str] = (), max_shard_size: str = "5GB"
+) -> Path:
     """Export a checkpoint (file or run dir) as a merged HF directory at `out` (see the module docstring)."""
     from lightning_sp.checkpoint import load_module
 
@@ -243,15 +271,22 @@ def export_hf(ckpt, out, dtype: Optional[str] = None, overrides: Sequence[str] =
             _export_remote(model, tokenizer, cfg, torch_dtype, out, max_shard_size)
             kind = "LlavaSPForConditionalGeneration (trust_remote_code)"
         else:
-            raise ConfigError(f"export supports the projectors mlp, {', '.join(SP_PROJECTORS)}; this run uses "
-                              f"'{name}' (an ablation arm: evaluate it from its checkpoint instead)")
+            raise ConfigError(
+                f"export supports the projectors mlp, {', '.join(SP_PROJECTORS)}; this run uses "
+                f"'{name}' (an ablation arm: evaluate it from its checkpoint instead)"
+            )
     v = cfg.model.vision
     template = cfg.stage.template
     if template == "plain":  # an align-stage run: give clients the format the finetune stage trains
         log.warning("this run uses the plain (align-stage) template; exporting the vicuna_v1 chat template")
         template = "vicuna_v1"
-    processor = _processor(_client_tokenizer(tokenizer, template), v.image_size, v.patch_size,
-                           model.projector.layout.num_sp_tokens, model.vision.stats)
+    processor = _processor(
+        _client_tokenizer(tokenizer, template),
+        v.image_size,
+        v.patch_size,
+        model.projector.layout.num_sp_tokens,
+        model.vision.stats,
+    )
     processor.save_pretrained(out)  # also writes the tokenizer
     log.info("exported %s as %s (%s) to %s", ckpt, kind, dtype_name, out)
     return out
@@ -259,6 +294,7 @@ def export_hf(ckpt, out, dtype: Optional[str] = None, overrides: Sequence[str] =
 
 def export_from_args(args: Sequence[str]) -> Path:
     """`export` CLI: `key=value` options of ExportOptions; dotted keys override the run's config."""
-    opts, overrides = parse_command_options(args, ExportOptions, "export",
-                                            "python -m lightning_sp export ckpt=<run or .ckpt> out=DIR [dtype=bfloat16]")
+    opts, overrides = parse_command_options(
+        args, ExportOptions, "export", "python -m lightning_sp export ckpt=<run or .ckpt> out=DIR [dtype=bfloat16]"
+    )
     return export_hf(opts["ckpt"], opts["out"], opts["dtype"], overrides, opts["max_shard_size"])

@@ -71,7 +71,7 @@ class ExportAnswerer:
         inputs = self.processor(images=self.image, text=prompt, return_tensors="pt").to(self.model.device)
         streamer = TextStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, streamer=streamer)
-        return self.processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        return self.processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def is_export(path: str) -> bool:

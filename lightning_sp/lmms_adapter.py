@@ -46,8 +46,7 @@ HAVE_LMMS_EVAL = _LmmsBase is not object
 def launch_ranks() -> tuple[int, int, int]:
     """(global rank, local rank, world size) from the launcher's environment (torchrun and accelerate set
     RANK / LOCAL_RANK / WORLD_SIZE); (0, 0, 1) for a single process."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-            int(os.environ.get("WORLD_SIZE", 1)))
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
 
 def rank_device(device: Optional[str], local_rank: int, world_size: int) -> str:
@@ -63,9 +62,16 @@ class LightningSP(_LmmsBase):
 
     is_simple = True  # takes lmms-eval's formatted context string (not chat messages)
 
-    def __init__(self, pretrained: str, device: Optional[str] = None, batch_size: int | str = 1,
-                 max_new_tokens: int | str = PAPER_MAX_NEW_TOKENS, dtype: Optional[str] = None,
-                 predictor: Optional[Predictor] = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        pretrained: str,
+        device: Optional[str] = None,
+        batch_size: int | str = 1,
+        max_new_tokens: int | str = PAPER_MAX_NEW_TOKENS,
+        dtype: Optional[str] = None,
+        predictor: Optional[Predictor] = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__()
         kwargs.pop("max_batch_size", None)  # lmms-eval passes it with --max_batch_size; batches here are fixed
         if kwargs:
@@ -76,7 +82,8 @@ class LightningSP(_LmmsBase):
         self._rank, self._world_size = rank, world_size  # what lmms' __init__ would set, and lmms-eval reads
         self.task_dict: dict = getattr(self, "task_dict", {})
         self.predictor = predictor or Predictor.from_checkpoint(
-            pretrained, device=rank_device(device, local_rank, world_size), dtype=dtype)
+            pretrained, device=rank_device(device, local_rank, world_size), dtype=dtype
+        )
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         self._warned_sampling = False
@@ -91,8 +98,10 @@ class LightningSP(_LmmsBase):
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         clash = sorted(set(args) & set(extra))
         if clash:
-            raise ValueError(f"lightning_sp adapter: {', '.join(clash)} given in --model_args and by lmms-eval; "
-                             f"use lmms-eval's own option ({', '.join('--' + k for k in clash)}) only")
+            raise ValueError(
+                f"lightning_sp adapter: {', '.join(clash)} given in --model_args and by lmms-eval; "
+                f"use lmms-eval's own option ({', '.join('--' + k for k in clash)}) only"
+            )
         return cls(**args, **extra)
 
     @property
@@ -120,14 +129,17 @@ class LightningSP(_LmmsBase):
                 visuals = [visuals]
         if len(visuals) > 1:
             log.warning("task %s doc %s has %d images; the model sees the first", task, doc_id, len(visuals))
-        return Question(question_id=index, text=context.replace(IMAGE_TOKEN, "").strip(),
-                        image=visuals[0] if visuals else None)
+        return Question(
+            question_id=index, text=context.replace(IMAGE_TOKEN, "").strip(), image=visuals[0] if visuals else None
+        )
 
     def _gen_settings(self, gen_kwargs: Optional[dict]) -> tuple[int, tuple[str, ...]]:
         gen_kwargs = dict(gen_kwargs or {})
         if (gen_kwargs.get("do_sample") or (gen_kwargs.get("temperature") or 0) > 0) and not self._warned_sampling:
-            log.warning("lightning_sp adapter decodes greedily (the paper's protocol); ignoring %s",
-                        {k: gen_kwargs.get(k) for k in ("do_sample", "temperature", "top_p", "num_beams")})
+            log.warning(
+                "lightning_sp adapter decodes greedily (the paper's protocol); ignoring %s",
+                {k: gen_kwargs.get(k) for k in ("do_sample", "temperature", "top_p", "num_beams")},
+            )
             self._warned_sampling = True
         until = gen_kwargs.get("until") or []
         if isinstance(until, str):
@@ -140,11 +152,17 @@ class LightningSP(_LmmsBase):
         for i, req in enumerate(requests):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
             groups.setdefault(self._gen_settings(gen_kwargs), []).append(
-                (i, self._question(i, context, doc_to_visual, doc_id, task, split)))
+                (i, self._question(i, context, doc_to_visual, doc_id, task, split))
+            )
         results: list[Optional[str]] = [None] * len(requests)
         for (max_new, until), items in groups.items():
-            answers = self.predictor.predict([q for _, q in items], batch_size=self.batch_size,
-                                             max_new_tokens=max_new, progress=False, stop_strings=until)
+            answers = self.predictor.predict(
+                [q for _, q in items],
+                batch_size=self.batch_size,
+                max_new_tokens=max_new,
+                progress=False,
+                stop_strings=until,
+            )
             for (i, _), answer in zip(items, answers):
                 results[i] = answer
         return results

@@ -28,10 +28,43 @@ References = Union[str, Sequence[str]]
 
 # ---- VQAv2 answer normalisation (the official VQA evaluation's processPunctuation + processDigitArticle) ----
 
-_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
-                "?", "!")
-_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_PUNCTUATION = (
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+)
+_NUMBER_WORDS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 _ARTICLES = frozenset(("a", "an", "the"))
 _DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
 _PERIOD_NOT_DECIMAL = re.compile(r"\.(?!\d)")
@@ -59,7 +92,7 @@ def _contraction_table(forms: Iterable[str]) -> dict[str, str]:
             table[form.replace("'", "")] = form
         else:
             for i in quotes:
-                table[form[:i] + form[i + 1:]] = form
+                table[form[:i] + form[i + 1 :]] = form
     return table
 
 
@@ -173,6 +206,7 @@ class ExactMatch(_MeanOfScores):
 
 
 # ---- POPE -------------------------------------------------------------------------------------------------
+
 
 def parse_yes_no(text: str) -> str:
     """LLaVA ``eval_pope.py``: keep the first sentence, drop commas; "no" if it has the word No, no or not,

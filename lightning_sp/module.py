@@ -103,8 +103,15 @@ class LlavaSPModule(L.LightningModule):
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
         self.log("train/supervised_fraction", supervised.float() / tokens.float(), batch_size=bs)
         # Records the data pipeline dropped (named in its warnings) since the previous batch, summed per epoch.
-        self.log("train/skipped_records", float(batch.get("skipped", 0)), reduce_fx="sum", on_step=False,
-                 on_epoch=True, batch_size=bs, sync_dist=True)  # summed over ranks too
+        self.log(
+            "train/skipped_records",
+            float(batch.get("skipped", 0)),
+            reduce_fx="sum",
+            on_step=False,
+            on_epoch=True,
+            batch_size=bs,
+            sync_dist=True,
+        )  # summed over ranks too
         return out.loss
 
     def on_train_batch_start(self, batch, batch_idx):
@@ -194,8 +201,9 @@ class LlavaSPModule(L.LightningModule):
             return
         bf16 = str(self.trainer.precision) in BF16_PRECISIONS
         self._fsdp_units = shard_model(self.model, self.device_mesh["data_parallel"], bf16=bf16)
-        rank_zero_info(f"FSDP2 units ({'bf16 compute, fp32 reduce' if bf16 else 'fp32'}):\n"
-                       + describe_units(self._fsdp_units))
+        rank_zero_info(
+            f"FSDP2 units ({'bf16 compute, fp32 reduce' if bf16 else 'fp32'}):\n" + describe_units(self._fsdp_units)
+        )
 
     # ---- optimisation ---------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -209,9 +217,7 @@ class LlavaSPModule(L.LightningModule):
         optim = self.cfg.optim
         lr_sp_conv = optim.lr_sp_conv if optim.lr_sp_conv is not None else optim.lr_projector
         lrs = {"projector": optim.lr_projector, "sp_conv": lr_sp_conv, "lora": optim.lr_lora, "llm": optim.lr_llm}
-        param_groups = [
-            {"params": ps, "lr": lrs[name], "name": name} for name, ps in groups.items() if ps
-        ]
+        param_groups = [{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups.items() if ps]
         optimizer = torch.optim.AdamW(
             param_groups, weight_decay=self.cfg.optim.weight_decay, betas=tuple(self.cfg.optim.betas)
         )

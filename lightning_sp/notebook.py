@@ -33,8 +33,13 @@ def inject_parameters(nb, parameters: dict[str, Any]) -> None:
     nb.cells.insert(tagged[0] + 1 if tagged else 0, cell)
 
 
-def execute(path: Path | str = ATTENTION_NOTEBOOK, parameters: Optional[dict[str, Any]] = None,
-            out: Optional[Path | str] = None, timeout: int = 600, kernel_name: str = "python3"):
+def execute(
+    path: Path | str = ATTENTION_NOTEBOOK,
+    parameters: Optional[dict[str, Any]] = None,
+    out: Optional[Path | str] = None,
+    timeout: int = 600,
+    kernel_name: str = "python3",
+):
     """Run every cell of the notebook at `path` (in its own directory) with `parameters` injected; a failing cell
     raises `nbclient.exceptions.CellExecutionError`. Writes the executed notebook to `out` if given; returns it."""
     import nbformat
@@ -43,8 +48,9 @@ def execute(path: Path | str = ATTENTION_NOTEBOOK, parameters: Optional[dict[str
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
     inject_parameters(nb, parameters or {})
-    client = NotebookClient(nb, timeout=timeout, kernel_name=kernel_name,
-                            resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(
+        nb, timeout=timeout, kernel_name=kernel_name, resources={"metadata": {"path": str(path.parent)}}
+    )
     client.execute()
     if out is not None:
         out = Path(out)
@@ -56,8 +62,11 @@ def execute(path: Path | str = ATTENTION_NOTEBOOK, parameters: Optional[dict[str
 def main(argv: Optional[list[str]] = None) -> int:
     from lightning_sp.runs import NO_RUN_HELP, latest_run
 
-    parser = argparse.ArgumentParser(prog="python -m lightning_sp.notebook", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_sp.notebook",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("notebook", nargs="?", default=str(ATTENTION_NOTEBOOK))
     parser.add_argument("--run-dir", default=None, help="run directory (default: the newest with a checkpoint)")
     parser.add_argument("--out", default=None, help="executed copy (default: <run>/<notebook name>)")

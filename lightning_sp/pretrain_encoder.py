@@ -55,8 +55,10 @@ def moved(scene: synthetic.Scene, rng: random.Random) -> synthetic.Scene:
     """The same objects (colour, shape, size, jitter) in other cells: a hard negative for position."""
     while True:
         cells = rng.sample(range(NUM_CELLS), len(scene.items))
-        items = tuple(synthetic.Item(it.colour, it.shape, cell // 3, cell % 3, it.dx, it.dy, it.half)
-                      for it, cell in zip(scene.items, cells))
+        items = tuple(
+            synthetic.Item(it.colour, it.shape, cell // 3, cell % 3, it.dx, it.dy, it.half)
+            for it, cell in zip(scene.items, cells)
+        )
         other = synthetic.Scene(items, scene.background)
         if other.layout() != scene.layout():
             return other
@@ -133,13 +135,23 @@ def retrieval_accuracy(model: SceneCLIP, pixels: torch.Tensor, facts: torch.Tens
     return (logits.argmax(dim=1) == torch.arange(len(facts))).float().mean().item()
 
 
-def pretrain(out: Path, overrides: list[str], steps: int, batch_size: int, lr: float, seed: int,
-             progress: bool = True, position_weight: float = 0.0) -> dict:
+def pretrain(
+    out: Path,
+    overrides: list[str],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    progress: bool = True,
+    position_weight: float = 0.0,
+) -> dict:
     cfg = config_lib.compose(overrides)
     vision_cfg = cfg.model.vision
     if vision_cfg.name_or_path:
-        raise ValueError(f"model.vision.name_or_path={vision_cfg.name_or_path}: this script pretrains the random-init "
-                         "encoder the config describes; run it with model.vision.name_or_path=null")
+        raise ValueError(
+            f"model.vision.name_or_path={vision_cfg.name_or_path}: this script pretrains the random-init "
+            "encoder the config describes; run it with model.vision.name_or_path=null"
+        )
     torch.manual_seed(seed)
     tower = build_vision(vision_cfg)  # the embedded default's own init (sincos positions included)
     vision = tower.model.requires_grad_(True).train()
@@ -147,8 +159,9 @@ def pretrain(out: Path, overrides: list[str], steps: int, batch_size: int, lr: f
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     held_out = SceneBatches(256, vision_cfg.image_size, seed + 1).batch(0)  # another seed: unseen scenes
-    loader = torch.utils.data.DataLoader(SceneBatches(batch_size, vision_cfg.image_size, seed), batch_size=None,
-                                         num_workers=1)
+    loader = torch.utils.data.DataLoader(
+        SceneBatches(batch_size, vision_cfg.image_size, seed), batch_size=None, num_workers=1
+    )
     started, history = time.perf_counter(), []
     bar = tqdm(total=steps, desc="pretraining the encoder", unit="step", disable=not progress)
     for step, (pixels, facts) in enumerate(loader):
@@ -175,10 +188,14 @@ def pretrain(out: Path, overrides: list[str], steps: int, batch_size: int, lr: f
     recipe = {
         "what": "tiny CLIP vision encoder for the embedded default, contrastive on synthetic scene captions",
         "command": f"python -m lightning_sp.pretrain_encoder --out {out} --steps {steps} --batch-size {batch_size} "
-                   f"--lr {lr} --seed {seed}" + (f" --position-weight {position_weight}" if position_weight else "")
-                   + (" " + " ".join(overrides) if overrides else ""),
+        f"--lr {lr} --seed {seed}"
+        + (f" --position-weight {position_weight}" if position_weight else "")
+        + (" " + " ".join(overrides) if overrides else ""),
         "config_overrides": overrides,
-        "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
         "loss_history": history,
         "held_out_retrieval_top1": round(accuracy, 4),
         "held_out_chance": 1 / 256,
@@ -200,16 +217,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--position-weight", type=float, default=0.0,
-                        help="weight of a self-supervised loss that names each patch's grid place from its feature at "
-                             "model.vision.select_layer (0: CLIP's loss alone, as the shipped encoder)")
+    parser.add_argument(
+        "--position-weight",
+        type=float,
+        default=0.0,
+        help="weight of a self-supervised loss that names each patch's grid place from its feature at "
+        "model.vision.select_layer (0: CLIP's loss alone, as the shipped encoder)",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides describing the encoder (model.vision.*)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    recipe = pretrain(args.out, ["model.vision.name_or_path=null", *args.overrides], args.steps, args.batch_size,
-                      args.lr, args.seed, position_weight=args.position_weight)
-    print(f"encoder written to {args.out}: held-out caption->image top-1 {recipe['held_out_retrieval_top1']:.3f} "
-          f"(chance {recipe['held_out_chance']:.4f}) in {recipe['seconds']:.0f}s")
+    recipe = pretrain(
+        args.out,
+        ["model.vision.name_or_path=null", *args.overrides],
+        args.steps,
+        args.batch_size,
+        args.lr,
+        args.seed,
+        position_weight=args.position_weight,
+    )
+    print(
+        f"encoder written to {args.out}: held-out caption->image top-1 {recipe['held_out_retrieval_top1']:.3f} "
+        f"(chance {recipe['held_out_chance']:.4f}) in {recipe['seconds']:.0f}s"
+    )
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ import torch
 
 PathLike = Union[str, Path]
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
-NO_RUN_HELP = ("No run with checkpoints/last.ckpt under {root}/. Train one first (a few minutes on CPU):\n"
-               "    make train VARIANT=pooling\n"
-               "or point RUN_DIR at a run directory (runs/<variant>/<timestamp>).")
+NO_RUN_HELP = (
+    "No run with checkpoints/last.ckpt under {root}/. Train one first (a few minutes on CPU):\n"
+    "    make train VARIANT=pooling\n"
+    "or point RUN_DIR at a run directory (runs/<variant>/<timestamp>)."
+)
 
 
 @dataclass
@@ -45,8 +47,10 @@ class Run:
         cfg = self.cfg
         step = torch.load(self.run_dir / CHECKPOINT, map_location="cpu", weights_only=True).get("global_step")
         layout = self.model.projector.layout
-        return (f"{self.run_dir}: projector {cfg.projector.name} ({layout.num_sp_tokens} SP tokens + "
-                f"{layout.patch_grid[0]}x{layout.patch_grid[1]} patches), stage {cfg.stage.name}, step {step}")
+        return (
+            f"{self.run_dir}: projector {cfg.projector.name} ({layout.num_sp_tokens} SP tokens + "
+            f"{layout.patch_grid[0]}x{layout.patch_grid[1]} patches), stage {cfg.stage.name}, step {step}"
+        )
 
 
 def latest_run(root: PathLike = "runs") -> Optional[Path]:
@@ -115,7 +119,11 @@ def prompt_ids(run: Run, question: str) -> torch.Tensor:
     from lightning_sp.data.conversation import IGNORE_INDEX, encode_prompt, expand_image_token
     from lightning_sp.data.tokenizer import IMAGE_TOKEN
 
-    record = {"id": "custom", "image": "custom", "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}]}
+    record = {
+        "id": "custom",
+        "image": "custom",
+        "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}],
+    }
     ids = encode_prompt(record, run.tokenizer, run.cfg.stage.template)
     image_id = run.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     return expand_image_token(ids, [IGNORE_INDEX] * len(ids), image_id, run.model.num_visual_tokens)[0]
@@ -127,14 +135,20 @@ def sample_maps(run: Run, batch: dict, index: int = 0, question: Optional[str] =
 
     if question is None:
         return attention_maps(run, batch, [index])[0]
-    return compute_sample_maps(run.model, run.tokenizer, batch["pixel_values"][index], prompt_ids(run, question),
-                               sample_id=str(batch["ids"][index]) if "ids" in batch else str(index),
-                               max_new_tokens=run.cfg.eval.max_new_tokens,
-                               roles=template_roles(run.cfg.stage.template))
+    return compute_sample_maps(
+        run.model,
+        run.tokenizer,
+        batch["pixel_values"][index],
+        prompt_ids(run, question),
+        sample_id=str(batch["ids"][index]) if "ids" in batch else str(index),
+        max_new_tokens=run.cfg.eval.max_new_tokens,
+        roles=template_roles(run.cfg.stage.template),
+    )
 
 
-def export_pngs(run: Run, out_dir: PathLike, index: int = 0, prefix: Optional[str] = None,
-                batch_size: int = 4) -> list[Path]:
+def export_pngs(
+    run: Run, out_dir: PathLike, index: int = 0, prefix: Optional[str] = None, batch_size: int = 4
+) -> list[Path]:
     """PNGs of the maps of validation sample `index` (``<prefix>_dfi.png``, ``<prefix>_llm.png``) plus
     ``<prefix>_qa.md``; prefix defaults to the projector name."""
     from lightning_sp.viz import qa_markdown, save_pngs
@@ -151,5 +165,11 @@ def attention_maps(run: Run, batch: dict, indices: Optional[Sequence[int]] = Non
     """:func:`lightning_sp.viz.compute_maps` with the run's generation length and conversation roles."""
     from lightning_sp.viz import compute_maps, template_roles
 
-    return compute_maps(run.model, run.tokenizer, batch, indices, max_new_tokens=run.cfg.eval.max_new_tokens,
-                        roles=template_roles(run.cfg.stage.template))
+    return compute_maps(
+        run.model,
+        run.tokenizer,
+        batch,
+        indices,
+        max_new_tokens=run.cfg.eval.max_new_tokens,
+        roles=template_roles(run.cfg.stage.template),
+    )

@@ -37,8 +37,9 @@ _CHUNK_CELLS = 4_000_000  # resampled indices held at once (32 MB of int64): bou
 
 
 def write_questions(path: str | Path, questions: Iterable[dict]) -> None:
-    Path(path).write_text("".join(json.dumps({"id": q["id"], "qtype": q["qtype"], "hit": int(q["hit"])}) + "\n"
-                                  for q in questions))
+    Path(path).write_text(
+        "".join(json.dumps({"id": q["id"], "qtype": q["qtype"], "hit": int(q["hit"])}) + "\n" for q in questions)
+    )
 
 
 def read_questions(path: str | Path) -> list[dict]:
@@ -48,7 +49,7 @@ def read_questions(path: str | Path) -> list[dict]:
             continue
         row = json.loads(line)
         if not isinstance(row, dict) or not {"id", "qtype", "hit"} <= set(row) or row["hit"] not in (0, 1):
-            raise ValueError(f"{path}:{number}: expected {{\"id\", \"qtype\", \"hit\": 0|1}}, got {line[:200]}")
+            raise ValueError(f'{path}:{number}: expected {{"id", "qtype", "hit": 0|1}}, got {line[:200]}')
         rows.append(row)
     return rows
 
@@ -103,7 +104,7 @@ def bootstrap_means(values: np.ndarray, n_boot: int = N_BOOT, seed: int = SEED) 
     chunk = max(1, _CHUNK_CELLS // n)
     for start in range(0, n_boot, chunk):
         rows = min(chunk, n_boot - start)
-        out[start:start + rows] = values[rng.integers(0, n, size=(rows, n))].mean(axis=1)
+        out[start : start + rows] = values[rng.integers(0, n, size=(rows, n))].mean(axis=1)
     return out
 
 
@@ -122,16 +123,23 @@ def accuracy_interval(hits, n_boot: int = N_BOOT, level: float = LEVEL, seed: in
     return Interval(float(per_question.mean()), low, high, h.shape[0], h.shape[1])
 
 
-def paired_comparison(hits, reference_hits, n_boot: int = N_BOOT, level: float = LEVEL,
-                      seed: int = SEED) -> Paired:
+def paired_comparison(hits, reference_hits, n_boot: int = N_BOOT, level: float = LEVEL, seed: int = SEED) -> Paired:
     """``hits`` minus ``reference_hits``, row for row the same question and column for column the same seed."""
     a, r = _as_matrix(hits), _as_matrix(reference_hits)
     if a.shape != r.shape:
         raise ValueError(f"paired arms need the same questions and seeds, got shapes {a.shape} and {r.shape}")
     per_question = (a - r).mean(axis=1)
     low, high = _percentiles(bootstrap_means(per_question, n_boot, seed), level)
-    return Paired(float(per_question.mean()), low, high, sign_flip_p_value((a - r).sum(axis=1)), a.shape[0],
-                  a.shape[1], int(((a == 1) & (r == 0)).sum()), int(((a == 0) & (r == 1)).sum()))
+    return Paired(
+        float(per_question.mean()),
+        low,
+        high,
+        sign_flip_p_value((a - r).sum(axis=1)),
+        a.shape[0],
+        a.shape[1],
+        int(((a == 1) & (r == 0)).sum()),
+        int(((a == 0) & (r == 1)).sum()),
+    )
 
 
 def _binomial_half_pmf(n: int) -> np.ndarray:
@@ -155,9 +163,8 @@ def sign_flip_p_value(differences) -> float:
     dist = np.ones(1)
     for v, n_v in zip(magnitudes.tolist(), counts.tolist()):
         spaced = np.zeros(2 * v * n_v + 1)
-        spaced[::2 * v] = _binomial_half_pmf(n_v)  # value v * (2j - n_v) at offset 2vj
+        spaced[:: 2 * v] = _binomial_half_pmf(n_v)  # value v * (2j - n_v) at offset 2vj
         dist = np.convolve(dist, spaced)
     total = (len(dist) - 1) // 2
     values = np.abs(np.arange(-total, total + 1))
     return float(min(1.0, dist[values >= observed].sum()))
-

@@ -39,8 +39,10 @@ log = logging.getLogger(__name__)
 #   not a DataLoader's: it is the datamodule's (data/train_stream.py: epoch, samples consumed per rank, the
 #   shuffle RNG), saved and restored exactly through LightningDataModule.state_dict, which Lightning does not
 #   consult for this warning.
-_FALSE_FIT_WARNINGS = (r"Found \d+ module\(s\) in eval mode",
-                       "You're resuming from a checkpoint that ended before the epoch ended")
+_FALSE_FIT_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode",
+    "You're resuming from a checkpoint that ended before the epoch ended",
+)
 
 
 RUN_DIR_ENV = "LIGHTNING_SP_RUN_DIR"  # rank 0's timestamped run directory, inherited by the ranks it launches
@@ -89,14 +91,20 @@ def viz_callbacks(cfg: DictConfig) -> list[L.Callback]:
         return []
     from lightning_sp.callbacks import AttentionMapLogger, AttentionMetrics
 
-    return [AttentionMapLogger(every_n_val=cfg.viz.every_n_val, num_images=cfg.viz.num_images),
-            AttentionMetrics(max_questions=cfg.viz.attention_questions)]
+    return [
+        AttentionMapLogger(every_n_val=cfg.viz.every_n_val, num_images=cfg.viz.num_images),
+        AttentionMetrics(max_questions=cfg.viz.attention_questions),
+    ]
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     t = cfg.trainer
-    checkpoint = BestAndLastCheckpoint(run_dir / "checkpoints", save_top_k=cfg.save_top_k, validates=validates(cfg),
-                                       every_n_train_steps=t.val_check_interval)
+    checkpoint = BestAndLastCheckpoint(
+        run_dir / "checkpoints",
+        save_top_k=cfg.save_top_k,
+        validates=validates(cfg),
+        every_n_train_steps=t.val_check_interval,
+    )
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -118,9 +126,15 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         enable_progress_bar=t.enable_progress_bar,
         # No placeholder hp_metric: the HPARAMS tab gets the real final metrics at the end (log_hparams).
         logger=TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False),
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), throughput_monitor(t.log_every_n_steps),
-                   RankSummary(run_dir), NonFiniteGuard(), SkipLimit(cfg.data.max_skipped_fraction),
-                   *viz_callbacks(cfg)],
+        callbacks=[
+            checkpoint,
+            LearningRateMonitor(logging_interval="step"),
+            throughput_monitor(t.log_every_n_steps),
+            RankSummary(run_dir),
+            NonFiniteGuard(),
+            SkipLimit(cfg.data.max_skipped_fraction),
+            *viz_callbacks(cfg),
+        ],
         default_root_dir=str(run_dir),
         inference_mode=t.strategy != "fsdp",  # FSDP's all-gathered weights must not become inference tensors
     )
@@ -131,8 +145,7 @@ def run_summary(module: LlavaSPModule, trainer: L.Trainer, cfg: DictConfig, fit_
     fit time (validation included) and the samples and non-padding tokens per second it amounts to, over this
     fit's own steps (a resumed run counts from its resume). Every rank must call it (a sum over ranks)."""
     params = list(module.model.named_parameters())
-    counted = torch.tensor([module.samples_trained, module.tokens_trained], dtype=torch.float64,
-                           device=module.device)
+    counted = torch.tensor([module.samples_trained, module.tokens_trained], dtype=torch.float64, device=module.device)
     samples, tokens = (float(x) for x in trainer.strategy.reduce(counted, reduce_op="sum"))
     return {
         "num_visual_tokens": float(module.model.num_visual_tokens),
@@ -148,10 +161,25 @@ def run_summary(module: LlavaSPModule, trainer: L.Trainer, cfg: DictConfig, fit_
 
 # ---- TensorBoard's HPARAMS tab ----------------------------------------------------------------------------------
 
-HPARAM_KEYS = ("seed", "stage.name", "stage.lora", "stage.full_llm", "data.batch_size", "trainer.max_steps",
-               "trainer.accumulate_grad_batches", "optim.lr_projector", "optim.lr_sp_conv", "optim.lr_lora",
-               "optim.lr_llm", "optim.warmup_ratio", "model.vision.hidden_size", "model.vision.num_layers",
-               "model.vision.backbone", "model.llm.hidden_size", "model.llm.num_layers")
+HPARAM_KEYS = (
+    "seed",
+    "stage.name",
+    "stage.lora",
+    "stage.full_llm",
+    "data.batch_size",
+    "trainer.max_steps",
+    "trainer.accumulate_grad_batches",
+    "optim.lr_projector",
+    "optim.lr_sp_conv",
+    "optim.lr_lora",
+    "optim.lr_llm",
+    "optim.warmup_ratio",
+    "model.vision.hidden_size",
+    "model.vision.num_layers",
+    "model.vision.backbone",
+    "model.llm.hidden_size",
+    "model.llm.num_layers",
+)
 NOT_HPARAMS = ("run_dir", "resume", "choices.variant")  # where and how a run ran; the variant is `variant`
 
 
@@ -162,8 +190,15 @@ def hyperparameters(cfg: DictConfig) -> dict:
     flat = config_lib.flatten(OmegaConf.to_container(cfg, resolve=True))
     default = config_lib.flatten(OmegaConf.to_container(config_lib.compose(), resolve=True))
     params = {"variant": cfg.choices.get("variant", cfg.projector.name)}
-    params.update({k: v for k, v in flat.items() if k in HPARAM_KEYS or k.startswith("projector.")
-                   or (k not in NOT_HPARAMS and (k not in default or v != default[k]))})
+    params.update(
+        {
+            k: v
+            for k, v in flat.items()
+            if k in HPARAM_KEYS
+            or k.startswith("projector.")
+            or (k not in NOT_HPARAMS and (k not in default or v != default[k]))
+        }
+    )
     return params
 
 
@@ -211,8 +246,10 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
         return str(best)
     path = resolve(cfg.resume)
     if not (path.is_file() or is_sharded_checkpoint(path)):
-        raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint file or sharded checkpoint directory (use "
-                                "resume=auto or a .ckpt path)")
+        raise FileNotFoundError(
+            f"resume={cfg.resume}: no such checkpoint file or sharded checkpoint directory (use "
+            "resume=auto or a .ckpt path)"
+        )
     return str(path)
 
 
@@ -240,9 +277,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = build_trainer(cfg, run_dir)
     config_lib.check_global_batch(cfg, trainer.world_size)  # trainer.global_batch_size, devices now resolved
     if launched_rank() == 0:
-        log.info("global batch %d = %d per device x %d devices x %d accumulation", trainer.world_size
-                 * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches, cfg.data.batch_size,
-                 trainer.world_size, cfg.trainer.accumulate_grad_batches)
+        log.info(
+            "global batch %d = %d per device x %d devices x %d accumulation",
+            trainer.world_size * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches,
+            cfg.data.batch_size,
+            trainer.world_size,
+            cfg.trainer.accumulate_grad_batches,
+        )
     fit_started = time.perf_counter()
     ckpt_path = resume_checkpoint(cfg, run_dir)
     with warnings.catch_warnings():
@@ -251,8 +292,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         resumed = (r"Checkpoint directory .* exists and is not empty",) if ckpt_path else ()
         for message in _FALSE_FIT_WARNINGS + resumed:
             warnings.filterwarnings("ignore", message=message)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path,
-                    weights_only=True)  # resume never unpickles code, whatever torch's default or environment
+        trainer.fit(
+            module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True
+        )  # resume never unpickles code, whatever torch's default or environment
     fit_seconds = time.perf_counter() - fit_started
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -21,8 +21,10 @@ def set_trainable(model: nn.Module, stage_cfg) -> None:
     if stage_cfg.full_llm:
         model.llm.requires_grad_(True)
         if any(p.dtype != torch.float32 for p in model.llm.parameters()):
-            log.info("stage.full_llm: the LLM's weights are trained in float32 (loaded as %s)",
-                     next(model.llm.parameters()).dtype)
+            log.info(
+                "stage.full_llm: the LLM's weights are trained in float32 (loaded as %s)",
+                next(model.llm.parameters()).dtype,
+            )
             model.llm.float()
         return
     if not stage_cfg.lora:

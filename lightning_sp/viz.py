@@ -66,6 +66,7 @@ GridBox = tuple[int, int, int, int]  # patch grid: (row0, col0, row1, col1), end
 
 # ---- geometry -----------------------------------------------------------------------------------------------
 
+
 def denormalize(pixel_values: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
     """A normalised (3, H, W) image (or a (B, 3, H, W) batch) -> (H, W, 3) (or (B, H, W, 3)) uint8."""
     x = pixel_values.detach().float().cpu()
@@ -132,8 +133,10 @@ def dfi_footprint(attention: torch.Tensor, grid: tuple[int, int], kernel: int, s
     box = torch.full((1, 1, kernel, kernel), 1.0 / kernel**2, dtype=torch.float32)
     out = F.conv_transpose2d(attention.float().cpu().unsqueeze(1), box, stride=stride).squeeze(1)
     if tuple(out.shape[-2:]) != tuple(grid):
-        raise ValueError(f"DFI K/V grid {n}x{m} (kernel {kernel}, stride {stride}) covers {tuple(out.shape[-2:])} "
-                         f"patches, not the {grid} patch grid")
+        raise ValueError(
+            f"DFI K/V grid {n}x{m} (kernel {kernel}, stride {stride}) covers {tuple(out.shape[-2:])} "
+            f"patches, not the {grid} patch grid"
+        )
     return out
 
 
@@ -147,6 +150,7 @@ def upsample_to_image(grid_map: torch.Tensor, image_hw: tuple[int, int]) -> torc
 
 
 # ---- eager attention for one pass ---------------------------------------------------------------------------
+
 
 def _base_model(llm):
     """The HF model under a peft wrapper (or the model itself)."""
@@ -183,8 +187,9 @@ def eager_attention(llm) -> Iterator[None]:
 
 CELLS = len(POSITIONS)  # synthetic scenes: a CELLS x CELLS grid of cells (lightning_sp/data/synthetic.py)
 # The whole phrase "the <name> cell": "top" is a cell name and also the start of "top left", and "left" ends it.
-_CELL_PHRASE = re.compile(r"\bthe (" + "|".join(re.escape(n) for row in POSITIONS for n in row) + r") cell\b",
-                          re.IGNORECASE)
+_CELL_PHRASE = re.compile(
+    r"\bthe (" + "|".join(re.escape(n) for row in POSITIONS for n in row) + r") cell\b", re.IGNORECASE
+)
 _CELL_OF_NAME = {name: (r, c) for r, row in enumerate(POSITIONS) for c, name in enumerate(row)}
 
 
@@ -207,8 +212,9 @@ def cell_patches(grid: tuple[int, int], cell: tuple[int, int], cells: int = CELL
     return rows[:, None] & cols[None, :]
 
 
-def attention_on_cell(patch_attention, grid: tuple[int, int], cell: tuple[int, int],
-                      cells: int = CELLS) -> torch.Tensor:
+def attention_on_cell(
+    patch_attention, grid: tuple[int, int], cell: tuple[int, int], cells: int = CELLS
+) -> torch.Tensor:
     """How much of ``patch_attention`` (..., gh * gw), row-major over the patch grid, falls on ``cell``, relative
     to uniform: (mass on the cell's patches / mass on all patches) / (the cell's patches / all patches).
     1 = no preference, cells**2 (9) = everything on the cell (for grids the cells split evenly), 0 = none on it.
@@ -250,15 +256,22 @@ def eager_forward(model, ids: torch.Tensor, mask: torch.Tensor, pixel_values: to
     with eager_attention(model.llm):
         embeds = model.embed(ids, pixel_values)
         sp_attention = model.projector.last_attention
-        out = model.llm(inputs_embeds=embeds, attention_mask=mask, output_attentions=True, use_cache=False,
-                        logits_to_keep=1)
+        out = model.llm(
+            inputs_embeds=embeds, attention_mask=mask, output_attentions=True, use_cache=False, logits_to_keep=1
+        )
     if not out.attentions or out.attentions[0] is None:
         raise RuntimeError("the LLM returned no attention weights although it ran with eager attention")
     return out.attentions, sp_attention
 
 
-def last_position_attention(model, ids: torch.Tensor, mask: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
-                            *, visual_tokens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
+def last_position_attention(
+    model,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    pixel_values: Optional[torch.Tensor] = None,
+    *,
+    visual_tokens: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, ...]:
     """The attention row of the last position of LEFT-padded sequences (B, L) in every layer, (B, heads, L) each.
 
     Run as ``generate`` runs: all positions but the last with the model's own attention kernel, keeping the K/V
@@ -279,12 +292,23 @@ def last_position_attention(model, ids: torch.Tensor, mask: torch.Tensor, pixel_
         if visual_tokens is not None:
             del model.visual_tokens
     positions = (mask.long().cumsum(1) - 1).clamp_min(0)
-    prefix = model.llm(inputs_embeds=embeds[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                       use_cache=True, logits_to_keep=1)
+    prefix = model.llm(
+        inputs_embeds=embeds[:, :-1],
+        attention_mask=mask[:, :-1],
+        position_ids=positions[:, :-1],
+        use_cache=True,
+        logits_to_keep=1,
+    )
     with eager_attention(model.llm):
-        out = model.llm(inputs_embeds=embeds[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
-                        past_key_values=prefix.past_key_values, use_cache=True, output_attentions=True,
-                        logits_to_keep=1)
+        out = model.llm(
+            inputs_embeds=embeds[:, -1:],
+            attention_mask=mask,
+            position_ids=positions[:, -1:],
+            past_key_values=prefix.past_key_values,
+            use_cache=True,
+            output_attentions=True,
+            logits_to_keep=1,
+        )
     if not out.attentions or out.attentions[0] is None:
         raise RuntimeError("the LLM returned no attention weights although it ran with eager attention")
     return tuple(a[:, :, -1] for a in out.attentions)
@@ -300,9 +324,14 @@ def left_trimmed(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[t
 
 
 @torch.no_grad()
-def prompt_attention(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                     pixel_values: Optional[torch.Tensor] = None, *,
-                     visual_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+def prompt_attention(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    pixel_values: Optional[torch.Tensor] = None,
+    *,
+    visual_tokens: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """LEFT-padded prompts (B, L) with their images (B, 3, H, W), or the images' visual tokens (B, T, H) already
     computed -> the attention of each prompt's last position -- the one whose logits give the first answer token --
     over its visual tokens, per layer and averaged over heads, (B, layers, T) in the projector's layout (SP
@@ -312,14 +341,17 @@ def prompt_attention(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     is_image = ids == model.image_token_id
     counts = is_image.sum(1)
     if (counts != model.num_visual_tokens).any():
-        raise ValueError(f"prompts hold {counts.tolist()} image tokens, the projector emits "
-                         f"{model.num_visual_tokens} each (expand the <image> placeholder first)")
+        raise ValueError(
+            f"prompts hold {counts.tolist()} image tokens, the projector emits "
+            f"{model.num_visual_tokens} each (expand the <image> placeholder first)"
+        )
     rows = last_position_attention(model, ids, mask, pixel_values, visual_tokens=visual_tokens)
     last = torch.stack([r.float().mean(1) for r in rows], dim=1)  # (B, layers, L)
     return last[is_image.unsqueeze(1).expand_as(last)].view(ids.shape[0], len(rows), -1)
 
 
 # ---- computing the maps -------------------------------------------------------------------------------------
+
 
 @dataclass
 class AttentionMaps:
@@ -356,7 +388,7 @@ class AttentionMaps:
         (:func:`attention_on_cell`); None when the question names no cell."""
         if self.asked_cell is None or self.llm_first_row is None:
             return None
-        patches = self.llm_first_row[:, self.num_sp_tokens:]
+        patches = self.llm_first_row[:, self.num_sp_tokens :]
         return attention_on_cell(torch.from_numpy(patches), self.patch_grid, self.asked_cell).numpy()
 
     @property
@@ -410,8 +442,9 @@ def _strip_answer(new_tokens: torch.Tensor, eos_token_id: Optional[int], pad_tok
 
 
 @torch.no_grad()
-def answer_attention_by_layer(model, prompt_ids: torch.Tensor, pixel_values: torch.Tensor,
-                              answer_ids: Sequence[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def answer_attention_by_layer(
+    model, prompt_ids: torch.Tensor, pixel_values: torch.Tensor, answer_ids: Sequence[int]
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One eager forward of prompt + answer; returns the attention of the rows that predict the answer tokens (the
     row of the token *before* each) over the visual tokens, averaged over heads, as (layers, rows, T) in the
     projector's layout (SP tokens, then patches row-major); and ``projector.last_attention`` of that same forward
@@ -427,26 +460,39 @@ def answer_attention_by_layer(model, prompt_ids: torch.Tensor, pixel_values: tor
     rows = torch.arange(prompt_ids.numel() - 1, ids.shape[1] - 1, device=device)  # rows that predict the answer
     image_pos = (ids[0] == model.image_token_id).nonzero().squeeze(1)
     if image_pos.numel() != model.num_visual_tokens:
-        raise ValueError(f"prompt holds {image_pos.numel()} image tokens, the projector emits "
-                         f"{model.num_visual_tokens} (expand the <image> placeholder first)")
+        raise ValueError(
+            f"prompt holds {image_pos.numel()} image tokens, the projector emits "
+            f"{model.num_visual_tokens} (expand the <image> placeholder first)"
+        )
     attentions, sp_attention = eager_forward(model, ids, torch.ones_like(ids), pixel_values.unsqueeze(0).to(device))
     # each (1, heads, L, L) -> (heads, rows, visual) -> mean over heads; stacked (layers, rows, T)
     att = torch.stack([a[0][:, rows][..., image_pos].float().mean(0) for a in attentions]).cpu()
     return att, (sp_attention[0].float().cpu() if sp_attention is not None else None)
 
 
-def llm_answer_attention(model, prompt_ids: torch.Tensor, pixel_values: torch.Tensor,
-                         answer_ids: Sequence[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def llm_answer_attention(
+    model, prompt_ids: torch.Tensor, pixel_values: torch.Tensor, answer_ids: Sequence[int]
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """:func:`answer_attention_by_layer` averaged over layers and answer rows: (T,), and the SP attention."""
     att, sp_attention = answer_attention_by_layer(model, prompt_ids, pixel_values, answer_ids)
     return att.mean(dim=(0, 1)), sp_attention
 
 
 @torch.no_grad()
-def compute_sample_maps(model, tokenizer, pixel_values: torch.Tensor, prompt_ids: torch.Tensor, *,
-                        target: Optional[str] = None, sample_id: str = "", qtype: str = "",
-                        max_new_tokens: int = 8, answer_ids: Optional[Sequence[int]] = None,
-                        roles=("USER", "ASSISTANT"), synced_gpus: Optional[bool] = None) -> AttentionMaps:
+def compute_sample_maps(
+    model,
+    tokenizer,
+    pixel_values: torch.Tensor,
+    prompt_ids: torch.Tensor,
+    *,
+    target: Optional[str] = None,
+    sample_id: str = "",
+    qtype: str = "",
+    max_new_tokens: int = 8,
+    answer_ids: Optional[Sequence[int]] = None,
+    roles=("USER", "ASSISTANT"),
+    synced_gpus: Optional[bool] = None,
+) -> AttentionMaps:
     """Maps of one sample: ``pixel_values`` (3, H, W) normalised, ``prompt_ids`` (L,) unpadded with the image
     placeholder expanded. Generates the answer greedily unless ``answer_ids`` is given (then it is scored).
     ``synced_gpus``: as in HF generate (True under multi-rank FSDP, so every rank decodes as many steps)."""
@@ -456,10 +502,15 @@ def compute_sample_maps(model, tokenizer, pixel_values: torch.Tensor, prompt_ids
         device = next(model.parameters()).device
         prompt_ids = prompt_ids.cpu().long()
         if answer_ids is None:
-            new = model.generate(prompt_ids.unsqueeze(0).to(device), torch.ones(1, prompt_ids.numel(),
-                                 dtype=torch.long, device=device), pixel_values.unsqueeze(0).to(device),
-                                 max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus)
+            new = model.generate(
+                prompt_ids.unsqueeze(0).to(device),
+                torch.ones(1, prompt_ids.numel(), dtype=torch.long, device=device),
+                pixel_values.unsqueeze(0).to(device),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                synced_gpus=synced_gpus,
+            )
             answer_ids = _strip_answer(new[0].cpu(), tokenizer.eos_token_id, tokenizer.pad_token_id)
             if not answer_ids:
                 answer_ids = [tokenizer.eos_token_id]
@@ -490,8 +541,9 @@ def compute_sample_maps(model, tokenizer, pixel_values: torch.Tensor, prompt_ids
         sample_id=sample_id,
         qtype=qtype,
     )
-    (maps.sp_attention_kind, maps.sp_attention, maps.sp_attention_map,
-     maps.sp_attention_shown) = sp_attention_images(projector, sp_attention, hw)
+    (maps.sp_attention_kind, maps.sp_attention, maps.sp_attention_map, maps.sp_attention_shown) = sp_attention_images(
+        projector, sp_attention, hw
+    )
     return maps
 
 
@@ -508,11 +560,14 @@ def sp_attention_images(projector, attention: Optional[torch.Tensor], image_hw: 
         kv = attention.float().cpu().reshape(attention.shape[0], side, side)
         dfi = projector.dfi
         if hasattr(dfi, "kernel"):
+
             def spread(a):
                 return dfi_footprint(a, grid, dfi.kernel, dfi.stride)
         else:  # unknown K/V geometry: an even split of the grid
+
             def spread(a):
                 return upsample_to_image(a, grid)
+
         footprint = spread(kv)
         coverage = spread(torch.full_like(kv[:1], 1.0 / kv[0].numel()))  # what uniform attention would give
         relative = footprint / coverage.clamp_min(1e-12)  # a ratio: resized, not mass-preserved
@@ -537,21 +592,34 @@ def sp_attention_kind(projector, attention: Optional[torch.Tensor]) -> Optional[
     return None
 
 
-def compute_maps(model, tokenizer, batch: dict, indices: Optional[Sequence[int]] = None, *,
-                 max_new_tokens: int = 8, roles=("USER", "ASSISTANT")) -> list[AttentionMaps]:
+def compute_maps(
+    model,
+    tokenizer,
+    batch: dict,
+    indices: Optional[Sequence[int]] = None,
+    *,
+    max_new_tokens: int = 8,
+    roles=("USER", "ASSISTANT"),
+) -> list[AttentionMaps]:
     """Maps for samples of a validation batch (``pixel_values``, left-padded ``prompt_ids`` +
     ``prompt_attention_mask``, optional ``answers``/``ids``/``qtypes``); all samples unless ``indices``."""
     n = batch["pixel_values"].shape[0]
     out = []
-    for i in (range(n) if indices is None else indices):
+    for i in range(n) if indices is None else indices:
         prompt = batch["prompt_ids"][i][batch["prompt_attention_mask"][i].bool()]
-        out.append(compute_sample_maps(
-            model, tokenizer, batch["pixel_values"][i], prompt,
-            target=batch["answers"][i] if "answers" in batch else None,
-            sample_id=str(batch["ids"][i]) if "ids" in batch else str(i),
-            qtype=str(batch["qtypes"][i]) if "qtypes" in batch else "",
-            max_new_tokens=max_new_tokens, roles=roles,
-        ))
+        out.append(
+            compute_sample_maps(
+                model,
+                tokenizer,
+                batch["pixel_values"][i],
+                prompt,
+                target=batch["answers"][i] if "answers" in batch else None,
+                sample_id=str(batch["ids"][i]) if "ids" in batch else str(i),
+                qtype=str(batch["qtypes"][i]) if "qtypes" in batch else "",
+                max_new_tokens=max_new_tokens,
+                roles=roles,
+            )
+        )
     return out
 
 
@@ -563,8 +631,15 @@ def template_roles(template: str) -> tuple[str, str]:
 
 # ---- drawing ------------------------------------------------------------------------------------------------
 
-def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.55, cmap: str = "jet",
-            lo: Optional[float] = None, hi: Optional[float] = None) -> np.ndarray:
+
+def overlay(
+    image: np.ndarray,
+    heat: np.ndarray,
+    alpha: float = 0.55,
+    cmap: str = "jet",
+    lo: Optional[float] = None,
+    hi: Optional[float] = None,
+) -> np.ndarray:
     """Blend a non-negative (H, W) map, scaled from ``lo`` to ``hi``, over an (H, W, 3) uint8 image; returns
     uint8. Defaults: 0 to max(map max, 2 x map mean), so a flat map shows mid-scale everywhere instead of
     stretching float noise over the whole colour range, and anything at twice the mean or more stands out."""
@@ -589,8 +664,11 @@ def _draw_window(ax, window: SPWindow, colour: str = "white") -> None:
         return
     many = len(window.boxes) > 1
     rects = [Rectangle((x0, y0), x1 - x0, y1 - y0) for x0, y0, x1, y1 in window.boxes]
-    ax.add_collection(PatchCollection(rects, facecolor="none", edgecolor=colour, linewidth=0.4 if many else 1.8,
-                                      alpha=0.5 if many else 1.0))
+    ax.add_collection(
+        PatchCollection(
+            rects, facecolor="none", edgecolor=colour, linewidth=0.4 if many else 1.8, alpha=0.5 if many else 1.0
+        )
+    )
 
 
 def _image_axis(ax, image: np.ndarray, title: str) -> None:
@@ -637,16 +715,26 @@ def sp_attention_figure(maps: AttentionMaps, panel: float = 1.9, columns: int = 
             if w.shape[0] <= 7:
                 for r in range(w.shape[0]):
                     for c in range(w.shape[1]):
-                        ax.text(c, r, f"{100 * w[r, c]:.1f}", ha="center", va="center", fontsize=5.5,
-                                color="white" if w[r, c] < 0.6 * vmax else "black")
+                        ax.text(
+                            c,
+                            r,
+                            f"{100 * w[r, c]:.1f}",
+                            ha="center",
+                            va="center",
+                            fontsize=5.5,
+                            color="white" if w[r, c] < 0.6 * vmax else "black",
+                        )
             ax.set_title(f"K/V weights {w.shape[0]}x{w.shape[1]}, % (uniform {100 / w.size:.1f})", fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
     peak, entropy = maps.sp_attention_spread
     spread = f"mean over SP tokens: peak {peak:.2f}x uniform, entropy {entropy:.3f} of uniform's"
     if dfi:
-        fig.suptitle("DFI cross-attention of each SP token: K/V weights spread over their receptive fields, "
-                     f"relative to uniform attention\nK/V weights, {spread}", fontsize=9)
+        fig.suptitle(
+            "DFI cross-attention of each SP token: K/V weights spread over their receptive fields, "
+            f"relative to uniform attention\nK/V weights, {spread}",
+            fontsize=9,
+        )
     else:
         fig.suptitle(f"SP extractor attention of each SP token over the patch grid\n{spread}", fontsize=9)
     return fig
@@ -662,23 +750,29 @@ def llm_figure(maps: AttentionMaps, panel: float = 3.0):
     fig = Figure(figsize=(panel * (2.2 if has_sp else 1.1), height), dpi=90, layout="constrained")
     axes = fig.subplots(1, 2 if has_sp else 1, squeeze=False, width_ratios=[1, 1.2] if has_sp else [1])[0]
     patch_share = float(maps.llm_patches.sum())
-    _image_axis(axes[0], overlay(maps.image, maps.llm_patch_map),
-                f"answer -> {maps.llm_patches.size} patch tokens\n({100 * patch_share:.1f}% of the attention)")
+    _image_axis(
+        axes[0],
+        overlay(maps.image, maps.llm_patch_map),
+        f"answer -> {maps.llm_patches.size} patch tokens\n({100 * patch_share:.1f}% of the attention)",
+    )
     if has_sp:
         ax = axes[1]
         labels = [w.label for w in maps.windows]
         y = np.arange(maps.num_sp_tokens)
         ax.barh(y, maps.llm_sp * 100, color="tab:orange")
-        ax.axvline(100 * maps.llm_patches.mean(), color="tab:blue", linestyle="--", linewidth=1,
-                   label="mean per patch token")
+        ax.axvline(
+            100 * maps.llm_patches.mean(), color="tab:blue", linestyle="--", linewidth=1, label="mean per patch token"
+        )
         ax.set_yticks(y, labels, fontsize=7 if maps.num_sp_tokens <= 12 else 5)
         ax.invert_yaxis()
         ax.tick_params(axis="x", labelsize=7)
         ax.set_xlabel("% of the answer's attention", fontsize=7)
         ax.set_title(f"answer -> SP tokens ({100 * float(maps.llm_sp.sum()):.1f}% in all)", fontsize=8)
         ax.legend(fontsize=6, loc="lower right")
-    title = (f"LLM attention, mean over layers, heads and {maps.answer_rows} answer rows "
-             f"(visual tokens: {100 * maps.llm_visual_share:.1f}%)")
+    title = (
+        f"LLM attention, mean over layers, heads and {maps.answer_rows} answer rows "
+        f"(visual tokens: {100 * maps.llm_visual_share:.1f}%)"
+    )
     if maps.attention_on_target is not None:
         title += "\n" + target_caption(maps)
     fig.suptitle(title, fontsize=8)
@@ -690,8 +784,10 @@ def target_caption(maps: AttentionMaps) -> str:
     from 0, as in the ``val/attention_on_target_layer<i>`` keys."""
     value, layer = maps.attention_on_target
     row, col = maps.asked_cell
-    return (f"answer attention on the asked cell ({POSITIONS[row][col]}): {value:.1f}x uniform "
-            f"(layer {layer}, first answer token)")
+    return (
+        f"answer attention on the asked cell ({POSITIONS[row][col]}): {value:.1f}x uniform "
+        f"(layer {layer}, first answer token)"
+    )
 
 
 def figure_to_array(fig) -> np.ndarray:

@@ -28,12 +28,19 @@ log = logging.getLogger(__name__)
 
 PROJECTOR_PREFIX = "model.projector."
 # Config fields whose difference makes the checkpoint's projector see other features than it was trained on.
-_FEATURE_FIELDS = ("model.vision.backbone", "model.vision.arch", "model.vision.name_or_path", "model.vision.select_layer",
-                   "model.vision.image_size",
-                   "model.vision.patch_size", "model.llm.name_or_path")
-_RANDOM_INIT_FIELDS = {"model.vision.name_or_path": ("model.vision.init_seed", "model.vision.position_init"),
-                       "model.llm.name_or_path": ("model.llm.init_seed", "model.llm.rope_theta",
-                                                   "model.llm.initializer_range")}
+_FEATURE_FIELDS = (
+    "model.vision.backbone",
+    "model.vision.arch",
+    "model.vision.name_or_path",
+    "model.vision.select_layer",
+    "model.vision.image_size",
+    "model.vision.patch_size",
+    "model.llm.name_or_path",
+)
+_RANDOM_INIT_FIELDS = {
+    "model.vision.name_or_path": ("model.vision.init_seed", "model.vision.position_init"),
+    "model.llm.name_or_path": ("model.llm.init_seed", "model.llm.rope_theta", "model.llm.initializer_range"),
+}
 
 
 class WarmStartError(ValueError):
@@ -52,8 +59,12 @@ class WarmStartReport:
         def part(label: str, keys: list[str]) -> str:
             return f"  {label} ({len(keys)}): {compact_keys(keys) if keys else '-'}"
 
-        lines = [f"init: warm start from {self.source}", part("loaded", self.loaded), part("fresh", self.fresh),
-                 part("ignored", self.ignored)]
+        lines = [
+            f"init: warm start from {self.source}",
+            part("loaded", self.loaded),
+            part("fresh", self.fresh),
+            part("ignored", self.ignored),
+        ]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -78,8 +89,11 @@ def _config_warnings(ckpt: Mapping, cfg) -> list[str]:
     for key, seeds in _RANDOM_INIT_FIELDS.items():
         if _get(ours, key) is None:  # random-init encoders/LLMs are rebuilt from their seeds
             fields += seeds
-    return [f"{f}: checkpoint {_get(theirs, f)!r}, this run {_get(ours, f)!r}" for f in fields
-            if _get(ours, f) != _get(theirs, f)]
+    return [
+        f"{f}: checkpoint {_get(theirs, f)!r}, this run {_get(ours, f)!r}"
+        for f in fields
+        if _get(ours, f) != _get(theirs, f)
+    ]
 
 
 def warm_start(module: torch.nn.Module, source: PathLike, cfg=None) -> WarmStartReport:
@@ -106,14 +120,20 @@ def warm_start(module: torch.nn.Module, source: PathLike, cfg=None) -> WarmStart
     shared = sorted(trainable & set(state))
     mismatched = [n for n in shared if tuple(state[n].shape) != tuple(params[n].shape)]
     if mismatched:
-        problems.append("shapes differ:\n" + "\n".join(
-            f"    {n}: checkpoint {list(state[n].shape)}, this run {list(params[n].shape)}" for n in mismatched))
+        problems.append(
+            "shapes differ:\n"
+            + "\n".join(
+                f"    {n}: checkpoint {list(state[n].shape)}, this run {list(params[n].shape)}" for n in mismatched
+            )
+        )
     if problems:
         theirs_cfg = ckpt.get(CONFIG_KEY) or {}
         hint = ""
         if theirs_cfg:
-            hint = (f"\n  (the checkpoint is projector '{_get(theirs_cfg, 'projector.name')}' with sp_width "
-                    f"{_get(theirs_cfg, 'projector.sp_width')}; this run's config must build the same projector)")
+            hint = (
+                f"\n  (the checkpoint is projector '{_get(theirs_cfg, 'projector.name')}' with sp_width "
+                f"{_get(theirs_cfg, 'projector.sp_width')}; this run's config must build the same projector)"
+            )
         raise WarmStartError(f"init={source}: cannot warm-start from {path}:\n  " + "\n  ".join(problems) + hint)
 
     with torch.no_grad():

@@ -31,21 +31,29 @@ class CheckRestored(L.Callback):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         # A collective under FSDP (gathers the shards): every rank calls it, rank 0 receives the tensors.
-        now = get_model_state_dict(pl_module, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        now = get_model_state_dict(
+            pl_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        )
         if trainer.is_global_zero:
             saved = torch.load(self.ckpt, map_location="cpu", weights_only=True)["state_dict"]
             diff = max((now[k].float() - saved[k].float()).abs().max().item() for k in saved)
-            self.out.write_text(json.dumps({"same_keys": sorted(now) == sorted(saved), "max_abs_diff": diff,
-                                            "restored_step": trainer.global_step}))
-
+            self.out.write_text(
+                json.dumps(
+                    {
+                        "same_keys": sorted(now) == sorted(saved),
+                        "max_abs_diff": diff,
+                        "restored_step": trainer.global_step,
+                    }
+                )
+            )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         # This rank's data-stream position once its first resumed batch is in (one batch past the checkpoint's).
         if not hasattr(self, "first_position"):
             self.first_position = trainer.datamodule.position.state_dict()
             self.out.with_name(f"{self.out.stem}.rank{trainer.global_rank}.json").write_text(
-                json.dumps(self.first_position))
+                json.dumps(self.first_position)
+            )
 
 
 def main(ckpt: str, out: str, overrides: list[str]) -> None:

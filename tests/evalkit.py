@@ -33,9 +33,18 @@ def trained_run(tmp_path_factory, variant: str = "pooling") -> Path:
     base = tmp_path_factory.getbasetemp() / f"trained-{variant}"
     run_dir = base / "run"
     if not (run_dir / "metrics.json").is_file():
-        cfg = compose([*TINY, f"variant={variant}", *small_data(base / "data"), "trainer.max_steps=2",
-                       "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
-                       "trainer.enable_progress_bar=false", f"run_dir={run_dir}"])
+        cfg = compose(
+            [
+                *TINY,
+                f"variant={variant}",
+                *small_data(base / "data"),
+                "trainer.max_steps=2",
+                "trainer.val_check_interval=2",
+                "trainer.log_every_n_steps=1",
+                "trainer.enable_progress_bar=false",
+                f"run_dir={run_dir}",
+            ]
+        )
         train(cfg)
     return run_dir
 
@@ -48,8 +57,13 @@ def write_benchmark_files(root: Path, n: int = 5) -> dict[str, Path]:
     (root / "images").mkdir(exist_ok=True)
     rng = random.Random(0)
     questions, answers, pope = [], [], []
-    lengths = ["Which colour is it?", "What shape is in the top left cell of this picture, if any at all?",
-               "Where is the red circle?", "How many shapes are in the middle row of the grid?", "Describe it."]
+    lengths = [
+        "Which colour is it?",
+        "What shape is in the top left cell of this picture, if any at all?",
+        "Where is the red circle?",
+        "How many shapes are in the middle row of the grid?",
+        "Describe it.",
+    ]
     for i in range(n):
         scene = synthetic.sample_scene(rng)
         image = synthetic.render(scene, image_size=96 + 40 * i)  # non-336 sizes: the processor resizes
@@ -57,13 +71,25 @@ def write_benchmark_files(root: Path, n: int = 5) -> dict[str, Path]:
             image = image.crop((0, 0, image.width, image.height * 2 // 3))  # non-square: padded to square
         name = f"img{i}.png"
         image.save(root / "images" / name)
-        questions.append({"question_id": 100 + i, "image": name, "text": lengths[i % len(lengths)],
-                          "category": "short" if len(lengths[i % len(lengths)]) < 25 else "long"})
+        questions.append(
+            {
+                "question_id": 100 + i,
+                "image": name,
+                "text": lengths[i % len(lengths)],
+                "category": "short" if len(lengths[i % len(lengths)]) < 25 else "long",
+            }
+        )
         answers.append({"question_id": 100 + i, "answers": ["red"] * 3 + ["blue"] * 7})
         obj = scene.items[0]
-        pope.append({"question_id": f"p{i}", "image": name, "label": "yes" if i % 2 == 0 else "no",
-                     "text": f"Is there a {obj.colour if i % 2 == 0 else 'grey'} {obj.shape} in the image?",
-                     "category": "adversarial" if i < 3 else "random"})
+        pope.append(
+            {
+                "question_id": f"p{i}",
+                "image": name,
+                "label": "yes" if i % 2 == 0 else "no",
+                "text": f"Is there a {obj.colour if i % 2 == 0 else 'grey'} {obj.shape} in the image?",
+                "category": "adversarial" if i < 3 else "random",
+            }
+        )
     paths = {"questions": root / "questions.jsonl", "answers": root / "answers.jsonl", "pope": root / "pope.jsonl"}
     for key, rows in (("questions", questions), ("answers", answers), ("pope", pope)):
         paths[key].write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -34,8 +34,11 @@ def test_shipped_studies_compose_every_arm(tmp_path, study):
 
 def _study(tmp_path, arms, budget=(), seeds=(0,)):
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump({"seeds": list(seeds), "budget": list(budget),
-                                    "arms": [{"name": n, "overrides": o} for n, o in arms]}))
+    path.write_text(
+        yaml.safe_dump(
+            {"seeds": list(seeds), "budget": list(budget), "arms": [{"name": n, "overrides": o} for n, o in arms]}
+        )
+    )
     return path
 
 
@@ -54,8 +57,9 @@ def test_study_errors_name_the_problem(tmp_path):
 
 
 def test_command_line_arguments_split_into_study_keys_and_overrides():
-    kwargs, rest = parse_ablate_args(["study=default", "seeds=[0,2]", "arms=[mlp]", "root=/tmp/x",
-                                      "trainer.max_steps=20", "variant=pooling"])
+    kwargs, rest = parse_ablate_args(
+        ["study=default", "seeds=[0,2]", "arms=[mlp]", "root=/tmp/x", "trainer.max_steps=20", "variant=pooling"]
+    )
     assert kwargs == {"study": "default", "seeds": [0, 2], "arms": ["mlp"], "root": "/tmp/x"}
     assert rest == ["trainer.max_steps=20", "variant=pooling"]
     with pytest.raises(ConfigError, match="isolate"):
@@ -64,11 +68,23 @@ def test_command_line_arguments_split_into_study_keys_and_overrides():
 
 def test_results_table_is_mean_and_std_over_seeds(tmp_path):
     study_dir = tmp_path / "s"
-    metrics = {("a", 0): {"val/accuracy": 0.5, "val/accuracy_count": 0.25, "num_visual_tokens": 582.0,
-                          "params/total": 1.5e6, "fit_time_s": 10.0},
-               ("a", 1): {"val/accuracy": 0.7, "val/accuracy_count": 0.75, "num_visual_tokens": 582.0,
-                          "params/total": 1.5e6, "fit_time_s": 12.0},
-               ("b", 0): {"val/accuracy": 0.4, "num_visual_tokens": 576.0, "params/total": 1.2e6}}
+    metrics = {
+        ("a", 0): {
+            "val/accuracy": 0.5,
+            "val/accuracy_count": 0.25,
+            "num_visual_tokens": 582.0,
+            "params/total": 1.5e6,
+            "fit_time_s": 10.0,
+        },
+        ("a", 1): {
+            "val/accuracy": 0.7,
+            "val/accuracy_count": 0.75,
+            "num_visual_tokens": 582.0,
+            "params/total": 1.5e6,
+            "fit_time_s": 12.0,
+        },
+        ("b", 0): {"val/accuracy": 0.4, "num_visual_tokens": 576.0, "params/total": 1.2e6},
+    }
     for (arm, seed), m in metrics.items():
         (study_dir / arm / f"seed{seed}").mkdir(parents=True)
         (study_dir / arm / f"seed{seed}" / "metrics.json").write_text(json.dumps(m))
@@ -94,12 +110,30 @@ def _fake_study(tmp_path, rates: dict, seeds=(0, 1), n_per_type: int = 30):
     raw.mkdir(parents=True)
     qtype = {f"val_{i:06d}": ("count", "locate")[i % 2] for i in range(2 * n_per_type)}
     answers = {"count": ["1", "2", "2", "3"], "locate": ["top", "left", "top left", "center"]}
-    val = [{"id": qid, "qtype": qt, "conversations": [{"from": "human", "value": "<image>\nq"},
-                                                      {"from": "gpt", "value": answers[qt][i // 2 % 4]}]}
-           for i, (qid, qt) in enumerate(qtype.items())]
-    train = [{"id": f"t{i}", "qtypes": ["count", "locate"], "conversations": [
-        {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": answers["count"][i % 3]},
-        {"from": "human", "value": "q"}, {"from": "gpt", "value": answers["locate"][(i % 5) % 4]}]} for i in range(20)]
+    val = [
+        {
+            "id": qid,
+            "qtype": qt,
+            "conversations": [
+                {"from": "human", "value": "<image>\nq"},
+                {"from": "gpt", "value": answers[qt][i // 2 % 4]},
+            ],
+        }
+        for i, (qid, qt) in enumerate(qtype.items())
+    ]
+    train = [
+        {
+            "id": f"t{i}",
+            "qtypes": ["count", "locate"],
+            "conversations": [
+                {"from": "human", "value": "<image>\nq"},
+                {"from": "gpt", "value": answers["count"][i % 3]},
+                {"from": "human", "value": "q"},
+                {"from": "gpt", "value": answers["locate"][(i % 5) % 4]},
+            ],
+        }
+        for i in range(20)
+    ]
     (raw / "val.json").write_text(json.dumps(val))
     (raw / "train.json").write_text(json.dumps(train))
     hits, runs = {}, []
@@ -109,17 +143,22 @@ def _fake_study(tmp_path, rates: dict, seeds=(0, 1), n_per_type: int = 30):
             run_dir = study_dir / arm / f"seed{seed}"
             run_dir.mkdir(parents=True)
             hits[arm][seed] = {q: int(rng.random() < by_type[qt]) for q, qt in qtype.items()}
-            write_questions(run_dir / VAL_QUESTIONS, [{"id": q, "qtype": qtype[q], "hit": h}
-                                                      for q, h in hits[arm][seed].items()])
-            (run_dir / "metrics.json").write_text(json.dumps(
-                {"val/accuracy": float(np.mean(list(hits[arm][seed].values()))), "num_visual_tokens": 576.0}))
+            write_questions(
+                run_dir / VAL_QUESTIONS, [{"id": q, "qtype": qtype[q], "hit": h} for q, h in hits[arm][seed].items()]
+            )
+            (run_dir / "metrics.json").write_text(
+                json.dumps({"val/accuracy": float(np.mean(list(hits[arm][seed].values()))), "num_visual_tokens": 576.0})
+            )
             runs.append(ablate.PlannedRun(arm, seed, [], run_dir, compose([f"data.synthetic.raw_dir={raw}"])))
     return study_dir, hits, qtype, runs, val, train
 
 
 def test_results_give_pooled_intervals_priors_paired_comparisons_and_a_chart(tmp_path):
-    rates = {"mlp": {"count": 0.4, "locate": 0.3}, "pooling": {"count": 0.95, "locate": 0.9},
-             "cropping": {"count": 0.4, "locate": 0.35}}
+    rates = {
+        "mlp": {"count": 0.4, "locate": 0.3},
+        "pooling": {"count": 0.95, "locate": 0.9},
+        "cropping": {"count": 0.4, "locate": 0.35},
+    }
     study_dir, hits, qtype, runs, val, train = _fake_study(tmp_path, rates)
     rows = ablate.summarize(study_dir, list(rates), [0, 1])
     priors = ablate.priors(runs, rows)
@@ -134,8 +173,10 @@ def test_results_give_pooled_intervals_priors_paired_comparisons_and_a_chart(tmp
     # Priors, directly: each type's most frequent training answer (count "2": 13 of 20; locate "top": 8 of 20),
     # scored on the val questions.
     majority = {"count": "2", "locate": "top"}
-    prior = {qt: np.mean([r["conversations"][1]["value"] == majority[qt] for r in val if r["qtype"] == qt])
-             for qt in ("count", "locate")}
+    prior = {
+        qt: np.mean([r["conversations"][1]["value"] == majority[qt] for r in val if r["qtype"] == qt])
+        for qt in ("count", "locate")
+    }
     prior_all = np.mean([r["conversations"][1]["value"] == majority[r["qtype"]] for r in val])
     assert f"| prior | – | – | {prior_all:.3f} | {prior['count']:.3f} | {prior['locate']:.3f} |" in md
     for arm in rates:
@@ -147,8 +188,10 @@ def test_results_give_pooled_intervals_priors_paired_comparisons_and_a_chart(tmp
             t = accuracy_interval(m)
             cells.append(f"{t.estimate:.3f} [{t.low:.3f}, {t.high:.3f}]")
             assert float(table[arm][f"val/accuracy_{qt}_pooled"]) == pytest.approx(m.mean())
-            assert (float(table[arm][f"val/accuracy_{qt}_ci_low"]), float(table[arm][f"val/accuracy_{qt}_ci_high"])) \
-                == pytest.approx((t.low, t.high))
+            assert (
+                float(table[arm][f"val/accuracy_{qt}_ci_low"]),
+                float(table[arm][f"val/accuracy_{qt}_ci_high"]),
+            ) == pytest.approx((t.low, t.high))
             assert float(table[arm][f"val/accuracy_{qt}_prior"]) == pytest.approx(prior[qt])
         assert f"| {arm} | 2 | 60 | " + " | ".join(cells) + " |" in md
         assert table[arm]["n_questions"] == "60"
@@ -176,19 +219,23 @@ def test_results_give_pooled_intervals_priors_paired_comparisons_and_a_chart(tmp
     assert [b.get_label() for b in bars] == list(rates)
     for container, row in zip(bars, rows):
         keys = ["val/accuracy", "val/accuracy_count", "val/accuracy_locate"]
-        assert [p.get_height() for p in container.patches] == pytest.approx([row["intervals"][k].estimate
-                                                                              for k in keys])
+        assert [p.get_height() for p in container.patches] == pytest.approx(
+            [row["intervals"][k].estimate for k in keys]
+        )
         segments = container.errorbar.lines[2][0].get_segments()
         assert [y for s in segments for y in (s[0][1], s[1][1])] == pytest.approx(
-            [y for k in keys for y in (row["intervals"][k].low, row["intervals"][k].high)])
+            [y for k in keys for y in (row["intervals"][k].low, row["intervals"][k].high)]
+        )
     ticks = [c for c in ax.collections if c.get_label().startswith("prior")]
     assert sorted({round(s[0][1], 9) for s in ticks[0].get_segments()}) == sorted(
-        round(v, 9) for v in (prior_all, prior["count"], prior["locate"]))
+        round(v, 9) for v in (prior_all, prior["count"], prior["locate"])
+    )
 
 
 def test_without_an_mlp_arm_the_paired_comparison_is_skipped_with_a_note(tmp_path):
-    study_dir, *_ = _fake_study(tmp_path, {"pooling": {"count": 0.5, "locate": 0.5},
-                                           "cropping": {"count": 0.5, "locate": 0.5}}, seeds=(0,))
+    study_dir, *_ = _fake_study(
+        tmp_path, {"pooling": {"count": 0.5, "locate": 0.5}, "cropping": {"count": 0.5, "locate": 0.5}}, seeds=(0,)
+    )
     rows = ablate.summarize(study_dir, ["pooling", "cropping"], [0])
     md = write_results(study_dir, "study", ablate.StudySpec(seeds=[0]), rows, {}, [], [])
     assert "No paired comparison: the study has no `mlp` arm" in md and "| prior |" not in md
@@ -198,10 +245,20 @@ def test_without_an_mlp_arm_the_paired_comparison_is_skipped_with_a_note(tmp_pat
 
 @pytest.mark.slow
 def test_tiny_study_runs_writes_results_and_skips_finished_runs(tmp_path, monkeypatch, capsys):
-    budget = [*TINY, *small_data(tmp_path / "data"), "trainer.max_steps=2", "trainer.val_check_interval=2",
-              "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"]
-    arms = [("mlp", ["variant=mlp"]), ("pooling_nodfi", ["variant=pooling", "projector.dfi=false"]),
-            ("sp1", ["variant=pooling", "projector.sides=[24]"])]
+    budget = [
+        *TINY,
+        *small_data(tmp_path / "data"),
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+    ]
+    arms = [
+        ("mlp", ["variant=mlp"]),
+        ("pooling_nodfi", ["variant=pooling", "projector.dfi=false"]),
+        ("sp1", ["variant=pooling", "projector.sides=[24]"]),
+    ]
     study = _study(tmp_path, arms, budget)
     root = tmp_path / "runs"
     result = run_study(study, root=root, progress=False)
@@ -210,8 +267,9 @@ def test_tiny_study_runs_writes_results_and_skips_finished_runs(tmp_path, monkey
     study_dir = root / "tiny"
     for arm, _ in arms:
         metrics = json.loads((study_dir / arm / "seed0" / "metrics.json").read_text())
-        assert {"val/accuracy", "num_visual_tokens", "params/total", "params/trainable", "fit_samples_per_sec"} \
-            <= set(metrics)
+        assert {"val/accuracy", "num_visual_tokens", "params/total", "params/trainable", "fit_samples_per_sec"} <= set(
+            metrics
+        )
         assert list((study_dir / arm / "seed0" / "tb").rglob("events.out.tfevents.*"))
     md = (study_dir / "results.md").read_text()
     assert all(f"| {arm} | 1 |" in md for arm, _ in arms) and "acc count" in md
@@ -224,7 +282,8 @@ def test_tiny_study_runs_writes_results_and_skips_finished_runs(tmp_path, monkey
     # Per-question results (4 val questions: limit_val_batches=1) feed the intervals, priors and the comparison.
     for arm, r in table.items():
         assert r["n_questions"] == "4" and float(r["val/accuracy_pooled"]) == pytest.approx(
-            float(r["val/accuracy_mean"]))
+            float(r["val/accuracy_mean"])
+        )
         assert r["val/accuracy_prior"] != "" and (r["reference"] == "mlp") == (arm != "mlp")
     assert "## Paired comparison with `mlp`" in md and (study_dir / "results.png").is_file()
     capsys.readouterr()

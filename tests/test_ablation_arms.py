@@ -28,11 +28,29 @@ def dfi_params(kernel=16):
 
 # SP tokens of every variant at grid 24 (§5: 1, 3, 6, 12 SP tokens; 49 conv tokens for the control).
 SP_TOKENS = {
-    "mlp": 0, "pooling": 6, "cropping": 6,
-    "pooling_nodfi": 6, "cropping_nodfi": 6, "pooling_dfi49": 6, "cropping_dfi49": 6,
-    "pooling_sp1": 1, "pooling_sp3": 3, "pooling_sp12": 12, "cropping_sp1": 1, "cropping_sp3": 3, "cropping_sp12": 12,
-    "cropping_transformer": 6, "cropping_stacked": 6, "pooling_stacked": 6, "conv49": 49, "learned_queries": 6,
-    "official_sp1": 1, "official_sp3": 3, "official_sp12": 12, "official_transformer": 6, "official_stacked": 6,
+    "mlp": 0,
+    "pooling": 6,
+    "cropping": 6,
+    "pooling_nodfi": 6,
+    "cropping_nodfi": 6,
+    "pooling_dfi49": 6,
+    "cropping_dfi49": 6,
+    "pooling_sp1": 1,
+    "pooling_sp3": 3,
+    "pooling_sp12": 12,
+    "cropping_sp1": 1,
+    "cropping_sp3": 3,
+    "cropping_sp12": 12,
+    "cropping_transformer": 6,
+    "cropping_stacked": 6,
+    "pooling_stacked": 6,
+    "conv49": 49,
+    "learned_queries": 6,
+    "official_sp1": 1,
+    "official_sp3": 3,
+    "official_sp12": 12,
+    "official_transformer": 6,
+    "official_stacked": 6,
 }
 # Parameters invariant by construction: a bias on the DFI keys shifts all logits of a query equally (softmax
 # ignores it), so its gradient is zero up to rounding.
@@ -40,8 +58,10 @@ SOFTMAX_SHIFT_INVARIANT = ("dfi.key.0.bias", "dfi.key.1.bias")
 # The official transformer arm's decoder starts from a zero query (as released): in its first layer the bias-free
 # pre-norms of the self-attention and of the cross-attention's query see zeros, and the self-attention (one token)
 # outputs zeros, so these get no gradient at initialisation (the query itself, and every later layer, do).
-ZERO_QUERY_INVARIANT = tuple(f"decoder.layers.0.{n}" for n in ("norm1.weight", "self_attn.in_proj_weight",
-                                                                "self_attn.out_proj.weight", "norm2.weight"))
+ZERO_QUERY_INVARIANT = tuple(
+    f"decoder.layers.0.{n}"
+    for n in ("norm1.weight", "self_attn.in_proj_weight", "self_attn.out_proj.weight", "norm2.weight")
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,8 +74,16 @@ def composed(variant):
 
 
 def proj_cfg(name, **kw):
-    base = {"name": name, "sp_width": D, "dfi": True, "dfi_kv_tokens": 25, "sides": None, "head_bias": None,
-            "extractor_layers": 1, "extractor_heads": 8}
+    base = {
+        "name": name,
+        "sp_width": D,
+        "dfi": True,
+        "dfi_kv_tokens": 25,
+        "sides": None,
+        "head_bias": None,
+        "extractor_layers": 1,
+        "extractor_heads": 8,
+    }
     return OmegaConf.create({**base, **kw})
 
 
@@ -99,7 +127,7 @@ def test_token_count_table_names_existing_variants():
 
 
 def test_every_registered_projector_has_a_variant_yaml():
-    """"A new arm = one class + one YAML": every registry name is selectable by `variant=` alone."""
+    """ "A new arm = one class + one YAML": every registry name is selectable by `variant=` alone."""
     selected = {composed(v).projector.name for v in group_choices("variant")}
     assert set(PROJECTORS) <= selected, f"no conf/variant/*.yaml selects {sorted(set(PROJECTORS) - selected)}"
 
@@ -128,7 +156,7 @@ def official_count_arm(proj, z, sides):
         lo = (G - s) // 2
         conv = nn.Conv2d(C, D, s, bias=False).double()
         conv.weight.data.copy_(w.data)
-        tokens.append(conv(zmap[:, :, lo:lo + s, lo:lo + s]).reshape(b, D))
+        tokens.append(conv(zmap[:, :, lo : lo + s, lo : lo + s]).reshape(b, D))
     head = nn.Linear(D, H, bias=False).double()
     head.weight.data.copy_(proj.spatial_head[1].weight.data)
     patches = proj.patch_head[2](F.gelu(proj.patch_head[0](z)))
@@ -156,7 +184,11 @@ PAPER_CROPS = {4: (10, 14), 8: (8, 16), 12: (6, 18), 16: (4, 20), 20: (2, 22), 2
 # The official conv stacks as released (kernel, output channels as "C" = 1024 / "D" = 512 at 7B), written out here
 # independently of lightning_sp.models.projectors.official_arms.OFFICIAL_STACKS.
 RELEASED_STACKS = {
-    4: "3D 2D", 8: "5D 3D 2D", 12: "5C 3D 5D 2D", 16: "5C 3C 5D 3D 3D 2D", 20: "5C 5C 3C 5D 3D 3D 2D",
+    4: "3D 2D",
+    8: "5D 3D 2D",
+    12: "5C 3D 5D 2D",
+    16: "5C 3C 5D 3D 3D 2D",
+    20: "5C 5C 3C 5D 3D 3D 2D",
     24: "5C 5C 5C 3D 5D 3D 3D 2D",
 }
 
@@ -181,8 +213,17 @@ def test_official_transformer_arm_equals_its_restatement():
     zmap = z.transpose(1, 2).reshape(2, C, G, G)
     tokens = []
     for i, side in enumerate(sorted(PAPER_CROPS)):
-        ref = nn.Transformer(d_model=C, nhead=8, num_encoder_layers=4, num_decoder_layers=4, dim_feedforward=C,
-                             dropout=0.1, batch_first=True, norm_first=True, bias=False).eval()
+        ref = nn.Transformer(
+            d_model=C,
+            nhead=8,
+            num_encoder_layers=4,
+            num_decoder_layers=4,
+            dim_feedforward=C,
+            dropout=0.1,
+            batch_first=True,
+            norm_first=True,
+            bias=False,
+        ).eval()
         ref.load_state_dict(proj.sfe.transformers[i].state_dict())
         lo, hi = PAPER_CROPS[side]
         src = zmap[:, :, lo:hi, lo:hi].permute(0, 2, 3, 1).reshape(2, side * side, C)
@@ -266,8 +307,9 @@ def test_conv49_keeps_49_tokens_on_other_grids(grid, kernel):
     proj = build("conv49", grid=grid, dfi=False)
     assert proj.conv_tokens.kernel == kernel and len(proj.sp_boxes()) == 49
     zmap = torch.randn(1, C, grid, grid)
-    torch.testing.assert_close(proj.conv_tokens(zmap),
-                               F.conv2d(zmap, proj.conv_tokens.weight, stride=2).flatten(2).transpose(1, 2))
+    torch.testing.assert_close(
+        proj.conv_tokens(zmap), F.conv2d(zmap, proj.conv_tokens.weight, stride=2).flatten(2).transpose(1, 2)
+    )
     assert proj(torch.randn(1, grid * grid, C)).shape == (1, 49 + grid * grid, H)
 
 
@@ -448,11 +490,14 @@ def test_learned_queries_parameter_count(dfi):
 # Golden: the convolution weights whose kernel covers a whole window, per arm (stacked arms: the merge convs, not
 # the 4x4 reduce convs). Everything else in a projector trains at lr_projector.
 FULL_WINDOW = {
-    "mlp": [], "learned_queries": [], "cropping_transformer": ["dfi.kv_weight"],  # learned_queries: no DFI
+    "mlp": [],
+    "learned_queries": [],
+    "cropping_transformer": ["dfi.kv_weight"],  # learned_queries: no DFI
     "conv49": ["conv_tokens.weight"],
     "pooling_stacked": [f"sfe.merge.{i}" for i in range(6)] + ["dfi.kv_weight"],
     "cropping_stacked": [f"sfe.merge.{i}" for i in range(6)] + ["dfi.kv_weight"],
-    "official_transformer": [], "official_stacked": [],  # no full-window kernel; no DFI
+    "official_transformer": [],
+    "official_stacked": [],  # no full-window kernel; no DFI
 }
 
 
@@ -468,8 +513,9 @@ def test_optimizer_groups_are_declared_by_the_projector(variant):
         expected = set(FULL_WINDOW[variant])
     else:  # the SFE family: one full-window conv per SP token, plus the DFI's K/V conv when it has one
         expected = {f"sfe.weights.{i}" for i in range(SP_TOKENS[variant])} | ({"dfi.kv_weight"} if cfg.dfi else set())
-    model = SimpleNamespace(projector=projector,
-                            named_parameters=lambda: ((f"projector.{n}", p) for n, p in projector.named_parameters()))
+    model = SimpleNamespace(
+        projector=projector, named_parameters=lambda: ((f"projector.{n}", p) for n, p in projector.named_parameters())
+    )
     groups = optimizer_groups(model)
     names = {id(p): n.removeprefix("projector.") for n, p in projector.named_parameters()}
     assert {names[id(p)] for p in groups["sp_conv"]} == expected

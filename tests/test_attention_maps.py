@@ -16,8 +16,14 @@ from lightning_sp.models.vlm import LlavaSP
 from lightning_sp.train import build_trainer
 from evalkit import small_data
 
-QUESTION = {"id": "q", "image": "x.jpg", "conversations": [
-    {"from": "human", "value": "<image>\nWhat color is the shape in the top left cell?"}, {"from": "gpt", "value": "red"}]}
+QUESTION = {
+    "id": "q",
+    "image": "x.jpg",
+    "conversations": [
+        {"from": "human", "value": "<image>\nWhat color is the shape in the top left cell?"},
+        {"from": "gpt", "value": "red"},
+    ],
+}
 
 
 def prompt_for(model, tokenizer):
@@ -47,17 +53,25 @@ def models(tokenizer):
 
 def sample_maps(model, tokenizer, **kw):
     torch.manual_seed(1)
-    return viz.compute_sample_maps(model, tokenizer, torch.randn(3, 336, 336), prompt_for(model, tokenizer),
-                                   target="red", max_new_tokens=3, **kw)
+    return viz.compute_sample_maps(
+        model, tokenizer, torch.randn(3, 336, 336), prompt_for(model, tokenizer), target="red", max_new_tokens=3, **kw
+    )
 
 
 # ---- geometry -----------------------------------------------------------------------------------------------
 
+
 def test_boxes_are_sp_boxes_scaled_from_the_patch_grid_to_pixels(models):
     cropping = models("cropping").projector
     windows = viz.sp_windows(cropping, (336, 336))
-    assert [w.label for w in windows] == ["crop 4x4", "crop 8x8", "crop 12x12", "crop 16x16", "crop 20x20",
-                                          "crop 24x24"]
+    assert [w.label for w in windows] == [
+        "crop 4x4",
+        "crop 8x8",
+        "crop 12x12",
+        "crop 16x16",
+        "crop 20x20",
+        "crop 24x24",
+    ]
     for window, (r0, c0, r1, c1) in zip(windows, cropping.sp_boxes()):
         assert window.boxes == [(c0 * 14, r0 * 14, c1 * 14, r1 * 14)]  # 336 px / 24 patches = 14 px a patch
     assert windows[0].boxes == [(140, 140, 196, 196)]  # the centre 4x4 patches
@@ -124,8 +138,10 @@ def test_denormalize_inverts_the_clip_normalisation():
 
 # ---- LLM attention: eager for one pass, restored after ---------------------------------------------------------
 
-def test_llm_attention_rows_come_from_eager_attention_and_the_implementation_is_restored(models, tokenizer,
-                                                                                        monkeypatch):
+
+def test_llm_attention_rows_come_from_eager_attention_and_the_implementation_is_restored(
+    models, tokenizer, monkeypatch
+):
     from transformers.models.llama import modeling_llama
 
     model = models("pooling")
@@ -190,11 +206,17 @@ def test_qa_text_names_question_target_and_prediction(models, tokenizer):
 
 # ---- callback plumbing -----------------------------------------------------------------------------------------
 
+
 def test_callback_keeps_image_samples_with_unpadded_prompts():
-    batch = {"pixel_values": torch.randn(3, 3, 8, 8), "has_image": torch.tensor([False, True, True]),
-             "prompt_ids": torch.tensor([[5, 6, 7], [0, 8, 9], [1, 2, 3]]),
-             "prompt_attention_mask": torch.tensor([[1, 1, 1], [0, 1, 1], [1, 1, 1]]),
-             "answers": ["a", "b", "c"], "qtypes": ["x", "y", "z"], "ids": ["i0", "i1", "i2"]}
+    batch = {
+        "pixel_values": torch.randn(3, 3, 8, 8),
+        "has_image": torch.tensor([False, True, True]),
+        "prompt_ids": torch.tensor([[5, 6, 7], [0, 8, 9], [1, 2, 3]]),
+        "prompt_attention_mask": torch.tensor([[1, 1, 1], [0, 1, 1], [1, 1, 1]]),
+        "answers": ["a", "b", "c"],
+        "qtypes": ["x", "y", "z"],
+        "ids": ["i0", "i1", "i2"],
+    }
     kept = image_samples(batch, limit=1)
     assert len(kept) == 1 and kept[0]["sample_id"] == "i1" and kept[0]["prompt_ids"].tolist() == [8, 9]
     assert [k["sample_id"] for k in image_samples(batch, limit=5)] == ["i1", "i2"]
@@ -225,9 +247,20 @@ def tiny_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("attention_run")
     run_dir = root / "run"
-    cfg = compose([*TINY, "variant=pooling", *small_data(root / "data"), "trainer.max_steps=2",
-                   "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
-                   "trainer.enable_progress_bar=false", "eval.max_new_tokens=3", f"run_dir={run_dir}"])
+    cfg = compose(
+        [
+            *TINY,
+            "variant=pooling",
+            *small_data(root / "data"),
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "trainer.limit_val_batches=1",
+            "trainer.log_every_n_steps=1",
+            "trainer.enable_progress_bar=false",
+            "eval.max_new_tokens=3",
+            f"run_dir={run_dir}",
+        ]
+    )
     assert cfg.viz.enabled and cfg.viz.num_images == 2  # on by default
     train(cfg)
     return run_dir

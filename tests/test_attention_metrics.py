@@ -21,6 +21,7 @@ from evalkit import small_data
 
 # ---- geometry and ratios against hand computation --------------------------------------------------------------
 
+
 def cell_by_centre(grid, image=336):
     """Each patch's cell from its centre in pixels, by division on floats: the direct definition."""
     gh, gw = grid
@@ -36,8 +37,7 @@ def test_cell_patches_assign_each_patch_by_its_centre_and_partition_the_grid(gri
     for r in range(3):
         for c in range(3):
             mask = viz.cell_patches(grid, (r, c))
-            expected = torch.tensor([[rows[i] == r and cols[j] == c for j in range(grid[1])]
-                                     for i in range(grid[0])])
+            expected = torch.tensor([[rows[i] == r and cols[j] == c for j in range(grid[1])] for i in range(grid[0])])
             assert torch.equal(mask, expected)
             total += mask.long()
     assert torch.equal(total, torch.ones(grid, dtype=torch.long))  # every patch in exactly one cell
@@ -112,6 +112,7 @@ def test_spread_and_sp_share_against_hand_values():
 
 # ---- the batched forward equals the one-sample forward of the pictures ---------------------------------------
 
+
 def prompt_ids(question, model, tokenizer):
     record = {"id": "q", "image": "x", "conversations": [{"from": "human", "value": f"<image>\n{question}"}]}
     ids = encode_prompt(record, tokenizer, "vicuna_v1")
@@ -149,7 +150,7 @@ def test_left_padded_prompts_get_the_attention_they_get_alone(pooling_model, tok
     ids = torch.full((2, width), tokenizer.pad_token_id)
     mask = torch.zeros(2, width, dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - p.numel():], mask[i, width - p.numel():] = p, 1
+        ids[i, width - p.numel() :], mask[i, width - p.numel() :] = p, 1
     torch.manual_seed(2)
     pixels = torch.randn(2, 3, 336, 336)
     visual = viz.prompt_attention(model, ids, mask, pixels)
@@ -170,9 +171,14 @@ def test_left_padded_prompts_get_the_attention_they_get_alone(pooling_model, tok
 def test_the_pictures_state_the_asked_cell_number(pooling_model, tokenizer, one_thread):
     model = pooling_model
     torch.manual_seed(3)
-    maps = viz.compute_sample_maps(model, tokenizer, torch.randn(3, 336, 336),
-                                   prompt_ids("What color is the shape in the bottom left cell?", model, tokenizer),
-                                   target="red", answer_ids=[tokenizer.eos_token_id])
+    maps = viz.compute_sample_maps(
+        model,
+        tokenizer,
+        torch.randn(3, 336, 336),
+        prompt_ids("What color is the shape in the bottom left cell?", model, tokenizer),
+        target="red",
+        answer_ids=[tokenizer.eos_token_id],
+    )
     assert maps.asked_cell == (2, 0)
     # by hand: the first answer row's patches, rows 16-23 x cols 0-7 of the 24 x 24 grid, over 1/9
     patches = maps.llm_first_row[:, 6:].reshape(-1, 24, 24)
@@ -180,20 +186,27 @@ def test_the_pictures_state_the_asked_cell_number(pooling_model, tokenizer, one_
     np.testing.assert_allclose(maps.attention_on_target_by_layer, by_hand, rtol=1e-5)
     value, layer = maps.attention_on_target
     assert layer == int(by_hand.argmax()) and math.isclose(value, float(by_hand.max()), rel_tol=1e-5)
-    assert f"answer attention on the asked cell (bottom left): {value:.1f}x uniform (layer {layer}" \
-        in viz.qa_markdown(maps)
+    assert f"answer attention on the asked cell (bottom left): {value:.1f}x uniform (layer {layer}" in viz.qa_markdown(
+        maps
+    )
     assert viz.target_caption(maps) in viz.llm_figure(maps)._suptitle.get_text()
     peak, entropy = maps.sp_attention_spread
     k = maps.sp_attention[0].size
     assert math.isclose(peak, float(np.mean(maps.sp_attention.reshape(6, -1).max(1) * k)), rel_tol=1e-5)
     assert f"peak {peak:.2f}x uniform" in viz.sp_attention_figure(maps)._suptitle.get_text()
-    other = viz.compute_sample_maps(model, tokenizer, torch.randn(3, 336, 336),
-                                    prompt_ids("Where is the red circle?", model, tokenizer), answer_ids=[5])
+    other = viz.compute_sample_maps(
+        model,
+        tokenizer,
+        torch.randn(3, 336, 336),
+        prompt_ids("Where is the red circle?", model, tokenizer),
+        answer_ids=[5],
+    )
     assert other.asked_cell is None and other.attention_on_target is None
     assert "asked cell" not in viz.qa_markdown(other)
 
 
 # ---- a validation run logs the numbers a per-sample recomputation gives ---------------------------------------
+
 
 @pytest.mark.slow
 def test_validation_logs_attention_metrics_equal_to_per_sample_maps(tmp_path, tokenizer, one_thread):
@@ -215,8 +228,14 @@ def test_validation_logs_attention_metrics_equal_to_per_sample_maps(tmp_path, to
 
     def validate(*callbacks):
         vision_calls.clear()
-        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=list(callbacks),
-                            enable_progress_bar=False, enable_model_summary=False)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            callbacks=list(callbacks),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         return trainer.validate(module, datamodule=datamodule)[0]
 
     validate()
@@ -230,16 +249,22 @@ def test_validation_logs_attention_metrics_equal_to_per_sample_maps(tmp_path, to
     for batch in datamodule.val_dataloader():
         for i in range(len(batch["ids"])):
             prompt = batch["prompt_ids"][i][batch["prompt_attention_mask"][i].bool()]
-            every.append(viz.compute_sample_maps(module.model, tokenizer, batch["pixel_values"][i], prompt,
-                                                 answer_ids=[tokenizer.eos_token_id]))
+            every.append(
+                viz.compute_sample_maps(
+                    module.model, tokenizer, batch["pixel_values"][i], prompt, answer_ids=[tokenizer.eos_token_id]
+                )
+            )
     per_sample = [m for m in every if m.asked_cell is not None]
     assert len(every) == 8 and len(per_sample) == 3  # val types rotate: 3 of 8 questions name a cell
     assert int(callback.sums["target_n"]) == 3
     by_layer = np.mean([m.attention_on_target_by_layer for m in per_sample], axis=0)
     layers = module.model.llm.config.num_hidden_layers
     assert set(logged) >= {f"val/attention_on_target_layer{i}" for i in range(layers)} | {
-        "val/attention_on_target", "val/attention_on_sp_tokens", "val/dfi_attention_max_over_uniform",
-        "val/dfi_attention_entropy"}, logged
+        "val/attention_on_target",
+        "val/attention_on_sp_tokens",
+        "val/dfi_attention_max_over_uniform",
+        "val/dfi_attention_entropy",
+    }, logged
     for i in range(layers):
         assert math.isclose(logged[f"val/attention_on_target_layer{i}"], by_layer[i], rel_tol=1e-4)
     assert math.isclose(logged["val/attention_on_target"], by_layer.max(), rel_tol=1e-4)
@@ -261,18 +286,26 @@ def fake_validation(model, tokenizer, monkeypatch, questions, world_size=1, shar
     prompts = [prompt_ids(q, model, tokenizer) for q in questions]
     width = max(p.numel() for p in prompts)
     batch = {
-        "prompt_ids": torch.stack([torch.cat([torch.full((width - p.numel(),), tokenizer.pad_token_id), p])
-                                   for p in prompts]),
-        "prompt_attention_mask": torch.stack([torch.cat([torch.zeros(width - p.numel(), dtype=torch.long),
-                                                         torch.ones_like(p)]) for p in prompts]),
+        "prompt_ids": torch.stack(
+            [torch.cat([torch.full((width - p.numel(),), tokenizer.pad_token_id), p]) for p in prompts]
+        ),
+        "prompt_attention_mask": torch.stack(
+            [torch.cat([torch.zeros(width - p.numel(), dtype=torch.long), torch.ones_like(p)]) for p in prompts]
+        ),
         "pixel_values": torch.randn(len(prompts), 3, 336, 336),
     }
     forwards = []
     real_forward = viz.last_position_attention
-    monkeypatch.setattr(viz, "last_position_attention",
-                        lambda *a, **k: forwards.append(a[1].shape[0]) or real_forward(*a, **k))
-    module = SimpleNamespace(model=model, tokenizer=tokenizer, cfg=compose([*TINY]), device=torch.device("cpu"),
-                             _fsdp_units=object() if sharded else None)
+    monkeypatch.setattr(
+        viz, "last_position_attention", lambda *a, **k: forwards.append(a[1].shape[0]) or real_forward(*a, **k)
+    )
+    module = SimpleNamespace(
+        model=model,
+        tokenizer=tokenizer,
+        cfg=compose([*TINY]),
+        device=torch.device("cpu"),
+        _fsdp_units=object() if sharded else None,
+    )
     trainer = SimpleNamespace(world_size=world_size, precision_plugin=L.pytorch.plugins.precision.Precision())
     return batch, forwards, module, trainer
 
@@ -280,15 +313,21 @@ def fake_validation(model, tokenizer, monkeypatch, questions, world_size=1, shar
 def test_a_sharded_rank_without_cell_questions_still_runs_the_forward(pooling_model, tokenizer, monkeypatch):
     """Under FSDP each forward all-gathers: a rank whose batch names no cell runs it anyway when another rank does."""
     batch, forwards, module, trainer = fake_validation(
-        pooling_model, tokenizer, monkeypatch, ["Where is the red circle?", "What shape is in the top cell?"],
-        world_size=2, sharded=True)
+        pooling_model,
+        tokenizer,
+        monkeypatch,
+        ["Where is the red circle?", "What shape is in the top cell?"],
+        world_size=2,
+        sharded=True,
+    )
     others = []  # what the other rank says: whether it runs a forward in this batch
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op: t.fill_(max(int(t), others[-1])))
     callback = AttentionMetrics()
     for rows, other, expected_forwards, expected_questions in (
-            ([0, 1], 0, [1], 1),  # this rank's cell question: one forward on it
-            ([0], 1, [1], 1),     # none here, one on the other rank: a discarded forward, nothing counted
-            ([0], 0, [], 1)):     # none anywhere: no forward
+        ([0, 1], 0, [1], 1),  # this rank's cell question: one forward on it
+        ([0], 1, [1], 1),  # none here, one on the other rank: a discarded forward, nothing counted
+        ([0], 0, [], 1),
+    ):  # none anywhere: no forward
         others.append(other)
         forwards.clear()
         callback.on_validation_batch_end(trainer, module, None, {k: v[rows] for k, v in batch.items()}, 0)
@@ -297,8 +336,11 @@ def test_a_sharded_rank_without_cell_questions_still_runs_the_forward(pooling_mo
 
 def test_max_questions_measures_the_first_ones_of_the_split(pooling_model, tokenizer, monkeypatch):
     batch, forwards, module, trainer = fake_validation(
-        pooling_model, tokenizer, monkeypatch,
-        ["What shape is in the top cell?", "Where is the red circle?", "What color is the shape in the left cell?"])
+        pooling_model,
+        tokenizer,
+        monkeypatch,
+        ["What shape is in the top cell?", "Where is the red circle?", "What color is the shape in the left cell?"],
+    )
     callback = AttentionMetrics(max_questions=3)
     callback.on_validation_batch_end(trainer, module, None, batch, 0)
     callback.on_validation_batch_end(trainer, module, None, batch, 1)
@@ -316,16 +358,21 @@ def test_sums_and_metrics_for_a_projector_without_sp_tokens_by_hand():
     layout = SimpleNamespace(num_sp_tokens=0, patch_grid=(3, 3))  # mlp-like: patches only, one patch a cell
     visual = torch.zeros(2, 2, 9)  # 2 questions x 2 layers
     visual[0, 0, 0], visual[0, 0, 1] = 0.5, 0.5  # layer 0 of question 0: half on cell (0, 0) -> 4.5x
-    visual[0, 1] = 0.1                           # layer 1: uniform -> 1x
-    visual[1, :, 4] = 1.0                        # question 1 asks (0, 0) but looks at the centre -> 0x
+    visual[0, 1] = 0.1  # layer 1: uniform -> 1x
+    visual[1, :, 4] = 1.0  # question 1 asks (0, 0) but looks at the centre -> 0x
     sums = target_sums(visual, [(0, 0), (0, 0)], layout)
     assert sums == pytest.approx(Counter({"target_layer0": 4.5, "target_layer1": 1.0, "target_n": 2}))
-    assert metrics_from_sums(sums) == pytest.approx({  # no SP tokens: no SP key
-        "val/attention_on_target_layer0": 2.25, "val/attention_on_target_layer1": 0.5,
-        "val/attention_on_target": 2.25})
+    assert metrics_from_sums(sums) == pytest.approx(
+        {  # no SP tokens: no SP key
+            "val/attention_on_target_layer0": 2.25,
+            "val/attention_on_target_layer1": 0.5,
+            "val/attention_on_target": 2.25,
+        }
+    )
     projector = SimpleNamespace(dfi=None, layout=SimpleNamespace(num_patch_tokens=9))
     assert spread_sums(projector, None) == Counter()
     extractor = spread_sums(projector, torch.full((1, 2, 9), 1 / 9))  # attention over the patch grid: uniform
-    assert metrics_from_sums(extractor) == pytest.approx({"val/extractor_attention_max_over_uniform": 1.0,
-                                                          "val/extractor_attention_entropy": 1.0})
+    assert metrics_from_sums(extractor) == pytest.approx(
+        {"val/extractor_attention_max_over_uniform": 1.0, "val/extractor_attention_entropy": 1.0}
+    )
     assert metrics_from_sums(Counter()) == {}

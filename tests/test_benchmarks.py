@@ -28,6 +28,7 @@ def load(name: str):
 
 # ---- RESULTS.md sections -----------------------------------------------------------------------------------
 
+
 def test_sections_replace_only_their_own_span():
     results = load("_results")
     text = "# Benchmarks\n\nintro\n"
@@ -61,12 +62,29 @@ def test_write_section_creates_the_file(tmp_path):
 
 # ---- FLOP accounting of gpu_step_bench -----------------------------------------------------------------------
 
+
 def test_step_flops_against_a_hand_computation():
     g = load("gpu_step_bench")
-    shape = g.Shape(batch=2, seq=10, llm_hidden=8, llm_layers=3, llm_heads=2, llm_kv_heads=1, llm_intermediate=12,
-                    vocab=50, head_positions=4, lora_r=2, lora_targets=("q_proj", "down_proj"), vis_hidden=4, vis_layers=2,
-                    vis_intermediate=6, image_size=28, patch_size=14, projector_flops_per_image=1000.0,
-                    grad_ckpt=True)
+    shape = g.Shape(
+        batch=2,
+        seq=10,
+        llm_hidden=8,
+        llm_layers=3,
+        llm_heads=2,
+        llm_kv_heads=1,
+        llm_intermediate=12,
+        vocab=50,
+        head_positions=4,
+        lora_r=2,
+        lora_targets=("q_proj", "down_proj"),
+        vis_hidden=4,
+        vis_layers=2,
+        vis_intermediate=6,
+        image_size=28,
+        patch_size=14,
+        projector_flops_per_image=1000.0,
+        grad_ckpt=True,
+    )
     f = g.step_flops(shape)
     # By hand. T = 2 * 10 = 20 tokens. Head dim 4, one KV head -> k/v project 8 -> 4.
     # One layer's linears: q 8*8 + k 8*4 + v 8*4 + o 8*8 + gate 8*12 + up 8*12 + down 12*8 = 480.
@@ -100,8 +118,12 @@ def test_peak_by_device_name():
 
 @pytest.mark.slow
 def test_gpu_step_bench_tiny_runs_one_step_on_cpu():
-    out = subprocess.run([sys.executable, str(BENCH / "gpu_step_bench.py"), "--tiny", "--json"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_step_bench.py"), "--tiny", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["shape"]["batch"] == 2 and result["shape"]["seq"] == 640 and result["visual_tokens"] == 582
@@ -114,6 +136,7 @@ def test_gpu_step_bench_tiny_runs_one_step_on_cpu():
 
 
 # ---- input_bench: the LLaVA baseline is what it claims to be ----------------------------------------------------
+
 
 def test_llava_image_path_matches_ours_within_the_image_tests_tolerance():
     ib = load("input_bench")
@@ -131,8 +154,12 @@ def test_llava_image_path_matches_ours_within_the_image_tests_tolerance():
 def test_llava_style_labels_supervise_the_answers(tokenizer):
     ib = load("input_bench")
     pipe = ib.LlavaPipeline([], Path("."), tokenizer)
-    conversations = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A red circle."},
-                     {"from": "human", "value": "Where?"}, {"from": "gpt", "value": "Top left."}]
+    conversations = [
+        {"from": "human", "value": "<image>\nWhat is it?"},
+        {"from": "gpt", "value": "A red circle."},
+        {"from": "human", "value": "Where?"},
+        {"from": "gpt", "value": "Top left."},
+    ]
     ids, labels = pipe.tokenize(conversations)
     assert ids.tolist().count(tokenizer.convert_tokens_to_ids("<image>")) == 1
     assert pipe.mismatches == 0
@@ -158,12 +185,24 @@ def test_input_bench_data_set_and_both_pipelines(tmp_path, tokenizer):
 
 # ---- scaling_bench: the table -----------------------------------------------------------------------------------
 
+
 def test_scaling_report_growth_factors():
     sb = load("scaling_bench")
     args = type("A", (), {"device": "cpu", "threads": 1, "iters": 2, "batches": [1, 4], "texts": [64, 256]})()
-    points = [{"batch": b, "text": t, "visual": 582, "seq": 583 + t, "step_s": 0.1 * b * (583 + t) / 647,
-               "tokens_per_s": 1.0, "peak_gib": 1.0 + 0.1 * b * (583 + t) / 647, "built_gib": 1.0}
-              for b in (1, 4) for t in (64, 256)]
+    points = [
+        {
+            "batch": b,
+            "text": t,
+            "visual": 582,
+            "seq": 583 + t,
+            "step_s": 0.1 * b * (583 + t) / 647,
+            "tokens_per_s": 1.0,
+            "peak_gib": 1.0 + 0.1 * b * (583 + t) / 647,
+            "built_gib": 1.0,
+        }
+        for b in (1, 4)
+        for t in (64, 256)
+    ]
     text = sb.report(points, args, 1.0, "0.0/0.0/0.0")
     rows = [line for line in text.splitlines() if line[:4] in ("| 1 ", "| 4 ")]
     assert len(rows) == 4 and rows[0].startswith("| 1 | 64 | 647 | 0.100 |")
@@ -180,6 +219,7 @@ def test_scaling_bench_measures_one_point():
 
 # ---- images.py speed paths measured by input_bench ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("h,w", [(480, 640), (375, 500), (640, 480), (333, 500), (40, 23), (336, 336), (10, 700)])
 def test_channels_last_image_path_is_bit_identical_to_the_previous_one(h, w):
     """input_bench reports the speed-up of ImageProcessor over the CHW pad/resize/normalise it replaced; that
@@ -188,8 +228,11 @@ def test_channels_last_image_path_is_bit_identical_to_the_previous_one(h, w):
     from lightning_sp.data.images import ImageProcessor, _decode
 
     proc = ImageProcessor(336)
-    image = _decode(ib.photo(np.random.default_rng(h * w), h, w)) if min(h, w) >= 16 else \
-        torch.from_numpy(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)).permute(2, 0, 1)
+    image = (
+        _decode(ib.photo(np.random.default_rng(h * w), h, w))
+        if min(h, w) >= 16
+        else torch.from_numpy(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)).permute(2, 0, 1)
+    )
     for x in (image, image.contiguous()):  # HWC memory (decoder output) and CHW memory
         out = proc(x)
         assert out.is_contiguous() and torch.equal(out, ib.previous_image_path(x, proc.fill))

@@ -11,8 +11,14 @@ from lightning_sp.config import CONF_DIR, GROUPS, ConfigError, compose, group_ch
 
 
 PAPER_GRID = ["model.vision.name_or_path=null", "model.vision.patch_size=14"]  # a random 24x24-grid encoder
-NEED_LARGER_GRID = {"conv49", "pooling_dfi49", "cropping_dfi49", "pooling_stacked", "cropping_stacked",
-                    "official_stacked"}
+NEED_LARGER_GRID = {
+    "conv49",
+    "pooling_dfi49",
+    "cropping_dfi49",
+    "pooling_stacked",
+    "cropping_stacked",
+    "official_stacked",
+}
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -28,8 +34,13 @@ def test_every_yaml_in_every_group_composes(group):
 
 def test_defaults_are_the_embedded_default():
     cfg = compose()
-    assert dict(cfg.choices) == {"stage": "finetune", "model": "tiny", "data": "synthetic", "trainer": "cpu",
-                                 "variant": "pooling"}
+    assert dict(cfg.choices) == {
+        "stage": "finetune",
+        "model": "tiny",
+        "data": "synthetic",
+        "trainer": "cpu",
+        "variant": "pooling",
+    }
     assert cfg.projector.name == "pooling" and cfg.model.llm.name_or_path is None
     assert cfg.model.vision.image_size // cfg.model.vision.patch_size == 12
     assert cfg.model.vision.name_or_path == "data/encoder"  # the shipped pretrained encoder
@@ -78,17 +89,25 @@ def test_saved_config_round_trips(tmp_path):
 
 
 def test_cli_reports_config_errors_without_traceback():
-    out = subprocess.run([sys.executable, "-m", "lightning_sp", "config", "trainer.max_step=5"],
-                         capture_output=True, text=True, cwd=CONF_DIR.parent)
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning_sp", "config", "trainer.max_step=5"],
+        capture_output=True,
+        text=True,
+        cwd=CONF_DIR.parent,
+    )
     assert out.returncode == 2
     assert "unknown config key 'trainer.max_step'" in out.stderr and "Traceback" not in out.stderr
 
 
 # ---- impossible combinations fail at compose time, naming the key and the fix ----------------------------------
 
+
 def test_grid_error_names_the_encoder_keys():
-    with pytest.raises(ConfigError, match=r"pooling_stacked.*multiple of 4.*16x16.*model\.vision\.image_size=224 / "
-                                          r"model\.vision\.patch_size=14"):
+    with pytest.raises(
+        ConfigError,
+        match=r"pooling_stacked.*multiple of 4.*16x16.*model\.vision\.image_size=224 / "
+        r"model\.vision\.patch_size=14",
+    ):
         compose(["variant=pooling_stacked", *PAPER_GRID, "model.vision.image_size=224"])
 
 
@@ -108,7 +127,14 @@ def test_every_variant_that_needs_particular_grids_says_so(variant):
     refused = []
     for size, patch in REAL_GRIDS:
         try:
-            compose([f"variant={variant}", *PAPER_GRID, f"model.vision.image_size={size}", f"model.vision.patch_size={patch}"])
+            compose(
+                [
+                    f"variant={variant}",
+                    *PAPER_GRID,
+                    f"model.vision.image_size={size}",
+                    f"model.vision.patch_size={patch}",
+                ]
+            )
         except ConfigError as e:
             assert "model.vision.image_size" in str(e) and "grid" in str(e)
             refused.append(size // patch)
@@ -124,8 +150,16 @@ def test_image_size_must_hold_a_patch_and_the_grid_is_its_floor(tokenizer, one_t
     # 300 px at patch 14: the convolution drops the last 6 pixels, a 21x21 grid (as SigLIP SO400M/14 at 384 px)
     from lightning_sp.models.vlm import LlavaSP
 
-    cfg = compose([*PAPER_GRID, "model.vision.image_size=300", "model.vision.hidden_size=32",
-                   "model.vision.intermediate_size=64", "model.llm.hidden_size=64", "projector.sp_width=16"])
+    cfg = compose(
+        [
+            *PAPER_GRID,
+            "model.vision.image_size=300",
+            "model.vision.hidden_size=32",
+            "model.vision.intermediate_size=64",
+            "model.llm.hidden_size=64",
+            "projector.sp_width=16",
+        ]
+    )
     model = LlavaSP.from_config(cfg, tokenizer)
     assert model.vision.grid == 21 and model.vision(torch.zeros(1, 3, 300, 300)).shape == (1, 21 * 21, 32)
     with pytest.raises(ConfigError, match=r"model\.vision\.patch_size \(0\)"):
@@ -135,14 +169,24 @@ def test_image_size_must_hold_a_patch_and_the_grid_is_its_floor(tokenizer, one_t
 def test_pretrained_encoder_grid_must_match_the_config(tmp_path):
     from transformers import CLIPVisionConfig
 
-    CLIPVisionConfig(image_size=224, patch_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                     num_attention_heads=4).save_pretrained(tmp_path / "clip")
-    with pytest.raises(ConfigError, match=r"takes 224px images with patch 16 \(a 14x14 grid\).*"
-                                          r"model\.vision\.image_size=336.*set model\.vision\.image_size=224 "
-                                          r"model\.vision\.patch_size=16"):
+    CLIPVisionConfig(
+        image_size=224, patch_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    ).save_pretrained(tmp_path / "clip")
+    with pytest.raises(
+        ConfigError,
+        match=r"takes 224px images with patch 16 \(a 14x14 grid\).*"
+        r"model\.vision\.image_size=336.*set model\.vision\.image_size=224 "
+        r"model\.vision\.patch_size=16",
+    ):
         compose(["model=llava7b", f"model.vision.name_or_path={tmp_path / 'clip'}"])
-    cfg = compose(["model=llava7b", f"model.vision.name_or_path={tmp_path / 'clip'}", "model.vision.image_size=224",
-                   "model.vision.patch_size=16"])
+    cfg = compose(
+        [
+            "model=llava7b",
+            f"model.vision.name_or_path={tmp_path / 'clip'}",
+            "model.vision.image_size=224",
+            "model.vision.patch_size=16",
+        ]
+    )
     assert cfg.model.vision.image_size == 224
     # not on disk (a hub id that is not cached): checked when the model loads, never downloaded here
     compose(["model=llava7b", "model.vision.name_or_path=nobody/not-a-cached-clip"])
@@ -171,6 +215,7 @@ def test_lora_settings_without_lora_are_warned_about(caplog):
 
 # ---- trainer.global_batch_size ---------------------------------------------------------------------------------
 
+
 def test_global_batch_derives_accumulation_when_devices_are_known():
     cfg = compose(["data.batch_size=4", "trainer.global_batch_size=32"])  # trainer=cpu: 1 device
     assert cfg.trainer.accumulate_grad_batches == 8
@@ -180,9 +225,12 @@ def test_global_batch_derives_accumulation_when_devices_are_known():
 
 
 def test_global_batch_not_divisible_is_refused_with_the_numbers():
-    with pytest.raises(ConfigError, match=r"trainer\.global_batch_size=100, but data\.batch_size 16 x trainer\.devices "
-                                          r"1 x trainer\.accumulate_grad_batches 1 = 16: 100 is not a multiple of .* "
-                                          r"data\.batch_size=10 \(with trainer\.accumulate_grad_batches=10\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"trainer\.global_batch_size=100, but data\.batch_size 16 x trainer\.devices "
+        r"1 x trainer\.accumulate_grad_batches 1 = 16: 100 is not a multiple of .* "
+        r"data\.batch_size=10 \(with trainer\.accumulate_grad_batches=10\)",
+    ):
         compose(["data.batch_size=16", "trainer.global_batch_size=100"])
     with pytest.raises(ConfigError, match=r"not a multiple of data\.batch_size x devices = 16 x 2 = 32"):
         compose(["trainer=ddp_cpu", "data.batch_size=16", "trainer.global_batch_size=48"])
@@ -194,8 +242,12 @@ def test_global_batch_and_explicit_accumulation_must_agree():
         compose(["data.batch_size=4", "trainer.global_batch_size=64", "trainer.accumulate_grad_batches=8"])
     with pytest.raises(ConfigError, match=r"= 4: set trainer\.accumulate_grad_batches=16"):
         compose(["data.batch_size=4", "trainer.global_batch_size=64", "trainer.accumulate_grad_batches=1"])
-    assert compose(["data.batch_size=4", "trainer.global_batch_size=64",
-                    "trainer.accumulate_grad_batches=16"]).trainer.accumulate_grad_batches == 16
+    assert (
+        compose(
+            ["data.batch_size=4", "trainer.global_batch_size=64", "trainer.accumulate_grad_batches=16"]
+        ).trainer.accumulate_grad_batches
+        == 16
+    )
     with pytest.raises(ConfigError, match=r"trainer\.global_batch_size must be >= 1"):
         compose(["trainer.global_batch_size=0"])
 
@@ -206,12 +258,18 @@ def test_global_batch_with_devices_resolved_at_launch():
     cfg = compose(["trainer=gpu", "data.batch_size=16", "trainer.global_batch_size=128"])  # devices=-1
     assert cfg.trainer.accumulate_grad_batches == 1  # unknown device count: nothing derived at config time
     check_global_batch(cfg, 8)  # 16 x 8 x 1 = 128
-    with pytest.raises(ConfigError, match=r"this launch gives data\.batch_size 16 x 4 devices x "
-                                          r"trainer\.accumulate_grad_batches 1 = 64: set "
-                                          r"trainer\.accumulate_grad_batches=2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"this launch gives data\.batch_size 16 x 4 devices x "
+        r"trainer\.accumulate_grad_batches 1 = 64: set "
+        r"trainer\.accumulate_grad_batches=2",
+    ):
         check_global_batch(cfg, 4)
-    with pytest.raises(ConfigError, match=r"not a multiple of data\.batch_size 24 x trainer\.accumulate_grad_batches 1"
-                                          r" = 24, so no device count reaches it"):
+    with pytest.raises(
+        ConfigError,
+        match=r"not a multiple of data\.batch_size 24 x trainer\.accumulate_grad_batches 1"
+        r" = 24, so no device count reaches it",
+    ):
         compose(["trainer=gpu", "data.batch_size=24", "trainer.global_batch_size=128"])
 
 
@@ -239,14 +297,24 @@ def test_train_checks_the_global_batch_once_the_world_size_is_known(tmp_path, mo
 
     monkeypatch.setattr(train_lib, "LlavaSPModule", Stub)
     monkeypatch.setattr(train_lib, "build_datamodule", lambda *args: None)
-    cfg = compose(["data.synthetic=null", f"data.train_dir={shards}", "data.val_dir=null", "data.batch_size=4",
-                   "trainer.devices=auto", "trainer.global_batch_size=8", f"run_dir={tmp_path / 'run'}",
-                   "trainer.enable_progress_bar=false"])
+    cfg = compose(
+        [
+            "data.synthetic=null",
+            f"data.train_dir={shards}",
+            "data.val_dir=null",
+            "data.batch_size=4",
+            "trainer.devices=auto",
+            "trainer.global_batch_size=8",
+            f"run_dir={tmp_path / 'run'}",
+            "trainer.enable_progress_bar=false",
+        ]
+    )
     with pytest.raises(ConfigError, match=r"global_batch_size=8, but this launch gives data\.batch_size 4 x 1 devices"):
         train_lib.train(cfg)
 
 
 # ---- missing data: refused before any model is built ----------------------------------------------------------
+
 
 def test_missing_shards_are_refused_before_the_model_is_built(tmp_path, monkeypatch):
     import lightning_sp.train as train_lib
@@ -254,8 +322,11 @@ def test_missing_shards_are_refused_before_the_model_is_built(tmp_path, monkeypa
     built = []
     monkeypatch.setattr(train_lib, "LlavaSPModule", lambda *args: built.append(args))
     cfg = compose(["data=lcs558k", f"data.train_dir={tmp_path / 'nope'}", f"run_dir={tmp_path / 'run'}"])
-    with pytest.raises(ConfigError, match=rf"data\.train_dir={tmp_path / 'nope'} does not exist .*data\.synthetic is "
-                                          rf"unset.*python -m lightning_sp convert --json .* --out {tmp_path / 'nope'}"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"data\.train_dir={tmp_path / 'nope'} does not exist .*data\.synthetic is "
+        rf"unset.*python -m lightning_sp convert --json .* --out {tmp_path / 'nope'}",
+    ):
         train_lib.train(cfg)
     assert not built
 

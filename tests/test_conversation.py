@@ -12,8 +12,17 @@ import pytest
 import torch
 
 from lightning_sp.data.conversation import (
-    IGNORE_INDEX, TEMPLATES, RecordError, _backend, _tokenize, encode, encode_prompt, expand_image_token, get_template,
-    reference_answer, render_prompt,
+    IGNORE_INDEX,
+    TEMPLATES,
+    RecordError,
+    _backend,
+    _tokenize,
+    encode,
+    encode_prompt,
+    expand_image_token,
+    get_template,
+    reference_answer,
+    render_prompt,
 )
 from lightning_sp.data.tokenizer import IMAGE_TOKEN, VICUNA_SYSTEM, load_tokenizer
 
@@ -65,8 +74,17 @@ def check(tok, enc, pieces, answers):
 def test_vicuna_single_turn_with_image(tok):
     enc = encode(rec("What color is the circle?\n<image>", "Red."), tok, "vicuna_v1")
     # The first answer token carries the separating space (like Llama's "▁Red").
-    check(tok, enc, [(f"{VICUNA_SYSTEM} USER: ", False), (IMAGE_TOKEN, False),
-                     ("\nWhat color is the circle? ASSISTANT:", False), (" Red.</s>", True)], [" Red.</s>"])
+    check(
+        tok,
+        enc,
+        [
+            (f"{VICUNA_SYSTEM} USER: ", False),
+            (IMAGE_TOKEN, False),
+            ("\nWhat color is the circle? ASSISTANT:", False),
+            (" Red.</s>", True),
+        ],
+        [" Red.</s>"],
+    )
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     assert enc.has_image and enc.input_ids.count(image_id) == 1
     assert enc.labels[enc.input_ids.index(image_id)] == IGNORE_INDEX
@@ -74,21 +92,46 @@ def test_vicuna_single_turn_with_image(tok):
 
 
 def test_vicuna_three_turns(tok):
-    qa = ["<image>\nWhat shape is in the top left?", "A circle.", "What color is it?", "Blue.",
-          "How many squares are there?", "3"]
+    qa = [
+        "<image>\nWhat shape is in the top left?",
+        "A circle.",
+        "What color is it?",
+        "Blue.",
+        "How many squares are there?",
+        "3",
+    ]
     enc = encode(rec(*qa), tok, "vicuna_v1")
-    check(tok, enc, [(f"{VICUNA_SYSTEM} USER: ", False), (IMAGE_TOKEN, False),
-                     ("\nWhat shape is in the top left? ASSISTANT:", False), (" A circle.</s>", True),
-                     ("USER: What color is it? ASSISTANT:", False), (" Blue.</s>", True),
-                     ("USER: How many squares are there? ASSISTANT:", False), (" 3</s>", True)],
-          [" A circle.</s>", " Blue.</s>", " 3</s>"])
+    check(
+        tok,
+        enc,
+        [
+            (f"{VICUNA_SYSTEM} USER: ", False),
+            (IMAGE_TOKEN, False),
+            ("\nWhat shape is in the top left? ASSISTANT:", False),
+            (" A circle.</s>", True),
+            ("USER: What color is it? ASSISTANT:", False),
+            (" Blue.</s>", True),
+            ("USER: How many squares are there? ASSISTANT:", False),
+            (" 3</s>", True),
+        ],
+        [" A circle.</s>", " Blue.</s>", " 3</s>"],
+    )
     assert enc.input_ids.count(tok.eos_token_id) == 3
 
 
 def test_text_only_record(tok):
     enc = encode(rec("Name a colour.", "Purple.", "Another?", "Orange.", image=None), tok, "vicuna_v1")
-    check(tok, enc, [(f"{VICUNA_SYSTEM} USER: Name a colour. ASSISTANT:", False), (" Purple.</s>", True),
-                     ("USER: Another? ASSISTANT:", False), (" Orange.</s>", True)], [" Purple.</s>", " Orange.</s>"])
+    check(
+        tok,
+        enc,
+        [
+            (f"{VICUNA_SYSTEM} USER: Name a colour. ASSISTANT:", False),
+            (" Purple.</s>", True),
+            ("USER: Another? ASSISTANT:", False),
+            (" Orange.</s>", True),
+        ],
+        [" Purple.</s>", " Orange.</s>"],
+    )
     assert not enc.has_image and tok.convert_tokens_to_ids(IMAGE_TOKEN) not in enc.input_ids
 
 
@@ -106,23 +149,29 @@ def test_image_moved_to_front_and_prepended(tok):
     assert f"USER: {IMAGE_TOKEN}\nWhat is this? ASSISTANT:" in render_prompt(rec("What is this? <image>"), "vicuna_v1")
 
 
-@pytest.mark.parametrize("record, reason", [
-    ({"id": "r1", "conversations": [{"from": "gpt", "value": "Hi."}, {"from": "human", "value": "Q?"}]}, "gpt-first"),
-    (rec("<image> <image>\nQ?", "A."), "placeholders"),
-    (rec("<image>\nQ?", "A <image>."), "placeholders"),
-    (rec(image=None), "empty conversation"),
-    ({"id": "r1", "image": "x.jpg"}, "missing 'conversations'"),
-    ({"id": "r1", "conversations": "Q? A."}, "missing 'conversations'"),
-    ({"id": "r1", "conversations": ["Q?", "A."]}, "turn 0"),
-    ({"id": "r1", "conversations": [{"from": "user", "value": "Q?"}]}, "turn 0"),
-    ({"id": "r1", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": 3}]}, "turn 1"),
-    ({"id": "r1", "conversations": [{"from": "human"}, {"from": "gpt", "value": "A."}]}, "turn 0"),
-    ({"id": "r1", "conversations": [{"from": f, "value": "x"} for f in ("human", "human", "gpt")]}, "alternate"),
-    (rec("Q?", "A.", "Q2?"), "ends with a human turn"),
-    (rec("Q?", " "), "empty answer"),
-    (rec("<image>\nQ?", "A.", image=None), "no 'image'"),
-    (rec("Q?", "A.", "<image>\nQ2?", "A2."), "first human turn"),
-])
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        (
+            {"id": "r1", "conversations": [{"from": "gpt", "value": "Hi."}, {"from": "human", "value": "Q?"}]},
+            "gpt-first",
+        ),
+        (rec("<image> <image>\nQ?", "A."), "placeholders"),
+        (rec("<image>\nQ?", "A <image>."), "placeholders"),
+        (rec(image=None), "empty conversation"),
+        ({"id": "r1", "image": "x.jpg"}, "missing 'conversations'"),
+        ({"id": "r1", "conversations": "Q? A."}, "missing 'conversations'"),
+        ({"id": "r1", "conversations": ["Q?", "A."]}, "turn 0"),
+        ({"id": "r1", "conversations": [{"from": "user", "value": "Q?"}]}, "turn 0"),
+        ({"id": "r1", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": 3}]}, "turn 1"),
+        ({"id": "r1", "conversations": [{"from": "human"}, {"from": "gpt", "value": "A."}]}, "turn 0"),
+        ({"id": "r1", "conversations": [{"from": f, "value": "x"} for f in ("human", "human", "gpt")]}, "alternate"),
+        (rec("Q?", "A.", "Q2?"), "ends with a human turn"),
+        (rec("Q?", " "), "empty answer"),
+        (rec("<image>\nQ?", "A.", image=None), "no 'image'"),
+        (rec("Q?", "A.", "<image>\nQ2?", "A2."), "first human turn"),
+    ],
+)
 def test_record_errors(tok, record, reason):
     with pytest.raises(RecordError) as info:
         encode(record, tok, "vicuna_v1")
@@ -152,7 +201,7 @@ def test_max_length_truncation(tok):
     full = encode(record, tok, "vicuna_v1")
     first_eos = full.input_ids.index(tok.eos_token_id)
     cut = encode(record, tok, "vicuna_v1", max_length=first_eos + 1)  # keeps exactly the first answer
-    assert cut.input_ids == full.input_ids[:first_eos + 1] and cut.labels == full.labels[:first_eos + 1]
+    assert cut.input_ids == full.input_ids[: first_eos + 1] and cut.labels == full.labels[: first_eos + 1]
     assert supervised_runs(tok, cut) == [" A circle.</s>"] and cut.num_supervised >= 1
     assert encode(record, tok, "vicuna_v1", max_length=len(full.input_ids)) == full
     first_sup = next(i for i, label in enumerate(full.labels) if label != IGNORE_INDEX)
@@ -179,14 +228,17 @@ def test_expand_image_token(tok):
     assert len(ids) == len(enc.input_ids) + 581 and (labels != IGNORE_INDEX).sum() == enc.num_supervised
 
 
-@pytest.mark.parametrize("ids, labels", [
-    ([1, 7, 4, 8, 9], [-100, -100, -100, 8, 9]),  # image in the middle
-    ([4, 8, 9], [-100, 8, 9]),  # first
-    ([1, 8, 4], [-100, 8, -100]),  # last
-    ([4], [-100]),  # alone
-    ([1, 7, 8], [-100, 7, 8]),  # text only
-    ([], []),
-])
+@pytest.mark.parametrize(
+    "ids, labels",
+    [
+        ([1, 7, 4, 8, 9], [-100, -100, -100, 8, 9]),  # image in the middle
+        ([4, 8, 9], [-100, 8, 9]),  # first
+        ([1, 8, 4], [-100, 8, -100]),  # last
+        ([4], [-100]),  # alone
+        ([1, 7, 8], [-100, 7, 8]),  # text only
+        ([], []),
+    ],
+)
 def test_expand_image_token_lists_equal_the_tensor_path(ids, labels):
     """encode() hands lists, which take a numpy path: the very tensors the tensor path makes, dtype included."""
     for n in (1, 3, 582):
@@ -196,21 +248,32 @@ def test_expand_image_token_lists_equal_the_tensor_path(ids, labels):
             assert a.dtype == b.dtype == torch.long and a.shape == b.shape and torch.equal(a, b)
 
 
-@pytest.mark.parametrize("ids, labels, n, match", [
-    ([4, 1, 4], [-100] * 3, 2, "2 image tokens"),
-    ([1, 4], [-100, -100], 0, "num_visual_tokens must be >= 1"),
-    ([1, 4], [-100], 2, "equal length"),
-    ([[1, 4]], [[-100, -100]], 2, "1-D"),
-])
+@pytest.mark.parametrize(
+    "ids, labels, n, match",
+    [
+        ([4, 1, 4], [-100] * 3, 2, "2 image tokens"),
+        ([1, 4], [-100, -100], 0, "num_visual_tokens must be >= 1"),
+        ([1, 4], [-100], 2, "equal length"),
+        ([[1, 4]], [[-100, -100]], 2, "1-D"),
+    ],
+)
 def test_expand_image_token_lists_raise_like_tensors(ids, labels, n, match):
     with pytest.raises(ValueError, match=match):
         expand_image_token(ids, labels, 4, n)
 
 
-TOKENIZE_TEXTS = ["", " ", "Hello", "(B) élan 😀 <s> A.\n", "tab\tnew\nline\r\n  two  spaces ", "日本語のテキスト",
-                  "e\u0301 combining", "<image><image></s></s><pad><unk>", "x" * 3000,
-                  f"{VICUNA_SYSTEM} USER: {IMAGE_TOKEN}\nWhat? ASSISTANT: A red circle.</s>USER: Why? "
-                  "ASSISTANT: So.</s>"]
+TOKENIZE_TEXTS = [
+    "",
+    " ",
+    "Hello",
+    "(B) élan 😀 <s> A.\n",
+    "tab\tnew\nline\r\n  two  spaces ",
+    "日本語のテキスト",
+    "e\u0301 combining",
+    "<image><image></s></s><pad><unk>",
+    "x" * 3000,
+    f"{VICUNA_SYSTEM} USER: {IMAGE_TOKEN}\nWhat? ASSISTANT: A red circle.</s>USER: Why? ASSISTANT: So.</s>",
+]
 
 
 def test_direct_tokenizer_call_is_the_transformers_call(tok):
@@ -250,8 +313,9 @@ def test_direct_tokenizer_call_steps_aside_where_it_could_differ(tok):
 def test_prompt_matches_training_encoding(tok):
     record = rec("<image>\nWhat shape?", "A circle.", "Where is it?", "Top left.")
     prompt = render_prompt(record, "vicuna_v1")
-    assert prompt == (f"{VICUNA_SYSTEM} USER: {IMAGE_TOKEN}\nWhat shape? ASSISTANT: A circle.</s>"
-                      "USER: Where is it? ASSISTANT:")
+    assert prompt == (
+        f"{VICUNA_SYSTEM} USER: {IMAGE_TOKEN}\nWhat shape? ASSISTANT: A circle.</s>USER: Where is it? ASSISTANT:"
+    )
     assert reference_answer(record) == "Top left."
     ids = encode_prompt(record, tok, "vicuna_v1")
     assert ids == tok(prompt)["input_ids"] and ids.count(tok.convert_tokens_to_ids(IMAGE_TOKEN)) == 1
@@ -277,7 +341,7 @@ def test_answer_span_starts_at_the_space_after_the_colon(tok):
     assert supervised_runs(tok, enc) == [" \nTwo lines.</s>"]
     colon = tok(" ASSISTANT:", add_special_tokens=False)["input_ids"]
     ids = enc.input_ids
-    end_of_colon = next(i + len(colon) for i in range(len(ids)) if ids[i:i + len(colon)] == colon)
+    end_of_colon = next(i + len(colon) for i in range(len(ids)) if ids[i : i + len(colon)] == colon)
     assert enc.labels[:end_of_colon] == [IGNORE_INDEX] * end_of_colon and enc.labels[end_of_colon] != IGNORE_INDEX
 
 
@@ -295,7 +359,7 @@ def test_shipped_tokenizer_keeps_one_pass(tok, monkeypatch):
     record = rec("<image>\nWhat shape?", "A circle.", "Where?", "Top left.")
     enc = encode(record, tok, "vicuna_v1")
     assert len(calls) == 1 and IMAGE_TOKEN in calls[0]  # one pass over the whole conversation
-    assert encode_prompt(record, tok, "vicuna_v1") == enc.input_ids[:len(encode_prompt(record, tok, "vicuna_v1"))]
+    assert encode_prompt(record, tok, "vicuna_v1") == enc.input_ids[: len(encode_prompt(record, tok, "vicuna_v1"))]
 
 
 @pytest.fixture(scope="module")
@@ -309,8 +373,11 @@ def first_only_tok(tmp_path_factory):
     raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     raw.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
-    raw.train_from_iterator([f"{VICUNA_SYSTEM} USER: What shape is it? ASSISTANT: A red circle.</s>"
-                             "USER: Where? ASSISTANT: Top left.</s>"] * 4, trainer)
+    raw.train_from_iterator(
+        [f"{VICUNA_SYSTEM} USER: What shape is it? ASSISTANT: A red circle.</s>USER: Where? ASSISTANT: Top left.</s>"]
+        * 4,
+        trainer,
+    )
     raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     out = tmp_path_factory.mktemp("first_only")
@@ -334,7 +401,7 @@ def test_text_after_image_tokenised_alone_where_one_pass_differs(first_only_tok)
     enc = encode(record, tok, "vicuna_v1")
     assert enc.input_ids == expected and enc.input_ids != tok(text)["input_ids"]
     prompt = encode_prompt(record, tok, "vicuna_v1")
-    assert prompt == expected[:len(prompt)] and len(prompt) < len(expected)
+    assert prompt == expected[: len(prompt)] and len(prompt) < len(expected)
     supervised = tok.convert_ids_to_tokens([t for t in enc.labels if t != IGNORE_INDEX])
     assert "".join(supervised) == "▁A▁red▁circle.</s>▁Top▁left.</s>"
     plain = encode(rec("<image>\nDescribe.", "A red circle."), tok, "plain")

@@ -23,8 +23,9 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     synthetic.generate(root, n_train=36, n_val=10, seed=0, image_size=SIZE, turns=2, progress=False)
     train = json.loads((root / "train.json").read_text())
-    train.append({"id": "text_only", "conversations": [{"from": "human", "value": "Say hi."},
-                                                       {"from": "gpt", "value": "hi"}]})
+    train.append(
+        {"id": "text_only", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]}
+    )
     train.append({"id": "gpt_first", "conversations": [{"from": "gpt", "value": "no question"}]})
     (root / "train.json").write_text(json.dumps(train))
     shards.convert(root / "train.json", root, root / "train", shard_size=7, workers=1, progress=False)
@@ -34,9 +35,20 @@ def data(tmp_path_factory):
 
 
 def make(root, tokenizer, **kw):
-    args = dict(train_dir=root / "train", val_dir=root / "val", tokenizer=tokenizer, template="vicuna_v1",
-                num_visual_tokens=N_VIS, image_size=SIZE, batch_size=BATCH, val_batch_size=4, num_workers=0,
-                shuffle_buffer=8, max_length=512, seed=0)
+    args = dict(
+        train_dir=root / "train",
+        val_dir=root / "val",
+        tokenizer=tokenizer,
+        template="vicuna_v1",
+        num_visual_tokens=N_VIS,
+        image_size=SIZE,
+        batch_size=BATCH,
+        val_batch_size=4,
+        num_workers=0,
+        shuffle_buffer=8,
+        max_length=512,
+        seed=0,
+    )
     dm = ShardDataModule(**{**args, **kw})
     dm.setup("fit")
     return dm
@@ -125,7 +137,7 @@ def test_val_batches(data, tokenizer, monkeypatch):
                 n = int(pmask[row].sum())
                 assert not pmask[row, :-n].any() and pmask[row, -n:].all()  # LEFT padded
                 assert (prompts[row, :-n] == pad_id).all()
-                assert prompts[row, -len(suffix):].tolist() == suffix  # ends where the answer starts
+                assert prompts[row, -len(suffix) :].tolist() == suffix  # ends where the answer starts
                 assert int((prompts[row] == image_id).sum()) == N_VIS
                 assert batch["answers"][row] == val[rid]["conversations"][-1]["value"]
                 assert batch["qtypes"][row] == val[rid]["qtype"]
@@ -135,8 +147,13 @@ def test_val_batches(data, tokenizer, monkeypatch):
 
 def test_collate_rejects_wrong_image_token_count(tokenizer):
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    sample = {"id": "x", "input_ids": torch.tensor([1, image_id, image_id, 5]), "labels": torch.full((4,), -100),
-              "pixel_values": torch.zeros(3, 2, 2), "has_image": True}
+    sample = {
+        "id": "x",
+        "input_ids": torch.tensor([1, image_id, image_id, 5]),
+        "labels": torch.full((4,), -100),
+        "pixel_values": torch.zeros(3, 2, 2),
+        "has_image": True,
+    }
     with pytest.raises(ValueError, match="'x' has 2 image tokens, expected 3"):
         collate_train([sample], 0, image_token_id=image_id, num_visual_tokens=3)
 
@@ -160,16 +177,34 @@ class _CountingModule(L.LightningModule):
 
 def test_lightning_runs_planned_epochs(data, tokenizer):
     root, _ = data
-    dm = ShardDataModule(root / "train", None, tokenizer, "vicuna_v1", num_visual_tokens=N_VIS, image_size=SIZE,
-                         batch_size=BATCH, val_batch_size=4, num_workers=0, shuffle_buffer=8, max_length=512)
+    dm = ShardDataModule(
+        root / "train",
+        None,
+        tokenizer,
+        "vicuna_v1",
+        num_visual_tokens=N_VIS,
+        image_size=SIZE,
+        batch_size=BATCH,
+        val_batch_size=4,
+        num_workers=0,
+        shuffle_buffer=8,
+        max_length=512,
+    )
     module = _CountingModule()
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=dm)
     assert module.steps_per_epoch == [dm.steps_per_epoch] * 2
 
 
 # ---- the faster sample building and collate give the very batches of the previous code -------------------------
+
 
 def _bench():
     import importlib.util
@@ -186,8 +221,10 @@ def _bench():
 
 def _previous_batch(ib, raw, ids, tokenizer):
     """What the sample building + collate before the speed-up (benchmarks/input_bench.py) make of these records."""
-    return ib.previous_collate([ib.previous_sample(raw[i], tokenizer, num_visual=N_VIS, image_size=SIZE,
-                                                   max_length=512) for i in ids], tokenizer.pad_token_id)
+    return ib.previous_collate(
+        [ib.previous_sample(raw[i], tokenizer, num_visual=N_VIS, image_size=SIZE, max_length=512) for i in ids],
+        tokenizer.pad_token_id,
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -209,8 +246,10 @@ def _previous_collate_checks(samples, image_token_id, num_visual_tokens):
         count = int((s["input_ids"] == image_token_id).sum())
         expected = num_visual_tokens if s["has_image"] else 0
         if count != expected:
-            raise ValueError(f"sample {s['id']!r} has {count} image tokens, expected {expected} "
-                             f"(has_image={s['has_image']}, num_visual_tokens={num_visual_tokens})")
+            raise ValueError(
+                f"sample {s['id']!r} has {count} image tokens, expected {expected} "
+                f"(has_image={s['has_image']}, num_visual_tokens={num_visual_tokens})"
+            )
         if not bool((s["labels"] != IGNORE_INDEX).any()):
             raise ValueError(f"sample {s['id']!r} has no supervised token (every label is {IGNORE_INDEX})")
 
@@ -228,8 +267,17 @@ def _random_samples(n, image_id, seed, slab=None):
         labels[-1] = ids[-1]
         pixels = slab[i] if slab is not None else torch.rand(3, 4, 4, generator=g)
         pixels.copy_(torch.rand(3, 4, 4, generator=g))
-        samples.append({"id": f"s{i}", "input_ids": ids, "labels": labels, "pixel_values": pixels,
-                        "has_image": has_image, "skipped": i % 2, "skipped_reasons": {"bad_json": i % 2}})
+        samples.append(
+            {
+                "id": f"s{i}",
+                "input_ids": ids,
+                "labels": labels,
+                "pixel_values": pixels,
+                "has_image": has_image,
+                "skipped": i % 2,
+                "skipped_reasons": {"bad_json": i % 2},
+            }
+        )
     return samples
 
 
@@ -257,7 +305,7 @@ def test_collate_reports_the_first_bad_sample_like_before():
     samples = _random_samples(6, image_id, 0)
     samples[2]["labels"] = torch.full_like(samples[2]["labels"], IGNORE_INDEX)  # no supervised token
     samples[4]["input_ids"] = samples[4]["input_ids"][samples[4]["input_ids"] != image_id]  # image ids lost
-    samples[4]["labels"] = samples[4]["labels"][:len(samples[4]["input_ids"])]
+    samples[4]["labels"] = samples[4]["labels"][: len(samples[4]["input_ids"])]
     for batch in (samples, samples[3:], [samples[5], samples[4], samples[2]]):
         with pytest.raises(ValueError) as previous:
             _previous_collate_checks(batch, image_id, 3)
@@ -291,7 +339,11 @@ def test_sample_builder_fills_one_buffer_per_batch(data, tokenizer, monkeypatch)
     in_worker = SampleBuilder(tokenizer, "vicuna_v1", N_VIS, SIZE, 512, batch_size=BATCH)
     samples = list(islice(in_worker(iter(raw)), BATCH))
     assert samples[0]["pixel_values"]._base.is_shared()
-    batch = collate_train(samples, tokenizer.pad_token_id, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                          num_visual_tokens=N_VIS)
+    batch = collate_train(
+        samples,
+        tokenizer.pad_token_id,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        num_visual_tokens=N_VIS,
+    )
     assert batch["pixel_values"] is samples[0]["pixel_values"]._base and batch["pixel_values"].is_shared()
     assert torch.equal(batch["pixel_values"], torch.stack([s["pixel_values"] for s in ref[:BATCH]]))

@@ -41,6 +41,7 @@ STEPS = 4
 
 # ---- fast checks: wrap plan and config validation (no processes) ---------------------------------------------
 
+
 def test_wrap_plan_keeps_trainable_and_frozen_apart(tiny_cfg, tokenizer):
     from lightning_sp.module import LlavaSPModule
 
@@ -85,29 +86,42 @@ def test_global_batch_size():
 
 # ---- 2-process runs ----------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("multirank")
     raw = root / "raw"
     synthetic.generate(raw, n_train=20, n_val=8, seed=0, image_size=336, turns=2, workers=1, progress=False)
     records = json.loads((raw / "train.json").read_text())
-    text_only = [{"id": f"text_{i}", "conversations": [
-        {"from": "human", "value": f"Say the number {i}."}, {"from": "gpt", "value": str(i)}]} for i in range(4)]
+    text_only = [
+        {
+            "id": f"text_{i}",
+            "conversations": [{"from": "human", "value": f"Say the number {i}."}, {"from": "gpt", "value": str(i)}],
+        }
+        for i in range(4)
+    ]
     parts = [records[:8], text_only, records[8:]]  # shard i of the merged index: ranks take shards[rank::2]
     train, listed = root / "train", []
     train.mkdir()
     for i, part in enumerate(parts):
         (root / f"part{i}.json").write_text(json.dumps(part))
-        index = shards.convert(root / f"part{i}.json", raw, root / f"part{i}", shard_size=len(part), workers=1,
-                               progress=False)
+        index = shards.convert(
+            root / f"part{i}.json", raw, root / f"part{i}", shard_size=len(part), workers=1, progress=False
+        )
         (entry,) = index["shards"]
         shutil.copy(root / f"part{i}" / entry["name"], train / f"shard-{i:06d}.tar")
         listed.append({**entry, "name": f"shard-{i:06d}.tar"})
     prepend_corrupt_record(train / "shard-000000.tar")
     listed[0].update(samples=listed[0]["samples"] + 1, images=listed[0]["images"] + 1)
     totals = {k: sum(s[k] for s in listed) for k in ("samples", "images", "text_only")}
-    (train / "index.json").write_text(json.dumps({"shards": listed, "totals": {
-        **totals, "records": totals["samples"], "skipped": 0, "skipped_by_reason": {}}}))
+    (train / "index.json").write_text(
+        json.dumps(
+            {
+                "shards": listed,
+                "totals": {**totals, "records": totals["samples"], "skipped": 0, "skipped_by_reason": {}},
+            }
+        )
+    )
     shards.convert(raw / "val.json", raw, root / "val", shard_size=8, workers=1, progress=False)
     return {"train": train, "val": root / "val"}
 
@@ -117,11 +131,16 @@ def prepend_corrupt_record(shard: Path) -> None:
     reads it in its first batches."""
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    record = {"id": "corrupt_image", "image": "corrupt_image.png",
-              "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "?"}]}
+    record = {
+        "id": "corrupt_image",
+        "image": "corrupt_image.png",
+        "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "?"}],
+    }
     with tarfile.open(shard, "w") as tar:
-        for name, blob in (("corrupt_image.json", json.dumps(record).encode()),
-                           ("corrupt_image.png", png_claiming(20, 16))):
+        for name, blob in (
+            ("corrupt_image.json", json.dumps(record).encode()),
+            ("corrupt_image.png", png_claiming(20, 16)),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
@@ -135,20 +154,43 @@ def assert_corrupt_record_skipped(run_dir: Path) -> None:
 
 
 def overrides(data, run_dir: Path, *extra: str) -> list[str]:
-    return [*TINY, "data.synthetic=null", f"data.train_dir={data['train']}", f"data.val_dir={data['val']}",
-            "data.batch_size=4", "data.val_batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8",
-            f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}", "trainer.limit_val_batches=1",
-            "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "viz.enabled=false",
-            f"run_dir={run_dir}", *extra]
+    return [
+        *TINY,
+        "data.synthetic=null",
+        f"data.train_dir={data['train']}",
+        f"data.val_dir={data['val']}",
+        "data.batch_size=4",
+        "data.val_batch_size=4",
+        "data.num_workers=0",
+        "data.shuffle_buffer=8",
+        f"trainer.max_steps={STEPS}",
+        f"trainer.val_check_interval={STEPS}",
+        "trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "viz.enabled=false",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
 
 
 def launch(args: list[str], timeout: float = LAUNCH_TIMEOUT_S) -> str:
     """Run `python ARGS` (which launches its second rank itself); kill the whole process group on timeout."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "LIGHTNING_SP_RUN_DIR")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "LIGHTNING_SP_RUN_DIR")
+    }
     env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -175,8 +217,21 @@ def assert_equal_work_with_a_text_only_rank(run_dir: Path, steps: int = STEPS, b
 @pytest.fixture(scope="module")
 def fsdp_run(data, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("fsdp") / "run"
-    out = launch(["-m", "lightning_sp", "train", *overrides(data, run_dir, "trainer=fsdp", "trainer.accelerator=cpu",
-                                                            "trainer.devices=2", "trainer.precision=32-true")])
+    out = launch(
+        [
+            "-m",
+            "lightning_sp",
+            "train",
+            *overrides(
+                data,
+                run_dir,
+                "trainer=fsdp",
+                "trainer.accelerator=cpu",
+                "trainer.devices=2",
+                "trainer.precision=32-true",
+            ),
+        ]
+    )
     (run_dir.parent / "launch.log").write_text(out)
     return run_dir
 
@@ -184,8 +239,9 @@ def fsdp_run(data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ddp_run(data, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
-    (run_dir.parent / "launch.log").write_text(launch(["-m", "lightning_sp", "train",
-                                                       *overrides(data, run_dir, "trainer=ddp_cpu")]))
+    (run_dir.parent / "launch.log").write_text(
+        launch(["-m", "lightning_sp", "train", *overrides(data, run_dir, "trainer=ddp_cpu")])
+    )
     return run_dir
 
 
@@ -234,8 +290,10 @@ def test_ddp_two_ranks_same_work_and_same_weights_as_fsdp(ddp_run, fsdp_run):
     assert {r["strategy"] for r in rank_summaries(ddp_run)} == {"DDPStrategy"}
     # Same data, init and optimizer: FSDP's sharded all-gather / reduce-scatter steps must reproduce DDP's
     # all-reduce steps (gradient clipping over sharded gradients included) up to float reassociation.
-    ddp, fsdp = trainable_state(ddp_run / "checkpoints" / "last.ckpt"), trainable_state(fsdp_run / "checkpoints" /
-                                                                                       "last.ckpt")
+    ddp, fsdp = (
+        trainable_state(ddp_run / "checkpoints" / "last.ckpt"),
+        trainable_state(fsdp_run / "checkpoints" / "last.ckpt"),
+    )
     assert set(ddp) == set(fsdp)
     worst = max(((ddp[k] - fsdp[k]).abs().max().item(), k) for k in ddp)
     assert worst[0] < 1e-5, worst  # observed: ~1e-7
@@ -245,10 +303,23 @@ def test_ddp_two_ranks_same_work_and_same_weights_as_fsdp(ddp_run, fsdp_run):
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S)
 def test_fsdp_resume_restores_weights_bf16_with_gradient_checkpointing(fsdp_run, data, tmp_path):
     run_dir, report = tmp_path / "resumed", tmp_path / "restored.json"
-    launch([str(Path(__file__).with_name("distributed_resume.py")), str(fsdp_run / "checkpoints" / "last.ckpt"),
-            str(report), *overrides(data, run_dir, "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
-                                    "trainer.precision=bf16-mixed", "model.llm.gradient_checkpointing=true",
-                                    f"trainer.max_steps={STEPS + 2}")])
+    launch(
+        [
+            str(Path(__file__).with_name("distributed_resume.py")),
+            str(fsdp_run / "checkpoints" / "last.ckpt"),
+            str(report),
+            *overrides(
+                data,
+                run_dir,
+                "trainer=fsdp",
+                "trainer.accelerator=cpu",
+                "trainer.devices=2",
+                "trainer.precision=bf16-mixed",
+                "model.llm.gradient_checkpointing=true",
+                f"trainer.max_steps={STEPS + 2}",
+            ),
+        ]
+    )
     restored = json.loads(report.read_text())
     assert restored["same_keys"] and restored["max_abs_diff"] == 0.0 and restored["restored_step"] == STEPS
     # every rank's own stream position was saved (rank 0 wrote the file) and each rank continued from its own
@@ -272,8 +343,16 @@ def test_equal_val_shares_give_every_rank_the_same_number_of_batches(data, token
     for rank in range(3):  # 8 val samples over 3 ranks: 3/3/2 by striding, 2/2/2 with equal shares
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "3")
-        dm = ShardDataModule(data["train"], data["val"], tokenizer, num_visual_tokens=582, batch_size=4,
-                             val_batch_size=1, num_workers=0, equal_val_shares=True)
+        dm = ShardDataModule(
+            data["train"],
+            data["val"],
+            tokenizer,
+            num_visual_tokens=582,
+            batch_size=4,
+            val_batch_size=1,
+            num_workers=0,
+            equal_val_shares=True,
+        )
         counts[rank] = sum(len(b["ids"]) for b in dm.val_dataloader())
     assert counts == {0: 2, 1: 2, 2: 2}
 
@@ -293,14 +372,37 @@ def test_two_nodes_one_process_each_over_localhost(data, tmp_path):
     process each): one world of 2, equal steps and batches per rank, one checkpoint written by global rank 0 that
     equals the 2-rank DDP result's shape and loads without a cluster."""
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "lightning_sp", "train",
-            *overrides(data, run_dir, "trainer=ddp_cpu", "trainer.devices=1", "trainer.num_nodes=2")]
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "LIGHTNING_SP_RUN_DIR")}
-    base.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    procs = [subprocess.Popen(args, cwd=REPO_ROOT, env={**base, "NODE_RANK": str(node)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for node in (0, 1)]
+    args = [
+        sys.executable,
+        "-m",
+        "lightning_sp",
+        "train",
+        *overrides(data, run_dir, "trainer=ddp_cpu", "trainer.devices=1", "trainer.num_nodes=2"),
+    ]
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "LIGHTNING_SP_RUN_DIR")
+    }
+    base.update(
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    )
+    procs = [
+        subprocess.Popen(
+            args,
+            cwd=REPO_ROOT,
+            env={**base, "NODE_RANK": str(node)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for node in (0, 1)
+    ]
     outs = []
     try:
         for proc in procs:
@@ -331,23 +433,48 @@ def test_full_finetuning_under_fsdp_resumes_from_a_kill_to_the_uninterrupted_res
     import time
 
     def args(run: str, *extra: str) -> list[str]:
-        return ["-m", "lightning_sp", "train", *overrides(
-            data, tmp_path / run, "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
-            "trainer.precision=32-true", "stage=finetune_full", "optim.lr_llm=1e-3", "trainer.max_steps=8",
-            "trainer.val_check_interval=2", f"trainer.sharded_checkpoints={str(sharded).lower()}"), *extra]
+        return [
+            "-m",
+            "lightning_sp",
+            "train",
+            *overrides(
+                data,
+                tmp_path / run,
+                "trainer=fsdp",
+                "trainer.accelerator=cpu",
+                "trainer.devices=2",
+                "trainer.precision=32-true",
+                "stage=finetune_full",
+                "optim.lr_llm=1e-3",
+                "trainer.max_steps=8",
+                "trainer.val_check_interval=2",
+                f"trainer.sharded_checkpoints={str(sharded).lower()}",
+            ),
+            *extra,
+        ]
 
     launch(args("whole"))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "LIGHTNING_SP_RUN_DIR")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "LIGHTNING_SP_RUN_DIR")
+    }
     env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    victim = subprocess.Popen([sys.executable, *args("killed")], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    victim = subprocess.Popen(
+        [sys.executable, *args("killed")],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     first = tmp_path / "killed" / "checkpoints" / "step000002.ckpt"
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     from lightning_sp.checkpoint import is_sharded_checkpoint
 
-    while not (first.is_file() or is_sharded_checkpoint(first)) and victim.poll() is None \
-            and time.monotonic() < deadline:
+    while (
+        not (first.is_file() or is_sharded_checkpoint(first)) and victim.poll() is None and time.monotonic() < deadline
+    ):
         time.sleep(0.02)
     os.killpg(victim.pid, signal.SIGKILL)  # both ranks: the second is the first one's child
     victim.wait(timeout=60)
@@ -359,8 +486,9 @@ def test_full_finetuning_under_fsdp_resumes_from_a_kill_to_the_uninterrupted_res
     assert whole.keys() == resumed.keys()
     assert {k.split(".")[1] for k in whole} == {"llm", "projector"}  # the whole LLM is saved: it all trains
     assert any(k.endswith("layers.0.self_attn.q_proj.weight") for k in whole) and not any("lora_" in k for k in whole)
-    assert all(torch.equal(whole[k], resumed[k]) for k in whole), \
-        max((whole[k] - resumed[k]).abs().max().item() for k in whole)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole), max(
+        (whole[k] - resumed[k]).abs().max().item() for k in whole
+    )
     metrics = [json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("whole", "killed")]
     assert metrics[0]["train/loss"] == metrics[1]["train/loss"] and metrics[1]["global_step"] == 8
     assert_equal_work_with_a_text_only_rank(tmp_path / "killed", steps=8, batches=6)

@@ -9,8 +9,15 @@ import torch
 from evalkit import trained_run, write_benchmark_files
 
 from lightning_sp.config import ConfigError
-from lightning_sp.evaluate import (SHORT_ANSWER_PROMPT, Predictor, Question, evaluate, load_question_file,
-                                   parse_eval_args, score)
+from lightning_sp.evaluate import (
+    SHORT_ANSWER_PROMPT,
+    Predictor,
+    Question,
+    evaluate,
+    load_question_file,
+    parse_eval_args,
+    score,
+)
 from lightning_sp.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -78,9 +85,18 @@ def test_question_file_prompts_follow_llava_1_5(files):
 
 def test_vqa_eval_writes_every_question_and_scores(run_dir, predictor, files, tmp_path):
     out = tmp_path / "vqa"
-    result = evaluate(str(run_dir / "checkpoints" / "last.ckpt"), "vqa", questions=str(files["questions"]),
-                      answers=str(files["answers"]), image_root=str(files["image_root"]), out=str(out),
-                      batch_size=3, max_new_tokens=8, predictor=predictor, progress=False)
+    result = evaluate(
+        str(run_dir / "checkpoints" / "last.ckpt"),
+        "vqa",
+        questions=str(files["questions"]),
+        answers=str(files["answers"]),
+        image_root=str(files["image_root"]),
+        out=str(out),
+        batch_size=3,
+        max_new_tokens=8,
+        predictor=predictor,
+        progress=False,
+    )
     rows = _rows(out / "predictions.jsonl")
     assert [r["question_id"] for r in rows] == [100, 101, 102, 103, 104]
     assert all(isinstance(r["text"], str) and r["prompt"].endswith(SHORT_ANSWER_PROMPT) for r in rows)
@@ -95,9 +111,17 @@ def test_vqa_eval_writes_every_question_and_scores(run_dir, predictor, files, tm
 
 def test_pope_eval_writes_every_question_and_confusion_metrics(run_dir, predictor, files, tmp_path):
     out = tmp_path / "pope"
-    result = evaluate(str(run_dir / "checkpoints" / "last.ckpt"), "pope", questions=str(files["pope"]),
-                      image_root=str(files["image_root"]), out=str(out), batch_size=2, max_new_tokens=8,
-                      predictor=predictor, progress=False)
+    result = evaluate(
+        str(run_dir / "checkpoints" / "last.ckpt"),
+        "pope",
+        questions=str(files["pope"]),
+        image_root=str(files["image_root"]),
+        out=str(out),
+        batch_size=2,
+        max_new_tokens=8,
+        predictor=predictor,
+        progress=False,
+    )
     rows = _rows(out / "predictions.jsonl")
     assert [r["question_id"] for r in rows] == [f"p{i}" for i in range(5)]
     assert [r["category"] for r in rows] == ["adversarial"] * 3 + ["random"] * 2
@@ -112,14 +136,20 @@ def test_pope_eval_writes_every_question_and_confusion_metrics(run_dir, predicto
 
 
 def test_synthetic_eval_reproduces_validation_accuracy(run_dir, predictor, tmp_path):
-    result = evaluate(str(run_dir / "checkpoints" / "last.ckpt"), "synthetic", out=str(tmp_path / "syn"),
-                      batch_size=3, predictor=predictor, progress=False)
+    result = evaluate(
+        str(run_dir / "checkpoints" / "last.ckpt"),
+        "synthetic",
+        out=str(tmp_path / "syn"),
+        batch_size=3,
+        predictor=predictor,
+        progress=False,
+    )
     trained = json.loads((run_dir / "metrics.json").read_text())
     assert result["num_questions"] == 8 and result["max_new_tokens"] == predictor.cfg.eval.max_new_tokens
     assert result["metrics"]["accuracy"] == pytest.approx(trained["val/accuracy"])
     for key, value in trained.items():
         if key.startswith("val/accuracy_"):
-            assert result["metrics"][key[len("val/"):]] == pytest.approx(value), key
+            assert result["metrics"][key[len("val/") :]] == pytest.approx(value), key
     rows = _rows(tmp_path / "syn" / "predictions.jsonl")
     assert len({r["question_id"] for r in rows}) == 8
     # Answer for answer what the training module's validation generates from the datamodule's val batches.
@@ -165,15 +195,33 @@ def test_export_arguments_are_validated_the_same_way():
 def test_eval_cli_end_to_end(run_dir, files, tmp_path):
     out = tmp_path / "cli"
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_sp", "eval", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}",
-         "benchmark=pope", f"questions={files['pope']}", f"image_root={files['image_root']}", f"out={out}",
-         "max_new_tokens=4", "device=cpu"],
-        capture_output=True, text=True, cwd=REPO_ROOT)
+        [
+            sys.executable,
+            "-m",
+            "lightning_sp",
+            "eval",
+            f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}",
+            "benchmark=pope",
+            f"questions={files['pope']}",
+            f"image_root={files['image_root']}",
+            f"out={out}",
+            "max_new_tokens=4",
+            "device=cpu",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(_rows(out / "predictions.jsonl")) == 5 and "f1" in json.loads((out / "metrics.json").read_text())[
-        "metrics"]
-    bad = subprocess.run([sys.executable, "-m", "lightning_sp", "eval", "ckpt=nope.ckpt", "benchmark=mmmu"],
-                         capture_output=True, text=True, cwd=REPO_ROOT)
+    assert (
+        len(_rows(out / "predictions.jsonl")) == 5 and "f1" in json.loads((out / "metrics.json").read_text())["metrics"]
+    )
+    bad = subprocess.run(
+        [sys.executable, "-m", "lightning_sp", "eval", "ckpt=nope.ckpt", "benchmark=mmmu"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 

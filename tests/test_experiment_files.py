@@ -37,8 +37,11 @@ def test_config_files_layer_after_the_experiment_and_before_the_command_line(tmp
 
 def test_config_option_may_sit_anywhere_among_the_overrides(tmp_path):
     path = write(tmp_path / "c.yaml", "trainer: {max_steps: 7}\n")
-    for argv in (["config", "--config", path, "seed=4"], ["config", "seed=4", "--config", path],
-                 ["config", "seed=4", f"--config={path}", "trainer.log_every_n_steps=2"]):
+    for argv in (
+        ["config", "--config", path, "seed=4"],
+        ["config", "seed=4", "--config", path],
+        ["config", "seed=4", f"--config={path}", "trainer.log_every_n_steps=2"],
+    ):
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             assert main(argv) == 0
@@ -59,13 +62,24 @@ def test_bad_experiment_and_config_files_are_named(tmp_path):
 
 
 def test_trainer_arguments_reach_lightning(tmp_path):
-    cfg = compose(["trainer.max_epochs=3", "trainer.deterministic=true", "trainer.profiler=simple",
-                   "trainer.enable_progress_bar=false", "trainer.num_nodes=2"])
+    cfg = compose(
+        [
+            "trainer.max_epochs=3",
+            "trainer.deterministic=true",
+            "trainer.profiler=simple",
+            "trainer.enable_progress_bar=false",
+            "trainer.num_nodes=2",
+        ]
+    )
     trainer = build_trainer(cfg, tmp_path)
     assert trainer.max_epochs == 3 and trainer.num_nodes == 2 and isinstance(trainer.profiler, SimpleProfiler)
     assert build_trainer(compose(["trainer.fast_dev_run=2"]), tmp_path / "f").fast_dev_run == 2
-    for bad, key in (("trainer.profiler=fancy", "profiler"), ("trainer.num_nodes=0", "num_nodes"),
-                     ("trainer.deterministic=maybe", "deterministic"), ("trainer.max_epochs=0", "max_epochs")):
+    for bad, key in (
+        ("trainer.profiler=fancy", "profiler"),
+        ("trainer.num_nodes=0", "num_nodes"),
+        ("trainer.deterministic=maybe", "deterministic"),
+        ("trainer.max_epochs=0", "max_epochs"),
+    ):
         with pytest.raises(ConfigError, match=key):
             compose([bad])
 
@@ -74,8 +88,15 @@ def test_global_batch_counts_nodes():
     cfg = compose(["trainer.devices=2", "trainer.num_nodes=2", "data.batch_size=4", "trainer.global_batch_size=32"])
     assert cfg.trainer.accumulate_grad_batches == 2 and global_batch_size(cfg) == 32
     with pytest.raises(ConfigError, match="trainer.num_nodes"):
-        compose(["trainer.devices=2", "trainer.num_nodes=2", "data.batch_size=4", "trainer.global_batch_size=12",
-                 "trainer.accumulate_grad_batches=1"])
+        compose(
+            [
+                "trainer.devices=2",
+                "trainer.num_nodes=2",
+                "data.batch_size=4",
+                "trainer.global_batch_size=12",
+                "trainer.accumulate_grad_batches=1",
+            ]
+        )
 
 
 def _help(command, capsys) -> str:

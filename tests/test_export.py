@@ -13,8 +13,14 @@ import transformers.dynamic_module_utils as dynamic_module_utils
 from PIL import Image
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, AutoProcessor, LlamaConfig, LlamaForCausalLM,
-                          LlavaForConditionalGeneration, PreTrainedTokenizerFast)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoProcessor,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+)
 
 from lightning_sp.checkpoint import load_module, save_module_checkpoint
 from lightning_sp.cli import main as cli_main
@@ -59,11 +65,14 @@ def processor_inputs(out, batch=2):
     return enc.input_ids, enc.attention_mask, pixels
 
 
-@pytest.mark.parametrize("overrides, sp_tokens", [
-    (("variant=mlp",), 0),
-    (("variant=pooling",), 6),
-    (("variant=cropping", "projector.sides=[8,16,24]", "projector.dfi_kv_tokens=9"), 3),
-])
+@pytest.mark.parametrize(
+    "overrides, sp_tokens",
+    [
+        (("variant=mlp",), 0),
+        (("variant=pooling",), 6),
+        (("variant=cropping", "projector.sides=[8,16,24]", "projector.dfi_kv_tokens=9"), 3),
+    ],
+)
 def test_export_reproduces_our_logits(tmp_path, tokenizer, tiny_cfg, overrides, sp_tokens):
     run = trained_run(tmp_path, tokenizer, tiny_cfg, *overrides)
     out = export_hf(run, tmp_path / f"hf-{overrides[0].split('=')[1]}")
@@ -77,8 +86,9 @@ def test_export_reproduces_our_logits(tmp_path, tokenizer, tiny_cfg, overrides, 
         hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
         assert type(hf).__module__.startswith("transformers_modules.")  # the copied code, not lightning_sp's
         for name in ("modeling_llava_sp.py", "configuration_llava_sp.py"):
-            assert "lightning_sp" not in "".join(l for l in (out / name).read_text().splitlines(True)
-                                                 if l.startswith(("import", "from")))
+            assert "lightning_sp" not in "".join(
+                line for line in (out / name).read_text().splitlines(True) if line.startswith(("import", "from"))
+            )
         auto_map = json.loads((out / "config.json").read_text())["auto_map"]
         for auto in ("AutoModelForImageTextToText", "AutoModelForCausalLM", "AutoModel"):
             assert auto_map[auto] == "modeling_llava_sp.LlavaSPForConditionalGeneration"
@@ -97,17 +107,22 @@ def test_export_reproduces_our_logits(tmp_path, tokenizer, tiny_cfg, overrides, 
     try:
         processor = AutoProcessor.from_pretrained(out)
         processor.tokenizer.padding_side = "left"
-        enc = processor(images=[Image.new("RGB", (SIZE, SIZE))] * 2, padding=True, return_tensors="pt",
-                        text=["USER: <image>\nWhere? ASSISTANT:", "USER: <image>\nWhat colour is it? ASSISTANT:"])
+        enc = processor(
+            images=[Image.new("RGB", (SIZE, SIZE))] * 2,
+            padding=True,
+            return_tensors="pt",
+            text=["USER: <image>\nWhere? ASSISTANT:", "USER: <image>\nWhat colour is it? ASSISTANT:"],
+        )
     finally:
         tokenizer.padding_side = left
     pixels = torch.stack([ImageProcessor(SIZE)(torch.zeros(3, SIZE, SIZE, dtype=torch.uint8))] * 2)
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    new = ours.generate(enc.input_ids, enc.attention_mask, pixels, max_new_tokens=4,
-                        pad_token_id=tokenizer.pad_token_id)
+    new = ours.generate(
+        enc.input_ids, enc.attention_mask, pixels, max_new_tokens=4, pad_token_id=tokenizer.pad_token_id
+    )
     theirs = hf.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, pixel_values=pixels, **kwargs)
-    assert torch.equal(theirs[:, :enc.input_ids.shape[1]], enc.input_ids)  # both return prompt + new tokens
-    assert torch.equal(new, theirs[:, enc.input_ids.shape[1]:])
+    assert torch.equal(theirs[:, : enc.input_ids.shape[1]], enc.input_ids)  # both return prompt + new tokens
+    assert torch.equal(new, theirs[:, enc.input_ids.shape[1] :])
 
 
 def test_image_token_beyond_the_vocabulary_grows_the_llava_export(tmp_path, tiny_cfg):
@@ -117,12 +132,27 @@ def test_image_token_beyond_the_vocabulary_grows_the_llava_export(tmp_path, tiny
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=2, num_key_value_heads=2, bos_token_id=1, eos_token_id=2))
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(words),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    )
     llm.save_pretrained(tmp_path / "llm")
     tok.save_pretrained(tmp_path / "llm")
-    cfg = tiny_cfg(f"model.vision.image_size={SIZE}", "model.vision.patch_size=14", "variant=mlp",
-                   f"model.llm.name_or_path={tmp_path / 'llm'}", f"model.tokenizer={tmp_path / 'llm'}")
+    cfg = tiny_cfg(
+        f"model.vision.image_size={SIZE}",
+        "model.vision.patch_size=14",
+        "variant=mlp",
+        f"model.llm.name_or_path={tmp_path / 'llm'}",
+        f"model.tokenizer={tmp_path / 'llm'}",
+    )
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     assert image_id == len(words)  # one past the LLM's vocabulary
@@ -134,8 +164,11 @@ def test_image_token_beyond_the_vocabulary_grows_the_llava_export(tmp_path, tiny
     ids = torch.tensor([[1, 3] + [image_id] * 144 + [5, 6, 7, 8, 4]])
     pixels = torch.randn(1, 3, SIZE, SIZE)
     with torch.no_grad():
-        want = load_module(tmp_path / "run").model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                                   pixel_values=pixels).logits
+        want = (
+            load_module(tmp_path / "run")
+            .model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels)
+            .logits
+        )
         got = hf(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels).logits
     assert got.shape[-1] == 64 and (want - got[..., : len(words)]).abs().max() < 1e-4
 
@@ -147,5 +180,7 @@ def test_cli_export_dtype_and_errors(tmp_path, tokenizer, tiny_cfg):
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["text_config"]["dtype"] == "bfloat16"
     assert cli_main(["export", f"ckpt={run}"]) == 2  # out missing: a config error, no traceback
     with pytest.raises(ConfigError, match="export supports the projectors"):
-        export_hf(trained_run(tmp_path / "x", tokenizer, tiny_cfg, "variant=conv49", "model.vision.image_size=336"),
-                  tmp_path / "y")
+        export_hf(
+            trained_run(tmp_path / "x", tokenizer, tiny_cfg, "variant=conv49", "model.vision.image_size=336"),
+            tmp_path / "y",
+        )

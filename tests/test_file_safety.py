@@ -30,8 +30,15 @@ class RunsCode:
 def evil_checkpoint(path: Path, marker: Path) -> Path:
     """A file shaped like our checkpoints (state_dict + config) with a code-running object inside."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {"model.projector.w": torch.zeros(1)}, "lightning_sp_config": {},
-                "global_step": 0, "payload": RunsCode(marker)}, path)
+    torch.save(
+        {
+            "state_dict": {"model.projector.w": torch.zeros(1)},
+            "lightning_sp_config": {},
+            "global_step": 0,
+            "payload": RunsCode(marker),
+        },
+        path,
+    )
     return path
 
 
@@ -55,44 +62,58 @@ def test_the_payload_really_runs_code_when_unpickled(tmp_path, marker):
 
 # ---- every checkpoint / weights loader ------------------------------------------------------------------------
 
+
 def _read_checkpoint(path, out):
     from lightning_sp.checkpoint import read_checkpoint
+
     read_checkpoint(path)
 
 
 def _load_module(path, out):
     from lightning_sp.checkpoint import load_module
+
     load_module(path)
 
 
 def _warm_start(path, out):
     from lightning_sp.warm_start import warm_start
+
     warm_start(torch.nn.Linear(1, 1), path)
 
 
 def _evaluate_load(path, out):
     from lightning_sp.evaluate import load_module
+
     load_module(path)
 
 
 def _load_run(path, out):
     from lightning_sp.runs import load_run
+
     load_run(path.parent.parent)  # a run directory: <run>/checkpoints/last.ckpt
 
 
 def _export_hf(path, out):
     from lightning_sp.export import export_hf
+
     export_hf(path, out)
 
 
 def _export_official(path, out):
     from lightning_sp.models.import_official import export_official
+
     export_official(path, out)
 
 
-CHECKPOINT_LOADERS = {"read_checkpoint": _read_checkpoint, "checkpoint.load_module": _load_module,
-                      "warm_start": _warm_start, "evaluate.load_module": _evaluate_load, "runs.load_run": _load_run,
-                      "export_hf": _export_hf, "export_official": _export_official}
+CHECKPOINT_LOADERS = {
+    "read_checkpoint": _read_checkpoint,
+    "checkpoint.load_module": _load_module,
+    "warm_start": _warm_start,
+    "evaluate.load_module": _evaluate_load,
+    "runs.load_run": _load_run,
+    "export_hf": _export_hf,
+    "export_official": _export_official,
+}
 
 
 @pytest.mark.parametrize("loader", sorted(CHECKPOINT_LOADERS))
@@ -120,8 +141,9 @@ def test_release_import_refuses_a_code_running_bin(tmp_path, marker, evil_file):
 
     release = tmp_path / "llava-sp-pooling-lora"
     release.mkdir()
-    (release / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
-                                                             "target_modules": ["q_proj"]}))
+    (release / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]})
+    )
     for name in ("non_lora_trainables.bin", "adapter_model.bin"):
         torch.save({"x": torch.zeros(1)}, release / name)
     evil_state_dict(release / evil_file, marker)
@@ -133,8 +155,7 @@ def test_release_import_refuses_a_code_running_bin(tmp_path, marker, evil_file):
 
 
 @pytest.mark.slow
-def test_resume_refuses_a_code_running_checkpoint_even_when_torch_is_told_to_unpickle(tmp_path, marker,
-                                                                                     monkeypatch):
+def test_resume_refuses_a_code_running_checkpoint_even_when_torch_is_told_to_unpickle(tmp_path, marker, monkeypatch):
     """`resume=` goes through Lightning's loader, which passes weights_only=None to torch.load unless told; the
     environment variable below then makes torch unpickle. train() must ask for weights_only=True itself."""
     from evalkit import small_data
@@ -143,9 +164,18 @@ def test_resume_refuses_a_code_running_checkpoint_even_when_torch_is_told_to_unp
 
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     path = evil_checkpoint(tmp_path / "evil.ckpt", marker)
-    cfg = compose([*TINY, *small_data(tmp_path / "data"), "data.val_dir=null", "trainer.max_steps=1",
-                   "trainer.enable_progress_bar=false", "viz.enabled=false", f"run_dir={tmp_path / 'run'}",
-                   f"resume={path}"])
+    cfg = compose(
+        [
+            *TINY,
+            *small_data(tmp_path / "data"),
+            "data.val_dir=null",
+            "trainer.max_steps=1",
+            "trainer.enable_progress_bar=false",
+            "viz.enabled=false",
+            f"run_dir={tmp_path / 'run'}",
+            f"resume={path}",
+        ]
+    )
     with pytest.raises(pickle.UnpicklingError):
         train(cfg)
     assert not marker.exists()
@@ -164,6 +194,7 @@ def test_official_export_writes_only_inside_its_directory(tmp_path):
 
 
 # ---- trust_remote_code ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("model", group_choices("model"))
 def test_trust_remote_code_is_off_unless_asked(model):
@@ -221,14 +252,16 @@ def test_tokenizer_loader_does_not_trust_remote_code_by_default(monkeypatch):
 
 # ---- tars and shard directories -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["../evil.tar", "/abs/evil.tar", "sub/../../evil.tar", "..", ""])
 def test_shard_index_naming_a_file_outside_its_directory_is_refused(tmp_path, name):
     from lightning_sp.data.shards import load_index
 
     shard_dir = tmp_path / "shards"
     shard_dir.mkdir()
-    (shard_dir / "index.json").write_text(json.dumps({"shards": [{"name": name, "samples": 1}],
-                                                      "totals": {"samples": 1}}))
+    (shard_dir / "index.json").write_text(
+        json.dumps({"shards": [{"name": name, "samples": 1}], "totals": {"samples": 1}})
+    )
     with pytest.raises(ValueError, match=r"index\.json.*shard"):
         load_index(shard_dir)
 
@@ -239,8 +272,10 @@ def test_converter_never_writes_member_names_that_escape(tmp_path):
 
     from lightning_sp.data.shards import convert
 
-    records = [{"id": rid, "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}]}
-               for rid in ("../../evil", "/abs/evil", "a/../../b", "..")]
+    records = [
+        {"id": rid, "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}]}
+        for rid in ("../../evil", "/abs/evil", "a/../../b", "..")
+    ]
     (tmp_path / "data.json").write_text(json.dumps(records))
     index = convert(tmp_path / "data.json", tmp_path, tmp_path / "shards", shard_size=10, workers=1, progress=False)
     names = []

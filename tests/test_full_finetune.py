@@ -14,13 +14,23 @@ from lightning_sp.module import LlavaSPModule, optimizer_groups
 def test_the_stage_carries_llava_full_recipe():
     cfg = compose(["model=llava7b", "data=llava665k", "stage=finetune_full"])  # the embedded default has its own rates
     assert cfg.stage.full_llm and not cfg.stage.lora and cfg.stage.name == "finetune"
-    assert (cfg.optim.lr_llm, cfg.optim.lr_projector, cfg.optim.warmup_ratio, cfg.optim.weight_decay,
-            cfg.optim.schedule) == (2e-5, 2e-5, 0.03, 0.0, "cosine")
+    assert (
+        cfg.optim.lr_llm,
+        cfg.optim.lr_projector,
+        cfg.optim.warmup_ratio,
+        cfg.optim.weight_decay,
+        cfg.optim.schedule,
+    ) == (2e-5, 2e-5, 0.03, 0.0, "cosine")
     assert cfg.stage.template == "vicuna_v1" and cfg.trainer.global_batch_size == 128
 
 
-@pytest.mark.parametrize("bad, why", [(["stage=align", "stage.full_llm=true"], "stage.name=align"),
-                                      (["stage=finetune", "stage.full_llm=true"], "stage.lora=True")])
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        (["stage=align", "stage.full_llm=true"], "stage.name=align"),
+        (["stage=finetune", "stage.full_llm=true"], "stage.lora=True"),
+    ],
+)
 def test_full_llm_outside_finetune_without_lora_is_refused(bad, why):
     with pytest.raises(ConfigError, match=f"stage.full_llm=true .*{why}.*use stage=finetune_full"):
         compose(bad)
@@ -46,14 +56,22 @@ def test_a_full_run_trains_and_saves_every_llm_weight(tmp_path, tiny_cfg, tokeni
     from lightning_sp.checkpoint import load_module
     from lightning_sp.train import train
 
-    cfg = tiny_cfg("stage=finetune_full", *small_data(tmp_path / "data"), "trainer.max_steps=2",
-                   "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "viz.enabled=false",
-                   "trainer.enable_progress_bar=false", "optim.lr_llm=1e-3", f"run_dir={tmp_path / 'run'}")
+    cfg = tiny_cfg(
+        "stage=finetune_full",
+        *small_data(tmp_path / "data"),
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "viz.enabled=false",
+        "trainer.enable_progress_bar=false",
+        "optim.lr_llm=1e-3",
+        f"run_dir={tmp_path / 'run'}",
+    )
     before = {n: p.detach().clone() for n, p in LlavaSPModule(cfg, tokenizer).model.llm.named_parameters()}
     metrics = train(cfg)
     assert metrics["global_step"] == 2
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    saved = {k[len("model.llm."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.llm.")}
+    saved = {k[len("model.llm.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.llm.")}
     assert saved.keys() == before.keys()
     changed = [n for n in before if not torch.equal(before[n], saved[n])]
     assert len(changed) == len(before), sorted(set(before) - set(changed))[:5]  # every weight moved

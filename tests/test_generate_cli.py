@@ -22,16 +22,28 @@ def run_and_image(tmp_path_factory):
 
 def reference(run_dir, image, question, max_new_tokens):
     predictor = Predictor.from_checkpoint(run_dir, device="cpu")
-    return predictor.predict([Question("q", question, image=str(image))], max_new_tokens=max_new_tokens,
-                             progress=False)[0]
+    return predictor.predict(
+        [Question("q", question, image=str(image))], max_new_tokens=max_new_tokens, progress=False
+    )[0]
 
 
 def test_one_question_streams_the_answer_eval_gives(run_and_image):
     run_dir, image = run_and_image
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert main(["generate", f"ckpt={run_dir}", f"image={image}", "question=Where is the red circle?",
-                     "max_new_tokens=6", "device=cpu"]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    f"ckpt={run_dir}",
+                    f"image={image}",
+                    "question=Where is the red circle?",
+                    "max_new_tokens=6",
+                    "device=cpu",
+                ]
+            )
+            == 0
+        )
     expected = reference(run_dir, image, "Where is the red circle?", 6)
     assert expected and out.getvalue().strip() == expected  # streamed text = eval's answer (a 2-step model's)
 
@@ -39,9 +51,10 @@ def test_one_question_streams_the_answer_eval_gives(run_and_image):
 def test_questions_from_a_stream_one_answer_each(run_and_image):
     run_dir, image = run_and_image
     with contextlib.redirect_stdout(io.StringIO()):
-        answers = generate_from_args([f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"image={image}",
-                                      "max_new_tokens=4", "device=cpu"],
-                                     questions=["What color is it?\n", "\n", "How many shapes are there?\n"])
+        answers = generate_from_args(
+            [f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"image={image}", "max_new_tokens=4", "device=cpu"],
+            questions=["What color is it?\n", "\n", "How many shapes are there?\n"],
+        )
     assert answers == [reference(run_dir, image, q, 4) for q in ("What color is it?", "How many shapes are there?")]
 
 
@@ -51,8 +64,9 @@ def test_an_hf_export_answers_through_plain_transformers(run_and_image, tmp_path
     run_dir, image = run_and_image
     export_hf(str(run_dir), str(tmp_path / "hf"))
     with contextlib.redirect_stdout(io.StringIO()):
-        answers = generate_from_args([f"ckpt={tmp_path / 'hf'}", f"image={image}", "question=Where is the red circle?",
-                                      "max_new_tokens=6"])
+        answers = generate_from_args(
+            [f"ckpt={tmp_path / 'hf'}", f"image={image}", "question=Where is the red circle?", "max_new_tokens=6"]
+        )
     assert answers == [reference(run_dir, image, "Where is the red circle?", 6)]
 
 

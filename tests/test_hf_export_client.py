@@ -27,14 +27,17 @@ from test_export import SIZE, trained_run
 
 from conftest import TINY
 
-QUESTIONS = ["What is it?", "What shape is in the top left cell of this picture?",
-             "Describe the image in detail, and name every colour that you can see in it, please."]
+QUESTIONS = [
+    "What is it?",
+    "What shape is in the top left cell of this picture?",
+    "Describe the image in detail, and name every colour that you can see in it, please.",
+]
 MAX_NEW_TOKENS = 6
 DTYPES = ("float32", "bfloat16")
 
 # Runs in the fresh interpreter: argv[1] = a JSON file {"export": dir, "images": [png], "questions": [...],
 # "max_new_tokens": n, "out": json path}.
-CLIENT = r'''
+CLIENT = r"""
 import importlib.abc, json, sys
 
 class _Refuse(importlib.abc.MetaPathFinder):
@@ -100,7 +103,7 @@ if "float32" in args["dtypes"]:
     result["auto_model"] = type(AutoModel.from_pretrained(d, trust_remote_code=True)).__name__
 result["imported_lightning_sp"] = sorted(m for m in sys.modules if m.split(".")[0] == "lightning_sp")
 json.dump(result, open(args["out"], "w"))
-'''
+"""
 
 
 def _images():
@@ -116,16 +119,33 @@ def run_client(tmp_path, export_dir, images, dtypes=DTYPES) -> dict:
         paths.append(str(tmp_path / f"image{i}.png"))
         im.save(paths[-1])
     (tmp_path / "client.py").write_text(CLIENT)
-    args = {"export": str(export_dir), "images": paths, "questions": QUESTIONS, "max_new_tokens": MAX_NEW_TOKENS,
-            "dtypes": list(dtypes), "out": str(tmp_path / "client.json")}
+    args = {
+        "export": str(export_dir),
+        "images": paths,
+        "questions": QUESTIONS,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "dtypes": list(dtypes),
+        "out": str(tmp_path / "client.json"),
+    }
     (tmp_path / "client_args.json").write_text(json.dumps(args))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"), TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), TRANSFORMERS_VERBOSITY="error")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
+        TRANSFORMERS_VERBOSITY="error",
+    )
     work = tmp_path / "client_cwd"
     work.mkdir()
-    proc = subprocess.run([sys.executable, "-I", str(tmp_path / "client.py"), str(tmp_path / "client_args.json")],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-I", str(tmp_path / "client.py"), str(tmp_path / "client_args.json")],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((tmp_path / "client.json").read_text())
 
@@ -154,16 +174,24 @@ def ours(run, images, dtype: str) -> dict:
     def generate(items):
         batch = builder.collate([builder(q) for q in items])
         with torch.no_grad():
-            return model.generate(batch["prompt_ids"], batch["prompt_attention_mask"],
-                                  batch["pixel_values"].to(getattr(torch, dtype)), **kwargs).tolist()
+            return model.generate(
+                batch["prompt_ids"],
+                batch["prompt_attention_mask"],
+                batch["pixel_values"].to(getattr(torch, dtype)),
+                **kwargs,
+            ).tolist()
 
     single = [generate([q])[0] for q in questions]
-    return {"single": single, "batched": generate(questions),
-            "single_answers": [t.strip() for t in tok.batch_decode(single, skip_special_tokens=True)],
-            "answers": Predictor(module).predict(questions, batch_size=len(questions), max_new_tokens=MAX_NEW_TOKENS,
-                                                 progress=False),
-            "prompt_ids": [builder.prompt_ids(q).tolist() for q in questions],
-            "prompts": [render_prompt(builder.record(q), builder.template) for q in questions]}
+    return {
+        "single": single,
+        "batched": generate(questions),
+        "single_answers": [t.strip() for t in tok.batch_decode(single, skip_special_tokens=True)],
+        "answers": Predictor(module).predict(
+            questions, batch_size=len(questions), max_new_tokens=MAX_NEW_TOKENS, progress=False
+        ),
+        "prompt_ids": [builder.prompt_ids(q).tolist() for q in questions],
+        "prompts": [render_prompt(builder.record(q), builder.template) for q in questions],
+    }
 
 
 def _trained(tmp_path_factory, tokenizer, variant):
@@ -173,8 +201,11 @@ def _trained(tmp_path_factory, tokenizer, variant):
     return run, export_hf(run, tmp / "hf")
 
 
-VARIANTS = {"mlp": ("variant=mlp",), "pooling": ("variant=pooling",),
-            "cropping": ("variant=cropping", "projector.sides=[8,16,24]", "projector.dfi_kv_tokens=9")}
+VARIANTS = {
+    "mlp": ("variant=mlp",),
+    "pooling": ("variant=pooling",),
+    "cropping": ("variant=cropping", "projector.sides=[8,16,24]", "projector.dfi_kv_tokens=9"),
+}
 
 
 @pytest.fixture(scope="module", params=["mlp", "pooling"])
@@ -258,27 +289,38 @@ def test_multi_turn_chat_template_and_assistant_mask(tmp_path, tokenizer, tiny_c
     `return_assistant_tokens_mask` gives is our training label mask (the tokenizer adds no BOS there)."""
     run = trained_run(tmp_path, tokenizer, tiny_cfg, "variant=mlp")
     processor = AutoProcessor.from_pretrained(export_hf(run, tmp_path / "hf"))
-    turns = [("human", "What is in the picture?"), ("gpt", "A red circle."), ("human", "Where is it?"),
-             ("gpt", "2 cells from the top left.")]
+    turns = [
+        ("human", "What is in the picture?"),
+        ("gpt", "A red circle."),
+        ("human", "Where is it?"),
+        ("gpt", "2 cells from the top left."),
+    ]
     record = {"id": 0, "image": "x", "conversations": [{"from": f, "value": v} for f, v in turns]}
-    messages = [{"role": "user" if f == "human" else "assistant", "content": [{"type": "text", "text": v}]}
-                for f, v in turns]
+    messages = [
+        {"role": "user" if f == "human" else "assistant", "content": [{"type": "text", "text": v}]} for f, v in turns
+    ]
     messages[0]["content"].insert(0, {"type": "image"})
     prompt_record = {**record, "conversations": record["conversations"][:3]}
-    assert processor.apply_chat_template(messages[:3], add_generation_prompt=True) == \
-        render_prompt(prompt_record, "vicuna_v1")
+    assert processor.apply_chat_template(messages[:3], add_generation_prompt=True) == render_prompt(
+        prompt_record, "vicuna_v1"
+    )
     # String content with the placeholder anywhere is normalised as our records are.
-    assert processor.tokenizer.apply_chat_template([{"role": "user", "content": "What is <image> this? "}],
-                                                   add_generation_prompt=True, tokenize=False) == \
-        render_prompt({"id": 0, "image": "x", "conversations": [{"from": "human", "value": "What is <image> this? "}]},
-                      "vicuna_v1")
-    system = processor.apply_chat_template([{"role": "system", "content": "Be brief."}] + messages[:1],
-                                           add_generation_prompt=True)
+    assert processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is <image> this? "}], add_generation_prompt=True, tokenize=False
+    ) == render_prompt(
+        {"id": 0, "image": "x", "conversations": [{"from": "human", "value": "What is <image> this? "}]}, "vicuna_v1"
+    )
+    system = processor.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}] + messages[:1], add_generation_prompt=True
+    )
     assert system == "Be brief. USER: <image>\nWhat is in the picture? ASSISTANT:"
 
     enc = encode(record, tokenizer, "vicuna_v1")
     out = processor.tokenizer.apply_chat_template(
         [{**m, "content": ("<image>\n" if i == 0 else "") + m["content"][-1]["text"]} for i, m in enumerate(messages)],
-        tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
     assert out["input_ids"] == enc.input_ids[1:]  # our ids less BOS
     assert out["assistant_masks"] == [int(label != IGNORE_INDEX) for label in enc.labels[1:]]

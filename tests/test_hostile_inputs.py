@@ -41,6 +41,7 @@ N_VIS, SIZE, BATCH, MAX_LENGTH = 6, 32, 2, 64
 
 # ---- hostile bytes ---------------------------------------------------------------------------------------
 
+
 def encoded(fmt: str = "JPEG", size: tuple[int, int] = (32, 24), seed: int = 0) -> bytes:
     """A valid image of `size` (width, height): random pixels, so a cut anywhere lands in real data."""
     pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
@@ -62,7 +63,7 @@ def jpeg_claiming(width: int, height: int) -> bytes:
     """A 16x16 JPEG whose frame header claims `width` x `height` (libjpeg pads the missing rows with grey)."""
     data = bytearray(encoded("JPEG", (16, 16)))
     sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
     return bytes(data)
 
 
@@ -77,8 +78,12 @@ def conv(question: str = "<image>\nWhat is it?", answer: str = "A shape.") -> li
 
 # ---- images ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("data", [png_claiming(30000, 30000), png_claiming(12000, 12000), jpeg_claiming(12000, 12000)],
-                         ids=["png-30000", "png-12000", "jpeg-12000"])
+
+@pytest.mark.parametrize(
+    "data",
+    [png_claiming(30000, 30000), png_claiming(12000, 12000), jpeg_claiming(12000, 12000)],
+    ids=["png-30000", "png-12000", "jpeg-12000"],
+)
 def test_huge_image_is_refused_from_its_header(data):
     # Without the header check the JPEG decodes to 432 MB of grey (and then some in the resize).
     with pytest.raises(ImageDecodeError, match="too large|exceeds max_pixels") as info:
@@ -93,8 +98,11 @@ def test_max_pixels_bounds_the_padded_square():
         proc(encoded("PNG", (10, 61)))  # only 610 pixels, but the padded square is what gets allocated
 
 
-@pytest.mark.parametrize("data, reason", [(b"", "empty"), (b"not an image at all" * 4, "corrupt"),
-                                          (truncated_jpeg(), "corrupt")], ids=["zero-byte", "garbage", "truncated"])
+@pytest.mark.parametrize(
+    "data, reason",
+    [(b"", "empty"), (b"not an image at all" * 4, "corrupt"), (truncated_jpeg(), "corrupt")],
+    ids=["zero-byte", "garbage", "truncated"],
+)
 def test_bad_image_bytes_have_a_reason(data, reason):
     with pytest.raises(ImageDecodeError) as info:
         ImageProcessor(SIZE)(data)
@@ -123,8 +131,13 @@ for i in range(40):
         outcomes.append(e.reason)
 print(json.dumps(outcomes))
 """
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "short.png"), str(tmp_path / "valid.png")],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "short.png"), str(tmp_path / "valid.png")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-2000:]}"
     outcomes = json.loads(proc.stdout.strip().splitlines()[-1])
     assert outcomes[0] == "corrupt" and set(outcomes) <= {"ok", "corrupt"}
@@ -132,30 +145,54 @@ print(json.dumps(outcomes))
 
 # ---- the converter ---------------------------------------------------------------------------------------
 
+
 def test_converter_lists_hostile_images_and_records_in_skipped_jsonl(tmp_path):
     root = tmp_path / "images"
     root.mkdir()
-    files = {"good.jpg": encoded(), "zero.jpg": b"", "garbage.jpg": b"not an image" * 10, "cut.jpg": truncated_jpeg(),
-             "short.png": png_claiming(20, 16), "bomb.png": png_claiming(30000, 30000),
-             "huge.jpg": jpeg_claiming(12000, 12000)}
+    files = {
+        "good.jpg": encoded(),
+        "zero.jpg": b"",
+        "garbage.jpg": b"not an image" * 10,
+        "cut.jpg": truncated_jpeg(),
+        "short.png": png_claiming(20, 16),
+        "bomb.png": png_claiming(30000, 30000),
+        "huge.jpg": jpeg_claiming(12000, 12000),
+    }
     for name, data in files.items():
         (root / name).write_bytes(data)
-    expected = {"zero": "empty", "garbage": "corrupt", "cut": "corrupt", "short": "corrupt", "bomb": "too_large",
-                "huge": "too_large", "nofile": "missing", "value_int": "malformed", "turns_dict": "malformed",
-                "empty_conversation": "malformed", "no_conversations": "malformed", "surrogate": "not_utf8"}
-    records = [{"id": "good", "image": "good.jpg", "conversations": conv()},
-               {"id": "text", "conversations": conv("Say hi.", "hi")},
-               # Template-dependent problems pass the converter; training skips and counts them (see below).
-               {"id": "gpt_first", "conversations": conv()[::-1]},
-               {"id": "two_images", "image": "good.jpg", "conversations": conv("<image> <image>\nSame?", "Yes.")}]
-    records += [{"id": rid, "image": f"{rid}.{'png' if rid in ('short', 'bomb') else 'jpg'}", "conversations": conv()}
-                for rid in ("zero", "garbage", "cut", "short", "bomb", "huge", "nofile")]
-    records += [{"id": "value_int", "conversations": [{"from": "human", "value": 5}, {"from": "gpt", "value": "x"}]},
-                {"id": "turns_dict", "conversations": {"from": "human", "value": "hi"}},
-                {"id": "empty_conversation", "conversations": []},
-                {"id": "no_conversations", "image": "good.jpg"},
-                {"id": "surrogate", "conversations": conv("Say \ud800.", "no")},  # written as a "\ud800" escape
-                "a string, not a record"]
+    expected = {
+        "zero": "empty",
+        "garbage": "corrupt",
+        "cut": "corrupt",
+        "short": "corrupt",
+        "bomb": "too_large",
+        "huge": "too_large",
+        "nofile": "missing",
+        "value_int": "malformed",
+        "turns_dict": "malformed",
+        "empty_conversation": "malformed",
+        "no_conversations": "malformed",
+        "surrogate": "not_utf8",
+    }
+    records = [
+        {"id": "good", "image": "good.jpg", "conversations": conv()},
+        {"id": "text", "conversations": conv("Say hi.", "hi")},
+        # Template-dependent problems pass the converter; training skips and counts them (see below).
+        {"id": "gpt_first", "conversations": conv()[::-1]},
+        {"id": "two_images", "image": "good.jpg", "conversations": conv("<image> <image>\nSame?", "Yes.")},
+    ]
+    records += [
+        {"id": rid, "image": f"{rid}.{'png' if rid in ('short', 'bomb') else 'jpg'}", "conversations": conv()}
+        for rid in ("zero", "garbage", "cut", "short", "bomb", "huge", "nofile")
+    ]
+    records += [
+        {"id": "value_int", "conversations": [{"from": "human", "value": 5}, {"from": "gpt", "value": "x"}]},
+        {"id": "turns_dict", "conversations": {"from": "human", "value": "hi"}},
+        {"id": "empty_conversation", "conversations": []},
+        {"id": "no_conversations", "image": "good.jpg"},
+        {"id": "surrogate", "conversations": conv("Say \ud800.", "no")},  # written as a "\ud800" escape
+        "a string, not a record",
+    ]
     path = tmp_path / "data.json"
     path.write_text(json.dumps(records))  # ensure_ascii: the file is valid UTF-8, the surrogate an escape
     out = tmp_path / "shards"
@@ -167,26 +204,36 @@ def test_converter_lists_hostile_images_and_records_in_skipped_jsonl(tmp_path):
     assert reasons == {**expected, string_key: "malformed"}
     assert all(s["detail"] for s in skipped)
     assert index["totals"]["samples"] == 4 and index["totals"]["skipped"] == len(expected) + 1
-    kept = {json.loads(tarfile.open(out / s["name"]).extractfile(m).read())["id"]
-            for s in index["shards"] for m in tarfile.open(out / s["name"]).getmembers() if m.name.endswith(".json")}
+    kept = {
+        json.loads(tarfile.open(out / s["name"]).extractfile(m).read())["id"]
+        for s in index["shards"]
+        for m in tarfile.open(out / s["name"]).getmembers()
+        if m.name.endswith(".json")
+    }
     assert kept == {"good", "text", "gpt_first", "two_images"}
 
 
 def test_converter_refuses_a_json_file_that_is_not_utf8(tmp_path):
-    raw = json.dumps([{"id": "a", "conversations": conv("Say hi.", "hi")},
-                      {"id": "b", "conversations": conv("Say cafe.", "cafe")}]).encode()
-    bad = raw.replace(b"cafe.\"", b"caf\xe9.\"", 1)  # latin-1 e-acute
+    raw = json.dumps(
+        [{"id": "a", "conversations": conv("Say hi.", "hi")}, {"id": "b", "conversations": conv("Say cafe.", "cafe")}]
+    ).encode()
+    bad = raw.replace(b'cafe."', b'caf\xe9."', 1)  # latin-1 e-acute
     (tmp_path / "data.json").write_bytes(bad)
     offset = bad.index(b"\xe9")
     with pytest.raises(shards.ConvertError, match=rf"not UTF-8 \(invalid continuation byte at byte {offset}\).*iconv"):
         shards.convert(tmp_path / "data.json", tmp_path, tmp_path / "out", shard_size=1, progress=False)
     assert not (tmp_path / "out").exists()  # stopped before any work: nothing to clean up before a re-run
     (tmp_path / "data.json").write_bytes(raw)
-    assert shards.convert(tmp_path / "data.json", tmp_path, tmp_path / "out", shard_size=1,
-                          progress=False)["totals"]["samples"] == 2
+    assert (
+        shards.convert(tmp_path / "data.json", tmp_path, tmp_path / "out", shard_size=1, progress=False)["totals"][
+            "samples"
+        ]
+        == 2
+    )
 
 
 # ---- the training stream, from shards written by hand -----------------------------------------------------
+
 
 def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
     with tarfile.open(path, "w") as tar:
@@ -208,8 +255,11 @@ def good(i: int) -> tuple[str, dict[str, bytes]]:
 
 # (key, members, reason the stream must skip it for)
 HOSTILE = [
-    ("corrupt_jpeg", {"json": record_json("corrupt_jpeg", conv()), "jpg": b"\xff\xd8\xff" + b"garbage" * 20},
-     "image_corrupt"),
+    (
+        "corrupt_jpeg",
+        {"json": record_json("corrupt_jpeg", conv()), "jpg": b"\xff\xd8\xff" + b"garbage" * 20},
+        "image_corrupt",
+    ),
     ("zero_byte", {"json": record_json("zero_byte", conv()), "jpg": b""}, "image_empty"),
     ("cut_jpeg", {"json": record_json("cut_jpeg", conv()), "jpg": truncated_jpeg()}, "image_corrupt"),
     ("short_png", {"json": record_json("short_png", conv()), "png": png_claiming(20, 16)}, "image_corrupt"),
@@ -225,14 +275,16 @@ HOSTILE = [
     ("wrong_types", {"json": record_json("wrong_types", [{"from": "human", "value": 5}], image=False)}, "malformed"),
     ("empty_conversation", {"json": record_json("empty_conversation", [], image=False)}, "empty_conversation"),
     ("gpt_first", {"json": record_json("gpt_first", conv()[::-1], image=False)}, "gpt_first"),
-    ("two_images", {"json": record_json("two_images", conv("<image>\n<image> Same?", "Yes.")), "jpg": encoded()},
-     "multiple_images"),
+    (
+        "two_images",
+        {"json": record_json("two_images", conv("<image>\n<image> Same?", "Yes.")), "jpg": encoded()},
+        "multiple_images",
+    ),
     # Member names no converter of ours writes: refused, whatever the record holds.
     ("../escape", {"json": record_json("escape", conv(), image=False)}, "unsafe_member_name"),
     ("/abs/olute", {"json": record_json("absolute", conv(), image=False)}, "unsafe_member_name"),
     # A question longer than max_length: no answer token survives truncation.
-    ("long_question", {"json": record_json("long_question", conv("Why? " * 80, "Because."), image=False)},
-     "too_long"),
+    ("long_question", {"json": record_json("long_question", conv("Why? " * 80, "Because."), image=False)}, "too_long"),
 ]
 
 
@@ -241,9 +293,11 @@ def hostile_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("hostile")
     # A long answer is truncated, not dropped: its first answer tokens stay supervised.
     long_answer = ("long_answer", {"json": record_json("long_answer", conv("Why?", "Because " * 80), image=False)})
-    parts = [[good(i) for i in range(4)] + [(k, m) for k, m, _ in HOSTILE[:9]],
-             [good(i) for i in range(4, 8)] + [(k, m) for k, m, _ in HOSTILE[9:]] + [long_answer],
-             [good(i) for i in range(8, 12)]]
+    parts = [
+        [good(i) for i in range(4)] + [(k, m) for k, m, _ in HOSTILE[:9]],
+        [good(i) for i in range(4, 8)] + [(k, m) for k, m, _ in HOSTILE[9:]] + [long_answer],
+        [good(i) for i in range(8, 12)],
+    ]
     for i, part in enumerate(parts):
         write_tar(out / f"shard-{i:06d}.tar", part)
     # The last shard is truncated in the middle of its third record's image (a copy that died, a full disk).
@@ -251,15 +305,27 @@ def hostile_shards(tmp_path_factory) -> Path:
         cut = next(m for m in tar.getmembers() if m.name == "good10.jpg").offset_data + 100
     data = (out / "shard-000002.tar").read_bytes()
     (out / "shard-000002.tar").write_bytes(data[:cut])
-    listed = [{"name": f"shard-{i:06d}.tar", "samples": len(part), "images": 0, "text_only": 0}
-              for i, part in enumerate(parts)]
+    listed = [
+        {"name": f"shard-{i:06d}.tar", "samples": len(part), "images": 0, "text_only": 0}
+        for i, part in enumerate(parts)
+    ]
     (out / "index.json").write_text(json.dumps({"shards": listed, "totals": {"samples": sum(map(len, parts))}}))
     return out
 
 
 def test_training_stream_skips_counts_and_logs_every_hostile_record(hostile_shards, tokenizer, caplog):
-    dm = ShardDataModule(hostile_shards, None, tokenizer, "vicuna_v1", num_visual_tokens=N_VIS, image_size=SIZE,
-                         batch_size=BATCH, num_workers=0, shuffle_buffer=4, max_length=MAX_LENGTH)
+    dm = ShardDataModule(
+        hostile_shards,
+        None,
+        tokenizer,
+        "vicuna_v1",
+        num_visual_tokens=N_VIS,
+        image_size=SIZE,
+        batch_size=BATCH,
+        num_workers=0,
+        shuffle_buffer=4,
+        max_length=MAX_LENGTH,
+    )
     dm.setup("fit")
     with caplog.at_level("WARNING", logger="lightning_sp.data.datamodule"):
         batches = list(dm.train_dataloader())
@@ -282,8 +348,9 @@ def test_training_stream_skips_counts_and_logs_every_hostile_record(hostile_shar
 
     warnings = [r.getMessage() for r in caplog.records]
     for key, _, reason in HOSTILE:  # named by the record's id, or by its key when the record cannot be read
-        assert any(f"skipping record {key!r} from {hostile_shards}/shard-" in w and f"(reason {reason})" in w
-                   for w in warnings), (key, reason)
+        assert any(
+            f"skipping record {key!r} from {hostile_shards}/shard-" in w and f"(reason {reason})" in w for w in warnings
+        ), (key, reason)
     assert any(f"shard {hostile_shards}/shard-000002.tar" in w and "bad_shard" in w for w in warnings)
 
 
@@ -297,21 +364,33 @@ def test_batch_wise_building_keeps_the_train_stream_exact(hostile_shards, tokeni
     from lightning_sp.data.train_stream import StreamPosition
 
     def epoch(one_by_one: bool, resume: StreamPosition | None = None) -> list[dict]:
-        dm = ShardDataModule(hostile_shards, None, tokenizer, "vicuna_v1", num_visual_tokens=N_VIS, image_size=SIZE,
-                             batch_size=batch, num_workers=workers, shuffle_buffer=4, max_length=MAX_LENGTH)
+        dm = ShardDataModule(
+            hostile_shards,
+            None,
+            tokenizer,
+            "vicuna_v1",
+            num_visual_tokens=N_VIS,
+            image_size=SIZE,
+            batch_size=batch,
+            num_workers=workers,
+            shuffle_buffer=4,
+            max_length=MAX_LENGTH,
+        )
         dm.setup("fit")
         dm._resume = resume
         with monkeypatch.context() as patch:
             if one_by_one:
                 init = SampleBuilder.__init__
-                patch.setattr(SampleBuilder, "__init__",
-                              lambda self, *a, **k: init(self, *a, **{**k, "batch_size": None}))
+                patch.setattr(
+                    SampleBuilder, "__init__", lambda self, *a, **k: init(self, *a, **{**k, "batch_size": None})
+                )
             return list(dm.train_dataloader())
 
     def same(a: dict, b: dict) -> bool:
-        return all(a[k] == b[k] for k in ("ids", "stream_position", "skipped", "skipped_reasons")) and \
-            all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k])
-                for k in ("input_ids", "labels", "attention_mask", "pixel_values", "has_image"))
+        return all(a[k] == b[k] for k in ("ids", "stream_position", "skipped", "skipped_reasons")) and all(
+            a[k].dtype == b[k].dtype and torch.equal(a[k], b[k])
+            for k in ("input_ids", "labels", "attention_mask", "pixel_values", "has_image")
+        )
 
     batch_wise, one_by_one = epoch(False), epoch(True)
     assert len(batch_wise) == len(one_by_one) > 3 and sum(b["skipped"] for b in batch_wise) >= len(HOSTILE)
@@ -328,23 +407,41 @@ def test_batch_wise_building_keeps_the_train_stream_exact(hostile_shards, tokeni
 
 
 def test_validation_stream_skips_the_same_way(hostile_shards, tokenizer, caplog):
-    dm = ShardDataModule(hostile_shards, hostile_shards, tokenizer, "vicuna_v1", num_visual_tokens=N_VIS,
-                         image_size=SIZE, batch_size=BATCH, val_batch_size=4, num_workers=0, max_length=MAX_LENGTH)
+    dm = ShardDataModule(
+        hostile_shards,
+        hostile_shards,
+        tokenizer,
+        "vicuna_v1",
+        num_visual_tokens=N_VIS,
+        image_size=SIZE,
+        batch_size=BATCH,
+        val_batch_size=4,
+        num_workers=0,
+        max_length=MAX_LENGTH,
+    )
     with caplog.at_level("WARNING", logger="lightning_sp.data.datamodule"):
         ids = [i for b in dm.val_dataloader() for i in b["ids"]]
     assert sorted(ids) == sorted([f"good{i}" for i in range(10)] + ["long_answer"])  # one ordered pass
-    assert any(f"shard {hostile_shards}/shard-000002.tar" in r.getMessage() and "bad_shard" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        f"shard {hostile_shards}/shard-000002.tar" in r.getMessage() and "bad_shard" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_collate_refuses_a_sample_without_supervised_tokens(tokenizer):
-    sample = {"id": "unsupervised", "input_ids": torch.tensor([1, 5, 6]), "labels": torch.full((3,), IGNORE_INDEX),
-              "pixel_values": torch.zeros(3, 2, 2), "has_image": False}
+    sample = {
+        "id": "unsupervised",
+        "input_ids": torch.tensor([1, 5, 6]),
+        "labels": torch.full((3,), IGNORE_INDEX),
+        "pixel_values": torch.zeros(3, 2, 2),
+        "has_image": False,
+    }
     with pytest.raises(ValueError, match="'unsupervised' has no supervised token"):
         collate_train([sample], 0, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), num_visual_tokens=3)
 
 
 # ---- the run-level limit: SkipLimit --------------------------------------------------------------------------
+
 
 class _Ranks:
     """`trainer.strategy` of `world` ranks that all see the same batches: reduce(sum) multiplies."""
@@ -375,8 +472,14 @@ def test_skip_limit_counts_over_ranks_and_waits_for_min_samples():
         feed(limit, 20, trained=4, skipped=4)  # 50 % skipped; 16 records seen per batch over 2 ranks
     assert (limit.seen, limit.skipped) == (208, 104)  # raised at the 13th batch, the first with >= 200 seen
     message = str(info.value)
-    for part in ("50.0% of the training records", "104 of 208", "data.max_skipped_fraction=0.25",
-                 "gpt_first 52", "/d/skipped.jsonl", "skipping record"):
+    for part in (
+        "50.0% of the training records",
+        "104 of 208",
+        "data.max_skipped_fraction=0.25",
+        "gpt_first 52",
+        "/d/skipped.jsonl",
+        "skipping record",
+    ):
         assert part in message, part
     at_limit = SkipLimit(0.5, min_samples=10)
     feed(at_limit, 30, trained=4, skipped=4)  # exactly at the limit is not over it
@@ -406,19 +509,35 @@ def shard_dir(raw: Path, records: list[dict], name: str) -> Path:
 
 def bad_records(n: int, image: str) -> list[dict]:
     """Well-formed records (the converter keeps them) that no template can train on, three kinds in turn."""
-    kinds = [{"conversations": conv("Q?", "A.")[::-1]},  # gpt_first
-             {"image": image, "conversations": conv("<image> <image>\nQ?", "A.")},  # multiple_images
-             {"conversations": conv("Q?", " ")}]  # empty_answer
+    kinds = [
+        {"conversations": conv("Q?", "A.")[::-1]},  # gpt_first
+        {"image": image, "conversations": conv("<image> <image>\nQ?", "A.")},  # multiple_images
+        {"conversations": conv("Q?", " ")},
+    ]  # empty_answer
     return [{"id": f"bad{i}", **kinds[i % 3]} for i in range(n)]
 
 
 def tiny_run(train_dir: Path, run_dir: Path, *extra: str):
     from lightning_sp.train import train
 
-    return train(compose([*TINY, "data.synthetic=null", f"data.train_dir={train_dir}", "data.val_dir=null",
-                          "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8",
-                          "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "viz.enabled=false",
-                          f"run_dir={run_dir}", *extra]))
+    return train(
+        compose(
+            [
+                *TINY,
+                "data.synthetic=null",
+                f"data.train_dir={train_dir}",
+                "data.val_dir=null",
+                "data.batch_size=4",
+                "data.num_workers=0",
+                "data.shuffle_buffer=8",
+                "trainer.log_every_n_steps=1",
+                "trainer.enable_progress_bar=false",
+                "viz.enabled=false",
+                f"run_dir={run_dir}",
+                *extra,
+            ]
+        )
+    )
 
 
 @pytest.mark.slow
@@ -439,12 +558,19 @@ def test_a_few_bad_records_under_the_limit_let_the_run_finish(raw_data, tmp_path
     raw, good_records = raw_data
     train_dir = shard_dir(raw, good_records + bad_records(6, good_records[0]["image"]), "few_bad")  # 20 %
     with caplog.at_level("WARNING", logger="lightning_sp.data.datamodule"):
-        metrics = tiny_run(train_dir, tmp_path / "run", "data.max_skipped_fraction=0.3", "trainer.max_steps=4",
-                           "trainer.val_check_interval=4")
+        metrics = tiny_run(
+            train_dir,
+            tmp_path / "run",
+            "data.max_skipped_fraction=0.3",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=4",
+        )
     assert metrics["global_step"] == 4
     assert metrics["train/skipped_records"] >= 1 and 0 < metrics["train/skipped_fraction"] <= 0.3
-    assert any(m.startswith("skipping record 'bad") and "(reason " in m for m in map(logging.LogRecord.getMessage,
-                                                                                   caplog.records))
+    assert any(
+        m.startswith("skipping record 'bad") and "(reason " in m
+        for m in map(logging.LogRecord.getMessage, caplog.records)
+    )
 
 
 def test_skip_limit_counts_survive_a_resume():

@@ -35,7 +35,7 @@ def pil_reference(data: bytes, size: int) -> torch.Tensor:
 def scene(h: int, w: int) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w]
     arr = np.stack([xx * 255 // w, yy * 255 // h, (3 * xx + yy) % 256], -1).astype(np.uint8)
-    arr[h // 4: h // 2, w // 5: w // 2] = (250, 20, 20)  # sharp edges stress the resampling kernels
+    arr[h // 4 : h // 2, w // 5 : w // 2] = (250, 20, 20)  # sharp edges stress the resampling kernels
     return arr
 
 
@@ -58,7 +58,7 @@ def test_padding_geometry_exact(h, w):
     out = ImageProcessor(side)(torch.from_numpy(np.broadcast_to(colour, (h, w, 3)).copy()).permute(2, 0, 1))
     top, left = (side - h) // 2, (side - w) // 2  # PIL paste offset: the odd pixel goes bottom/right
     expected = np.broadcast_to(np.array(FILL, dtype=np.float64), (side, side, 3)).copy()
-    expected[top:top + h, left:left + w] = colour
+    expected[top : top + h, left : left + w] = colour
     expected = torch.from_numpy((expected / 255 - MEAN) / STD).permute(2, 0, 1).float()
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
@@ -72,8 +72,14 @@ def test_padding_colour_is_llavas_and_hf_llava_image_processors():
     h, w = 20, 48  # wide: rows above and below are padding; the side stays 48, so no resampling touches them
     image = np.full((h, w, 3), 255, dtype=np.uint8)
     ours = ImageProcessor(w)(torch.from_numpy(image).permute(2, 0, 1))
-    hf = LlavaImageProcessor(do_pad=True, size={"shortest_edge": w}, crop_size={"height": w, "width": w},
-                             image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), resample=3)
+    hf = LlavaImageProcessor(
+        do_pad=True,
+        size={"shortest_edge": w},
+        crop_size={"height": w, "width": w},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+        resample=3,
+    )
     theirs = torch.from_numpy(hf(Image.fromarray(image), return_tensors="np")["pixel_values"][0])
     expected_pad = torch.tensor([(f / 255 - m) / s for f, m, s in zip(FILL, CLIP_MEAN, CLIP_STD)]).view(3, 1)
     for pixels in (ours, theirs):

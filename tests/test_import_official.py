@@ -33,16 +33,33 @@ def official_shapes(variant):
     """docs/METHOD.md §3, written out independently of lightning_sp.models.official.KEY_TABLE."""
     shapes = {}
     for s in SIDES:
-        shapes[f"model.conv_{s}.1.weight" if variant == "pooling" and s < 24 else f"model.conv_{s}.weight"] = (D, C, s, s)
+        shapes[f"model.conv_{s}.1.weight" if variant == "pooling" and s < 24 else f"model.conv_{s}.weight"] = (
+            D,
+            C,
+            s,
+            s,
+        )
     shapes["model.conv_CM.weight"] = (D, C, 16, 16)
     for p in ("query", "key", "value"):
-        shapes.update({f"model.{p}_projector.0.weight": (D,), f"model.{p}_projector.0.bias": (D,),
-                       f"model.{p}_projector.1.weight": (D, D), f"model.{p}_projector.1.bias": (D,)})
+        shapes.update(
+            {
+                f"model.{p}_projector.0.weight": (D,),
+                f"model.{p}_projector.0.bias": (D,),
+                f"model.{p}_projector.1.weight": (D, D),
+                f"model.{p}_projector.1.bias": (D,),
+            }
+        )
     shapes["model.conv_linear.1.weight"] = (H, 2 * D)
     if variant == "cropping":
         shapes["model.conv_linear.1.bias"] = (H,)
-    shapes.update({"model.mm_projector.0.weight": (H, C), "model.mm_projector.0.bias": (H,),
-                   "model.mm_projector.2.weight": (H, H), "model.mm_projector.2.bias": (H,)})
+    shapes.update(
+        {
+            "model.mm_projector.0.weight": (H, C),
+            "model.mm_projector.0.bias": (H,),
+            "model.mm_projector.2.weight": (H, H),
+            "model.mm_projector.2.bias": (H,),
+        }
+    )
     return shapes
 
 
@@ -50,8 +67,9 @@ def write_release(root, variant, llama_dir, clip_dir, seed=0):
     """The official layout, in bf16 as LLaVA's bf16 training saves it; the folder name has no 'lora' in it."""
     gen = torch.Generator().manual_seed(seed)
     base = LlamaForCausalLM.from_pretrained(llama_dir)
-    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
-                                                 task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
+    )
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_" in n:
@@ -60,15 +78,27 @@ def write_release(root, variant, llama_dir, clip_dir, seed=0):
     non_lora = {}
     for name, shape in official_shapes(variant).items():
         t = torch.randn(shape, generator=gen)
-        t = 1 + 0.2 * t if "_projector.0.weight" in name else (t / math.sqrt(math.prod(shape[1:])) if len(shape) > 1
-                                                                  else 0.2 * t)
+        t = (
+            1 + 0.2 * t
+            if "_projector.0.weight" in name
+            else (t / math.sqrt(math.prod(shape[1:])) if len(shape) > 1 else 0.2 * t)
+        )
         non_lora["base_model.model." + name] = t.to(torch.bfloat16)
     torch.save(non_lora, root / "non_lora_trainables.bin")
-    llava = {**LlamaConfig.from_pretrained(llama_dir).to_dict(), "model_type": "llava_llama",
-             "architectures": ["LlavaLlamaForCausalLM"], "mm_vision_tower": str(clip_dir), "mm_hidden_size": C,
-             "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_projector_type": "mlp2x_gelu",
-             "image_aspect_ratio": "pad", "mm_patch_merge_type": "flat", "mm_use_im_start_end": False,
-             "mm_use_im_patch_token": False}
+    llava = {
+        **LlamaConfig.from_pretrained(llama_dir).to_dict(),
+        "model_type": "llava_llama",
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "mm_vision_tower": str(clip_dir),
+        "mm_hidden_size": C,
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_projector_type": "mlp2x_gelu",
+        "image_aspect_ratio": "pad",
+        "mm_patch_merge_type": "flat",
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+    }
     (root / "config.json").write_text(json.dumps(llava))
     return root
 
@@ -77,13 +107,31 @@ def write_release(root, variant, llama_dir, clip_dir, seed=0):
 def world(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("official")
     torch.manual_seed(0)
-    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=C, intermediate_size=64, num_hidden_layers=2,
-                                            num_attention_heads=4, image_size=336, patch_size=14))
+    clip = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=C,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=336,
+            patch_size=14,
+        )
+    )
     clip.save_pretrained(root / "clip")
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=H, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=H,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     llama.save_pretrained(root / "llama")
     tokenizer.save_pretrained(root / "llama")
     (root / "weights-v1").mkdir()
@@ -97,16 +145,21 @@ def direct_logits(root, ids, pixel_values, image_id):
     """Independent path: peft's own adapter loading, HF CLIP, the §2 pooling projector on the raw official tensors."""
     lm = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(root / "llama"), root / "weights-v1").eval()
     clip = CLIPVisionModel.from_pretrained(root / "clip").eval()
-    sd = {k.removeprefix("base_model.model."): v.float()
-          for k, v in torch.load(root / "weights-v1" / "non_lora_trainables.bin", weights_only=True).items()}
+    sd = {
+        k.removeprefix("base_model.model."): v.float()
+        for k, v in torch.load(root / "weights-v1" / "non_lora_trainables.bin", weights_only=True).items()
+    }
     with torch.no_grad():
         z = clip(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
         b = z.shape[0]
         zmap = z.transpose(1, 2).reshape(b, C, G, G)
         tokens = []
         for s in SIDES:
-            x, w = (zmap, sd["model.conv_24.weight"]) if s == 24 else (F.adaptive_avg_pool2d(zmap, s),
-                                                                        sd[f"model.conv_{s}.1.weight"])
+            x, w = (
+                (zmap, sd["model.conv_24.weight"])
+                if s == 24
+                else (F.adaptive_avg_pool2d(zmap, s), sd[f"model.conv_{s}.1.weight"])
+            )
             tokens.append(F.conv2d(x, w).reshape(b, D))
         sp_raw = torch.stack(tokens, 1)
         kv = F.conv2d(zmap, sd["model.conv_CM.weight"], stride=2).flatten(2).transpose(1, 2)
@@ -117,9 +170,17 @@ def direct_logits(root, ids, pixel_values, image_id):
 
         q, k, v = ln_linear(sp_raw, "query"), ln_linear(kv, "key"), ln_linear(kv, "value")
         sp = torch.cat([sp_raw, torch.softmax(q @ k.transpose(1, 2) / math.sqrt(D), -1) @ v], -1)
-        visual = torch.cat([F.linear(F.gelu(sp), sd["model.conv_linear.1.weight"]),
-                            F.linear(F.gelu(F.linear(z, sd["model.mm_projector.0.weight"], sd["model.mm_projector.0.bias"])),
-                                     sd["model.mm_projector.2.weight"], sd["model.mm_projector.2.bias"])], 1)
+        visual = torch.cat(
+            [
+                F.linear(F.gelu(sp), sd["model.conv_linear.1.weight"]),
+                F.linear(
+                    F.gelu(F.linear(z, sd["model.mm_projector.0.weight"], sd["model.mm_projector.0.bias"])),
+                    sd["model.mm_projector.2.weight"],
+                    sd["model.mm_projector.2.bias"],
+                ),
+            ],
+            1,
+        )
         is_image = ids == image_id
         embeds = lm.get_input_embeddings()(ids.masked_fill(is_image, 0))
         embeds[is_image] = visual.reshape(-1, H)  # one image per sample, tokens in order
@@ -159,8 +220,10 @@ def test_export_reproduces_the_release(world, tmp_path):
     release = world / "weights-v1"
     for name in ("adapter_config.json", "config.json"):
         assert json.loads((out / name).read_text()) == json.loads((release / name).read_text()), name
-    for name, load in (("adapter_model.safetensors", load_file),
-                       ("non_lora_trainables.bin", lambda p: torch.load(p, weights_only=True))):
+    for name, load in (
+        ("adapter_model.safetensors", load_file),
+        ("non_lora_trainables.bin", lambda p: torch.load(p, weights_only=True)),
+    ):
         want, got = load(release / name), load(out / name)
         assert set(got) == set(want), name
         for k in want:
@@ -171,9 +234,25 @@ def test_cli_import_then_export_without_provenance(world, tmp_path, tokenizer):
     """The CLI with explicit --llm/--vision; a checkpoint from training (no provenance) exports in fp32 with a
     peft-written adapter config that peft loads back."""
     run = tmp_path / "cli-run"
-    assert cli_main(["import-official", "--lora-dir", str(world / "weights-v1"), "--variant", "pooling",
-                     "--llm", str(world / "llama"), "--vision", str(world / "clip"), "--out", str(run),
-                     "model.llm.dtype=float32"]) == 0
+    assert (
+        cli_main(
+            [
+                "import-official",
+                "--lora-dir",
+                str(world / "weights-v1"),
+                "--variant",
+                "pooling",
+                "--llm",
+                str(world / "llama"),
+                "--vision",
+                str(world / "clip"),
+                "--out",
+                str(run),
+                "model.llm.dtype=float32",
+            ]
+        )
+        == 0
+    )
     ckpt = read_checkpoint(run)
     assert set(ckpt["state_dict"]) == set(read_checkpoint(world / "run")["state_dict"])
     del ckpt["lightning_sp_official"]
@@ -204,13 +283,18 @@ def test_import_is_strict(world, tmp_path):
 
     from safetensors.torch import save_file
 
-    torch.save(torch.load(world / "weights-v1" / "non_lora_trainables.bin", weights_only=True),
-               release / "non_lora_trainables.bin")
+    torch.save(
+        torch.load(world / "weights-v1" / "non_lora_trainables.bin", weights_only=True),
+        release / "non_lora_trainables.bin",
+    )
     adapter = load_file(world / "weights-v1" / "adapter_model.safetensors")
     del adapter["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"]
     save_file(adapter, str(release / "adapter_model.safetensors"))
-    with pytest.raises(OfficialCheckpointError, match=r"missing \(1\): base_model\.model\.model\.layers\.1\.mlp\."
-                                                      r"down_proj\.lora_B\.weight"):
+    with pytest.raises(
+        OfficialCheckpointError,
+        match=r"missing \(1\): base_model\.model\.model\.layers\.1\.mlp\."
+        r"down_proj\.lora_B\.weight",
+    ):
         import_official(release, "pooling", tmp_path / "c")
     assert not (tmp_path / "c").exists()
 
@@ -220,15 +304,18 @@ def test_import_is_strict(world, tmp_path):
         import_official(release, "pooling", tmp_path / "d")
 
 
-@pytest.mark.parametrize("key,value,shown", [
-    ("image_aspect_ratio", "anyres", "image_aspect_ratio = 'anyres'; supported: 'pad'"),
-    ("image_aspect_ratio", None, "image_aspect_ratio = absent (LLaVA then uses 'square'); supported: 'pad'"),
-    ("mm_patch_merge_type", "spatial_unpad", "mm_patch_merge_type = 'spatial_unpad'; supported: 'flat'"),
-    ("mm_use_im_start_end", True, "mm_use_im_start_end = True; supported: False"),
-    ("mm_use_im_patch_token", True, "mm_use_im_patch_token = True; supported: False"),
-    ("mm_vision_select_feature", "cls_patch", "mm_vision_select_feature = 'cls_patch'; supported: 'patch'"),
-    ("mm_vision_select_layer", "-2", "mm_vision_select_layer = '-2'; supported: an integer"),
-])
+@pytest.mark.parametrize(
+    "key,value,shown",
+    [
+        ("image_aspect_ratio", "anyres", "image_aspect_ratio = 'anyres'; supported: 'pad'"),
+        ("image_aspect_ratio", None, "image_aspect_ratio = absent (LLaVA then uses 'square'); supported: 'pad'"),
+        ("mm_patch_merge_type", "spatial_unpad", "mm_patch_merge_type = 'spatial_unpad'; supported: 'flat'"),
+        ("mm_use_im_start_end", True, "mm_use_im_start_end = True; supported: False"),
+        ("mm_use_im_patch_token", True, "mm_use_im_patch_token = True; supported: False"),
+        ("mm_vision_select_feature", "cls_patch", "mm_vision_select_feature = 'cls_patch'; supported: 'patch'"),
+        ("mm_vision_select_layer", "-2", "mm_vision_select_layer = '-2'; supported: an integer"),
+    ],
+)
 def test_import_refuses_release_settings_it_does_not_reproduce(world, tmp_path, key, value, shown):
     release = tmp_path / "release"
     release.mkdir()

@@ -27,9 +27,19 @@ def trained_run(tmp_path_factory):
     from conftest import TINY
 
     root = tmp_path_factory.mktemp("conventions")
-    cfg = compose([*TINY, *small_data(root / "data"), "trainer.max_steps=4", "trainer.val_check_interval=2",
-                   "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-                   "viz.enabled=false", f"run_dir={root / 'run'}"])
+    cfg = compose(
+        [
+            *TINY,
+            *small_data(root / "data"),
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=2",
+            "trainer.limit_val_batches=1",
+            "trainer.log_every_n_steps=1",
+            "trainer.enable_progress_bar=false",
+            "viz.enabled=false",
+            f"run_dir={root / 'run'}",
+        ]
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         filters_before = list(warnings.filters)
@@ -85,9 +95,17 @@ class _ScriptedAccuracy(BoringModel):
 
 def _fit_scripted(tmp_path, scores, save_top_k=1, max_steps=None):
     callback = BestAndLastCheckpoint(tmp_path, save_top_k=save_top_k, validates=True, every_n_train_steps=2)
-    trainer = L.Trainer(max_steps=max_steps or 2 * len(scores), val_check_interval=2, check_val_every_n_epoch=None,
-                        limit_val_batches=1, callbacks=[callback], logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_steps=max_steps or 2 * len(scores),
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(_ScriptedAccuracy(scores))
     return callback
 
@@ -131,14 +149,16 @@ def test_fit_leaves_the_callers_warning_filters_and_hides_no_resume_warning(trai
 
 def test_importing_the_package_changes_no_warning_filter():
     # Our dependencies add filters of their own when imported (torch, numpy, urllib3 do): import them first.
-    code = ("import warnings, torch, torchvision.io, numpy, lightning.pytorch, lightning.pytorch.loggers, transformers, "
-            "peft, webdataset, omegaconf\n"
-            "before = list(warnings.filters)\n"
-            "import lightning_sp.train, lightning_sp.data.images, lightning_sp.evaluate\n"
-            "ours = [f for f in warnings.filters if f not in before]\n"
-            "assert not [f for f in ours if f[1] is not None and any(s in f[1].pattern for s in "
-            "('eval mode', 'resuming from', 'TorchVision'))], ours\n"
-            "assert not ours, ours")
+    code = (
+        "import warnings, torch, torchvision.io, numpy, lightning.pytorch, lightning.pytorch.loggers, transformers, "
+        "peft, webdataset, omegaconf\n"
+        "before = list(warnings.filters)\n"
+        "import lightning_sp.train, lightning_sp.data.images, lightning_sp.evaluate\n"
+        "ours = [f for f in warnings.filters if f not in before]\n"
+        "assert not [f for f in ours if f[1] is not None and any(s in f[1].pattern for s in "
+        "('eval mode', 'resuming from', 'TorchVision'))], ours\n"
+        "assert not ours, ours"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
 
@@ -161,8 +181,13 @@ def test_logs_learning_rate_per_group_throughput_without_padding_and_grad_norm(t
 def test_eval_of_a_file_that_is_not_a_checkpoint_is_one_plain_line(tmp_path, content):
     path = tmp_path / "junk.ckpt"
     path.write_bytes(content)
-    done = subprocess.run([sys.executable, "-m", "lightning_sp", "eval", f"ckpt={path}", "benchmark=synthetic"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "lightning_sp", "eval", f"ckpt={path}", "benchmark=synthetic"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and "not a readable checkpoint" in done.stderr, done.stderr[-2000:]
     assert "could run code" not in done.stderr

@@ -176,14 +176,18 @@ def spm_corpus(kind):
     shapes = ["circle", "square", "triangle"]
     lines = [VICUNA_SYSTEM] * 20
     for n, (colour, shape) in enumerate(zip(colours * 3, shapes * 6)):
-        turns = (f"What color is the {shape}? ASSISTANT: {colour.capitalize()}.</s>"
-                 f"USER: How many {shape}s are there? ASSISTANT: {n}</s>USER: And now? ASSISTANT: {n * 7 + 3}</s>")
+        turns = (
+            f"What color is the {shape}? ASSISTANT: {colour.capitalize()}.</s>"
+            f"USER: How many {shape}s are there? ASSISTANT: {n}</s>USER: And now? ASSISTANT: {n * 7 + 3}</s>"
+        )
         lines += [
-            f"{VICUNA_SYSTEM} USER: {turns}" if kind == "user_merged"
+            f"{VICUNA_SYSTEM} USER: {turns}"
+            if kind == "user_merged"
             else f"{VICUNA_SYSTEM} {colour}.</s>USER: {turns}",
             f"USER: Is there a {colour} {shape} in the image? ASSISTANT: Yes, there is a {colour} {shape}.</s>"
-            if kind == "user_merged" else
-            f"Yes.</s>USER: Is there a {colour} {shape} in the image? ASSISTANT: Yes, there is a {colour} {shape}.</s>",
+            if kind == "user_merged"
+            else f"Yes.</s>USER: Is there a {colour} {shape} in the image? "
+            f"ASSISTANT: Yes, there is a {colour} {shape}.</s>",
             f"A {colour} {shape} on a grid of {n + 2} by {n + 2} cells, {10 * n} pixels wide.",
             f"Describe the image briefly. There are {n} shapes; the {shape} is {colour} and the rest are grey.",
         ]
@@ -197,10 +201,22 @@ def spm_corpus(kind):
 
 
 SPM_SETTINGS = dict(  # Llama's normaliser and model settings, a small vocabulary
-    model_type="bpe", vocab_size=700, hard_vocab_limit=False, byte_fallback=True, split_digits=True,
-    add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
-    allow_whitespace_only_pieces=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-    num_threads=1, minloglevel=2,
+    model_type="bpe",
+    vocab_size=700,
+    hard_vocab_limit=False,
+    byte_fallback=True,
+    split_digits=True,
+    add_dummy_prefix=True,
+    remove_extra_whitespaces=False,
+    normalization_rule_name="identity",
+    allow_whitespace_only_pieces=True,
+    character_coverage=1.0,
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+    num_threads=1,
+    minloglevel=2,
 )
 
 
@@ -209,8 +225,9 @@ def spm_files(tmp_path_factory):
     out = tmp_path_factory.mktemp("spm")
     files = {}
     for kind in ("vicuna_like", "user_merged"):
-        sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(spm_corpus(kind)),
-                                                 model_prefix=str(out / kind), **SPM_SETTINGS)
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(spm_corpus(kind)), model_prefix=str(out / kind), **SPM_SETTINGS
+        )
         files[kind] = out / f"{kind}.model"
     return files
 
@@ -220,24 +237,45 @@ def vicuna_folder(root: Path, spm_file: Path, legacy: bool, tokenizer_class: str
     folder.mkdir()
     (folder / "tokenizer.model").write_bytes(spm_file.read_bytes())
     special = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False, "legacy": legacy,
-        "model_max_length": 2048, "pad_token": None, "padding_side": "right", "sp_model_kwargs": {},
-        "tokenizer_class": tokenizer_class,
-        "bos_token": {"__type": "AddedToken", "content": "<s>", **special},
-        "eos_token": {"__type": "AddedToken", "content": "</s>", **special},
-        "unk_token": {"__type": "AddedToken", "content": "<unk>", **special},
-    }))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "clean_up_tokenization_spaces": False,
+                "legacy": legacy,
+                "model_max_length": 2048,
+                "pad_token": None,
+                "padding_side": "right",
+                "sp_model_kwargs": {},
+                "tokenizer_class": tokenizer_class,
+                "bos_token": {"__type": "AddedToken", "content": "<s>", **special},
+                "eos_token": {"__type": "AddedToken", "content": "</s>", **special},
+                "unk_token": {"__type": "AddedToken", "content": "<unk>", **special},
+            }
+        )
+    )
     assert not (folder / "tokenizer.json").exists()
     return folder
 
 
-@pytest.fixture(scope="module", params=[
-    ("vicuna_like", True, "LlamaTokenizer"), ("vicuna_like", False, "LlamaTokenizer"),
-    ("vicuna_like", False, "LlamaTokenizerFast"), ("user_merged", True, "LlamaTokenizer"),
-    ("user_merged", False, "LlamaTokenizer"),
-], ids=["vicuna_like-legacy", "vicuna_like-nonlegacy", "vicuna_like-nonlegacy-fastclass", "user_merged-legacy",
-        "user_merged-nonlegacy"])
+@pytest.fixture(
+    scope="module",
+    params=[
+        ("vicuna_like", True, "LlamaTokenizer"),
+        ("vicuna_like", False, "LlamaTokenizer"),
+        ("vicuna_like", False, "LlamaTokenizerFast"),
+        ("user_merged", True, "LlamaTokenizer"),
+        ("user_merged", False, "LlamaTokenizer"),
+    ],
+    ids=[
+        "vicuna_like-legacy",
+        "vicuna_like-nonlegacy",
+        "vicuna_like-nonlegacy-fastclass",
+        "user_merged-legacy",
+        "user_merged-nonlegacy",
+    ],
+)
 def toks(request, spm_files, tmp_path_factory):
     """(ours, LLaVA's, corpus kind) for one folder."""
     kind, legacy, cls = request.param
@@ -259,11 +297,21 @@ def rec(*values, image="img.jpg", id="r"):
 
 
 VICUNA_RECORDS = {
-    "image_multi_turn": rec("<image>\nWhat shape is in the top left?", "A circle.", "What color is it?", "Blue.",
-                            "Is there a red square?", "Yes, there is a red square in the middle."),
+    "image_multi_turn": rec(
+        "<image>\nWhat shape is in the top left?",
+        "A circle.",
+        "What color is it?",
+        "Blue.",
+        "Is there a red square?",
+        "Yes, there is a red square in the middle.",
+    ),
     "image_after_question": rec("What color is the circle?\n<image>", "Red."),
-    "image_after_question_multi": rec("How many shapes are there? <image>", "There are 3 shapes.",
-                                      "Describe the image briefly.", "A red circle and a blue square."),
+    "image_after_question_multi": rec(
+        "How many shapes are there? <image>",
+        "There are 3 shapes.",
+        "Describe the image briefly.",
+        "A red circle and a blue square.",
+    ),
     "text_only_multi_turn": rec("Name a colour.", "Purple.", "Another one?", "Orange, or green.", image=None),
     "numeric_answers": rec("<image>\nHow many circles are there?", "2", "And squares?", "10", "Triangles?", "0"),
     "numeric_text_only": rec("What is 3 plus 4?", "7", "And 12 times 10?", "120", image=None),
@@ -293,7 +341,7 @@ def rule_labels(tokenizer, ids, plain=False):
         elif inside:
             inside = tid != tokenizer.eos_token_id
         else:
-            inside = tokenizer.decode(ids[:i + 1]).endswith(f"{ROLES[1]}:")
+            inside = tokenizer.decode(ids[: i + 1]).endswith(f"{ROLES[1]}:")
     return labels
 
 
@@ -336,7 +384,7 @@ def test_prompt_ids_equal_llava_eval(toks, name):
     prompt = encode_prompt(record, ours_tok, "vicuna_v1")
     assert prompt == to_ours(llava_eval_prompt(record, llava_tok), image_id)
     full = encode(record, ours_tok, "vicuna_v1").input_ids
-    assert full[:len(prompt)] == prompt and full[-1] == ours_tok.eos_token_id
+    assert full[: len(prompt)] == prompt and full[-1] == ours_tok.eos_token_id
     assert encode_prompt(PLAIN_RECORDS["caption"], ours_tok, "plain") == [ours_tok.bos_token_id, image_id]
 
 
@@ -350,7 +398,7 @@ def test_continuation_ids_are_the_answer_ids_of_training(toks):
         prompt = encode_prompt(record, ours_tok, "vicuna_v1")
         full = encode(record, ours_tok, "vicuna_v1").input_ids
         for continuation in (answer, " " + answer):
-            assert encode_continuation(record, ours_tok, "vicuna_v1", continuation) == full[len(prompt):-1], name
+            assert encode_continuation(record, ours_tok, "vicuna_v1", continuation) == full[len(prompt) : -1], name
     record = PLAIN_RECORDS["caption_digit_first"]
     caption = record["conversations"][1]["value"]
     full = encode(record, ours_tok, "plain").input_ids

@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     run_dir = trained_run(tmp_path_factory)
-    lm = LightningSP(pretrained=str(run_dir / "checkpoints" / "last.ckpt"), device="cpu", batch_size=3,
-                     max_new_tokens=6)
+    lm = LightningSP(
+        pretrained=str(run_dir / "checkpoints" / "last.ckpt"), device="cpu", batch_size=3, max_new_tokens=6
+    )
     files = write_benchmark_files(tmp_path_factory.mktemp("lmms"))
     questions = load_question_file(files["pope"], image_root=files["image_root"])
     docs = {i: {"image": Image.open(q.image).convert("RGB"), "question": q.text} for i, q in enumerate(questions)}
@@ -32,8 +33,10 @@ def _visual(doc):
 
 def _gen_requests(lm, gen_kwargs):
     docs = lm.task_dict["pope"]["test"]
-    return [SimpleNamespace(args=(docs[i]["question"], dict(gen_kwargs), _visual, i, "pope", "test"))
-            for i in range(len(docs))]
+    return [
+        SimpleNamespace(args=(docs[i]["question"], dict(gen_kwargs), _visual, i, "pope", "test"))
+        for i in range(len(docs))
+    ]
 
 
 def test_imports_without_lmms_eval():
@@ -73,8 +76,10 @@ def test_generate_until_cuts_at_stop_strings(adapter):
     args = (batch["prompt_ids"], batch["prompt_attention_mask"], batch["pixel_values"])
     whole = predictor.model.generate(*args, max_new_tokens=6)
     stopped = predictor.model.generate(*args, max_new_tokens=6, stop_strings=[cut_at], tokenizer=predictor.tokenizer)
-    assert stopped.shape[1] < whole.shape[1] and torch.equal(stopped[0], whole[0, :stopped.shape[1]])
-    assert cut_at in predictor.tokenizer.decode(stopped[0]) and cut_at not in predictor.tokenizer.decode(stopped[0, :-1])
+    assert stopped.shape[1] < whole.shape[1] and torch.equal(stopped[0], whole[0, : stopped.shape[1]])
+    assert cut_at in predictor.tokenizer.decode(stopped[0]) and cut_at not in predictor.tokenizer.decode(
+        stopped[0, :-1]
+    )
 
 
 def _questions(lm) -> list[Question]:
@@ -86,10 +91,15 @@ def _manual_logprob(predictor, q, cont_ids):
     prompt = predictor.builder.prompt_ids(q)
     ids = torch.cat([prompt, torch.tensor(cont_ids)])[None]
     with torch.no_grad():
-        logits = predictor.model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 pixel_values=predictor.builder.pixel_values(q)[None]).logits[0].float()
-    logp = torch.log_softmax(logits[prompt.numel() - 1:-1], -1)
-    return float(sum(logp[i, t] for i, t in enumerate(cont_ids))), logits[prompt.numel() - 1:-1].argmax(-1).tolist()
+        logits = (
+            predictor.model(
+                input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=predictor.builder.pixel_values(q)[None]
+            )
+            .logits[0]
+            .float()
+        )
+    logp = torch.log_softmax(logits[prompt.numel() - 1 : -1], -1)
+    return float(sum(logp[i, t] for i, t in enumerate(cont_ids))), logits[prompt.numel() - 1 : -1].argmax(-1).tolist()
 
 
 def test_loglikelihood_is_the_continuation_logprob(adapter):
@@ -97,8 +107,10 @@ def test_loglikelihood_is_the_continuation_logprob(adapter):
     predictor: Predictor = lm.predictor
     docs = lm.task_dict["pope"]["test"]
     q = Question(question_id=0, text=questions[0].text, image=docs[0]["image"])
-    reqs = [SimpleNamespace(args=(docs[0]["question"], " yes", _visual, 0, "pope", "test")),
-            SimpleNamespace(args=(docs[0]["question"], lambda doc: "red square", _visual, 0, "pope", "test"))]
+    reqs = [
+        SimpleNamespace(args=(docs[0]["question"], " yes", _visual, 0, "pope", "test")),
+        SimpleNamespace(args=(docs[0]["question"], lambda doc: "red square", _visual, 0, "pope", "test")),
+    ]
     results = lm.loglikelihood(reqs)
     # "red square" follows "ASSISTANT:" after a space, as answers do in the template.
     for (logprob, greedy), text in zip(results, (" yes", " red square")):
@@ -113,11 +125,11 @@ def test_greedy_continuation_is_flagged_greedy(adapter):
     predictor: Predictor = lm.predictor
     q = Question(question_id=0, text=questions[0].text, image=lm.task_dict["pope"]["test"][0]["image"])
     batch = predictor.builder.collate([predictor.builder(q)])
-    greedy_ids = predictor.model.generate(batch["prompt_ids"], batch["prompt_attention_mask"],
-                                          batch["pixel_values"], max_new_tokens=3)[0]
+    greedy_ids = predictor.model.generate(
+        batch["prompt_ids"], batch["prompt_attention_mask"], batch["pixel_values"], max_new_tokens=3
+    )[0]
     logprob, greedy = predictor.continuation_logprob(q, greedy_ids)
-    assert greedy is True and logprob == pytest.approx(_manual_logprob(predictor, q, greedy_ids.tolist())[0],
-                                                       abs=1e-4)
+    assert greedy is True and logprob == pytest.approx(_manual_logprob(predictor, q, greedy_ids.tolist())[0], abs=1e-4)
     other = greedy_ids.clone()
     other[-1] = (other[-1] + 1) % predictor.tokenizer.vocab_size
     assert predictor.continuation_logprob(q, other)[1] is False

@@ -26,7 +26,7 @@ MAX_NEW_TOKENS = 6
 UPSTREAM_MC_BUG = ("lls, is_greedy = zip(*results)", "ValueError: too many values to unpack (expected 2)")
 SUFFIX = "Answer the question using a single word or phrase."  # what our `eval` appends (evaluate.py)
 
-UTILS = '''
+UTILS = """
 from PIL import Image
 
 def doc_to_visual(doc):
@@ -34,7 +34,7 @@ def doc_to_visual(doc):
 
 def doc_to_text(doc):
     return doc["text"] + "\\n" + SUFFIX
-'''
+"""
 
 GEN_TASK = """
 task: lsp_gen
@@ -94,16 +94,29 @@ def lmms_run(tmp_path_factory):
     run_dir = trained_run(tmp_path_factory)
     root = tmp_path_factory.mktemp("lmms-cli")
     files = write_benchmark_files(root / "bench")
-    ours = evaluate(str(run_dir), "pope", questions=str(files["pope"]), image_root=str(files["image_root"]),
-                    batch_size=3, max_new_tokens=MAX_NEW_TOKENS,
-                    device="cpu", out=str(root / "ours"), progress=False)
+    ours = evaluate(
+        str(run_dir),
+        "pope",
+        questions=str(files["pope"]),
+        image_root=str(files["image_root"]),
+        batch_size=3,
+        max_new_tokens=MAX_NEW_TOKENS,
+        device="cpu",
+        out=str(root / "ours"),
+        progress=False,
+    )
     predictions = [json.loads(line) for line in (root / "ours" / "predictions.jsonl").read_text().splitlines()]
     rows = [json.loads(line) for line in files["pope"].read_text().splitlines()]
     # The generation task's reference is our own answer for even docs and the POPE label for odd ones: its exact
     # match is then a number we can compute independently and that is not 0 for a 2-step model's odd answers.
-    docs = [{**row, "image_path": str(files["image_root"] / row["image"]),
-             "target": pred["text"] if i % 2 == 0 else row["label"]}
-            for i, (row, pred) in enumerate(zip(rows, predictions))]
+    docs = [
+        {
+            **row,
+            "image_path": str(files["image_root"] / row["image"]),
+            "target": pred["text"] if i % 2 == 0 else row["label"],
+        }
+        for i, (row, pred) in enumerate(zip(rows, predictions))
+    ]
     tasks = root / "tasks"
     tasks.mkdir()
     (tasks / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
@@ -111,8 +124,16 @@ def lmms_run(tmp_path_factory):
     (tasks / "lsp_gen.yaml").write_text(GEN_TASK.format(docs=tasks / "docs.jsonl", max_new=MAX_NEW_TOKENS))
     (tasks / "lsp_mc.yaml").write_text(MC_TASK.format(docs=tasks / "docs.jsonl"))
 
-    return {"run_dir": run_dir, "files": files, "docs": docs, "ours": ours, "predictions": predictions,
-            "tasks": tasks, "root": root, "gen": run_lmms_eval(run_dir, tasks, "lsp_gen", root / "lmms-gen")}
+    return {
+        "run_dir": run_dir,
+        "files": files,
+        "docs": docs,
+        "ours": ours,
+        "predictions": predictions,
+        "tasks": tasks,
+        "root": root,
+        "gen": run_lmms_eval(run_dir, tasks, "lsp_gen", root / "lmms-gen"),
+    }
 
 
 def run_lmms_eval(run_dir: Path, tasks: Path, task: str, out: Path, processes: int = 1) -> dict:
@@ -122,13 +143,46 @@ def run_lmms_eval(run_dir: Path, tasks: Path, task: str, out: Path, processes: i
     cwd = out.with_name(out.name + "-cwd")
     cwd.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "LMMS_"))}
-    env.update(HF_HOME=str(out.with_name("hf")), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={processes}", "--master-addr=127.0.0.1",
-                f"--master-port={free_port()}"] if processes > 1 else []
-    cmd = [sys.executable, *launcher, "-m", "lmms_eval", "--model", "lightning_sp",
-           "--model_args", f"pretrained={run_dir},dtype=float32", "--tasks", task, "--include_path", str(tasks),
-           "--batch_size", "3", "--device", "cpu", "--output_path", str(out), "--log_samples"]
+    env.update(
+        HF_HOME=str(out.with_name("hf")),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    launcher = (
+        [
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={processes}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}",
+        ]
+        if processes > 1
+        else []
+    )
+    cmd = [
+        sys.executable,
+        *launcher,
+        "-m",
+        "lmms_eval",
+        "--model",
+        "lightning_sp",
+        "--model_args",
+        f"pretrained={run_dir},dtype=float32",
+        "--tasks",
+        task,
+        "--include_path",
+        str(tasks),
+        "--batch_size",
+        "3",
+        "--device",
+        "cpu",
+        "--output_path",
+        str(out),
+        "--log_samples",
+    ]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=LMMS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return {"out": out, "log": proc.stdout + proc.stderr}
@@ -169,8 +223,9 @@ def test_generate_until_results_equal_our_eval(lmms_run):
     assert list(out.rglob("*_results.json")), lmms_run["gen"]["log"][-6000:]
     samples = _samples(out, "lsp_gen")
     assert [s["doc_id"] for s in samples] == list(range(len(docs)))
-    answers = [s["filtered_resps"][0] if isinstance(s["filtered_resps"], list) else s["filtered_resps"]
-               for s in samples]
+    answers = [
+        s["filtered_resps"][0] if isinstance(s["filtered_resps"], list) else s["filtered_resps"] for s in samples
+    ]
     assert answers == [p["text"] for p in predictions]  # token for token the answers our `eval` wrote
     # lmms-eval's score, recomputed from our answers and the task's references (case-insensitive exact match)
     expected = sum(p["text"].lower() == d["target"].lower() for p, d in zip(predictions, docs)) / len(docs)
@@ -222,8 +277,10 @@ def test_model_args_that_lmms_eval_also_passes_get_a_plain_error(tmp_path):
     require_lmms_eval()
     from lightning_sp.lmms_adapter import LightningSP
 
-    with pytest.raises(ValueError, match="batch_size given in --model_args and by lmms-eval; use lmms-eval's own "
-                                         "option \\(--batch_size\\)"):
+    with pytest.raises(
+        ValueError,
+        match="batch_size given in --model_args and by lmms-eval; use lmms-eval's own option \\(--batch_size\\)",
+    ):
         LightningSP.create_from_arg_string("pretrained=x,batch_size=8", {"batch_size": 1, "device": None})
 
 

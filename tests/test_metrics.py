@@ -3,29 +3,31 @@
 import pytest
 import torch
 
-from lightning_sp.metrics import (ExactMatch, POPEMetrics, VQAAccuracy, normalize_vqa_answer, parse_yes_no,
-                                  vqa_score)
+from lightning_sp.metrics import ExactMatch, POPEMetrics, VQAAccuracy, normalize_vqa_answer, parse_yes_no, vqa_score
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("Two", "2"),
-    ("two dogs.", "2 dogs"),
-    ("The cat", "cat"),
-    ("a red ball!", "red ball"),
-    ("An apple", "apple"),
-    ("none", "0"),
-    ("Yes.", "yes"),
-    ("dont", "don't"),
-    ("isnt it", "isn't it"),
-    ("couldnt've", "couldn't've"),
-    ("couldn'tve", "couldn't've"),
-    ("red-white", "red white"),  # a hyphen inside a word becomes a space
-    ("red - white", "red white"),  # next to a space it is deleted
-    ("2.5", "2.5"),  # a decimal point stays
-    ("1,000", "1000"),  # digit,digit commas join
-    ("  New\tYork \n", "new york"),
-    ("left?", "left"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("Two", "2"),
+        ("two dogs.", "2 dogs"),
+        ("The cat", "cat"),
+        ("a red ball!", "red ball"),
+        ("An apple", "apple"),
+        ("none", "0"),
+        ("Yes.", "yes"),
+        ("dont", "don't"),
+        ("isnt it", "isn't it"),
+        ("couldnt've", "couldn't've"),
+        ("couldn'tve", "couldn't've"),
+        ("red-white", "red white"),  # a hyphen inside a word becomes a space
+        ("red - white", "red white"),  # next to a space it is deleted
+        ("2.5", "2.5"),  # a decimal point stays
+        ("1,000", "1000"),  # digit,digit commas join
+        ("  New\tYork \n", "new york"),
+        ("left?", "left"),
+    ],
+)
 def test_vqa_normalisation(raw, expected):
     assert normalize_vqa_answer(raw) == expected
 
@@ -80,13 +82,20 @@ def test_exact_match_default_and_vqa_normalisers():
         m.update(["a", "b"], ["a"])
 
 
-@pytest.mark.parametrize("text, parsed", [
-    ("Yes", "yes"), ("No", "no"), ("no", "no"), ("Yes, there is a dog.", "yes"),
-    ("There is not a dog in the image.", "no"), ("No, there is none.", "no"),
-    ("Yes. No dog though.", "yes"),  # only the first sentence counts
-    ("Nope", "yes"),  # not a word it knows: LLaVA counts it as yes
-    ("", "yes"),
-])
+@pytest.mark.parametrize(
+    "text, parsed",
+    [
+        ("Yes", "yes"),
+        ("No", "no"),
+        ("no", "no"),
+        ("Yes, there is a dog.", "yes"),
+        ("There is not a dog in the image.", "no"),
+        ("No, there is none.", "no"),
+        ("Yes. No dog though.", "yes"),  # only the first sentence counts
+        ("Nope", "yes"),  # not a word it knows: LLaVA counts it as yes
+        ("", "yes"),
+    ],
+)
 def test_pope_answer_parsing_matches_llava(text, parsed):
     assert parse_yes_no(text) == parsed
 

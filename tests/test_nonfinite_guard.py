@@ -34,8 +34,14 @@ def test_guard_names_the_parameter_and_keeps_the_last_good_weights(tmp_path):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             snapshots.append({k: v.clone() for k, v in pl_module.state_dict().items()})
 
-    trainer = L.Trainer(max_steps=4, callbacks=[NonFiniteGuard(), Snapshot()], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=4,
+        callbacks=[NonFiniteGuard(), Snapshot()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(NonFiniteGradientError, match=r"non-finite gradient in 'first\.weight' at step 2"):
         trainer.fit(model, data)
     for name, value in model.state_dict().items():  # the poisoned step changed nothing

@@ -73,7 +73,7 @@ def random_official(variant, prefix=True, seed=0, dtype=torch.float32):
 
 
 def strip(sd):
-    return {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in sd.items()}
+    return {k[len(PEFT_PREFIX) :] if k.startswith(PEFT_PREFIX) else k: v for k, v in sd.items()}
 
 
 def official_forward(sd, variant, z):
@@ -86,7 +86,7 @@ def official_forward(sd, variant, z):
     for s in SIDES:
         if variant == "cropping":
             lo = (24 - s) // 2
-            x, w = zmap[:, :, lo:lo + s, lo:lo + s], sd[f"model.conv_{s}.weight"]
+            x, w = zmap[:, :, lo : lo + s, lo : lo + s], sd[f"model.conv_{s}.weight"]
         elif s == 24:
             x, w = zmap, sd["model.conv_24.weight"]
         else:
@@ -105,8 +105,11 @@ def official_forward(sd, variant, z):
     attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d), dim=-1)
     sp = torch.cat([sp_raw, attn @ v], dim=-1)
     sp_out = F.linear(F.gelu(sp), sd["model.conv_linear.1.weight"], sd.get("model.conv_linear.1.bias"))
-    patch = F.linear(F.gelu(F.linear(z, sd["model.mm_projector.0.weight"], sd["model.mm_projector.0.bias"])),
-                     sd["model.mm_projector.2.weight"], sd["model.mm_projector.2.bias"])
+    patch = F.linear(
+        F.gelu(F.linear(z, sd["model.mm_projector.0.weight"], sd["model.mm_projector.0.bias"])),
+        sd["model.mm_projector.2.weight"],
+        sd["model.mm_projector.2.bias"],
+    )
     return torch.cat([sp_out, patch], dim=1)  # SP tokens first
 
 
@@ -298,9 +301,11 @@ def test_unknown_variant_and_missing_file():
 
 def test_split_separates_llm_weights_but_keeps_stray_projector_keys():
     sd = random_official("pooling")
-    llm = {PEFT_PREFIX + "model.embed_tokens.weight": torch.zeros(5, 8),
-           PEFT_PREFIX + "lm_head.weight": torch.zeros(5, 8),
-           "model.layers.0.mlp.up_proj.weight": torch.zeros(2, 2)}
+    llm = {
+        PEFT_PREFIX + "model.embed_tokens.weight": torch.zeros(5, 8),
+        PEFT_PREFIX + "lm_head.weight": torch.zeros(5, 8),
+        "model.layers.0.mlp.up_proj.weight": torch.zeros(2, 2),
+    }
     with pytest.raises(OfficialCheckpointError, match=r"(?s)unexpected \(3\).*split_official_state_dict") as e:
         load_official_projector({**sd, **llm}, "pooling")
     assert e.value.unexpected == ["lm_head.weight", "model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"]
@@ -338,14 +343,18 @@ def test_round_trip_is_exact(tmp_path, variant, suffix):
     z = torch.randn(2, G * G, C)
     assert torch.equal(proj(z), back(z))
     # and the exported tensors are the official layout that the independent forward understands
-    torch.testing.assert_close(back(z.double().float()).double(), official_forward(official_state_dict(proj, variant),
-                                                                                      variant, z.double()),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        back(z.double().float()).double(),
+        official_forward(official_state_dict(proj, variant), variant, z.double()),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_safetensors_export_records_its_variant(tmp_path):
-    path = export_official_projector(random_projector("cropping"), tmp_path / "w.safetensors", "cropping",
-                                     dtype=torch.bfloat16)
+    path = export_official_projector(
+        random_projector("cropping"), tmp_path / "w.safetensors", "cropping", dtype=torch.bfloat16
+    )
     assert {p.dtype for p in load_official_projector(path, "cropping", dtype=None).parameters()} == {torch.bfloat16}
     with pytest.raises(OfficialCheckpointError, match="records variant 'cropping'"):
         load_official_projector(path, "pooling")
@@ -354,12 +363,13 @@ def test_safetensors_export_records_its_variant(tmp_path):
 def test_export_refuses_layouts_the_release_cannot_express(tmp_path):
     with pytest.raises(OfficialCheckpointError, match="cannot export a pooling projector as variant 'cropping'"):
         official_state_dict(random_projector("pooling"), "cropping")
-    arms = [({"dfi": False}, r"lacks .*dfi\.kv_weight"),
-            ({"head_bias": False}, r"lacks \[spatial_head\.1\.bias\]$"),
-            ({"sides": [8, 16, 24]}, r"lacks \[sfe\.weights\.\{3-5\}\]$"),
-            ({"sides": [2, 4, 8, 12, 16, 24]},
-             r"model\.conv_4\.weight: got \[16, 32, 2, 2\], expected \[16, 32, 4, 4\]"),
-            ({"dfi_kv_tokens": 49}, r"model\.conv_CM\.weight: got \[16, 32, 12, 12\], expected \[16, 32, 16, 16\]")]
+    arms = [
+        ({"dfi": False}, r"lacks .*dfi\.kv_weight"),
+        ({"head_bias": False}, r"lacks \[spatial_head\.1\.bias\]$"),
+        ({"sides": [8, 16, 24]}, r"lacks \[sfe\.weights\.\{3-5\}\]$"),
+        ({"sides": [2, 4, 8, 12, 16, 24]}, r"model\.conv_4\.weight: got \[16, 32, 2, 2\], expected \[16, 32, 4, 4\]"),
+        ({"dfi_kv_tokens": 49}, r"model\.conv_CM\.weight: got \[16, 32, 12, 12\], expected \[16, 32, 16, 16\]"),
+    ]
     for overrides, match in arms:
         cfg = ProjectorConfig(**{"name": "cropping", "sp_width": D, **overrides})
         with pytest.raises(OfficialCheckpointError, match=match):
@@ -379,8 +389,12 @@ def test_export_refuses_layouts_the_release_cannot_express(tmp_path):
 
 def test_compact_keys():
     assert compact_keys(["a.conv_12.w", "a.conv_4.w", "a.conv_8.w"]) == "a.conv_{4,8,12}.w"
-    assert compact_keys([f"m.layers.{i}.q_proj.weight" for i in range(32)] + ["m.layers.3.k_proj.bias"]) == \
-        "m.layers.{0-31}.q_proj.weight, m.layers.3.k_proj.bias"
-    assert compact_keys(["m.{}_projector.0.weight".format(p) for p in ("query", "key", "value")]) == \
-        "m.{key,query,value}_projector.0.weight"
+    assert (
+        compact_keys([f"m.layers.{i}.q_proj.weight" for i in range(32)] + ["m.layers.3.k_proj.bias"])
+        == "m.layers.{0-31}.q_proj.weight, m.layers.3.k_proj.bias"
+    )
+    assert (
+        compact_keys(["m.{}_projector.0.weight".format(p) for p in ("query", "key", "value")])
+        == "m.{key,query,value}_projector.0.weight"
+    )
     assert compact_keys([]) == ""

@@ -15,7 +15,8 @@ TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.mark.parametrize("model, llm", [("llava7b", "lmsys/vicuna-7b-v1.5"), ("llava13b", "lmsys/vicuna-13b-v1.5")])
 def test_presets_carry_the_recipe(model, llm):
-    """docs/METHOD.md §4: align 1e-3 / batch 256 on LCS-558K; finetune LoRA r128 a256 2e-4, projector 2e-5, batch 128."""
+    """docs/METHOD.md §4: align 1e-3 / batch 256 on LCS-558K; finetune LoRA r128 a256 2e-4, projector 2e-5,
+    batch 128."""
     finetune = compose([f"model={model}", "data=llava665k", "stage=finetune", "trainer=gpu"])
     align = compose([f"model={model}", "data=lcs558k", "stage=align", "trainer=gpu"])
     for cfg in (finetune, align):
@@ -43,13 +44,31 @@ def test_presets_carry_the_recipe(model, llm):
 def tiny_pretrained(tmp_path_factory, tokenizer):
     """A tiny CLIP vision tower (48 px, patch 4: a 12x12 grid) and a tiny Llama + its tokenizer, saved as HF dirs."""
     root = tmp_path_factory.mktemp("pretrained")
-    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                              num_attention_heads=4, image_size=48, patch_size=4))
+    vision = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=48,
+            patch_size=4,
+        )
+    )
     vision.save_pretrained(root / "clip")
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                       max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     llm.save_pretrained(root / "llama")
     tokenizer.save_pretrained(root / "llama")  # the LLM's own tokenizer, as model.tokenizer expects
     return root / "clip", root / "llama"
@@ -57,8 +76,16 @@ def tiny_pretrained(tmp_path_factory, tokenizer):
 
 def test_llava7b_preset_builds_trains_lora_and_projector_in_bf16(tiny_pretrained):
     clip, llama = tiny_pretrained
-    cfg = compose(["model=llava7b", f"model.vision.name_or_path={clip}", f"model.llm.name_or_path={llama}",
-                   f"model.tokenizer={llama}", "model.vision.image_size=48", "model.vision.patch_size=4"])
+    cfg = compose(
+        [
+            "model=llava7b",
+            f"model.vision.name_or_path={clip}",
+            f"model.llm.name_or_path={llama}",
+            f"model.tokenizer={llama}",
+            "model.vision.image_size=48",
+            "model.vision.patch_size=4",
+        ]
+    )
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     module = LlavaSPModule(cfg, tokenizer)
     model = module.model
@@ -89,8 +116,9 @@ def test_llava7b_preset_builds_trains_lora_and_projector_in_bf16(tiny_pretrained
     labels = ids.clone()
     labels[:, : 1 + n_vis] = -100
     torch.manual_seed(0)
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(2, 3, 48, 48),
-                labels=labels)
+    out = model(
+        input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(2, 3, 48, 48), labels=labels
+    )
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     out.loss.backward()
     for n, p in trainable.items():

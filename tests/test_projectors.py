@@ -15,8 +15,16 @@ C, D, H, G = 16, 8, 24, 24
 
 
 def proj_cfg(name, dfi=True, head_bias=None, sp_width=D, sides=None, dfi_kv_tokens=25):
-    return OmegaConf.create({"name": name, "sp_width": sp_width, "dfi": dfi, "head_bias": head_bias, "sides": sides,
-                             "dfi_kv_tokens": dfi_kv_tokens})
+    return OmegaConf.create(
+        {
+            "name": name,
+            "sp_width": sp_width,
+            "dfi": dfi,
+            "head_bias": head_bias,
+            "sides": sides,
+            "dfi_kv_tokens": dfi_kv_tokens,
+        }
+    )
 
 
 def reference_forward(proj, z, mode, dfi):
@@ -68,14 +76,19 @@ def test_mlp_projector_is_mlp2x_gelu():
     torch.manual_seed(0)
     proj = build_projector(proj_cfg("mlp"), vision_width=C, llm_width=H, grid=G)
     z = torch.randn(2, G * G, C)
-    expected = F.linear(F.gelu(F.linear(z, proj.patch_head[0].weight, proj.patch_head[0].bias)),
-                        proj.patch_head[2].weight, proj.patch_head[2].bias)
+    expected = F.linear(
+        F.gelu(F.linear(z, proj.patch_head[0].weight, proj.patch_head[0].bias)),
+        proj.patch_head[2].weight,
+        proj.patch_head[2].bias,
+    )
     torch.testing.assert_close(proj(z), expected)
     assert proj.layout.num_sp_tokens == 0 and proj.layout.num_tokens == 576
 
 
-@pytest.mark.parametrize("name,dfi,bias", [("pooling", True, False), ("cropping", True, True),
-                                           ("pooling", False, False), ("cropping", False, False)])
+@pytest.mark.parametrize(
+    "name,dfi,bias",
+    [("pooling", True, False), ("cropping", True, True), ("pooling", False, False), ("cropping", False, False)],
+)
 def test_parameter_counts_and_head_bias_follow_the_release(name, dfi, bias):
     proj = build_projector(proj_cfg(name, dfi=dfi), vision_width=C, llm_width=H, grid=G)
     sfe = sum(C * D * s * s for s in (4, 8, 12, 16, 20, 24))
@@ -98,8 +111,14 @@ def test_paper_shape_parameter_count():
 
 def test_cropping_boxes_are_the_papers_windows():
     proj = build_projector(proj_cfg("cropping"), vision_width=C, llm_width=H, grid=G)
-    assert proj.sp_boxes() == [(10, 10, 14, 14), (8, 8, 16, 16), (6, 6, 18, 18), (4, 4, 20, 20), (2, 2, 22, 22),
-                               (0, 0, 24, 24)]
+    assert proj.sp_boxes() == [
+        (10, 10, 14, 14),
+        (8, 8, 16, 16),
+        (6, 6, 18, 18),
+        (4, 4, 20, 20),
+        (2, 2, 22, 22),
+        (0, 0, 24, 24),
+    ]
 
 
 def test_grid_too_small_is_refused_at_config_time():

@@ -24,8 +24,13 @@ def _lrs(module: LlavaSPModule, steps: int) -> list[float]:
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd"])
 def test_schedule_shapes(tiny_cfg, tokenizer, schedule, one_thread):
-    cfg = tiny_cfg("variant=mlp", f"optim.schedule={schedule}", "optim.warmup_ratio=0.1", "optim.decay_ratio=0.3",
-                   "optim.lr_projector=1e-3")
+    cfg = tiny_cfg(
+        "variant=mlp",
+        f"optim.schedule={schedule}",
+        "optim.warmup_ratio=0.1",
+        "optim.decay_ratio=0.3",
+        "optim.lr_projector=1e-3",
+    )
     module = LlavaSPModule(cfg, tokenizer)
     lrs = _lrs(module, 100)
     peak = 1e-3

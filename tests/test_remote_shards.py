@@ -44,18 +44,31 @@ def served(tmp_path_factory):
 def _run(root, data, name, *extra):
     from conftest import TINY
 
-    cfg = compose([*TINY, *data, "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=2",
-                   "trainer.enable_progress_bar=false", "viz.enabled=false", f"run_dir={root / name}", *extra])
-    return train(cfg), torch.load(root / name / "checkpoints" / "last.ckpt", map_location="cpu",
-                                  weights_only=True)["state_dict"]
+    cfg = compose(
+        [
+            *TINY,
+            *data,
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=3",
+            "trainer.limit_val_batches=2",
+            "trainer.enable_progress_bar=false",
+            "viz.enabled=false",
+            f"run_dir={root / name}",
+            *extra,
+        ]
+    )
+    return train(cfg), torch.load(root / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
+        "state_dict"
+    ]
 
 
 def test_training_from_urls_equals_training_from_disk(served):
     root, data, url = served
     disk_metrics, disk_state = _run(root, data, "disk")
     _Recording.requested.clear()
-    url_metrics, url_state = _run(root, data, "url", "data.synthetic=null", f"data.train_dir={url}/train",
-                                  f"data.val_dir={url}/val")
+    url_metrics, url_state = _run(
+        root, data, "url", "data.synthetic=null", f"data.train_dir={url}/train", f"data.val_dir={url}/val"
+    )
     assert any(p.endswith(".tar") for p in _Recording.requested) and "/train/index.json" in _Recording.requested
     assert url_metrics["train/loss"] == disk_metrics["train/loss"]
     assert url_metrics["val/loss"] == disk_metrics["val/loss"]
@@ -76,8 +89,14 @@ def test_a_crashed_run_on_urls_resumes_to_the_uninterrupted_result(served, monke
     from test_resume import Crash, record_steps
 
     root, data, url = served
-    remote = ["data.synthetic=null", f"data.train_dir={url}/train", f"data.val_dir={url}/val", "data.num_workers=2",
-              "trainer.max_steps=6", "trainer.log_every_n_steps=1"]
+    remote = [
+        "data.synthetic=null",
+        f"data.train_dir={url}/train",
+        f"data.val_dir={url}/val",
+        "data.num_workers=2",
+        "trainer.max_steps=6",
+        "trainer.log_every_n_steps=1",
+    ]
     crash_at = [None]
     steps = record_steps(monkeypatch, crash_at)
     _, whole_state = _run(root, data, "url-whole", *remote)

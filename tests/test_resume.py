@@ -11,9 +11,17 @@ from lightning_sp.train import train
 
 
 def run(tiny_cfg, tmp_path, *extra):
-    return train(tiny_cfg(*small_data(tmp_path / "data"), "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
-                          "trainer.enable_progress_bar=false", "viz.enabled=false", f"run_dir={tmp_path / 'run'}",
-                          *extra))
+    return train(
+        tiny_cfg(
+            *small_data(tmp_path / "data"),
+            "trainer.val_check_interval=2",
+            "trainer.limit_val_batches=1",
+            "trainer.enable_progress_bar=false",
+            "viz.enabled=false",
+            f"run_dir={tmp_path / 'run'}",
+            *extra,
+        )
+    )
 
 
 @pytest.mark.slow
@@ -47,8 +55,14 @@ def test_resume_from_a_missing_file_is_an_error(tiny_cfg, tmp_path):
 
 # ---- exact resume: same batches, same random draws, same weights as a run that never stopped ----------------
 
-EXACT = ["trainer.max_steps=10", "trainer.val_check_interval=3", "model.lora.dropout=0.2", "data.num_workers=2",
-         "data.shard_size=4", "trainer.log_every_n_steps=1"]
+EXACT = [
+    "trainer.max_steps=10",
+    "trainer.val_check_interval=3",
+    "model.lora.dropout=0.2",
+    "data.num_workers=2",
+    "data.shard_size=4",
+    "trainer.log_every_n_steps=1",
+]
 
 
 class Crash(Exception):
@@ -84,8 +98,14 @@ def test_crash_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_
     with the second worker), LoRA dropout (so the random stream must be restored too). With length groups of 2
     batches per worker, the step-3 checkpoint falls inside the second worker's first group."""
     data = small_data(tmp_path / "data")
-    common = [*data, "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "viz.enabled=false", *EXACT,
-              f"data.length_group_batches={groups}"]
+    common = [
+        *data,
+        "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+        "viz.enabled=false",
+        *EXACT,
+        f"data.length_group_batches={groups}",
+    ]
     crash_at = [None]
     steps = record_steps(monkeypatch, crash_at)
     train(tiny_cfg(*common, f"run_dir={tmp_path / 'whole'}"))
@@ -120,13 +140,25 @@ def test_sigkilled_subprocess_resumes_to_the_uninterrupted_result(tmp_path):
 
     from lightning_sp.paths import REPO_ROOT
 
-    common = [*TINY, *small_data(tmp_path / "data"), "trainer.limit_val_batches=1",
-              "trainer.enable_progress_bar=false", "viz.enabled=false", *EXACT, "trainer.max_steps=16"]
+    common = [
+        *TINY,
+        *small_data(tmp_path / "data"),
+        "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+        "viz.enabled=false",
+        *EXACT,
+        "trainer.max_steps=16",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def launch(run: str, *extra: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "lightning_sp", "train", *common, f"run_dir={tmp_path / run}",
-                                 *extra], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return subprocess.Popen(
+            [sys.executable, "-m", "lightning_sp", "train", *common, f"run_dir={tmp_path / run}", *extra],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
 
     whole = launch("whole")
     assert whole.wait(timeout=300) == 0, whole.stderr.read().decode()[-3000:]
@@ -163,7 +195,9 @@ def test_resume_auto_skips_a_damaged_last_checkpoint_and_old_ones_rotate(tmp_pat
 
     cfg = tiny_cfg("resume=auto", f"run_dir={tmp_path / 'run'}")
     assert resume_checkpoint(cfg, tmp_path / "run") == str(ckpts / "step000004.ckpt")
-    resumed = run(tiny_cfg, tmp_path, "trainer.max_steps=8", "save_top_k=2", "resume=auto", "trainer.limit_val_batches=0")
+    resumed = run(
+        tiny_cfg, tmp_path, "trainer.max_steps=8", "save_top_k=2", "resume=auto", "trainer.limit_val_batches=0"
+    )
     assert resumed["global_step"] == 8
 
 

@@ -27,9 +27,14 @@ def source(tmp_path):
     """A small LLaVA-format data set with every kind of problem the converter must handle."""
     root = tmp_path / "images"
     (root / "coco").mkdir(parents=True)
-    files = {"coco/a.jpg": image_bytes("JPEG", 0), "coco/b.png": image_bytes("PNG", 1),
-             "coco/c.JPEG": image_bytes("JPEG", 2), "coco/d.jpg": image_bytes("JPEG", 3),
-             "coco/empty.jpg": b"", "coco/corrupt.jpg": b"this is not an image" * 5}
+    files = {
+        "coco/a.jpg": image_bytes("JPEG", 0),
+        "coco/b.png": image_bytes("PNG", 1),
+        "coco/c.JPEG": image_bytes("JPEG", 2),
+        "coco/d.jpg": image_bytes("JPEG", 3),
+        "coco/empty.jpg": b"",
+        "coco/corrupt.jpg": b"this is not an image" * 5,
+    }
     for rel, data in files.items():
         (root / rel).write_bytes(data)
     (tmp_path / "outside.jpg").write_bytes(image_bytes("JPEG", 4))  # exists, but outside the root
@@ -75,8 +80,9 @@ def test_round_trip_and_skips(source, tmp_path):
         record = json.loads(parts["json"])
         by_id.setdefault(record["id"], []).append((key, record, parts))
     assert sorted(map(str, by_id)) == sorted({str(r["id"]) for r in kept})
-    assert sorted(json.dumps(r, sort_keys=True) for entries in by_id.values() for _, r, _ in entries) == \
-        sorted(json.dumps(r, sort_keys=True) for r in kept)
+    assert sorted(json.dumps(r, sort_keys=True) for entries in by_id.values() for _, r, _ in entries) == sorted(
+        json.dumps(r, sort_keys=True) for r in kept
+    )
     for key, record, parts in (e for entries in by_id.values() for e in entries):
         assert set(key) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
         if "image" in record:
@@ -89,14 +95,25 @@ def test_round_trip_and_skips(source, tmp_path):
 
     skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     reasons = {s["id"]: s["reason"] for s in skipped}
-    assert reasons == {"missing": "missing", "empty": "empty", "corrupt": "corrupt", "dotdot": "escapes_root",
-                       "absolute": "escapes_root", "no_conversations": "malformed"}
+    assert reasons == {
+        "missing": "missing",
+        "empty": "empty",
+        "corrupt": "corrupt",
+        "dotdot": "escapes_root",
+        "absolute": "escapes_root",
+        "no_conversations": "malformed",
+    }
     assert all(s["path"] and s["detail"] for s in skipped)
 
     assert index == json.loads((out / "index.json").read_text())
-    assert index["totals"] == {"records": 12, "samples": 6, "images": 4, "text_only": 2, "skipped": 6,
-                               "skipped_by_reason": {"corrupt": 1, "empty": 1, "escapes_root": 2, "malformed": 1,
-                                                     "missing": 1}}
+    assert index["totals"] == {
+        "records": 12,
+        "samples": 6,
+        "images": 4,
+        "text_only": 2,
+        "skipped": 6,
+        "skipped_by_reason": {"corrupt": 1, "empty": 1, "escapes_root": 2, "malformed": 1, "missing": 1},
+    }
     assert [s["name"] for s in index["shards"]] == [f"shard-{i:06d}.tar" for i in range(4)]  # 12 / 3
     for shard in index["shards"]:
         with tarfile.open(out / shard["name"]) as tar:
@@ -160,13 +177,14 @@ def test_streaming_parser_matches_json_load(tmp_path, chunk):
     records = [{"id": i, "text": "é✓" * i + '\\"}]', "n": [1.5e3, None, True]} for i in range(30)]
     records.append(12345)  # a number that can straddle a chunk boundary
     path = tmp_path / "x.json"
-    path.write_text("\ufeff \r\n" + json.dumps(records, indent=1, ensure_ascii=False).replace("\n", "\r\n"),
-                    encoding="utf-8")
+    path.write_text(
+        "\ufeff \r\n" + json.dumps(records, indent=1, ensure_ascii=False).replace("\n", "\r\n"), encoding="utf-8"
+    )
     raw = path.read_bytes()
     got = list(shards.iter_json_array(path, chunk_chars=chunk))
     assert [g[0] for g in got] == records
     for element, offset, length in got:  # byte spans point at exactly that element
-        assert json.loads(raw[offset:offset + length]) == element
+        assert json.loads(raw[offset : offset + length]) == element
 
     bad = tmp_path / "bad.json"
     bad.write_text('[{"id": 1}, {"id": 2,]')

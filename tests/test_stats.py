@@ -7,8 +7,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from lightning_sp.stats import (accuracy_interval, paired_comparison, read_questions, sign_flip_p_value,
-                                write_questions)
+from lightning_sp.stats import accuracy_interval, paired_comparison, read_questions, sign_flip_p_value, write_questions
 
 
 def _loop_percentile(samples: list[float], q: float) -> float:
@@ -73,14 +72,15 @@ def test_pooling_seeds_resamples_questions_not_cells():
 def _mcnemar(b: int, c: int) -> float:
     """Exact two-sided McNemar: 2 P(X <= min(b, c)), X ~ Bin(b + c, 1/2), capped at 1, as exact fractions."""
     n = b + c
-    tail = sum(Fraction(math.comb(n, j), 2 ** n) for j in range(min(b, c) + 1))
+    tail = sum(Fraction(math.comb(n, j), 2**n) for j in range(min(b, c) + 1))
     return float(min(Fraction(1), 2 * tail))
 
 
 def _brute_force_sign_flip(m: list[int]) -> float:
     observed = abs(sum(m))
-    extreme = sum(abs(sum(s * x for s, x in zip(signs, m))) >= observed
-                  for signs in itertools.product((1, -1), repeat=len(m)))
+    extreme = sum(
+        abs(sum(s * x for s, x in zip(signs, m))) >= observed for signs in itertools.product((1, -1), repeat=len(m))
+    )
     return extreme / 2 ** len(m)
 
 

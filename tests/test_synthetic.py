@@ -54,8 +54,12 @@ def solve(question: str, scene: list[dict]) -> str:
         return str(sum((o["row"] if m[2] == "row" else o["col"]) == k for o in scene))
     if m := re.fullmatch(r"Is the (\w+ \w+) (left of|right of|above|below) the (\w+ \w+)\?", question):
         a, b = find[m[1]], find[m[3]]
-        holds = {"left of": a["col"] < b["col"], "right of": a["col"] > b["col"],
-                 "above": a["row"] < b["row"], "below": a["row"] > b["row"]}[m[2]]
+        holds = {
+            "left of": a["col"] < b["col"],
+            "right of": a["col"] > b["col"],
+            "above": a["row"] < b["row"],
+            "below": a["row"] > b["row"],
+        }[m[2]]
         return "yes" if holds else "no"
     raise AssertionError(f"unexpected question {question!r}")
 
@@ -114,15 +118,28 @@ def test_majority_baseline():
     def rec(qtype, answer):
         return {"qtype": qtype, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": answer}]}
 
-    records = [rec("count", "2"), rec("count", "2"), rec("count", "1"), rec("relation", "yes"), rec("relation", "no"),
-               rec("relation", "no"), rec("relation", "no")]
+    records = [
+        rec("count", "2"),
+        rec("count", "2"),
+        rec("count", "1"),
+        rec("relation", "yes"),
+        rec("relation", "no"),
+        rec("relation", "no"),
+        rec("relation", "no"),
+    ]
     base = syn.majority_baseline(records)
     assert base["majority_answer"] == {"count": "2", "relation": "no"}
     assert base["per_qtype"] == {"count": pytest.approx(2 / 3), "relation": pytest.approx(3 / 4)}
     assert base["overall"] == pytest.approx(5 / 7)
     # Majority answers learnt from a reference split (e.g. train) and applied to another.
     assert syn.majority_baseline(records[:3], reference=[rec("count", "1")])["overall"] == pytest.approx(1 / 3)
-    multi = {"qtypes": ["count", "relation"], "conversations": [
-        {"from": "human", "value": "q"}, {"from": "gpt", "value": "2"},
-        {"from": "human", "value": "q"}, {"from": "gpt", "value": "yes"}]}
+    multi = {
+        "qtypes": ["count", "relation"],
+        "conversations": [
+            {"from": "human", "value": "q"},
+            {"from": "gpt", "value": "2"},
+            {"from": "human", "value": "q"},
+            {"from": "gpt", "value": "yes"},
+        ],
+    }
     assert syn.majority_baseline([multi])["count"] == {"count": 1, "relation": 1}

@@ -8,7 +8,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from lightning_sp.data.tokenizer import (
-    IMAGE_TOKEN, VICUNA_SYSTEM, default_corpus, load_tokenizer, main, train_tokenizer,
+    IMAGE_TOKEN,
+    VICUNA_SYSTEM,
+    default_corpus,
+    load_tokenizer,
+    main,
+    train_tokenizer,
 )
 
 SHIPPED = Path(__file__).resolve().parents[1] / "data" / "tokenizer"
@@ -81,8 +86,10 @@ def test_train_tokenizer_tmp_dir(tmp_path):
     reloaded = load_tokenizer(tmp_path / "tok")
     for t in (tok, reloaded):
         assert len(t) <= 300
-        assert t(f"{IMAGE_TOKEN}hi")["input_ids"] == [t.bos_token_id, t.convert_tokens_to_ids(IMAGE_TOKEN)] + t(
-            "hi", add_special_tokens=False)["input_ids"]
+        assert (
+            t(f"{IMAGE_TOKEN}hi")["input_ids"]
+            == [t.bos_token_id, t.convert_tokens_to_ids(IMAGE_TOKEN)] + t("hi", add_special_tokens=False)["input_ids"]
+        )
         _assert_offsets_exact(t, "the red circle, unseen words: zyx 42!")
 
 
@@ -108,8 +115,9 @@ def test_load_tokenizer_adds_image_token_and_pad(tmp_path):
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(
+        tmp_path
+    )
     tok = load_tokenizer(tmp_path)
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     assert image_id == 4  # appended after the base vocab; embeddings need no resize (see load_tokenizer)

@@ -19,9 +19,16 @@ from evalkit import small_data
 @pytest.mark.parametrize("variant", ["pooling", "mlp", "cropping"])
 def test_few_step_fit_writes_config_metrics_checkpoint_and_logs(tmp_path, tiny_cfg, variant):
     run_dir = tmp_path / "run"
-    cfg = tiny_cfg(f"variant={variant}", *small_data(tmp_path / "data"), "trainer.max_steps=4", "trainer.val_check_interval=4",
-                   "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-                   f"run_dir={run_dir}")
+    cfg = tiny_cfg(
+        f"variant={variant}",
+        *small_data(tmp_path / "data"),
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        f"run_dir={run_dir}",
+    )
     metrics = train(cfg)
     for key in ("train/loss", "val/loss", "val/accuracy"):
         assert key in metrics and metrics[key] == metrics[key], key  # present and not NaN
@@ -34,8 +41,14 @@ def test_few_step_fit_writes_config_metrics_checkpoint_and_logs(tmp_path, tiny_c
     tags = set(acc.Tags()["scalars"])
     # Lightning's LearningRateMonitor (every named group) and ThroughputMonitor (tokens exclude padding).
     lr_tags = {"lr-AdamW/projector", "lr-AdamW/lora"} | ({"lr-AdamW/sp_conv"} if variant != "mlp" else set())
-    assert {"train/loss", "val/loss", "val/accuracy", "train/grad_norm", "train/device/samples_per_sec",
-            "train/device/items_per_sec"} | lr_tags <= tags, tags
+    assert {
+        "train/loss",
+        "val/loss",
+        "val/accuracy",
+        "train/grad_norm",
+        "train/device/samples_per_sec",
+        "train/device/items_per_sec",
+    } | lr_tags <= tags, tags
     assert "hp_metric" not in tags  # no placeholder: the HPARAMS tab shows the real metrics
     # The HPARAMS tab: the variant, projector fields, the curated keys and the overrides, with final metrics.
     hparams = acc.PluginTagToContent("hparams")

@@ -78,10 +78,16 @@ def questions(one_thread, tokenizer):
     builder = SampleBuilder(tokenizer, "vicuna_v1", num_visual_tokens, IMAGE_SIZE, None, for_eval=True)
 
     def batch_of(records):
-        samples = [builder.build({"__key__": r["id"], "json": json.dumps(r).encode(),
-                                  "png": images[r["id"].split(":")[0]]}) for r in records]
-        return collate_eval(samples, tokenizer.pad_token_id, num_visual_tokens=num_visual_tokens,
-                            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+        samples = [
+            builder.build({"__key__": r["id"], "json": json.dumps(r).encode(), "png": images[r["id"].split(":")[0]]})
+            for r in records
+        ]
+        return collate_eval(
+            samples,
+            tokenizer.pad_token_id,
+            num_visual_tokens=num_visual_tokens,
+            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        )
 
     return single, multi, batch_of
 
@@ -102,8 +108,9 @@ def _train(module, batch, steps: int = 60) -> None:
     optimizer = torch.optim.Adam([p for p in module.model.parameters() if p.requires_grad], lr=3e-3)
     module.train()
     for _ in range(steps):
-        loss = module.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels",
-                                                     "logit_positions")}).loss
+        loss = module.model(
+            **{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels", "logit_positions")}
+        ).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -113,9 +120,13 @@ def _train(module, batch, steps: int = 60) -> None:
 def _score_both_ways(module, tokenizer, batch) -> list[dict]:
     """Per question: the teacher-forced hit, the greedy tokens and what greedy decoding did with the answer."""
     with torch.no_grad():
-        out = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           pixel_values=batch["pixel_values"], labels=batch["labels"],
-                           logit_positions=batch["logit_positions"])
+        out = module.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            labels=batch["labels"],
+            logit_positions=batch["logit_positions"],
+        )
         forced = teacher_forced_hits(out.logits, batch["labels"], batch["logit_positions"]).tolist()
         targets = batch["labels"][:, 1:].index_select(1, batch["logit_positions"])
         every_answer = ((out.logits.argmax(-1) == targets) | (targets == IGNORE_INDEX)).all(1).tolist()
@@ -128,7 +139,7 @@ def _score_both_ways(module, tokenizer, batch) -> list[dict]:
         answer = tokenizer(" " + reference, add_special_tokens=False).input_ids
         assert len(answer) + 1 <= module.cfg.eval.max_new_tokens  # greedy decoding has room to match
         k = len(answer)
-        if tokens[:k + 1] == answer + [eos]:
+        if tokens[: k + 1] == answer + [eos]:
             outcome = "exact"
         elif tokens[:k] == answer:
             outcome = "continues"  # the answer, then anything but EOS
@@ -136,8 +147,16 @@ def _score_both_ways(module, tokenizer, batch) -> list[dict]:
             outcome = "early_eos"
         else:
             outcome = "wrong_token"
-        rows.append({"forced": hit, "greedy": outcome == "exact", "outcome": outcome, "every_answer": every,
-                     "text": text, "reference": reference})
+        rows.append(
+            {
+                "forced": hit,
+                "greedy": outcome == "exact",
+                "outcome": outcome,
+                "every_answer": every,
+                "text": text,
+                "reference": reference,
+            }
+        )
     return rows
 
 
@@ -146,8 +165,11 @@ def test_teacher_forced_hit_equals_greedy_exact_match(questions, trained, tokeni
     # Questions with other reference answers than the trained ones: a strict prefix (greedy goes on past it),
     # an extension (greedy stops before it ends), a wrong single word; and in a two-turn record, a changed
     # first answer (only the last one, which greedy decoding answers, is scored).
-    variants = [_answer(r, r["conversations"][1]["value"].split()[0]) for r in single
-                if r["conversations"][1]["value"] in TWO_WORD]
+    variants = [
+        _answer(r, r["conversations"][1]["value"].split()[0])
+        for r in single
+        if r["conversations"][1]["value"] in TWO_WORD
+    ]
     variants += [_answer(r, r["conversations"][1]["value"] + " center") for r in single[:4]]
     variants += [_answer(r, "purple") for r in single[4:6]] + [_answer(multi[0], "7", turn=0)]
     scored = [single[:8] + multi[:2], single[8:] + multi[2:] + variants[:3], variants[3:]]  # mixed lengths
@@ -176,14 +198,23 @@ def test_validation_logs_teacher_forced_accuracy_and_keeps_every_question(questi
     expected = []
     for batch in batches:
         with torch.no_grad():
-            out = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               pixel_values=batch["pixel_values"], labels=batch["labels"],
-                               logit_positions=batch["logit_positions"])
+            out = module.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"],
+                labels=batch["labels"],
+                logit_positions=batch["logit_positions"],
+            )
         hits = teacher_forced_hits(out.logits, batch["labels"], batch["logit_positions"]).tolist()
         expected += [{"id": i, "qtype": t, "hit": int(h)} for i, t, h in zip(batch["ids"], batch["qtypes"], hits)]
     assert 0 < sum(q["hit"] for q in expected) < len(expected)  # right and wrong answers both counted
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     loader = torch.utils.data.DataLoader(batches, batch_size=None)  # the batches as they are
     logged = trainer.validate(module, dataloaders=loader, verbose=False)[0]
     assert module.val_questions == expected

@@ -15,15 +15,26 @@ from torch import nn
 from lightning_sp.config import ConfigError, compose, group_choices
 from lightning_sp.data.images import CLIP_MEAN, CLIP_STD
 from lightning_sp.models.seeding import seeded
-from lightning_sp.models.vision import (VISION_BACKBONES, VisionBackbone, build_vision, image_stats,
-                                        register_vision, sincos_2d)
+from lightning_sp.models.vision import (
+    VISION_BACKBONES,
+    VisionBackbone,
+    build_vision,
+    image_stats,
+    register_vision,
+    sincos_2d,
+)
 from lightning_sp.module import LlavaSPModule
 from lightning_sp.train import build_datamodule, train
 from evalkit import small_data
 
 # The tiny forms (conf/vision/*_tiny.yaml) at narrower LLM widths, as conftest.TINY does for the default.
-NARROW = ["model.llm.hidden_size=64", "model.llm.intermediate_size=128", "model.lora.r=8", "model.lora.alpha=16",
-          "projector.sp_width=16"]
+NARROW = [
+    "model.llm.hidden_size=64",
+    "model.llm.intermediate_size=128",
+    "model.lora.r=8",
+    "model.lora.alpha=16",
+    "projector.sp_width=16",
+]
 TINY_BACKBONES = {"siglip_tiny": 27, "dinov2_tiny": 16}  # preset -> its patch grid
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -33,17 +44,25 @@ def timm_reference(cfg, pixels: torch.Tensor) -> torch.Tensor:
     same way (same seed, same sin-cos table): patch embedding, positions, then the blocks one by one."""
     v = cfg.model.vision
     with seeded(v.init_seed):
-        m = timm.create_model(v.arch, pretrained=False, num_classes=0, img_size=v.image_size, patch_size=v.patch_size,
-                              embed_dim=v.hidden_size, depth=v.num_layers, num_heads=v.num_heads,
-                              mlp_ratio=v.intermediate_size / v.hidden_size).eval()
+        m = timm.create_model(
+            v.arch,
+            pretrained=False,
+            num_classes=0,
+            img_size=v.image_size,
+            patch_size=v.patch_size,
+            embed_dim=v.hidden_size,
+            depth=v.num_layers,
+            num_heads=v.num_heads,
+            mlp_ratio=v.intermediate_size / v.hidden_size,
+        ).eval()
     grid = v.image_size // v.patch_size
     m.pos_embed.data.zero_()
-    m.pos_embed.data[0, -grid * grid:] = sincos_2d(grid, v.hidden_size)
+    m.pos_embed.data[0, -grid * grid :] = sincos_2d(grid, v.hidden_size)
     with torch.no_grad():
         x = m.norm_pre(m._pos_embed(m.patch_embed(pixels)))
-        for block in m.blocks[:len(m.blocks) + v.select_layer + 1]:
+        for block in m.blocks[: len(m.blocks) + v.select_layer + 1]:
             x = block(x)
-    return x[:, m.num_prefix_tokens:]
+    return x[:, m.num_prefix_tokens :]
 
 
 @pytest.mark.parametrize("preset, grid", TINY_BACKBONES.items())
@@ -57,8 +76,7 @@ def test_timm_backbone_features_equal_timms_own_blocks(preset, grid, one_thread)
     torch.testing.assert_close(features, timm_reference(cfg, pixels), rtol=1e-5, atol=1e-5)
     # The blocks after the selected one, the final norm and the head are pruned: never computed, never held.
     assert len(backbone.model.blocks) == cfg.model.vision.num_layers - 1
-    assert isinstance(backbone.model.norm, nn.Identity) and all(p.requires_grad is False
-                                                                 for p in backbone.parameters())
+    assert isinstance(backbone.model.norm, nn.Identity) and all(p.requires_grad is False for p in backbone.parameters())
     assert backbone.fsdp_blocks() == list(backbone.model.blocks)
 
 
@@ -105,12 +123,16 @@ def _two_steps(cfg, tokenizer) -> tuple[float, float]:
     model = module.model
     n = model.num_visual_tokens
     ids = torch.randint(5, len(tokenizer) - 1, (2, n + 12))
-    ids[:, 1:1 + n] = model.image_token_id
+    ids[:, 1 : 1 + n] = model.image_token_id
     labels = ids.clone()
-    labels[:, :1 + n] = -100
+    labels[:, : 1 + n] = -100
     size = cfg.model.vision.image_size
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
-             "pixel_values": torch.randn(2, 3, size, size)}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+        "pixel_values": torch.randn(2, 3, size, size),
+    }
     losses = []
     for _ in range(3):
         optimizer.zero_grad()
@@ -126,8 +148,7 @@ def _two_steps(cfg, tokenizer) -> tuple[float, float]:
 def test_every_projector_the_grid_supports_trains_on_the_timm_backbones(preset, tokenizer, one_thread):
     variants = _variants_for(preset)
     # What the grid rules out, and why: the stacked arms need window sides that are multiples of 4.
-    assert set(group_choices("variant")) - set(variants) == {"cropping_stacked", "pooling_stacked",
-                                                             "official_stacked"}
+    assert set(group_choices("variant")) - set(variants) == {"cropping_stacked", "pooling_stacked", "official_stacked"}
     for variant in variants:
         first, last = _two_steps(compose([f"vision={preset}", f"variant={variant}", *NARROW]), tokenizer)
         assert math.isfinite(last) and last < first, (variant, first, last)
@@ -137,9 +158,19 @@ def test_every_projector_the_grid_supports_trains_on_the_timm_backbones(preset, 
 @pytest.mark.parametrize("preset", TINY_BACKBONES)
 def test_train_command_runs_a_timm_backbone_end_to_end(preset, tmp_path, tokenizer, one_thread):
     run_dir = tmp_path / "run"
-    cfg = compose([f"vision={preset}", "variant=pooling", *NARROW, *small_data(tmp_path / "data"),
-                   "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
-                   "trainer.enable_progress_bar=false", f"run_dir={run_dir}"])
+    cfg = compose(
+        [
+            f"vision={preset}",
+            "variant=pooling",
+            *NARROW,
+            *small_data(tmp_path / "data"),
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=3",
+            "trainer.limit_val_batches=1",
+            "trainer.enable_progress_bar=false",
+            f"run_dir={run_dir}",
+        ]
+    )
     metrics = train(cfg)
     assert math.isfinite(metrics["val/loss"]) and 0.0 <= metrics["val/accuracy"] <= 1.0
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
@@ -153,12 +184,19 @@ def test_pretrained_timm_weights_load_from_a_local_snapshot(tmp_path, one_thread
     torch.manual_seed(3)
     source = timm.create_model(arch, pretrained=False, num_classes=0, img_size=224).eval()
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "model.safetensors"))
-    cfg = compose(["vision=dinov2_tiny", f"model.vision.name_or_path={tmp_path}", "model.vision.hidden_size=384",
-                   "model.vision.num_layers=12"])
+    cfg = compose(
+        [
+            "vision=dinov2_tiny",
+            f"model.vision.name_or_path={tmp_path}",
+            "model.vision.hidden_size=384",
+            "model.vision.num_layers=12",
+        ]
+    )
     backbone = build_vision(cfg.model.vision)
     pixels = torch.randn(1, 3, 224, 224)
-    (expected,) = source.forward_intermediates(pixels, indices=[10], norm=False, intermediates_only=True,
-                                               output_fmt="NLC")
+    (expected,) = source.forward_intermediates(
+        pixels, indices=[10], norm=False, intermediates_only=True, output_fmt="NLC"
+    )
     torch.testing.assert_close(backbone(pixels), expected)
 
 
@@ -216,12 +254,24 @@ def conv_stem():
 @pytest.mark.slow
 def test_a_backbone_added_from_outside_is_one_class_and_one_yaml(conv_stem, tmp_path, tokenizer, one_thread):
     preset = tmp_path / "conv_stem.yaml"
-    preset.write_text("model:\n  vision: {backbone: test_conv_stem, name_or_path: null, image_size: 224, "
-                      "patch_size: 16, hidden_size: 48}\n")
+    preset.write_text(
+        "model:\n  vision: {backbone: test_conv_stem, name_or_path: null, image_size: 224, "
+        "patch_size: 16, hidden_size: 48}\n"
+    )
     run_dir = tmp_path / "run"
-    cfg = compose(["variant=cropping", *NARROW, *small_data(tmp_path / "data"), "trainer.max_steps=3",
-                   "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
-                   "trainer.enable_progress_bar=false", f"run_dir={run_dir}"], config_files=[str(preset)])
+    cfg = compose(
+        [
+            "variant=cropping",
+            *NARROW,
+            *small_data(tmp_path / "data"),
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=3",
+            "trainer.limit_val_batches=1",
+            "trainer.enable_progress_bar=false",
+            f"run_dir={run_dir}",
+        ],
+        config_files=[str(preset)],
+    )
     metrics = train(cfg)
     assert math.isfinite(metrics["val/loss"])
     module = LlavaSPModule(cfg, tokenizer)

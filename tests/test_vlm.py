@@ -38,7 +38,7 @@ def test_splice_places_visual_tokens_in_order_and_leaves_text(tiny_cfg, tokenize
         visual = model.visual_tokens(pixels)
         table = model.llm.get_input_embeddings().weight
     start = a.index(model.image_token_id)
-    torch.testing.assert_close(emb[0, start:start + n], visual[0])
+    torch.testing.assert_close(emb[0, start : start + n], visual[0])
     text_pos = [i for i, t in enumerate(a) if t != model.image_token_id]
     torch.testing.assert_close(emb[0, text_pos], table[torch.tensor(a)[text_pos]])
     torch.testing.assert_close(emb[1], table[input_ids[1]])  # text-only sample: embeddings untouched
@@ -51,7 +51,7 @@ def test_loss_ignores_visual_and_padding_positions(tiny_cfg, tokenizer):
     ids = torch.tensor([ids_with_image(tokenizer, "USER:", " colour? ASSISTANT: red", n)])
     labels = ids.clone()
     labels[ids == model.image_token_id] = -100
-    labels[:, : -2] = -100  # supervise only the last two tokens
+    labels[:, :-2] = -100  # supervise only the last two tokens
     pixels = torch.randn(1, 3, 336, 336)
     with torch.no_grad():
         out = model(ids, torch.ones_like(ids), pixels, labels=labels)
@@ -70,18 +70,22 @@ def test_loss_from_supervised_positions_only_equals_the_lms_own_loss_and_gradien
     model = build(tiny_cfg, tokenizer).train()
     n = model.num_visual_tokens
     pad = tokenizer.pad_token_id
-    rows = [ids_with_image(tokenizer, "USER:", " colour? ASSISTANT: red USER: shape? ASSISTANT: circle", n),
-            ids_with_image(tokenizer, "USER:", " where? ASSISTANT: top left", n)]
+    rows = [
+        ids_with_image(tokenizer, "USER:", " colour? ASSISTANT: red USER: shape? ASSISTANT: circle", n),
+        ids_with_image(tokenizer, "USER:", " where? ASSISTANT: top left", n),
+    ]
     length = max(map(len, rows))
     ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])
     mask = (torch.arange(length) < torch.tensor([len(r) for r in rows])[:, None]).long()
     labels = torch.full_like(ids, -100)
-    labels[0, len(rows[0]) - 9:len(rows[0]) - 6] = ids[0, len(rows[0]) - 9:len(rows[0]) - 6]
+    labels[0, len(rows[0]) - 9 : len(rows[0]) - 6] = ids[0, len(rows[0]) - 9 : len(rows[0]) - 6]
     labels[0, len(rows[0]) - 1] = ids[0, len(rows[0]) - 1]
-    labels[1, len(rows[1]) - 2:len(rows[1])] = ids[1, len(rows[1]) - 2:len(rows[1])]
+    labels[1, len(rows[1]) - 2 : len(rows[1])] = ids[1, len(rows[1]) - 2 : len(rows[1])]
     pixels = torch.randn(2, 3, 336, 336)
     positions = supervised_logit_positions(labels)
-    assert positions.tolist() == sorted({p - 1 for r in range(2) for p in (labels[r] != -100).nonzero().flatten().tolist()})
+    assert positions.tolist() == sorted(
+        {p - 1 for r in range(2) for p in (labels[r] != -100).nonzero().flatten().tolist()}
+    )
 
     def loss_and_grads(loss_fn):
         model.zero_grad()
@@ -89,8 +93,9 @@ def test_loss_from_supervised_positions_only_equals_the_lms_own_loss_and_gradien
         loss.backward()
         return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
-    reference = loss_and_grads(lambda: model.llm(inputs_embeds=model.embed(ids, pixels), attention_mask=mask,
-                                                 labels=labels).loss)
+    reference = loss_and_grads(
+        lambda: model.llm(inputs_embeds=model.embed(ids, pixels), attention_mask=mask, labels=labels).loss
+    )
     for given in (positions, None):
         out = model(ids, mask, pixels, labels=labels, logit_positions=given)
         assert out.logits.shape[:2] == (2, len(positions))
@@ -114,12 +119,21 @@ def test_batched_generation_equals_unbatched(tiny_cfg, tokenizer):
     torch.manual_seed(0)
     model = build(tiny_cfg, tokenizer)
     n = model.num_visual_tokens
-    prompts = [ids_with_image(tokenizer, "USER:", " what colour is the top left? ASSISTANT:", n),
-               ids_with_image(tokenizer, "USER:", " count? ASSISTANT:", n)]
+    prompts = [
+        ids_with_image(tokenizer, "USER:", " what colour is the top left? ASSISTANT:", n),
+        ids_with_image(tokenizer, "USER:", " count? ASSISTANT:", n),
+    ]
     pixels = torch.randn(2, 3, 336, 336)
-    single = [model.generate(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), pixels[i:i + 1],
-                             max_new_tokens=5, pad_token_id=tokenizer.pad_token_id)[0].tolist()
-              for i, p in enumerate(prompts)]
+    single = [
+        model.generate(
+            torch.tensor([p]),
+            torch.ones(1, len(p), dtype=torch.long),
+            pixels[i : i + 1],
+            max_new_tokens=5,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0].tolist()
+        for i, p in enumerate(prompts)
+    ]
     length = max(map(len, prompts))
     ids = torch.tensor([[tokenizer.pad_token_id] * (length - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])

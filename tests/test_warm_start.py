@@ -109,7 +109,9 @@ def test_projector_is_strict(ckpt_of, tiny_cfg, tokenizer, tmp_path):
     assert "projector 'mlp'" in str(e.value)
 
     path, _ = ckpt_of("narrow", "stage=align", "projector.sp_width=8")
-    with pytest.raises(WarmStartError, match=r"(?s)shapes differ:\n.*model\.projector\.dfi\.kv_weight: checkpoint \[8,"):
+    with pytest.raises(
+        WarmStartError, match=r"(?s)shapes differ:\n.*model\.projector\.dfi\.kv_weight: checkpoint \[8,"
+    ):
         warm_start(pooling, path)
 
     path, _ = ckpt_of("wide", "stage=align")
@@ -117,7 +119,9 @@ def test_projector_is_strict(ckpt_of, tiny_cfg, tokenizer, tmp_path):
     del ckpt["state_dict"]["model.projector.patch_head.0.bias"]
     torch.save(ckpt, tmp_path / "holed.ckpt")
     before = trainable(pooling)
-    with pytest.raises(WarmStartError, match=r"missing from the checkpoint \(1\): model\.projector\.patch_head\.0\.bias"):
+    with pytest.raises(
+        WarmStartError, match=r"missing from the checkpoint \(1\): model\.projector\.patch_head\.0\.bias"
+    ):
         warm_start(pooling, tmp_path / "holed.ckpt")
     assert all(torch.equal(t, before[n]) for n, t in trainable(pooling).items())  # nothing half-loaded
 

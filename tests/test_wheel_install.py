@@ -25,29 +25,59 @@ raise SystemExit(main(sys.argv[1:]))
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     root = tmp_path_factory.mktemp("wheel")
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO_ROOT), "--no-deps", "--no-build-isolation",
-                            "-q", "-w", str(root / "dist")], capture_output=True, text=True, timeout=300)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(REPO_ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(root / "dist"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     wheel = next((root / "dist").glob("lightning_sp-*.whl"))
     target = root / "site"
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
-                           str(wheel)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return wheel, target
 
 
 def run_installed(target: Path, cwd: Path, *args: str, timeout=600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", GUARD, str(target), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", GUARD, str(target), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_wheel_holds_the_configs_tokenizer_and_encoder(installed):
     wheel, _ = installed
     names = set(zipfile.ZipFile(wheel).namelist())
-    for needed in ("lightning_sp/shipped/conf/base.yaml", "lightning_sp/shipped/conf/variant/pooling.yaml",
-                   "lightning_sp/shipped/conf/ablate/default.yaml", "lightning_sp/shipped/data/tokenizer/tokenizer.json",
-                   "lightning_sp/shipped/data/encoder/model.safetensors", "lightning_sp/hf_remote/__init__.py"):
+    for needed in (
+        "lightning_sp/shipped/conf/base.yaml",
+        "lightning_sp/shipped/conf/variant/pooling.yaml",
+        "lightning_sp/shipped/conf/ablate/default.yaml",
+        "lightning_sp/shipped/data/tokenizer/tokenizer.json",
+        "lightning_sp/shipped/data/encoder/model.safetensors",
+        "lightning_sp/hf_remote/__init__.py",
+    ):
         assert needed in names, needed
 
 
@@ -63,9 +93,18 @@ def test_tiny_train_from_outside_the_checkout(installed, tmp_path):
     from evalkit import small_data
 
     _, target = installed
-    done = run_installed(target, tmp_path, "train", *small_data(Path("data")), "trainer.max_steps=2",
-                         "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
-                         "trainer.enable_progress_bar=false", "viz.enabled=false", "run_dir=run")
+    done = run_installed(
+        target,
+        tmp_path,
+        "train",
+        *small_data(Path("data")),
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+        "viz.enabled=false",
+        "run_dir=run",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
     assert (tmp_path / "data" / "shards" / "train" / "index.json").is_file()  # generated here, not in the checkout

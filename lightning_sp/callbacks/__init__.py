@@ -9,5 +9,13 @@ from lightning_sp.callbacks.nonfinite import NonFiniteGradientError, NonFiniteGu
 from lightning_sp.callbacks.skip_limit import SkipLimit, SkippedRecordsError
 from lightning_sp.callbacks.throughput import throughput_monitor
 
-__all__ = ["AttentionMapLogger", "AttentionMetrics", "BestAndLastCheckpoint", "NonFiniteGradientError",
-           "NonFiniteGuard", "SkipLimit", "SkippedRecordsError", "throughput_monitor"]
+__all__ = [
+    "AttentionMapLogger",
+    "AttentionMetrics",
+    "BestAndLastCheckpoint",
+    "NonFiniteGradientError",
+    "NonFiniteGuard",
+    "SkipLimit",
+    "SkippedRecordsError",
+    "throughput_monitor",
+]

@@ -46,13 +46,15 @@ def image_samples(batch: dict, limit: int) -> list[dict]:
         if has_image is not None and not bool(has_image[i]):
             continue
         prompt = batch["prompt_ids"][i][batch["prompt_attention_mask"][i].bool()]
-        out.append({
-            "pixel_values": batch["pixel_values"][i].detach().cpu().clone(),
-            "prompt_ids": prompt.detach().cpu().clone(),
-            "target": batch["answers"][i] if "answers" in batch else None,
-            "sample_id": str(batch["ids"][i]) if "ids" in batch else str(i),
-            "qtype": str(batch["qtypes"][i]) if "qtypes" in batch else "",
-        })
+        out.append(
+            {
+                "pixel_values": batch["pixel_values"][i].detach().cpu().clone(),
+                "prompt_ids": prompt.detach().cpu().clone(),
+                "target": batch["answers"][i] if "answers" in batch else None,
+                "sample_id": str(batch["ids"][i]) if "ids" in batch else str(i),
+                "qtype": str(batch["qtypes"][i]) if "qtypes" in batch else "",
+            }
+        )
     return out
 
 
@@ -102,9 +104,14 @@ class AttentionMapLogger(L.Callback):
         cfg = pl_module.cfg
         sharded = getattr(pl_module, "_fsdp_units", None) is not None and trainer.world_size > 1
         return [
-            compute_sample_maps(pl_module.model, pl_module.tokenizer, **sample, synced_gpus=sharded,
-                                max_new_tokens=self.max_new_tokens or cfg.eval.max_new_tokens,
-                                roles=template_roles(cfg.stage.template))
+            compute_sample_maps(
+                pl_module.model,
+                pl_module.tokenizer,
+                **sample,
+                synced_gpus=sharded,
+                max_new_tokens=self.max_new_tokens or cfg.eval.max_new_tokens,
+                roles=template_roles(cfg.stage.template),
+            )
             for sample in self.kept[: int(count)]
         ]
 

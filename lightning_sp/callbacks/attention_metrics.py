@@ -94,9 +94,13 @@ def spread_sums(projector, sp_attention) -> Counter:
     if kind is None or sp_attention.shape[0] == 0:
         return Counter()
     flat = sp_attention.float()
-    return Counter({f"{kind}_peak": float(max_over_uniform(flat).sum()),
-                    f"{kind}_entropy": float(normalised_entropy(flat).sum()),
-                    f"{kind}_n": flat.shape[0] * flat.shape[1]})
+    return Counter(
+        {
+            f"{kind}_peak": float(max_over_uniform(flat).sum()),
+            f"{kind}_entropy": float(normalised_entropy(flat).sum()),
+            f"{kind}_n": flat.shape[0] * flat.shape[1],
+        }
+    )
 
 
 def metrics_from_sums(sums: Counter) -> dict[str, float]:
@@ -158,8 +162,9 @@ class AttentionMetrics(L.Callback):
 
         started = time.perf_counter()
         model = pl_module.model
-        asked = cell_questions(batch, pl_module.tokenizer, model.image_token_id,
-                               template_roles(pl_module.cfg.stage.template))
+        asked = cell_questions(
+            batch, pl_module.tokenizer, model.image_token_id, template_roles(pl_module.cfg.stage.template)
+        )
         if self.max_questions is not None:
             asked = asked[: max(0, math.ceil(self.max_questions / trainer.world_size) - int(self.sums["target_n"]))]
         forwards = torch.tensor(int(bool(asked)), device=pl_module.device)
@@ -170,12 +175,20 @@ class AttentionMetrics(L.Callback):
             self._seen = None
             if sp_attention is not None:
                 has_image = batch.get("has_image")
-                self.sums.update(spread_sums(model.projector, sp_attention if has_image is None else
-                                             sp_attention[has_image.to(sp_attention.device)]))
+                self.sums.update(
+                    spread_sums(
+                        model.projector,
+                        sp_attention if has_image is None else sp_attention[has_image.to(sp_attention.device)],
+                    )
+                )
             if asked:
                 index = torch.tensor([i for i, _ in asked], device=batch["prompt_ids"].device)
-                visual = prompt_attention(model, batch["prompt_ids"][index], batch["prompt_attention_mask"][index],
-                                          visual_tokens=tokens[index.to(tokens.device)])
+                visual = prompt_attention(
+                    model,
+                    batch["prompt_ids"][index],
+                    batch["prompt_attention_mask"][index],
+                    visual_tokens=tokens[index.to(tokens.device)],
+                )
                 self.sums.update(target_sums(visual, [cell for _, cell in asked], model.projector.layout))
             elif forwards:  # another rank ran one: so must this one (see the module docstring, FSDP)
                 ids, mask = left_trimmed(batch["prompt_ids"][:1], batch["prompt_attention_mask"][:1])

@@ -56,8 +56,11 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
 
     def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
-        wrote_now = self._last_global_step_saved == trainer.global_step and bool(self._last_checkpoint_saved) \
+        wrote_now = (
+            self._last_global_step_saved == trainer.global_step
+            and bool(self._last_checkpoint_saved)
             and os.path.basename(self._last_checkpoint_saved) != self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION
+        )
         self.save_last = "link" if wrote_now else True
         try:
             if not wrote_now and trainer.is_global_zero:

@@ -18,8 +18,11 @@ class NonFiniteGuard(L.Callback):
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # FSDP2 gradients are DTensors: each rank checks its own shard, and the verdict is agreed on by all ranks
         # so that they all stop together instead of one leaving the others in a collective.
-        named = [(n, getattr(p.grad, "to_local", lambda g=p.grad: g)()) for n, p in pl_module.named_parameters()
-                 if p.grad is not None]
+        named = [
+            (n, getattr(p.grad, "to_local", lambda g=p.grad: g)())
+            for n, p in pl_module.named_parameters()
+            if p.grad is not None
+        ]
         local_ok = bool(torch.stack([torch.isfinite(g).all() for _, g in named]).all()) if named else True
         if trainer.strategy.reduce_boolean_decision(local_ok, all=True):
             return

@@ -62,8 +62,14 @@ class SkipLimit(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.skipped and trainer.is_global_zero:
-            log.info("skipped %d of %d training records read (%.2f%%, all ranks; limit %s); on rank 0 by reason: %s",
-                     self.skipped, self.seen, 100 * self.skipped / self.seen, self.max_fraction, dict(self.reasons))
+            log.info(
+                "skipped %d of %d training records read (%.2f%%, all ranks; limit %s); on rank 0 by reason: %s",
+                self.skipped,
+                self.seen,
+                100 * self.skipped / self.seen,
+                self.max_fraction,
+                dict(self.reasons),
+            )
 
     def all_reasons(self) -> Counter:
         """Skip counts per reason over all ranks (a collective: every rank must call it)."""

@@ -22,5 +22,4 @@ def batch_tokens(batch) -> int:
 
 def throughput_monitor(log_every_n_steps: int) -> ThroughputMonitor:
     """Rates over the last `log_every_n_steps` batches (at least 2: a rate needs two timestamps), logged as often."""
-    return ThroughputMonitor(batch_size_fn=batch_samples, length_fn=batch_tokens,
-                             window_size=max(2, log_every_n_steps))
+    return ThroughputMonitor(batch_size_fn=batch_samples, length_fn=batch_tokens, window_size=max(2, log_every_n_steps))

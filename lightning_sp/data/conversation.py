@@ -125,18 +125,23 @@ def _parse(record, template: Template, need_answer: bool) -> tuple[list[tuple[st
         raise fail("malformed", f"record is a {type(record).__name__}, not a dict", "use the LLaVA JSON format")
     convs = record.get("conversations")
     if not isinstance(convs, list):
-        raise fail("malformed", "missing 'conversations' list",
-                   "add 'conversations': [{'from': 'human', 'value': ...}, ...]")
+        raise fail(
+            "malformed", "missing 'conversations' list", "add 'conversations': [{'from': 'human', 'value': ...}, ...]"
+        )
     if not convs:
         raise fail("empty_conversation", "empty conversation", "drop the record")
     for i, turn in enumerate(convs):
         if not (isinstance(turn, dict) and turn.get("from") in (HUMAN, GPT) and isinstance(turn.get("value"), str)):
-            raise fail("malformed", f"turn {i} is not {{'from': 'human'|'gpt', 'value': str}}",
-                       "fix the turn's keys/types")
+            raise fail(
+                "malformed", f"turn {i} is not {{'from': 'human'|'gpt', 'value': str}}", "fix the turn's keys/types"
+            )
         if not _is_unicode(turn["value"]):
             # A "\ud800" escape in the JSON decodes to a lone surrogate, which the tokenizer cannot take.
-            raise fail("not_utf8", f"turn {i} holds an unpaired UTF-16 surrogate (not valid Unicode)",
-                       "repair the text's encoding")
+            raise fail(
+                "not_utf8",
+                f"turn {i} holds an unpaired UTF-16 surrogate (not valid Unicode)",
+                "repair the text's encoding",
+            )
     if convs[0]["from"] == GPT:
         # LLaVA drops these too: the answer would have no question to condition on.
         raise fail("gpt_first", "gpt-first conversation", "drop the leading gpt turn or the record")
@@ -151,13 +156,15 @@ def _parse(record, template: Template, need_answer: bool) -> tuple[list[tuple[st
     n_image = sum(turn["value"].count(IMAGE_TOKEN) for turn in convs)
     has_image = bool(record.get("image"))
     if n_image > 1:
-        raise fail("multiple_images", f"{n_image} {IMAGE_TOKEN} placeholders; one image per record is supported",
-                   "keep one")
+        raise fail(
+            "multiple_images", f"{n_image} {IMAGE_TOKEN} placeholders; one image per record is supported", "keep one"
+        )
     if n_image == 1 and IMAGE_TOKEN not in convs[0]["value"]:
         raise fail("image_token", f"{IMAGE_TOKEN} is not in the first human turn", "move it into the first human turn")
     if n_image == 1 and not has_image:
-        raise fail("image_token", f"text contains {IMAGE_TOKEN} but the record has no 'image'",
-                   "add 'image' or drop the token")
+        raise fail(
+            "image_token", f"text contains {IMAGE_TOKEN} but the record has no 'image'", "add 'image' or drop the token"
+        )
 
     turns = [(turn["from"], turn["value"]) for turn in convs]
     if has_image:
@@ -183,12 +190,15 @@ def check_tokenizer(tokenizer, template: Template) -> int:
         raise TypeError("a fast tokenizer is required (label masks use char offsets)")
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if image_id is None or image_id == tokenizer.unk_token_id:
-        raise ValueError(f"tokenizer has no {IMAGE_TOKEN} token; load it with "
-                         "lightning_sp.data.tokenizer.load_tokenizer")
+        raise ValueError(
+            f"tokenizer has no {IMAGE_TOKEN} token; load it with lightning_sp.data.tokenizer.load_tokenizer"
+        )
     if template.sep2 and template.sep2 not in tokenizer.all_special_tokens:
         # Otherwise "</s>" would be split into text pieces and the model would never learn to stop.
-        raise ValueError(f"template {template.name!r} ends turns with {template.sep2!r}, "
-                         "which is not a special token of this tokenizer")
+        raise ValueError(
+            f"template {template.name!r} ends turns with {template.sep2!r}, "
+            "which is not a special token of this tokenizer"
+        )
     return image_id
 
 
@@ -196,9 +206,18 @@ def check_tokenizer(tokenizer, template: Template) -> int:
 # class overrides none of them, `tokenizer(text, add_special_tokens=True)` is exactly `encode_batch([text])[0]`
 # (= `encode(text)`) of its backend, provided the backend has no truncation or padding set and does not split
 # special tokens -- the state transformers would set before encoding (checked on every call, see _backend).
-_HF_ENCODE_PATH = ("__call__", "_call_one", "encode_plus", "_encode_plus", "_batch_encode_plus", "_convert_encoding",
-                   "set_truncation_and_padding", "_get_padding_truncation_strategies", "_switch_to_input_mode",
-                   "_eventual_warn_about_too_long_sequence")
+_HF_ENCODE_PATH = (
+    "__call__",
+    "_call_one",
+    "encode_plus",
+    "_encode_plus",
+    "_batch_encode_plus",
+    "_convert_encoding",
+    "set_truncation_and_padding",
+    "_get_padding_truncation_strategies",
+    "_switch_to_input_mode",
+    "_eventual_warn_about_too_long_sequence",
+)
 _DIRECT_CLASSES: dict[type, bool] = {}
 
 
@@ -211,10 +230,14 @@ def _backend(tokenizer):
         from transformers import PreTrainedTokenizerFast
 
         direct = issubclass(cls, PreTrainedTokenizerFast) and all(
-            getattr(cls, name, None) is getattr(PreTrainedTokenizerFast, name) for name in _HF_ENCODE_PATH)
+            getattr(cls, name, None) is getattr(PreTrainedTokenizerFast, name) for name in _HF_ENCODE_PATH
+        )
         _DIRECT_CLASSES[cls] = direct
-    if not direct or getattr(tokenizer, "split_special_tokens", False) or \
-            getattr(tokenizer, "_in_target_context_manager", False):
+    if (
+        not direct
+        or getattr(tokenizer, "split_special_tokens", False)
+        or getattr(tokenizer, "_in_target_context_manager", False)
+    ):
         return None
     backend = tokenizer._tokenizer
     if backend.truncation is not None or backend.padding is not None or backend.encode_special_tokens:
@@ -235,8 +258,9 @@ def _tokenize(tokenizer, text: str, offsets: bool = True) -> tuple[list[int], li
     return ids, enc.offsets if offsets else None
 
 
-def _tokenize_pieces(tokenizer, text: str, image_id: int, offsets: bool = True
-                     ) -> tuple[list[int], list[tuple[int, int]] | None]:
+def _tokenize_pieces(
+    tokenizer, text: str, image_id: int, offsets: bool = True
+) -> tuple[list[int], list[tuple[int, int]] | None]:
     """LLaVA's ``tokenizer_image_token``: each piece of ``text`` between ``<image>`` placeholders tokenised as a
     string of its own, the first piece's BOS kept once and every piece's first token dropped when the first piece
     starts with BOS, ``image_id`` between the pieces. Offsets are into ``text``; ``<image>`` gets its own chars."""
@@ -262,9 +286,16 @@ def _tokenize_pieces(tokenizer, text: str, image_id: int, offsets: bool = True
 
 # A probe of every way text meets <image> in our templates (and a few more): what follows starts with a newline, a
 # letter, a space, a digit, a byte-fallback character, nothing; what precedes ends with a space, a letter, nothing.
-_PROBES = (f"A b USER: {IMAGE_TOKEN}\nWhat is it? ASSISTANT: 2</s>USER: Why? ASSISTANT: So.</s>",
-           IMAGE_TOKEN, f"{IMAGE_TOKEN}A red circle.\n", f"{IMAGE_TOKEN}2 dogs", f"x{IMAGE_TOKEN} y",
-           f"\u00e9 {IMAGE_TOKEN}\U0001f600", f"{IMAGE_TOKEN}\n\n  two", f"USER:{IMAGE_TOKEN}</s>x")
+_PROBES = (
+    f"A b USER: {IMAGE_TOKEN}\nWhat is it? ASSISTANT: 2</s>USER: Why? ASSISTANT: So.</s>",
+    IMAGE_TOKEN,
+    f"{IMAGE_TOKEN}A red circle.\n",
+    f"{IMAGE_TOKEN}2 dogs",
+    f"x{IMAGE_TOKEN} y",
+    f"\u00e9 {IMAGE_TOKEN}\U0001f600",
+    f"{IMAGE_TOKEN}\n\n  two",
+    f"USER:{IMAGE_TOKEN}</s>x",
+)
 _ONE_PASS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -285,8 +316,9 @@ def _one_pass_exact(tokenizer, image_id: int) -> bool:
     return exact
 
 
-def _tokenize_text(tokenizer, text: str, image_id: int, offsets: bool = True
-                   ) -> tuple[list[int], list[tuple[int, int]] | None]:
+def _tokenize_text(
+    tokenizer, text: str, image_id: int, offsets: bool = True
+) -> tuple[list[int], list[tuple[int, int]] | None]:
     """The ids (and offsets) of a rendered conversation, LLaVA's ``tokenizer_image_token`` of it: one pass where
     that is exact, piece by piece where not. Training (:func:`encode`) and every prompt (:func:`encode_prompt`: eval,
     the lmms-eval adapter, ``runs.prompt_ids``) tokenise through here."""
@@ -304,8 +336,9 @@ def supervised_logit_positions(labels: torch.Tensor) -> torch.Tensor:
 def _check_image(ids: list[int], image_id: int, has_image: bool, rid) -> None:
     count = ids.count(image_id)
     if count != int(has_image):  # e.g. a literal "<image>" the validation could not see
-        raise RecordError(rid, f"tokenised text has {count} {IMAGE_TOKEN} ids, expected {int(has_image)}",
-                          code="image_token")
+        raise RecordError(
+            rid, f"tokenised text has {count} {IMAGE_TOKEN} ids, expected {int(has_image)}", code="image_token"
+        )
 
 
 def encode(record: dict, tokenizer, template: str | Template, max_length: int | None = None) -> Encoded:
@@ -351,8 +384,10 @@ def _encode(record: dict, tokenizer, tpl: Template, max_length: int | None, imag
     # SentencePiece tokenizer adds at the start of a piece) is supervised iff the char it stands before is; BOS, at
     # char 0 where no span starts, never is.
     find = supervised.find
-    labels = [tid if (find(1, start, end) != -1 if end > start else supervised[start]) else IGNORE_INDEX
-              for tid, (start, end) in zip(ids, offsets)]
+    labels = [
+        tid if (find(1, start, end) != -1 if end > start else supervised[start]) else IGNORE_INDEX
+        for tid, (start, end) in zip(ids, offsets)
+    ]
     _check_image(ids, image_id, has_image, rid)
 
     truncated = max_length is not None and len(ids) > max_length
@@ -361,13 +396,21 @@ def _encode(record: dict, tokenizer, tpl: Template, max_length: int | None, imag
             raise ValueError(f"max_length must be positive, got {max_length}")
         ids, labels = ids[:max_length], labels[:max_length]
         if has_image and image_id not in ids:
-            raise RecordError(rid, f"too long: truncation to {max_length} tokens cuts {IMAGE_TOKEN}",
-                              "raise max_length or drop the record", "too_long")
+            raise RecordError(
+                rid,
+                f"too long: truncation to {max_length} tokens cuts {IMAGE_TOKEN}",
+                "raise max_length or drop the record",
+                "too_long",
+            )
     num_supervised = len(labels) - labels.count(IGNORE_INDEX)
     if num_supervised == 0:  # never hand the model a sample whose labels are all IGNORE_INDEX
         if truncated:
-            raise RecordError(rid, f"too long: no supervised token within {max_length} tokens",
-                              "raise max_length or drop the record", "too_long")
+            raise RecordError(
+                rid,
+                f"too long: no supervised token within {max_length} tokens",
+                "raise max_length or drop the record",
+                "too_long",
+            )
         raise RecordError(rid, "no supervised tokens", "drop the record", "no_supervised")
     return Encoded(ids, labels, has_image, num_supervised)
 
@@ -386,8 +429,9 @@ def expand_image_token(
     ids = torch.as_tensor(input_ids, dtype=torch.long)
     lab = torch.as_tensor(labels, dtype=torch.long)
     if ids.dim() != 1 or ids.shape != lab.shape:
-        raise ValueError(f"expected 1-D input_ids and labels of equal length, "
-                         f"got {tuple(ids.shape)} and {tuple(lab.shape)}")
+        raise ValueError(
+            f"expected 1-D input_ids and labels of equal length, got {tuple(ids.shape)} and {tuple(lab.shape)}"
+        )
     positions = (ids == image_token_id).nonzero().flatten()
     if positions.numel() == 0:
         return ids.clone(), lab.clone()
@@ -398,15 +442,20 @@ def expand_image_token(
     p = int(positions[0])
     fill_ids = ids.new_full((num_visual_tokens,), image_token_id)
     fill_lab = lab.new_full((num_visual_tokens,), IGNORE_INDEX)
-    return torch.cat([ids[:p], fill_ids, ids[p + 1:]]), torch.cat([lab[:p], fill_lab, lab[p + 1:]])
+    return torch.cat([ids[:p], fill_ids, ids[p + 1 :]]), torch.cat([lab[:p], fill_lab, lab[p + 1 :]])
 
 
 def _expand_lists(input_ids: list, labels: list, image_token_id: int, num_visual_tokens: int):
     """:func:`expand_image_token` for lists of ints: the same tensors, or None for anything else (other element
     types, several image tokens...), which the tensor path then handles and reports as before."""
     ids, lab = np.asarray(input_ids), np.asarray(labels)
-    if ids.dtype.kind not in "ib" or lab.dtype.kind not in "ib" or ids.ndim != 1 or ids.shape != lab.shape \
-            or type(image_token_id) is not int:
+    if (
+        ids.dtype.kind not in "ib"
+        or lab.dtype.kind not in "ib"
+        or ids.ndim != 1
+        or ids.shape != lab.shape
+        or type(image_token_id) is not int
+    ):
         return None
     ids, lab = ids.astype(np.int64, copy=False), lab.astype(np.int64, copy=False)
     positions = np.flatnonzero(ids == image_token_id)
@@ -418,8 +467,8 @@ def _expand_lists(input_ids: list, labels: list, image_token_id: int, num_visual
     end = p + num_visual_tokens  # where the text after <image> goes
     out_ids = np.empty(len(ids) + num_visual_tokens - 1, np.int64)
     out_lab = np.empty_like(out_ids)
-    out_ids[:p], out_ids[p:end], out_ids[end:] = ids[:p], image_token_id, ids[p + 1:]
-    out_lab[:p], out_lab[p:end], out_lab[end:] = lab[:p], IGNORE_INDEX, lab[p + 1:]
+    out_ids[:p], out_ids[p:end], out_ids[end:] = ids[:p], image_token_id, ids[p + 1 :]
+    out_lab[:p], out_lab[p:end], out_lab[end:] = lab[:p], IGNORE_INDEX, lab[p + 1 :]
     return torch.from_numpy(out_ids), torch.from_numpy(out_lab)
 
 
@@ -463,7 +512,7 @@ def encode_continuation(record: dict, tokenizer, template: str | Template, conti
     if continuation and not continuation[0].isspace() and not tpl.plain:
         continuation = " " + continuation
     prompt = _tokenize_text(tokenizer, prompt_text, image_id, offsets=False)[0]
-    return list(_tokenize_text(tokenizer, prompt_text + continuation, image_id, offsets=False)[0][len(prompt):])
+    return list(_tokenize_text(tokenizer, prompt_text + continuation, image_id, offsets=False)[0][len(prompt) :])
 
 
 def reference_answer(record: dict) -> str | None:

@@ -30,9 +30,15 @@ import webdataset as wds
 from torch.nn.utils.rnn import pad_sequence
 from webdataset.utils import pytorch_worker_info
 
-from lightning_sp.data.conversation import (IGNORE_INDEX, RecordEncoder, RecordError, encode_prompt,
-                                            expand_image_token, reference_answer,
-                                            supervised_logit_positions)
+from lightning_sp.data.conversation import (
+    IGNORE_INDEX,
+    RecordEncoder,
+    RecordError,
+    encode_prompt,
+    expand_image_token,
+    reference_answer,
+    supervised_logit_positions,
+)
 from lightning_sp.data.images import DEFAULT_STATS, ImageDecodeError, ImageProcessor, ImageStats
 from lightning_sp.data import locations
 from lightning_sp.data.shards import load_index
@@ -44,6 +50,7 @@ log = logging.getLogger(__name__)
 
 
 # ---- samples ---------------------------------------------------------------------------------------------
+
 
 class SampleBuilder:
     """Pipeline stage: raw shard samples -> model-ready sample dicts; drops (and counts) unusable records.
@@ -62,9 +69,17 @@ class SampleBuilder:
     before the batch completes, so the stream positions, the batches and their skip counts are unchanged.
     """
 
-    def __init__(self, tokenizer, template: str, num_visual_tokens: int, image_size: int,
-                 max_length: int | None, for_eval: bool = False, batch_size: int | None = None,
-                 image_stats: ImageStats | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        template: str,
+        num_visual_tokens: int,
+        image_size: int,
+        max_length: int | None,
+        for_eval: bool = False,
+        batch_size: int | None = None,
+        image_stats: ImageStats | None = None,
+    ):
         self.tokenizer, self.template, self.for_eval = tokenizer, template, for_eval
         self.num_visual_tokens, self.max_length = num_visual_tokens, max_length
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -116,11 +131,16 @@ class SampleBuilder:
         if not isinstance(key, str) or key.startswith("/") or ".." in PurePosixPath(key).parts:
             # Shards are read in memory, never extracted; still, our converter writes flat names only, so such a
             # member means a shard from elsewhere that an extracting tool would write outside its folder.
-            raise RecordError(key, "tar member name is absolute or contains '..'",
-                              "rebuild the shard with python -m lightning_sp convert", code="unsafe_member_name")
+            raise RecordError(
+                key,
+                "tar member name is absolute or contains '..'",
+                "rebuild the shard with python -m lightning_sp convert",
+                code="unsafe_member_name",
+            )
         if "json" not in sample:  # e.g. an image member whose record was lost to a truncated shard
-            raise RecordError(key, f"sample has no .json member (has: {sorted(k for k in sample if k[:2] != '__')})",
-                              code="malformed")
+            raise RecordError(
+                key, f"sample has no .json member (has: {sorted(k for k in sample if k[:2] != '__')})", code="malformed"
+            )
         record = json.loads(sample["json"])
         if not isinstance(record, dict):
             raise RecordError(key, f"record is a JSON {type(record).__name__}, not an object", code="malformed")
@@ -141,18 +161,24 @@ class SampleBuilder:
             try:
                 self.processor(image_bytes, out=pixel_values)
             except ImageDecodeError as exc:
-                raise RecordError(rid, f"image: {exc}", "replace the image or drop the record",
-                                  code=f"image_{exc.reason}") from None
+                raise RecordError(
+                    rid, f"image: {exc}", "replace the image or drop the record", code=f"image_{exc.reason}"
+                ) from None
         else:
             pixel_values.zero_()
-        input_ids, labels = expand_image_token(enc.input_ids, enc.labels, self.image_token_id,
-                                               self.num_visual_tokens)
-        out = {"id": str(rid), "input_ids": input_ids, "labels": labels, "pixel_values": pixel_values,
-               "has_image": enc.has_image}
+        input_ids, labels = expand_image_token(enc.input_ids, enc.labels, self.image_token_id, self.num_visual_tokens)
+        out = {
+            "id": str(rid),
+            "input_ids": input_ids,
+            "labels": labels,
+            "pixel_values": pixel_values,
+            "has_image": enc.has_image,
+        }
         if self.for_eval:
             prompt = encode_prompt(record, self.tokenizer, self.template)
-            out["prompt_ids"] = expand_image_token(prompt, [IGNORE_INDEX] * len(prompt), self.image_token_id,
-                                                   self.num_visual_tokens)[0]
+            out["prompt_ids"] = expand_image_token(
+                prompt, [IGNORE_INDEX] * len(prompt), self.image_token_id, self.num_visual_tokens
+            )[0]
             out["answer"] = reference_answer(record) or ""
             out["qtype"] = str(record.get("qtype", "all"))
         self._slot_used()
@@ -224,8 +250,9 @@ class SampleBuilder:
                         rid, detail = sample.get("__key__"), f"{type(exc).__name__}: {exc}"
                         reason = "not_utf8" if isinstance(exc, UnicodeError) else "bad_json"
                     self._count(reason)
-                    log.warning("skipping record %r from %s (reason %s): %s", rid, sample.get("__url__"), reason,
-                                detail)
+                    log.warning(
+                        "skipping record %r from %s (reason %s): %s", rid, sample.get("__url__"), reason, detail
+                    )
                     continue
                 out["skipped"], out["skipped_reasons"] = sum(self._pending.values()), dict(self._pending)
                 self._pending.clear()
@@ -233,6 +260,7 @@ class SampleBuilder:
 
 
 # ---- collation -------------------------------------------------------------------------------------------
+
 
 def collate_train(samples: list[dict], pad_token_id: int, *, image_token_id: int, num_visual_tokens: int) -> dict:
     """Right-padded teacher-forcing batch. Every sample must hold exactly ``num_visual_tokens`` image ids
@@ -253,8 +281,10 @@ def collate_train(samples: list[dict], pad_token_id: int, *, image_token_id: int
     for s, count, has_label in zip(samples, counts, supervised):
         expected = num_visual_tokens if s["has_image"] else 0
         if count != expected:
-            raise ValueError(f"sample {s['id']!r} has {count} image tokens, expected {expected} "
-                             f"(has_image={s['has_image']}, num_visual_tokens={num_visual_tokens})")
+            raise ValueError(
+                f"sample {s['id']!r} has {count} image tokens, expected {expected} "
+                f"(has_image={s['has_image']}, num_visual_tokens={num_visual_tokens})"
+            )
         if not has_label:  # encode() refuses these; a silent zero loss otherwise
             raise ValueError(f"sample {s['id']!r} has no supervised token (every label is {IGNORE_INDEX})")
         reasons.update(s.get("skipped_reasons", {}))
@@ -283,8 +313,14 @@ def _filled_buffer(pixels: list[torch.Tensor]) -> torch.Tensor | None:
     if base is None or not base.is_contiguous() or tuple(base.shape) != (len(pixels), *pixels[0].shape):
         return None
     step = base.stride(0) * base.element_size()
-    if all(p._base is base and p.is_contiguous() and p.dtype == base.dtype and p.device == base.device
-           and p.data_ptr() == base.data_ptr() + i * step for i, p in enumerate(pixels)):
+    if all(
+        p._base is base
+        and p.is_contiguous()
+        and p.dtype == base.dtype
+        and p.device == base.device
+        and p.data_ptr() == base.data_ptr() + i * step
+        for i, p in enumerate(pixels)
+    ):
         return base
     return None
 
@@ -295,14 +331,16 @@ def collate_eval(samples: list[dict], pad_token_id: int, *, image_token_id: int,
     batch = collate_train(samples, pad_token_id, image_token_id=image_token_id, num_visual_tokens=num_visual_tokens)
     prompts = [s["prompt_ids"] for s in samples]
     batch["prompt_ids"] = pad_sequence(prompts, batch_first=True, padding_value=pad_token_id, padding_side="left")
-    batch["prompt_attention_mask"] = pad_sequence([torch.ones_like(p) for p in prompts], batch_first=True,
-                                                  padding_value=0, padding_side="left")
+    batch["prompt_attention_mask"] = pad_sequence(
+        [torch.ones_like(p) for p in prompts], batch_first=True, padding_value=0, padding_side="left"
+    )
     batch["answers"] = [s["answer"] for s in samples]
     batch["qtypes"] = [s["qtype"] for s in samples]
     return batch
 
 
 # ---- stream stages ---------------------------------------------------------------------------------------
+
 
 def split_samples(src):
     """Every (rank, worker) takes every n-th sample: validation stays balanced even with a single val shard."""
@@ -325,24 +363,40 @@ class EqualShare:
 
 # ---- datamodule ------------------------------------------------------------------------------------------
 
+
 class ShardDataModule(L.LightningDataModule):
     """Train: endless shuffled stream cut to ``steps_per_epoch`` batches per rank. Val: one ordered pass whose
     batches hold the training fields (val loss) plus left-padded prompts, reference ``answers`` and ``qtypes``.
     ``train_dir``/``val_dir`` are shard directories made by :func:`lightning_sp.data.shards.convert`."""
 
-    def __init__(self, train_dir, val_dir=None, tokenizer=None, template: str = "vicuna_v1",
-                 num_visual_tokens: int = 582, image_size: int = 336, batch_size: int = 16,
-                 val_batch_size: int = 32, num_workers: int = 1, shuffle_buffer: int = 500,
-                 max_length: int | None = 2048, seed: int = 0, equal_val_shares: bool = False,
-                 length_group_batches: int = 1, image_stats: ImageStats | None = None):
+    def __init__(
+        self,
+        train_dir,
+        val_dir=None,
+        tokenizer=None,
+        template: str = "vicuna_v1",
+        num_visual_tokens: int = 582,
+        image_size: int = 336,
+        batch_size: int = 16,
+        val_batch_size: int = 32,
+        num_workers: int = 1,
+        shuffle_buffer: int = 500,
+        max_length: int | None = 2048,
+        seed: int = 0,
+        equal_val_shares: bool = False,
+        length_group_batches: int = 1,
+        image_stats: ImageStats | None = None,
+    ):
         """``image_stats``: the vision backbone's (mean, std) normalisation (default CLIP's)."""
         super().__init__()
         self.image_stats = image_stats
         if tokenizer is None:
             raise ValueError("ShardDataModule needs a tokenizer (object or path for load_tokenizer)")
         if max_length is not None and max_length <= num_visual_tokens:
-            raise ValueError(f"max_length={max_length} leaves no room for text after {num_visual_tokens} visual "
-                             "tokens; raise data.max_length")
+            raise ValueError(
+                f"max_length={max_length} leaves no room for text after {num_visual_tokens} visual "
+                "tokens; raise data.max_length"
+            )
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
         # A directory or a URL (data/locations.py): shards stream from either, nothing copied.
         self.train_dir = locations.normalise(train_dir)
@@ -360,8 +414,11 @@ class ShardDataModule(L.LightningDataModule):
         self._resume: StreamPosition | None = None  # restored from a checkpoint, used by the next train epoch
 
     def _collate_kwargs(self) -> dict:
-        return {"pad_token_id": self.tokenizer.pad_token_id, "num_visual_tokens": self.num_visual_tokens,
-                "image_token_id": self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}
+        return {
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "num_visual_tokens": self.num_visual_tokens,
+            "image_token_id": self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        }
 
     def _world_size(self) -> int:
         """As the trainer sees it, else as WebDataset's node splitter will (RANK/WORLD_SIZE or torch.distributed)."""
@@ -373,8 +430,10 @@ class ShardDataModule(L.LightningDataModule):
         world_size = self._world_size()
         self.steps_per_epoch = self.train_index["totals"]["samples"] // (self.batch_size * world_size)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{self.train_dir} has {self.train_index['totals']['samples']} samples: fewer than "
-                             f"one batch ({self.batch_size}) per rank ({world_size} ranks)")
+            raise ValueError(
+                f"{self.train_dir} has {self.train_index['totals']['samples']} samples: fewer than "
+                f"one batch ({self.batch_size}) per rank ({world_size} ranks)"
+            )
 
     def _loader(self, dataset) -> wds.WebLoader:
         if self.num_workers > 0:
@@ -382,8 +441,9 @@ class ShardDataModule(L.LightningDataModule):
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         # A loader of its own seeds its workers without drawing from the global RNG, which training owns
         # (dropout): creating a val loader must not shift the random stream a resumed run replays.
-        return wds.WebLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                             generator=torch.Generator().manual_seed(self.seed))
+        return wds.WebLoader(
+            dataset, batch_size=None, num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed)
+        )
 
     def _urls(self, directory, index: dict) -> list[str]:
         return [locations.join(directory, s["name"]) for s in index["shards"] if s["samples"] > 0]
@@ -408,18 +468,38 @@ class ShardDataModule(L.LightningDataModule):
         if resume is not None and resume.batches >= self.steps_per_epoch:  # saved as an epoch ended
             resume = None if epoch > resume.epoch else StreamPosition(epoch=resume.epoch + 1)
         if resume is not None and resume.epoch != epoch:
-            raise RuntimeError(f"the checkpoint's data stream stands in epoch {resume.epoch}, the trainer resumes "
-                               f"in epoch {epoch}: cannot continue the stream exactly")
+            raise RuntimeError(
+                f"the checkpoint's data stream stands in epoch {resume.epoch}, the trainer resumes "
+                f"in epoch {epoch}: cannot continue the stream exactly"
+            )
         self.position = resume or StreamPosition(epoch=epoch)
-        builder = SampleBuilder(self.tokenizer, self.template, self.num_visual_tokens, self.image_size,
-                                self.max_length, batch_size=self.batch_size, image_stats=self.image_stats)
-        stream = TrainStream(urls, seed=self.seed, epoch=epoch, per_rank=self.steps_per_epoch,
-                             batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer, builder=builder,
-                             collate=partial(collate_train, **self._collate_kwargs()),
-                             handler=builder.shard_error, resume=resume, on_lost=builder.records_lost,
-                             on_replayed=builder.discard_pending, group_batches=self.length_group_batches,
-                             expected_samples={locations.join(self.train_dir, s["name"]): s["samples"]
-                                               for s in self.train_index["shards"]})
+        builder = SampleBuilder(
+            self.tokenizer,
+            self.template,
+            self.num_visual_tokens,
+            self.image_size,
+            self.max_length,
+            batch_size=self.batch_size,
+            image_stats=self.image_stats,
+        )
+        stream = TrainStream(
+            urls,
+            seed=self.seed,
+            epoch=epoch,
+            per_rank=self.steps_per_epoch,
+            batch_size=self.batch_size,
+            shuffle_buffer=self.shuffle_buffer,
+            builder=builder,
+            collate=partial(collate_train, **self._collate_kwargs()),
+            handler=builder.shard_error,
+            resume=resume,
+            on_lost=builder.records_lost,
+            on_replayed=builder.discard_pending,
+            group_batches=self.length_group_batches,
+            expected_samples={
+                locations.join(self.train_dir, s["name"]): s["samples"] for s in self.train_index["shards"]
+            },
+        )
         return self._loader(stream)
 
     # ---- exact resume: the position of the batches trained so far travels in the checkpoint --------------
@@ -431,8 +511,12 @@ class ShardDataModule(L.LightningDataModule):
     def state_dict(self) -> dict:
         # Every rank streams its own shards, so the checkpoint (written by rank 0) needs every rank's position.
         # Lightning builds checkpoint contents on all ranks together, so a collective is safe here.
-        return {"stream_positions": gather_objects(self.position.state_dict()), "steps_per_epoch": self.steps_per_epoch,
-                "num_workers": self.num_workers, "length_group_batches": self.length_group_batches}
+        return {
+            "stream_positions": gather_objects(self.position.state_dict()),
+            "steps_per_epoch": self.steps_per_epoch,
+            "num_workers": self.num_workers,
+            "length_group_batches": self.length_group_batches,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if "stream_positions" not in state:
@@ -440,16 +524,23 @@ class ShardDataModule(L.LightningDataModule):
         positions = [StreamPosition.from_state(p) for p in state["stream_positions"]]
         rank = self.trainer.global_rank if self.trainer is not None else 0
         if any(p.batches for p in positions):  # stopped mid-epoch: the stream must continue identically
-            changed = {key: (was, now) for key, was, now in (
-                ("ranks", len(positions), self._world_size()), ("data.num_workers", state["num_workers"],
-                 self.num_workers), ("steps per epoch", state["steps_per_epoch"], self.steps_per_epoch),
-                ("data.length_group_batches", state.get("length_group_batches", 1), self.length_group_batches))
-                if was != now}
+            changed = {
+                key: (was, now)
+                for key, was, now in (
+                    ("ranks", len(positions), self._world_size()),
+                    ("data.num_workers", state["num_workers"], self.num_workers),
+                    ("steps per epoch", state["steps_per_epoch"], self.steps_per_epoch),
+                    ("data.length_group_batches", state.get("length_group_batches", 1), self.length_group_batches),
+                )
+                if was != now
+            }
             if changed:
-                raise ValueError(f"the checkpoint stopped mid-epoch and the data layout changed since (was, now): "
-                                 f"{changed}; resume with the same devices, data.num_workers, data.batch_size, "
-                                 "data.length_group_batches and shards, or from a checkpoint written at the end of "
-                                 "an epoch")
+                raise ValueError(
+                    f"the checkpoint stopped mid-epoch and the data layout changed since (was, now): "
+                    f"{changed}; resume with the same devices, data.num_workers, data.batch_size, "
+                    "data.length_group_batches and shards, or from a checkpoint written at the end of "
+                    "an epoch"
+                )
         self._resume = positions[rank] if rank < len(positions) else StreamPosition(epoch=positions[0].epoch)
 
     def val_dataloader(self):
@@ -457,16 +548,30 @@ class ShardDataModule(L.LightningDataModule):
             return []
         if self.val_index is None:
             self.setup("validate")
-        builder = SampleBuilder(self.tokenizer, self.template, self.num_visual_tokens, self.image_size,
-                                self.max_length, for_eval=True, batch_size=self.val_batch_size,
-                                image_stats=self.image_stats)
-        dataset = wds.WebDataset(self._urls(self.val_dir, self.val_index), handler=builder.shard_error,
-                                 nodesplitter=None, workersplitter=None, shardshuffle=False, empty_check=False)
+        builder = SampleBuilder(
+            self.tokenizer,
+            self.template,
+            self.num_visual_tokens,
+            self.image_size,
+            self.max_length,
+            for_eval=True,
+            batch_size=self.val_batch_size,
+            image_stats=self.image_stats,
+        )
+        dataset = wds.WebDataset(
+            self._urls(self.val_dir, self.val_index),
+            handler=builder.shard_error,
+            nodesplitter=None,
+            workersplitter=None,
+            shardshuffle=False,
+            empty_check=False,
+        )
         dataset = dataset.compose(split_samples, builder)
         if self.equal_val_shares:
             dataset = dataset.compose(EqualShare(self.val_index["totals"]["samples"]))
         dataset = dataset.batched(
-            self.val_batch_size, collation_fn=partial(collate_eval, **self._collate_kwargs()), partial=True)
+            self.val_batch_size, collation_fn=partial(collate_eval, **self._collate_kwargs()), partial=True
+        )
         return self._loader(dataset)
 
 

@@ -80,12 +80,14 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS) -> str:
     except Image.DecompressionBombError as exc:  # PIL's own limit (2 x 89 M pixels) fires inside open()
         raise ImageDecodeError(f"image too large to decode: {exc}", "too_large") from None
     except Exception as exc:  # noqa: BLE001 -- PIL raises many types for unreadable headers
-        raise ImageDecodeError(f"cannot decode image ({len(data)} bytes, starts with {data[:8]!r}): "
-                               f"{type(exc).__name__}: {exc}") from None
+        raise ImageDecodeError(
+            f"cannot decode image ({len(data)} bytes, starts with {data[:8]!r}): {type(exc).__name__}: {exc}"
+        ) from None
     side = max(w, h)
     if side * side > max_pixels:
-        raise ImageDecodeError(f"{w}x{h} image: its padded {side}x{side} square exceeds max_pixels={max_pixels}",
-                               "too_large")
+        raise ImageDecodeError(
+            f"{w}x{h} image: its padded {side}x{side} square exceeds max_pixels={max_pixels}", "too_large"
+        )
     return fmt
 
 
@@ -124,8 +126,9 @@ def _decode(data: bytes, fmt: str | None = None, max_pixels: int = MAX_PIXELS) -
         with Image.open(io.BytesIO(data)) as img:
             rgb = np.array(img.convert("RGB"))
     except Exception as exc:  # noqa: BLE001 -- PIL raises many types for bad files
-        raise ImageDecodeError(f"cannot decode {fmt} image ({len(data)} bytes, starts with {data[:8]!r}): "
-                               f"{tv_error or exc}") from exc
+        raise ImageDecodeError(
+            f"cannot decode {fmt} image ({len(data)} bytes, starts with {data[:8]!r}): {tv_error or exc}"
+        ) from exc
     return torch.from_numpy(rgb).permute(2, 0, 1)  # HWC memory, like torchvision's decoder
 
 
@@ -157,13 +160,13 @@ def _square_hwc(image: torch.Tensor, fill_row: torch.Tensor) -> torch.Tensor:
     top, left = (side - h) // 2, (side - w) // 2
     canvas = torch.empty(side, side * 3, dtype=torch.uint8)
     if h < side:
-        canvas[:top] = fill_row[:side * 3]
-        canvas[top + h:] = fill_row[:side * 3]
+        canvas[:top] = fill_row[: side * 3]
+        canvas[top + h :] = fill_row[: side * 3]
     if w < side:
-        canvas[:, :left * 3] = fill_row[:left * 3]
-        canvas[:, (left + w) * 3:] = fill_row[:(side - w - left) * 3]
+        canvas[:, : left * 3] = fill_row[: left * 3]
+        canvas[:, (left + w) * 3 :] = fill_row[: (side - w - left) * 3]
     canvas = canvas.view(side, side, 3)
-    canvas[top:top + h, left:left + w] = image.permute(1, 2, 0)
+    canvas[top : top + h, left : left + w] = image.permute(1, 2, 0)
     return canvas
 
 
@@ -178,8 +181,14 @@ class ImageProcessor:
     ``max_pixels``: images whose padded square is larger are refused (ImageDecodeError, reason ``too_large``).
     """
 
-    def __init__(self, image_size: int = 336, mean=CLIP_MEAN, std=CLIP_STD, fast_decode: bool = False,
-                 max_pixels: int = MAX_PIXELS):
+    def __init__(
+        self,
+        image_size: int = 336,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+        fast_decode: bool = False,
+        max_pixels: int = MAX_PIXELS,
+    ):
         self.image_size = int(image_size)
         self.max_pixels = int(max_pixels)
         self.mean = [float(m) for m in mean]
@@ -190,14 +199,18 @@ class ImageProcessor:
         self._mean = torch.tensor(self.mean).view(3, 1, 1)
         self._std = torch.tensor(self.std).view(3, 1, 1)
 
-    def __call__(self, data: bytes | bytearray | memoryview | torch.Tensor, out: torch.Tensor | None = None
-                 ) -> torch.Tensor:
+    def __call__(
+        self, data: bytes | bytearray | memoryview | torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``out``: a contiguous float32 (3,S,S) tensor to write the result into (e.g. a slot of a batch buffer,
         which saves the batch's ``torch.stack`` copy); it is returned. Same numbers either way."""
-        if out is not None and (out.dtype != torch.float32 or out.shape != (3, self.image_size, self.image_size)
-                                or not out.is_contiguous()):
-            raise ValueError(f"out must be a contiguous float32 (3,{self.image_size},{self.image_size}) tensor, got "
-                             f"{out.dtype} {tuple(out.shape)}")
+        if out is not None and (
+            out.dtype != torch.float32 or out.shape != (3, self.image_size, self.image_size) or not out.is_contiguous()
+        ):
+            raise ValueError(
+                f"out must be a contiguous float32 (3,{self.image_size},{self.image_size}) tensor, got "
+                f"{out.dtype} {tuple(out.shape)}"
+            )
         if isinstance(data, (bytes, bytearray, memoryview)):
             data = bytes(data)
             fmt = check_header(data, self.max_pixels)  # before any decoder allocates the pixels
@@ -219,8 +232,9 @@ class ImageProcessor:
                 self._fill_row = torch.tensor(self.fill, dtype=torch.uint8).repeat(side)
             image = _square_hwc(image, self._fill_row).permute(2, 0, 1)  # (3,S,S) view of the HWC canvas
         # Resize in uint8, as the CLIP processor does on PIL images, so the result is quantised the same way.
-        image = F.resize(image, [self.image_size, self.image_size],
-                         interpolation=InterpolationMode.BICUBIC, antialias=True)
+        image = F.resize(
+            image, [self.image_size, self.image_size], interpolation=InterpolationMode.BICUBIC, antialias=True
+        )
         # The same float ops as F.to_dtype(scale=True) + F.normalize (bit-identical), in one contiguous buffer.
         if out is None:
             out = image.to(torch.float32, memory_format=torch.contiguous_format)

@@ -37,8 +37,9 @@ def ensure_synthetic(data_cfg, image_size: int) -> None:
     raw_stamp = raw / "spec.json"
     if not _stamp_matches(raw_stamp, asdict(spec)):
         log.info("generating synthetic spatial-VQA data in %s", raw)
-        synthetic.generate(raw, n_train=spec.n_train, n_val=spec.n_val, seed=spec.seed, image_size=image_size,
-                           turns=spec.turns)
+        synthetic.generate(
+            raw, n_train=spec.n_train, n_val=spec.n_val, seed=spec.seed, image_size=image_size, turns=spec.turns
+        )
         raw_stamp.write_text(json.dumps(asdict(spec)))
     for split, out in (("train", data_cfg.train_dir), ("val", data_cfg.val_dir)):
         if out is None:

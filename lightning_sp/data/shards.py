@@ -73,7 +73,7 @@ def iter_json_array(path, chunk_chars: int = 1 << 20):
             while True:
                 advance(_WS.match(buf, pos).end())
                 if pos < len(buf) or eof:
-                    return buf[pos:pos + 1]
+                    return buf[pos : pos + 1]
                 fill()
 
         fill()
@@ -139,7 +139,7 @@ def _plan(json_path: str, shard_size: int, seed: int) -> tuple[list[list[tuple[i
         seen.add(key)
         entries.append((offset, length, key))
     random.Random(seed).shuffle(entries)
-    return [entries[i:i + shard_size] for i in range(0, len(entries), shard_size)], len(entries)
+    return [entries[i : i + shard_size] for i in range(0, len(entries), shard_size)], len(entries)
 
 
 class _Skip(Exception):
@@ -222,9 +222,14 @@ def _write_shard(task: tuple) -> dict:
                     raise _Skip("not_utf8", f"text holds an unpaired UTF-16 surrogate: {exc.reason}") from None
                 image = _load_image(root, record["image"]) if "image" in record else None
             except _Skip as skip:
-                stats["skipped"].append({"id": record.get("id", key) if is_record else key,
-                                         "path": record.get("image") if is_record else None,
-                                         "reason": skip.reason, "detail": skip.detail})
+                stats["skipped"].append(
+                    {
+                        "id": record.get("id", key) if is_record else key,
+                        "path": record.get("image") if is_record else None,
+                        "reason": skip.reason,
+                        "detail": skip.detail,
+                    }
+                )
                 continue
             _add(tar, f"{key}.json", member)
             if image is not None:
@@ -254,8 +259,9 @@ def _check_resume(out: Path, args: dict) -> None:
         raise ConvertError(f"{out} is not empty and has no {ARGS_FILE}; convert into an empty or new directory")
 
 
-def convert(json_path, image_root, out_dir, shard_size: int = 1000, workers: int = 2, seed: int = 0,
-            progress: bool = True) -> dict:
+def convert(
+    json_path, image_root, out_dir, shard_size: int = 1000, workers: int = 2, seed: int = 0, progress: bool = True
+) -> dict:
     """Convert a LLaVA-format JSON list (+ images under ``image_root``) into shuffled WebDataset shards.
 
     Each sample is ``<key>.json`` (the record) and, for records with an image, ``<key>.<ext>`` (the file's bytes
@@ -265,8 +271,14 @@ def convert(json_path, image_root, out_dir, shard_size: int = 1000, workers: int
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     stat = json_path.stat()
-    args = {"json_path": str(json_path), "image_root": str(image_root), "shard_size": shard_size, "seed": seed,
-            "json_size": stat.st_size, "json_mtime_ns": stat.st_mtime_ns}
+    args = {
+        "json_path": str(json_path),
+        "image_root": str(image_root),
+        "shard_size": shard_size,
+        "seed": seed,
+        "json_size": stat.st_size,
+        "json_mtime_ns": stat.st_mtime_ns,
+    }
     _check_resume(out, args)
     shards, n_records = _plan(str(json_path), shard_size, seed)  # a JSON error stops here, leaving out_dir as it was
     out.mkdir(parents=True, exist_ok=True)
@@ -281,8 +293,13 @@ def convert(json_path, image_root, out_dir, shard_size: int = 1000, workers: int
         else:
             tasks.append((i, entries, str(json_path), str(image_root), str(out)))
 
-    bar = tqdm(total=n_records, initial=n_records - sum(len(t[1]) for t in tasks), unit="rec",
-               desc=f"sharding {json_path.name}", disable=not progress)
+    bar = tqdm(
+        total=n_records,
+        initial=n_records - sum(len(t[1]) for t in tasks),
+        unit="rec",
+        desc=f"sharding {json_path.name}",
+        disable=not progress,
+    )
     if workers > 1 and len(tasks) > 1:
         # fork where there is one: spawn would re-import the caller's __main__ in every worker (fails for stdin
         # scripts, recurses in scripts without a main guard). The workers use only PIL, json and tarfile.
@@ -334,6 +351,8 @@ def load_index(shard_dir) -> dict:
     for entry in index.get("shards", []) if isinstance(index, dict) else []:
         name = entry.get("name") if isinstance(entry, dict) else None
         if not isinstance(name, str) or name in ("", ".", "..") or PurePosixPath(name.replace("\\", "/")).name != name:
-            raise ValueError(f"{path}: shard name {name!r} is not a plain file name in {shard_dir}; refused "
-                             "(an index lists the shards of its own directory)")
+            raise ValueError(
+                f"{path}: shard name {name!r} is not a plain file name in {shard_dir}; refused "
+                "(an index lists the shards of its own directory)"
+            )
     return index

@@ -73,8 +73,15 @@ def sample_scene(rng: random.Random) -> Scene:
     cells = rng.sample(range(9), n)
     kinds = rng.sample([(c, s) for c in COLOURS for s in SHAPES], n)  # unique (colour, shape) per image
     items = tuple(
-        Item(colour, shape, cell // 3, cell % 3, rng.uniform(-_MAX_OFFSET, _MAX_OFFSET),
-             rng.uniform(-_MAX_OFFSET, _MAX_OFFSET), rng.uniform(*_HALF_RANGE))
+        Item(
+            colour,
+            shape,
+            cell // 3,
+            cell % 3,
+            rng.uniform(-_MAX_OFFSET, _MAX_OFFSET),
+            rng.uniform(-_MAX_OFFSET, _MAX_OFFSET),
+            rng.uniform(*_HALF_RANGE),
+        )
         for cell, (colour, shape) in zip(cells, kinds)
     )
     background = tuple(rng.randint(225, 250) for _ in range(3))
@@ -99,6 +106,7 @@ def render(scene: Scene, image_size: int = 336) -> Image.Image:
 
 
 # ---- questions -------------------------------------------------------------------------------------------
+
 
 def _pick_cell(scene: Scene, rng: random.Random) -> tuple[int, int]:
     # Mostly occupied cells: 5-7 of 9 cells are empty, so uniform cells would make "none" the answer to learn.
@@ -147,15 +155,15 @@ def make_record(split: str, index: int, scene: Scene, qas: list[tuple[str, str, 
     rid = f"{split}_{index:06d}"
     conversations = []
     for turn, (_, q, a) in enumerate(qas):
-        conversations += [{"from": "human", "value": f"<image>\n{q}" if turn == 0 else q},
-                          {"from": "gpt", "value": a}]
+        conversations += [{"from": "human", "value": f"<image>\n{q}" if turn == 0 else q}, {"from": "gpt", "value": a}]
     record = {"id": rid, "image": f"images/{split}/{rid}.jpg", "conversations": conversations}
     if len(qas) == 1:
         record["qtype"] = qas[0][0]
     else:
         record["qtypes"] = [qt for qt, _, _ in qas]
-    record["scene"] = [{k: v for k, v in asdict(it).items() if k in ("colour", "shape", "row", "col")}
-                       for it in scene.items]
+    record["scene"] = [
+        {k: v for k, v in asdict(it).items() if k in ("colour", "shape", "row", "col")} for it in scene.items
+    ]
     return record
 
 
@@ -172,6 +180,7 @@ def _questions(scene: Scene, rng: random.Random, qtypes: list[str]) -> list[tupl
 
 
 # ---- generation ------------------------------------------------------------------------------------------
+
 
 def _render_job(job: tuple[Scene, int, str]) -> None:
     scene, size, path = job
@@ -192,8 +201,16 @@ def _build_split(split: str, n: int, seed: int, turns: int, exclude: set) -> tup
     return records, scenes
 
 
-def generate(out_dir, n_train: int, n_val: int, seed: int = 0, image_size: int = 336, turns: int = 3,
-             workers: int | None = None, progress: bool = True) -> dict:
+def generate(
+    out_dir,
+    n_train: int,
+    n_val: int,
+    seed: int = 0,
+    image_size: int = 336,
+    turns: int = 3,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Write ``train.json``, ``val.json`` and ``images/<split>/<id>.jpg`` under ``out_dir``.
 
     Train records have ``turns`` Q/A turns (their types in record key ``qtypes``; ``qtype`` when single-turn),
@@ -226,11 +243,16 @@ def generate(out_dir, n_train: int, n_val: int, seed: int = 0, image_size: int =
         tmp = out / f"{split}.json.tmp"
         tmp.write_text(json.dumps(records))
         os.replace(tmp, out / f"{split}.json")
-    return {"train_json": str(out / "train.json"), "val_json": str(out / "val.json"),
-            "n_train": n_train, "n_val": n_val}
+    return {
+        "train_json": str(out / "train.json"),
+        "val_json": str(out / "val.json"),
+        "n_train": n_train,
+        "n_val": n_val,
+    }
 
 
 # ---- baseline --------------------------------------------------------------------------------------------
+
 
 def qa_pairs(record: dict) -> list[tuple[str, str]]:
     """(qtype, answer) for every answered turn of a record; "all" where the record has no type."""

@@ -146,7 +146,7 @@ _GENERIC_ENGLISH = [
     "Which of these objects is the largest? The red one is larger than the green one, but smaller than the blue one.",
     "How many people are in the picture? There are three people, and one of them is holding an umbrella.",
     "Is this a real photograph or a drawing? It looks like a painting of a small house near a river.",
-    "The text on the sign says \"STOP\". The number on the shirt is 23. The title of the book is unknown.",
+    'The text on the sign says "STOP". The number on the shirt is 23. The title of the book is unknown.',
     "Thank you for your question. I am not sure, but I believe that the object on the left is a bicycle.",
 ]
 
@@ -167,8 +167,9 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False) ->
             "Build the shipped one with `python -m lightning_sp.data.tokenizer --out data/tokenizer`."
         )
     try:
-        tok = AutoTokenizer.from_pretrained(str(path) if looks_local else name, use_fast=True,
-                                            trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            str(path) if looks_local else name, use_fast=True, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError) as exc:  # hub ids that are neither local nor cached end up here
         raise FileNotFoundError(
             f"could not load a tokenizer from {name!r}: not a local tokenizer directory and not a cached "

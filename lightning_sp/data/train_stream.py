@@ -68,12 +68,24 @@ class TrainStream(IterableDataset):
     group's last batch), so a resume rebuilds a partly trained group and skips the batches already trained.
     """
 
-    def __init__(self, urls: list[str], *, seed: int, epoch: int, per_rank: int, batch_size: int,
-                 shuffle_buffer: int, builder: Callable[[Iterable[dict]], Iterator[dict]],
-                 collate: Callable[[list[dict]], dict], handler: Callable[[Exception], bool],
-                 resume: StreamPosition | None = None, expected_samples: dict[str, int] | None = None,
-                 on_lost: Callable[[str, int], None] | None = None, on_replayed: Callable[[], None] | None = None,
-                 group_batches: int = 1):
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        seed: int,
+        epoch: int,
+        per_rank: int,
+        batch_size: int,
+        shuffle_buffer: int,
+        builder: Callable[[Iterable[dict]], Iterator[dict]],
+        collate: Callable[[list[dict]], dict],
+        handler: Callable[[Exception], bool],
+        resume: StreamPosition | None = None,
+        expected_samples: dict[str, int] | None = None,
+        on_lost: Callable[[str, int], None] | None = None,
+        on_replayed: Callable[[], None] | None = None,
+        group_batches: int = 1,
+    ):
         self.urls, self.seed, self.epoch, self.per_rank = list(urls), seed, epoch, per_rank
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.builder, self.collate, self.handler = builder, collate, handler
@@ -117,8 +129,9 @@ class TrainStream(IterableDataset):
                 self._rng("shards", n, rank, worker).shuffle(order)
                 samples = unpack(order)
                 if self.shuffle_buffer > 1:
-                    samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                                          rng=self._rng("samples", n, rank, worker))(samples)
+                    samples = wds.shuffle(
+                        self.shuffle_buffer, initial=self.shuffle_buffer, rng=self._rng("samples", n, rank, worker)
+                    )(samples)
                 yield from samples
                 if unpacked == before:  # a whole pass without one sample: repeating would spin forever
                     raise RuntimeError(f"rank {rank} worker {worker}: its shards {shards} yield no samples")
@@ -186,7 +199,7 @@ def length_grouped(samples: list[dict], batch_size: int, rng: random.Random) -> 
     for has_image in (True, False):
         pool = sorted((s for s in samples if bool(s["has_image"]) == has_image), key=sample_length, reverse=True)
         whole = len(pool) - len(pool) % batch_size
-        batches += [pool[i:i + batch_size] for i in range(0, whole, batch_size)]
+        batches += [pool[i : i + batch_size] for i in range(0, whole, batch_size)]
         rest += pool[whole:]
     if rest:
         batches.append(rest)
@@ -202,5 +215,7 @@ def take_exactly(src: Iterable, share: int, what: str) -> Iterator:
         yield item
     if produced < share:
         rank, _, worker, _ = pytorch_worker_info()
-        raise RuntimeError(f"rank {rank} worker {worker} produced {produced} of {share} {what}: its shards yield no "
-                           "usable samples (see the skipped-record warnings)")
+        raise RuntimeError(
+            f"rank {rank} worker {worker} produced {produced} of {share} {what}: its shards yield no "
+            "usable samples (see the skipped-record warnings)"
+        )

@@ -24,14 +24,24 @@ class LlavaSPConfig(PretrainedConfig):
     attribute_map = {"image_token_id": "image_token_index"}
     sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig}
 
-    def __init__(self, vision_config=None, text_config=None, image_token_index=None, vision_feature_layer=-2,
-                 projector=None, image_seq_length=None, **kwargs):
+    def __init__(
+        self,
+        vision_config=None,
+        text_config=None,
+        image_token_index=None,
+        vision_feature_layer=-2,
+        projector=None,
+        image_seq_length=None,
+        **kwargs,
+    ):
         self.vision_config = _sub_config(vision_config, "clip_vision_model")
         self.text_config = _sub_config(text_config, "llama")
         self.image_token_index = image_token_index
         self.vision_feature_layer = vision_feature_layer
-        self.projector = dict(projector or {"name": "pooling", "sp_width": 512, "dfi": True, "dfi_kv_tokens": 25,
-                                            "sides": None, "head_bias": False})
+        self.projector = dict(
+            projector
+            or {"name": "pooling", "sp_width": 512, "dfi": True, "dfi_kv_tokens": 25, "sides": None, "head_bias": False}
+        )
         self.image_seq_length = image_seq_length
         kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)

@@ -52,7 +52,7 @@ class SpatialFeatureExtractor(nn.Module):
         for side, weight in zip(self.sides, self.weights):
             if self.mode == "cropping":
                 lo = (self.grid - side) // 2
-                window = grid_features[:, :, lo:lo + side, lo:lo + side]
+                window = grid_features[:, :, lo : lo + side, lo : lo + side]
             elif side == self.grid:
                 window = grid_features
             else:
@@ -66,8 +66,9 @@ class DetailFeatureIntegrator(nn.Module):
         super().__init__()
         self.kernel = grid - DFI_STRIDE * (math.isqrt(kv_tokens) - 1)
         self.kv_weight = nn.Parameter(torch.empty(sp_width, vision_width, self.kernel, self.kernel))
-        self.query, self.key, self.value = (nn.Sequential(nn.LayerNorm(sp_width), nn.Linear(sp_width, sp_width))
-                                            for _ in range(3))
+        self.query, self.key, self.value = (
+            nn.Sequential(nn.LayerNorm(sp_width), nn.Linear(sp_width, sp_width)) for _ in range(3)
+        )
 
     def forward(self, sp_raw, grid_features):
         cols = F.unfold(grid_features, self.kernel, stride=DFI_STRIDE)
@@ -85,8 +86,9 @@ class SpatialProjector(nn.Module):
         self.grid, d = grid, cfg["sp_width"]
         self.sfe = SpatialFeatureExtractor(cfg["name"], vision_width, d, grid, cfg.get("sides"))
         self.dfi = DetailFeatureIntegrator(vision_width, d, grid, cfg.get("dfi_kv_tokens", 25)) if cfg["dfi"] else None
-        self.spatial_head = nn.Sequential(nn.GELU(), nn.Linear(2 * d if cfg["dfi"] else d, llm_width,
-                                                               bias=bool(cfg["head_bias"])))
+        self.spatial_head = nn.Sequential(
+            nn.GELU(), nn.Linear(2 * d if cfg["dfi"] else d, llm_width, bias=bool(cfg["head_bias"]))
+        )
         self.patch_head = nn.Sequential(nn.Linear(vision_width, llm_width), nn.GELU(), nn.Linear(llm_width, llm_width))
 
     @property
@@ -131,8 +133,9 @@ class LlavaSPForConditionalGeneration(LlavaSPPreTrainedModel, GenerationMixin):
         vision = config.vision_config
         self.grid = vision.image_size // vision.patch_size
         self.vision_tower = AutoModel.from_config(vision)
-        self.projector = SpatialProjector(config.projector, vision.hidden_size, config.text_config.hidden_size,
-                                          self.grid)
+        self.projector = SpatialProjector(
+            config.projector, vision.hidden_size, config.text_config.hidden_size, self.grid
+        )
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
 
@@ -171,31 +174,66 @@ class LlavaSPForConditionalGeneration(LlavaSPPreTrainedModel, GenerationMixin):
         counts = is_image.sum(dim=1)
         n = self.num_image_tokens
         if bool(((counts != n) & (counts != 0)).any()):
-            raise ValueError(f"each sample needs exactly {n} image placeholders (config.image_seq_length) or none; "
-                             f"got {counts.tolist()}")
+            raise ValueError(
+                f"each sample needs exactly {n} image placeholders (config.image_seq_length) or none; "
+                f"got {counts.tolist()}"
+            )
         visual = self.image_features(pixel_values).to(embeddings.dtype)
         order = (is_image.cumsum(dim=1) - 1).clamp(0, n - 1)
         gathered = torch.gather(visual, 1, order.unsqueeze(-1).expand(-1, -1, visual.shape[-1]))
         return torch.where(is_image.unsqueeze(-1), gathered, embeddings)
 
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, labels=None, use_cache=None, cache_position=None,
-                logits_to_keep=0, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        cache_position=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values)
         elif pixel_values is not None:
             raise ValueError("give input_ids (with image placeholders) together with pixel_values, not inputs_embeds")
-        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                   position_ids=position_ids, past_key_values=past_key_values, labels=labels,
-                                   use_cache=use_cache, cache_position=cache_position,
-                                   logits_to_keep=logits_to_keep, **kwargs)
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            cache_position=cache_position,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, inputs_embeds=None, pixel_values=None,
-                                      attention_mask=None, cache_position=None, logits_to_keep=None, **kwargs):
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        past_key_values=None,
+        inputs_embeds=None,
+        pixel_values=None,
+        attention_mask=None,
+        cache_position=None,
+        logits_to_keep=None,
+        **kwargs,
+    ):
         """As HF Llava: the image goes in with the prompt (prefill); cached decoding steps feed text tokens only."""
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            cache_position=cache_position, logits_to_keep=logits_to_keep, **kwargs)
+            input_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache_position=cache_position,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
         if cache_position is None or cache_position[0] == 0 or not kwargs.get("use_cache", True):
             model_inputs["pixel_values"] = pixel_values
         return model_inputs

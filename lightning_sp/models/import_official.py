@@ -54,8 +54,16 @@ _OFFICIAL_LORA = re.compile(r"^(base_model\.model\..+)\.(lora_A|lora_B)\.weight$
 _OURS_LORA = re.compile(r"^model\.llm\.(base_model\.model\..+)\.(lora_A|lora_B)\.default\.weight$")
 
 # adapter_config fields whose non-default value changes the adapter's function; we do not reproduce them.
-_UNSUPPORTED_LORA = {"use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "bias": "none",
-                     "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
+_UNSUPPORTED_LORA = {
+    "use_rslora": False,
+    "use_dora": False,
+    "fan_in_fan_out": False,
+    "bias": "none",
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+}
 
 
 # ---- reading a release ---------------------------------------------------------------------------------------
@@ -65,8 +73,10 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise OfficialCheckpointError(f"{path}: refused: it holds objects other than tensors (read with "
-                                      f"torch.load(weights_only=True), never unpickled)") from e
+        raise OfficialCheckpointError(
+            f"{path}: refused: it holds objects other than tensors (read with "
+            f"torch.load(weights_only=True), never unpickled)"
+        ) from e
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise OfficialCheckpointError(f"{path}: expected a dict of tensors")
     return obj
@@ -87,9 +97,15 @@ def read_release(lora_dir: PathLike) -> dict[str, Any]:
     if not root.is_dir():
         raise FileNotFoundError(f"release directory not found: {root}")
     adapter_file = next((root / f for f in ADAPTER_FILES if (root / f).is_file()), None)
-    missing = [f for f, ok in ((ADAPTER_CONFIG, (root / ADAPTER_CONFIG).is_file()),
-                               (" or ".join(ADAPTER_FILES), adapter_file is not None),
-                               (NON_LORA, (root / NON_LORA).is_file())) if not ok]
+    missing = [
+        f
+        for f, ok in (
+            (ADAPTER_CONFIG, (root / ADAPTER_CONFIG).is_file()),
+            (" or ".join(ADAPTER_FILES), adapter_file is not None),
+            (NON_LORA, (root / NON_LORA).is_file()),
+        )
+        if not ok
+    ]
     if missing:
         raise FileNotFoundError(f"{root} is not a LLaVA-SP LoRA release: missing {', '.join(missing)}")
     llava_config = root / LLAVA_CONFIG
@@ -121,8 +137,12 @@ def _check_adapter_config(adapter_config: dict, where: str) -> None:
 # What our data path reproduces of LLaVA-1.5's, per config.json key: (the value we need, the value LLaVA's code
 # assumes when the key is absent, what the other values would do that we do not).
 _LLAVA_SETTINGS = {
-    "image_aspect_ratio": ("pad", "square", "images are padded to a square with the mean colour here; other "
-                           "values resize/crop (or tile, 'anyres') them differently"),
+    "image_aspect_ratio": (
+        "pad",
+        "square",
+        "images are padded to a square with the mean colour here; other "
+        "values resize/crop (or tile, 'anyres') them differently",
+    ),
     "mm_patch_merge_type": ("flat", "flat", "patch tokens stay one flat sequence here; 'spatial*' merges tiles"),
     "mm_use_im_start_end": (False, False, "no <im_start>/<im_end> tokens around the image here"),
     "mm_use_im_patch_token": (False, False, "no <im_patch> tokens here"),
@@ -143,8 +163,10 @@ def check_llava_config(llava_config: dict, where: str) -> None:
     if not isinstance(layer, int) or isinstance(layer, bool):
         problems.append(f"mm_vision_select_layer = {layer!r}; supported: an integer hidden-state index (e.g. -2)")
     if problems:
-        raise OfficialCheckpointError(f"{where}: this release was trained with settings lightning_sp does not "
-                                      f"reproduce:\n  " + "\n  ".join(problems))
+        raise OfficialCheckpointError(
+            f"{where}: this release was trained with settings lightning_sp does not "
+            f"reproduce:\n  " + "\n  ".join(problems)
+        )
 
 
 def _integer(value, key: str, where: str) -> int:
@@ -174,9 +196,17 @@ def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def import_official(lora_dir: PathLike, variant: str, out: PathLike, *, llm: Optional[str] = None,
-                    vision: Optional[str] = None, tokenizer: Optional[str] = None, preset: str = "llava7b",
-                    overrides: Iterable[str] = ()) -> Path:
+def import_official(
+    lora_dir: PathLike,
+    variant: str,
+    out: PathLike,
+    *,
+    llm: Optional[str] = None,
+    vision: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    preset: str = "llava7b",
+    overrides: Iterable[str] = (),
+) -> Path:
     """Build our model from a release directory + base LLM + vision encoder; write a run dir at `out`.
 
     `variant`: 'pooling' or 'cropping' (the release does not record it). `llm` defaults to the adapter config's
@@ -191,8 +221,9 @@ def import_official(lora_dir: PathLike, variant: str, out: PathLike, *, llm: Opt
     from lightning_sp.module import LlavaSPModule
 
     if variant not in VARIANTS:
-        raise OfficialCheckpointError(f"variant must be one of {', '.join(VARIANTS)} (the release does not record "
-                                      f"it), got {variant!r}")
+        raise OfficialCheckpointError(
+            f"variant must be one of {', '.join(VARIANTS)} (the release does not record it), got {variant!r}"
+        )
     release = read_release(lora_dir)
     where = str(lora_dir)
     adapter_config, llava_config = release["adapter_config"], release["llava_config"] or {}
@@ -200,9 +231,11 @@ def import_official(lora_dir: PathLike, variant: str, out: PathLike, *, llm: Opt
     llm = llm or adapter_config.get("base_model_name_or_path")
     vision = vision or llava_config.get("mm_vision_tower")
     if not llm or not vision:
-        raise ValueError(f"{where}: name the base LLM (--llm) and the vision encoder (--vision): the release records "
-                         f"llm={adapter_config.get('base_model_name_or_path')!r}, "
-                         f"vision={llava_config.get('mm_vision_tower')!r}")
+        raise ValueError(
+            f"{where}: name the base LLM (--llm) and the vision encoder (--vision): the release records "
+            f"llm={adapter_config.get('base_model_name_or_path')!r}, "
+            f"vision={llava_config.get('mm_vision_tower')!r}"
+        )
     if release["llava_config"] is not None:
         check_llava_config(llava_config, f"{where}/{LLAVA_CONFIG}")
 
@@ -210,36 +243,49 @@ def import_official(lora_dir: PathLike, variant: str, out: PathLike, *, llm: Opt
     grid = vision_config.image_size // vision_config.patch_size
     projector_part, rest = split_official_state_dict(release["non_lora"])
     if rest:
-        raise OfficialCheckpointError(f"{where}/{NON_LORA} holds LLM / vision-tower tensors that a LoRA import has no "
-                                      f"place for: {compact_keys(rest)}")
+        raise OfficialCheckpointError(
+            f"{where}/{NON_LORA} holds LLM / vision-tower tensors that a LoRA import has no "
+            f"place for: {compact_keys(rest)}"
+        )
     widths = check_official_state_dict(projector_part, variant, grid=grid)  # keys, shapes, finiteness; C, D, H
     if widths.C != vision_config.hidden_size:
-        raise OfficialCheckpointError(f"{where}/{NON_LORA}: the projector takes C={widths.C} features but {vision} "
-                                      f"has width {vision_config.hidden_size}; pass the encoder it was trained with")
+        raise OfficialCheckpointError(
+            f"{where}/{NON_LORA}: the projector takes C={widths.C} features but {vision} "
+            f"has width {vision_config.hidden_size}; pass the encoder it was trained with"
+        )
 
     if preset not in group_choices("model"):
         raise ValueError(f"unknown model preset {preset!r}; valid: {', '.join(group_choices('model'))}")
     fields = [
-        f"model={preset}", "stage=finetune", f"variant={variant}",
+        f"model={preset}",
+        "stage=finetune",
+        f"variant={variant}",
         *(["data=llava665k"] if "llava665k" in group_choices("data") else []),
-        f"model.vision.name_or_path={vision}", f"model.vision.image_size={vision_config.image_size}",
+        f"model.vision.name_or_path={vision}",
+        f"model.vision.image_size={vision_config.image_size}",
         f"model.vision.patch_size={vision_config.patch_size}",
         f"model.vision.select_layer={int(llava_config.get('mm_vision_select_layer', -2))}",
-        f"model.llm.name_or_path={llm}", f"model.tokenizer={tokenizer or llm}",
+        f"model.llm.name_or_path={llm}",
+        f"model.tokenizer={tokenizer or llm}",
         f"model.lora.r={_integer(adapter_config['r'], 'r', where)}",
         f"model.lora.alpha={_integer(adapter_config['lora_alpha'], 'lora_alpha', where)}",
         f"model.lora.dropout={float(adapter_config.get('lora_dropout', 0.0))}",
         f"model.lora.target_modules=[{','.join(sorted(adapter_config['target_modules']))}]",
         "model.lora.modules_to_save=[]",
-        f"projector.sp_width={widths.D}", "projector.dfi=true", "projector.dfi_kv_tokens=25", "projector.sides=null",
+        f"projector.sp_width={widths.D}",
+        "projector.dfi=true",
+        "projector.dfi_kv_tokens=25",
+        "projector.sides=null",
         f"projector.head_bias={'true' if variant == 'cropping' else 'false'}",
     ]
     cfg = compose([*fields, *overrides])
     module = LlavaSPModule(cfg)  # loads the config's tokenizer
     llm_width = module.model.llm.config.hidden_size
     if widths.H != llm_width:
-        raise OfficialCheckpointError(f"{where}/{NON_LORA}: the projector outputs H={widths.H} but the LLM {llm} has "
-                                      f"hidden size {llm_width}; pass the base LLM the release was trained on")
+        raise OfficialCheckpointError(
+            f"{where}/{NON_LORA}: the projector outputs H={widths.H} but the LLM {llm} has "
+            f"hidden size {llm_width}; pass the base LLM the release was trained on"
+        )
 
     # LoRA: every adapter tensor of our model from the file, nothing left over, same shapes.
     params = dict(module.named_parameters())
@@ -251,15 +297,21 @@ def import_official(lora_dir: PathLike, variant: str, out: PathLike, *, llm: Opt
     missing, extra = sorted(ours - set(mapped)), sorted(set(mapped) - ours)
     bad_shape = [n for n in sorted(ours & set(mapped)) if mapped[n].shape != params[n].shape]
     if unknown or missing or extra or bad_shape:
-        lines = [f"{where}/{release['adapter_file']} does not match the LoRA adapters of {llm} with "
-                 f"r={cfg.model.lora.r} on {', '.join(cfg.model.lora.target_modules)}:"]
+        lines = [
+            f"{where}/{release['adapter_file']} does not match the LoRA adapters of {llm} with "
+            f"r={cfg.model.lora.r} on {', '.join(cfg.model.lora.target_modules)}:"
+        ]
         if missing:
             lines.append(f"  missing ({len(missing)}): {compact_keys(lora_ours_to_official(n) for n in missing)}")
         if extra or unknown:
-            lines.append(f"  unexpected ({len(extra) + len(unknown)}): "
-                         f"{compact_keys([*unknown, *(lora_ours_to_official(n) for n in extra)])}")
-        lines += [f"  {lora_ours_to_official(n)}: file {list(mapped[n].shape)}, model {list(params[n].shape)}"
-                  for n in bad_shape]
+            lines.append(
+                f"  unexpected ({len(extra) + len(unknown)}): "
+                f"{compact_keys([*unknown, *(lora_ours_to_official(n) for n in extra)])}"
+            )
+        lines += [
+            f"  {lora_ours_to_official(n)}: file {list(mapped[n].shape)}, model {list(params[n].shape)}"
+            for n in bad_shape
+        ]
         raise OfficialCheckpointError("\n".join(lines))
     with torch.no_grad():
         for name, tensor in mapped.items():
@@ -277,8 +329,16 @@ def import_official(lora_dir: PathLike, variant: str, out: PathLike, *, llm: Opt
         "dtypes": {k: _dtype_name(v) for k, v in {**release["adapter"], **release["non_lora"]}.items()},
     }
     path = save_module_checkpoint(module, out, extra={PROVENANCE_KEY: provenance})
-    log.info("imported %s (%s, %d LoRA tensors, projector C=%d D=%d H=%d) -> %s", where, variant, len(mapped),
-             widths.C, widths.D, widths.H, path)
+    log.info(
+        "imported %s (%s, %d LoRA tensors, projector C=%d D=%d H=%d) -> %s",
+        where,
+        variant,
+        len(mapped),
+        widths.C,
+        widths.D,
+        widths.H,
+        path,
+    )
     return path
 
 
@@ -292,14 +352,23 @@ def _llava_config(cfg, vision_width: int) -> Optional[dict]:
     from transformers import AutoConfig
 
     llava = AutoConfig.from_pretrained(cfg.model.llm.name_or_path).to_dict()
-    llava.update({
-        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
-        "mm_vision_tower": cfg.model.vision.name_or_path, "mm_hidden_size": vision_width,
-        "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": cfg.model.vision.select_layer,
-        "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad", "mm_patch_merge_type": "flat",
-        "mm_use_im_start_end": False,
-        "mm_use_im_patch_token": False, "tune_mm_mlp_adapter": False, "use_cache": True,
-    })
+    llava.update(
+        {
+            "architectures": ["LlavaLlamaForCausalLM"],
+            "model_type": "llava_llama",
+            "mm_vision_tower": cfg.model.vision.name_or_path,
+            "mm_hidden_size": vision_width,
+            "mm_projector_type": "mlp2x_gelu",
+            "mm_vision_select_layer": cfg.model.vision.select_layer,
+            "mm_vision_select_feature": "patch",
+            "image_aspect_ratio": "pad",
+            "mm_patch_merge_type": "flat",
+            "mm_use_im_start_end": False,
+            "mm_use_im_patch_token": False,
+            "tune_mm_mlp_adapter": False,
+            "use_cache": True,
+        }
+    )
     return llava
 
 
@@ -308,8 +377,10 @@ def _adapter_file_name(provenance: dict, where: str = "checkpoint") -> str:
     name comes from the checkpoint, so a path in it could write outside the export directory)."""
     name = provenance.get("adapter_file", ADAPTER_FILES[0])
     if name not in ADAPTER_FILES:
-        raise OfficialCheckpointError(f"{where}: {PROVENANCE_KEY}.adapter_file={name!r} is not one of "
-                                      f"{', '.join(ADAPTER_FILES)}; refused (an export writes only those names)")
+        raise OfficialCheckpointError(
+            f"{where}: {PROVENANCE_KEY}.adapter_file={name!r} is not one of "
+            f"{', '.join(ADAPTER_FILES)}; refused (an export writes only those names)"
+        )
     return name
 
 
@@ -326,8 +397,10 @@ def export_official(ckpt: PathLike, out_dir: PathLike, *, dtype: Optional[torch.
     cfg = checkpoint_config(data)
     variant = cfg.projector.name
     if variant not in VARIANTS:
-        raise OfficialCheckpointError(f"{ckpt}: projector '{variant}' has no official layout (only "
-                                      f"{', '.join(VARIANTS)}); use `python -m lightning_sp export` instead")
+        raise OfficialCheckpointError(
+            f"{ckpt}: projector '{variant}' has no official layout (only "
+            f"{', '.join(VARIANTS)}); use `python -m lightning_sp export` instead"
+        )
     provenance = data.get(PROVENANCE_KEY) or {}
     dtypes = provenance.get("dtypes", {})
     state = data["state_dict"]
@@ -335,16 +408,18 @@ def export_official(ckpt: PathLike, out_dir: PathLike, *, dtype: Optional[torch.
     def cast(name: str, t: torch.Tensor) -> torch.Tensor:
         target = dtype or (getattr(torch, str(dtypes[name]), None) if name in dtypes else t.dtype)
         if not isinstance(target, torch.dtype):
-            raise OfficialCheckpointError(f"{ckpt}: {PROVENANCE_KEY}.dtypes[{name!r}]={dtypes[name]!r} is not a "
-                                          f"torch dtype")
+            raise OfficialCheckpointError(
+                f"{ckpt}: {PROVENANCE_KEY}.dtypes[{name!r}]={dtypes[name]!r} is not a torch dtype"
+            )
         return t.detach().to(device="cpu", dtype=target).contiguous()
 
     other = sorted(n for n in state if not n.startswith("model.projector.") and lora_ours_to_official(n) is None)
     if other:
-        raise OfficialCheckpointError(f"{ckpt}: tensors the official layout has no place for (peft modules_to_save?): "
-                                      f"{compact_keys(other)}")
+        raise OfficialCheckpointError(
+            f"{ckpt}: tensors the official layout has no place for (peft modules_to_save?): {compact_keys(other)}"
+        )
     prefix = "model.projector."
-    proj_state = {n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)}
+    proj_state = {n[len(prefix) :]: t for n, t in state.items() if n.startswith(prefix)}
     h, c = proj_state["patch_head.0.weight"].shape
     grid = cfg.model.vision.image_size // cfg.model.vision.patch_size
     with torch.device("meta"):
@@ -370,9 +445,15 @@ def export_official(ckpt: PathLike, out_dir: PathLike, *, dtype: Optional[torch.
             from peft import LoraConfig
 
             lora = cfg.model.lora
-            LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                       target_modules=list(lora.target_modules), task_type="CAUSAL_LM", inference_mode=True,
-                       base_model_name_or_path=cfg.model.llm.name_or_path).save_pretrained(str(out))
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules),
+                task_type="CAUSAL_LM",
+                inference_mode=True,
+                base_model_name_or_path=cfg.model.llm.name_or_path,
+            ).save_pretrained(str(out))
         else:
             (out / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
     else:
@@ -380,6 +461,7 @@ def export_official(ckpt: PathLike, out_dir: PathLike, *, dtype: Optional[torch.
     llava = provenance["llava_config"] if "llava_config" in provenance else _llava_config(cfg, c)
     if llava is not None:
         (out / LLAVA_CONFIG).write_text(json.dumps(llava, indent=2, sort_keys=True) + "\n")
-    log.info("exported %s as a %s release to %s (the official loader wants 'lora' in the folder name)", ckpt,
-             variant, out)
+    log.info(
+        "exported %s as a %s release to %s (the official loader wants 'lora' in the folder name)", ckpt, variant, out
+    )
     return out

@@ -53,8 +53,14 @@ SAFETENSORS_VARIANT_KEY = "lightning_sp.variant"  # metadata we write into expor
 
 # Module roots (first two name components, prefix stripped) of the LLM and vision tower in a LLaVA state dict:
 # `split_official_state_dict` sets these aside. Everything else counts as projector and is checked strictly.
-NON_PROJECTOR_ROOTS = ("model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "model.vision_tower",
-                       "lm_head")
+NON_PROJECTOR_ROOTS = (
+    "model.embed_tokens",
+    "model.layers",
+    "model.norm",
+    "model.rotary_emb",
+    "model.vision_tower",
+    "lm_head",
+)
 
 StateDict = Mapping[str, torch.Tensor]
 Source = Union[str, os.PathLike, StateDict]
@@ -63,8 +69,9 @@ Source = Union[str, os.PathLike, StateDict]
 class OfficialCheckpointError(InputError):
     """An official-layout state dict does not match the requested LLaVA-SP variant (or cannot be read safely)."""
 
-    def __init__(self, message: str, *, missing: Iterable[str] = (), unexpected: Iterable[str] = (),
-                 bad: Iterable[str] = ()) -> None:
+    def __init__(
+        self, message: str, *, missing: Iterable[str] = (), unexpected: Iterable[str] = (), bad: Iterable[str] = ()
+    ) -> None:
         super().__init__(message)
         self.missing, self.unexpected, self.bad = sorted(missing), sorted(unexpected), sorted(bad)
 
@@ -104,8 +111,11 @@ def _build_key_table(variant: str) -> tuple[KeyMap, ...]:
 KEY_TABLE: dict[str, tuple[KeyMap, ...]] = {variant: _build_key_table(variant) for variant in VARIANTS}
 
 # Where the widths are read from (official names): C and H from W_p's first Linear (H, C), D from the DFI conv.
-_WIDTH_SOURCES = {"C": ("model.mm_projector.0.weight", 1), "H": ("model.mm_projector.0.weight", 0),
-                  "D": ("model.conv_CM.weight", 0)}
+_WIDTH_SOURCES = {
+    "C": ("model.mm_projector.0.weight", 1),
+    "H": ("model.mm_projector.0.weight", 0),
+    "D": ("model.conv_CM.weight", 0),
+}
 _WIDTH_NDIM = {"model.mm_projector.0.weight": 2, "model.conv_CM.weight": 4}
 
 
@@ -136,9 +146,9 @@ def _render_alternatives(alts: list[str]) -> str:
         return alts[0]
     prefix = os.path.commonprefix(alts)
     prefix = prefix[: prefix.rfind("_") + 1]  # factor out only whole `word_` prefixes ...
-    rest = [a[len(prefix):] for a in alts]
+    rest = [a[len(prefix) :] for a in alts]
     suffix = os.path.commonprefix([r[::-1] for r in rest])[::-1]
-    suffix = suffix[suffix.find("_"):] if "_" in suffix else ""  # ... and `_word` suffixes
+    suffix = suffix[suffix.find("_") :] if "_" in suffix else ""  # ... and `_word` suffixes
     middles = [r[: len(r) - len(suffix)] for r in rest]
     if all(m.isdigit() for m in middles):
         numbers, parts = sorted(int(m) for m in middles), []
@@ -166,7 +176,7 @@ def compact_keys(keys: Iterable[str]) -> str:
                 if len(item) <= pos:
                     merged.append(item)
                     continue
-                signature = (len(item), repr(item[:pos]), repr(item[pos + 1:]))
+                signature = (len(item), repr(item[:pos]), repr(item[pos + 1 :]))
                 if signature in index:
                     merged[index[signature]][pos] = merged[index[signature]][pos] + item[pos]
                     changed = True
@@ -207,8 +217,9 @@ def _read(src: Source) -> tuple[dict, str, dict]:
             f"read with torch.load(weights_only=True), never unpickled ({str(e).splitlines()[0]})"
         ) from e
     if not isinstance(obj, Mapping):
-        raise OfficialCheckpointError(f"{path}: expected a state dict (a mapping of names to tensors), "
-                                      f"got {type(obj).__name__}")
+        raise OfficialCheckpointError(
+            f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
+        )
     return dict(obj), str(path), {}
 
 
@@ -216,37 +227,44 @@ def _strip(raw: dict, where: str) -> dict[str, torch.Tensor]:
     """Drop `PEFT_PREFIX`; keys must be strings and values tensors, and stripping must not merge two keys."""
     not_tensors = sorted(str(k) for k, v in raw.items() if not isinstance(v, torch.Tensor) or not isinstance(k, str))
     if not_tensors:
-        raise OfficialCheckpointError(f"{where}: entries that are not tensors (or not str-named): "
-                                      f"{compact_keys(not_tensors)}", bad=not_tensors)
+        raise OfficialCheckpointError(
+            f"{where}: entries that are not tensors (or not str-named): {compact_keys(not_tensors)}", bad=not_tensors
+        )
     stripped: dict[str, torch.Tensor] = {}
     origin: dict[str, list[str]] = {}
     for key, value in raw.items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         stripped[name] = value
         origin.setdefault(name, []).append(key)
     clashes = sorted(k for keys in origin.values() if len(keys) > 1 for k in keys)
     if clashes:
-        raise OfficialCheckpointError(f"{where}: the same tensor appears with and without the '{PEFT_PREFIX}' "
-                                      f"prefix: {compact_keys(clashes)}", bad=clashes)
+        raise OfficialCheckpointError(
+            f"{where}: the same tensor appears with and without the '{PEFT_PREFIX}' prefix: {compact_keys(clashes)}",
+            bad=clashes,
+        )
     return stripped
 
 
 def _release_cfg(variant: str, sp_width: int) -> ProjectorConfig:
     """The released configuration: the paper's six windows, DFI with 25 K/V tokens, W_s bias for cropping only."""
-    return ProjectorConfig(name=variant, sp_width=sp_width, dfi=True, dfi_kv_tokens=25, sides=None,
-                           head_bias=variant == "cropping")
+    return ProjectorConfig(
+        name=variant, sp_width=sp_width, dfi=True, dfi_kv_tokens=25, sides=None, head_bias=variant == "cropping"
+    )
 
 
 def _meta_projector(variant: str, widths: OfficialWidths, grid: int) -> SpatialProjector:
     """The projector `variant` at these widths, with no storage: its parameter shapes are the expected ones."""
     with torch.device("meta"):
-        projector = build_projector(_release_cfg(variant, widths.D), vision_width=widths.C, llm_width=widths.H,
-                                    grid=grid)
+        projector = build_projector(
+            _release_cfg(variant, widths.D), vision_width=widths.C, llm_width=widths.H, grid=grid
+        )
     ours = set(projector.state_dict())
     table = {row.ours for row in KEY_TABLE[variant]}
     if ours != table:  # a projector change that the table does not follow: a bug here, not in the file
-        raise RuntimeError(f"KEY_TABLE[{variant!r}] is out of date with SpatialProjector: "
-                           f"not in table {sorted(ours - table)}, not in projector {sorted(table - ours)}")
+        raise RuntimeError(
+            f"KEY_TABLE[{variant!r}] is out of date with SpatialProjector: "
+            f"not in table {sorted(ours - table)}, not in projector {sorted(table - ours)}"
+        )
     return projector
 
 
@@ -254,8 +272,9 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
-def _validate(stripped: dict[str, torch.Tensor], variant: str, grid: int, where: str,
-              meta: Mapping[str, str]) -> tuple[OfficialWidths, SpatialProjector]:
+def _validate(
+    stripped: dict[str, torch.Tensor], variant: str, grid: int, where: str, meta: Mapping[str, str]
+) -> tuple[OfficialWidths, SpatialProjector]:
     _check_variant(variant)
     header = f"{where} is not an official LLaVA-SP {variant}+DFI projector state dict"
     recorded = meta.get(SAFETENSORS_VARIANT_KEY)
@@ -275,8 +294,10 @@ def _validate(stripped: dict[str, torch.Tensor], variant: str, grid: int, where:
         if other:
             lines.append(f"  the file has every key of the '{other[0]}' layout: pass variant={other[0]!r}")
         if unexpected and any(_is_non_projector(k) for k in unexpected):
-            lines.append("  some unexpected keys belong to the LLM / vision tower: load "
-                         "split_official_state_dict(state_dict)[0] to import only the projector")
+            lines.append(
+                "  some unexpected keys belong to the LLM / vision tower: load "
+                "split_official_state_dict(state_dict)[0] to import only the projector"
+            )
         raise OfficialCheckpointError("\n".join(lines), missing=missing, unexpected=unexpected)
 
     # 2. float tensors only
@@ -284,7 +305,9 @@ def _validate(stripped: dict[str, torch.Tensor], variant: str, grid: int, where:
     if not_float:
         raise OfficialCheckpointError(
             f"{header}: non-floating-point tensors: "
-            + "; ".join(f"{k} ({stripped[k].dtype})" for k in sorted(not_float, key=_natural)), bad=not_float)
+            + "; ".join(f"{k} ({stripped[k].dtype})" for k in sorted(not_float, key=_natural)),
+            bad=not_float,
+        )
 
     # 3. widths, then every shape against the projector built at those widths
     bad_sources = sorted({k for k, _ in _WIDTH_SOURCES.values() if stripped[k].dim() != _WIDTH_NDIM[k]})
@@ -292,24 +315,31 @@ def _validate(stripped: dict[str, torch.Tensor], variant: str, grid: int, where:
         raise OfficialCheckpointError(
             f"{header}: cannot read the widths: "
             + "; ".join(f"{k} has shape {_shape(stripped[k])}, expected {_WIDTH_NDIM[k]}-D" for k in bad_sources),
-            bad=bad_sources)
+            bad=bad_sources,
+        )
     widths = OfficialWidths(**{sym: int(stripped[k].shape[i]) for sym, (k, i) in _WIDTH_SOURCES.items()})
     projector = _meta_projector(variant, widths, grid)
     want = projector.state_dict()
     wrong = [row.official for row in KEY_TABLE[variant] if stripped[row.official].shape != want[row.ours].shape]
     if wrong:
-        detail = "\n".join(f"  {row.official}: got {_shape(stripped[row.official])}, expected {_shape(want[row.ours])}"
-                           for row in KEY_TABLE[variant] if row.official in wrong)
+        detail = "\n".join(
+            f"  {row.official}: got {_shape(stripped[row.official])}, expected {_shape(want[row.ours])}"
+            for row in KEY_TABLE[variant]
+            if row.official in wrong
+        )
         raise OfficialCheckpointError(
             f"{header}: {len(wrong)} shape(s) do not match the {variant} projector at C={widths.C}, D={widths.D}, "
             f"H={widths.H}, grid {grid} (C and H read from model.mm_projector.0.weight [H, C], D from "
-            f"model.conv_CM.weight [D, C, k, k]):\n{detail}", bad=wrong)
+            f"model.conv_CM.weight [D, C, k, k]):\n{detail}",
+            bad=wrong,
+        )
 
     # 4. finite values (meta tensors have none to check)
     non_finite = sorted(k for k, v in stripped.items() if not v.is_meta and not bool(torch.isfinite(v).all()))
     if non_finite:
-        raise OfficialCheckpointError(f"{header}: non-finite values (NaN/inf) in {compact_keys(non_finite)}",
-                                      bad=non_finite)
+        raise OfficialCheckpointError(
+            f"{header}: non-finite values (NaN/inf) in {compact_keys(non_finite)}", bad=non_finite
+        )
     return widths, projector
 
 
@@ -323,8 +353,9 @@ def check_official_state_dict(src: Source, variant: str, grid: int = PAPER_GRID)
 # ---- import --------------------------------------------------------------------------------------------------
 
 
-def load_official_projector(src: Source, variant: str, grid: int = PAPER_GRID, *,
-                            dtype: Optional[torch.dtype] = torch.float32) -> SpatialProjector:
+def load_official_projector(
+    src: Source, variant: str, grid: int = PAPER_GRID, *, dtype: Optional[torch.dtype] = torch.float32
+) -> SpatialProjector:
     """Build our `SpatialProjector` from an official LLaVA-SP state dict.
 
     `src`: a `non_lora_trainables.bin` (read with `torch.load(weights_only=True)`), a `.safetensors` file, or an
@@ -340,8 +371,10 @@ def load_official_projector(src: Source, variant: str, grid: int = PAPER_GRID, *
         dtypes = {v.dtype for v in stripped.values()}
         if len(dtypes) != 1:
             by_dtype = {str(d): compact_keys(k for k, v in stripped.items() if v.dtype == d) for d in dtypes}
-            raise OfficialCheckpointError(f"{where}: dtype=None keeps the file's dtype, but it mixes "
-                                          + "; ".join(f"{d}: {keys}" for d, keys in sorted(by_dtype.items())))
+            raise OfficialCheckpointError(
+                f"{where}: dtype=None keeps the file's dtype, but it mixes "
+                + "; ".join(f"{d}: {keys}" for d, keys in sorted(by_dtype.items()))
+            )
         dtype = dtypes.pop()
     if not dtype.is_floating_point:
         raise OfficialCheckpointError(f"dtype must be a floating-point dtype, got {dtype}")
@@ -353,7 +386,7 @@ def load_official_projector(src: Source, variant: str, grid: int = PAPER_GRID, *
 
 
 def _is_non_projector(key: str) -> bool:
-    name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
     return any(name == root or name.startswith(root + ".") for root in NON_PROJECTOR_ROOTS)
 
 
@@ -383,18 +416,23 @@ def official_state_dict(projector: SpatialProjector, variant: str, *, prefix: bo
     _check_variant(variant)
     if not isinstance(projector, SpatialProjector):
         raise OfficialCheckpointError(
-            f"only LLaVA-SP projectors have an official layout, got {type(projector).__name__}")
+            f"only LLaVA-SP projectors have an official layout, got {type(projector).__name__}"
+        )
     if projector.sfe_mode != variant:
         raise OfficialCheckpointError(f"cannot export a {projector.sfe_mode} projector as variant {variant!r}")
     ours = projector.state_dict()
     names = {row.ours for row in KEY_TABLE[variant]}
     missing, unexpected = sorted(names - set(ours)), sorted(set(ours) - names)
     if missing or unexpected:
-        parts = [f"{label} [{compact_keys(keys)}]" for label, keys in (("lacks", missing), ("has extra", unexpected))
-                 if keys]
+        parts = [
+            f"{label} [{compact_keys(keys)}]" for label, keys in (("lacks", missing), ("has extra", unexpected)) if keys
+        ]
         raise OfficialCheckpointError(
             f"this {variant} projector has no official layout (the release is {variant}+DFI, W_s bias "
-            f"{'yes' if variant == 'cropping' else 'no'}): {', '.join(parts)}", missing=missing, unexpected=unexpected)
+            f"{'yes' if variant == 'cropping' else 'no'}): {', '.join(parts)}",
+            missing=missing,
+            unexpected=unexpected,
+        )
     state = {row.official: ours[row.ours].detach() for row in KEY_TABLE[variant]}
     # Same names is not enough (other window sides, 49 K/V tokens): check shapes and values as an import would.
     _validate(state, variant, projector.grid, f"the {type(projector).__name__} to export", {})
@@ -402,17 +440,22 @@ def official_state_dict(projector: SpatialProjector, variant: str, *, prefix: bo
     return {lead + name: tensor for name, tensor in state.items()}
 
 
-def export_official_projector(projector: SpatialProjector, path: Union[str, os.PathLike], variant: str, *,
-                              dtype: Optional[torch.dtype] = None) -> Path:
+def export_official_projector(
+    projector: SpatialProjector, path: Union[str, os.PathLike], variant: str, *, dtype: Optional[torch.dtype] = None
+) -> Path:
     """Write `official_state_dict(projector, variant)` to `path`: `.safetensors` via safetensors (with the
     variant in its metadata), `.bin`/`.pt`/`.pth` via `torch.save` (as the release). `dtype`: cast on the way
     out (None keeps the projector's). Written to a temporary file, then renamed."""
     path = Path(path)
     if path.suffix not in (SAFETENSORS_SUFFIX, *BIN_SUFFIXES):
-        raise OfficialCheckpointError(f"unknown checkpoint extension {path.suffix!r} for {path}; use "
-                                      f"{SAFETENSORS_SUFFIX} or {', '.join(BIN_SUFFIXES)}")
-    state = {k: v.to(device="cpu", dtype=dtype or v.dtype).contiguous()
-             for k, v in official_state_dict(projector, variant).items()}
+        raise OfficialCheckpointError(
+            f"unknown checkpoint extension {path.suffix!r} for {path}; use "
+            f"{SAFETENSORS_SUFFIX} or {', '.join(BIN_SUFFIXES)}"
+        )
+    state = {
+        k: v.to(device="cpu", dtype=dtype or v.dtype).contiguous()
+        for k, v in official_state_dict(projector, variant).items()
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     if path.suffix == SAFETENSORS_SUFFIX:

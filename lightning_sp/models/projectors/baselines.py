@@ -74,16 +74,18 @@ class WindowTransformerExtractor(SpatialWindows):
     Dropout 0 (no SP arm has dropout); FFN 4D with GELU, as in CLIP.
     """
 
-    def __init__(self, mode: str, vision_width: int, sp_width: int, grid: int, sides=None, layers: int = 1,
-                 heads: int = 8) -> None:
+    def __init__(
+        self, mode: str, vision_width: int, sp_width: int, grid: int, sides=None, layers: int = 1, heads: int = 8
+    ) -> None:
         super().__init__(mode, grid, sides)
         d = sp_width
         self.embed = nn.Linear(vision_width, d)
         self.position = nn.Parameter(nn.init.trunc_normal_(torch.empty(grid * grid, d), std=0.02))
         self.queries = nn.Parameter(nn.init.trunc_normal_(torch.empty(self.num_tokens, d), std=0.02))
         self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(d, heads, dim_feedforward=4 * d, dropout=0.0, activation="gelu",
-                                       batch_first=True, norm_first=True)
+            nn.TransformerEncoderLayer(
+                d, heads, dim_feedforward=4 * d, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            )
             for _ in range(layers)
         )
         self.last_attention: torch.Tensor | None = None
@@ -121,8 +123,15 @@ class CroppingTransformerProjector(_ExtractorAttention, CroppingProjector):
     transformer (WindowTransformerExtractor); DFI, W_s (with cropping's head-bias rule) and W_p unchanged."""
 
     def build_extractor(self, cfg, vision_width: int, sp_width: int, grid: int) -> nn.Module:
-        return WindowTransformerExtractor(self.sfe_mode, vision_width, sp_width, grid, cfg.sides,
-                                          layers=cfg.extractor_layers, heads=cfg.extractor_heads)
+        return WindowTransformerExtractor(
+            self.sfe_mode,
+            vision_width,
+            sp_width,
+            grid,
+            cfg.sides,
+            layers=cfg.extractor_layers,
+            heads=cfg.extractor_heads,
+        )
 
     @classmethod
     def check_config(cls, cfg, grid: int) -> None:
@@ -161,8 +170,10 @@ class StackedConvExtractor(SpatialWindows):
 
     def forward(self, grid_features: torch.Tensor) -> torch.Tensor:
         """(B, C, G, G) -> (B, S, D)."""
-        tokens = [window_dot(F.gelu(conv(window)), weight)
-                  for window, conv, weight in zip(self.windows(grid_features), self.reduce, self.merge)]
+        tokens = [
+            window_dot(F.gelu(conv(window)), weight)
+            for window, conv, weight in zip(self.windows(grid_features), self.reduce, self.merge)
+        ]
         return torch.stack(tokens, dim=1)
 
 
@@ -299,10 +310,14 @@ class Conv49Projector(Projector):
         if cfg.sp_width < 1:
             raise ProjectorConfigError(f"projector.sp_width must be positive, got {cfg.sp_width}")
         if cfg.dfi:
-            raise ProjectorConfigError("projector 'conv49' is the no-DFI control (49 conv tokens, no SP tokens); "
-                                       "set projector.dfi=false (variant=conv49 does)")
+            raise ProjectorConfigError(
+                "projector 'conv49' is the no-DFI control (49 conv tokens, no SP tokens); "
+                "set projector.dfi=false (variant=conv49 does)"
+            )
         if cfg.sides is not None:
-            raise ProjectorConfigError(f"projector 'conv49' has no SP windows; leave projector.sides unset, got {cfg.sides}")
+            raise ProjectorConfigError(
+                f"projector 'conv49' has no SP windows; leave projector.sides unset, got {cfg.sides}"
+            )
         if dfi_kernel(grid, CONV49_TOKENS) < 1:
             raise ProjectorConfigError(
                 f"projector 'conv49' needs a patch grid of at least 13x13 (kernel = grid - 12 gives 7x7 tokens at "

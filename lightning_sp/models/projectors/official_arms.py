@@ -52,8 +52,10 @@ class _OfficialSFEOnly(CroppingProjector):
     def check_config(cls, cfg, grid: int) -> None:
         super().check_config(cfg, grid)
         if cfg.dfi or cfg.head_bias:
-            raise ProjectorConfigError(f"projector '{cfg.name}' is the official SFE-only arm: projector.dfi and "
-                                       "projector.head_bias must be false (its variant YAML sets them)")
+            raise ProjectorConfigError(
+                f"projector '{cfg.name}' is the official SFE-only arm: projector.dfi and "
+                "projector.head_bias must be false (its variant YAML sets them)"
+            )
 
 
 class OfficialTransformerExtractor(SpatialWindows):
@@ -62,18 +64,29 @@ class OfficialTransformerExtractor(SpatialWindows):
     def __init__(self, mode: str, vision_width: int, grid: int, sides=None) -> None:
         super().__init__(mode, grid, sides)
         if vision_width % TRANSFORMER_HEADS:
-            raise ProjectorConfigError(f"official_transformer runs {TRANSFORMER_HEADS} heads at the vision width; "
-                                       f"{vision_width} is not a multiple of {TRANSFORMER_HEADS}")
+            raise ProjectorConfigError(
+                f"official_transformer runs {TRANSFORMER_HEADS} heads at the vision width; "
+                f"{vision_width} is not a multiple of {TRANSFORMER_HEADS}"
+            )
         self.out_width = vision_width
         with warnings.catch_warnings():
             # nn.Transformer asks its encoder for nested tensors, which pre-norm layers cannot use, and warns so on
             # every construction; they only pay off for padded batches, and crops have no padding.
             warnings.filterwarnings("ignore", message="enable_nested_tensor is True")
             self.transformers = nn.ModuleList(
-                nn.Transformer(d_model=vision_width, nhead=TRANSFORMER_HEADS, num_encoder_layers=TRANSFORMER_LAYERS,
-                               num_decoder_layers=TRANSFORMER_LAYERS, dim_feedforward=vision_width,
-                               dropout=TRANSFORMER_DROPOUT, batch_first=True, norm_first=True, bias=False)
-                for _ in self.sides)
+                nn.Transformer(
+                    d_model=vision_width,
+                    nhead=TRANSFORMER_HEADS,
+                    num_encoder_layers=TRANSFORMER_LAYERS,
+                    num_decoder_layers=TRANSFORMER_LAYERS,
+                    dim_feedforward=vision_width,
+                    dropout=TRANSFORMER_DROPOUT,
+                    batch_first=True,
+                    norm_first=True,
+                    bias=False,
+                )
+                for _ in self.sides
+            )
         self.queries = nn.Parameter(torch.zeros(len(self.sides), vision_width))
 
     def forward(self, grid_features: torch.Tensor) -> torch.Tensor:
@@ -111,8 +124,9 @@ class OfficialStackedExtractor(SpatialWindows):
 
     def forward(self, grid_features: torch.Tensor) -> torch.Tensor:
         """(B, C, G, G) -> (B, S, D)."""
-        return torch.stack([stack(window).flatten(1) for window, stack in
-                            zip(self.windows(grid_features), self.stacks)], dim=1)
+        return torch.stack(
+            [stack(window).flatten(1) for window, stack in zip(self.windows(grid_features), self.stacks)], dim=1
+        )
 
 
 @register("official_stacked")
@@ -132,4 +146,5 @@ class OfficialStackedProjector(_OfficialSFEOnly):
                 f"projector 'official_stacked' has the official conv stacks of the crops {sorted(OFFICIAL_STACKS)} "
                 f"of the paper's {PAPER_GRID}x{PAPER_GRID} grid; this encoder gives a {grid}x{grid} grid (sides "
                 f"{sides}). Use a patch-14 encoder at 336 px (model.vision.patch_size=14; with the embedded default "
-                "also model.vision.name_or_path=null for a random one)")
+                "also model.vision.name_or_path=null for a random one)"
+            )

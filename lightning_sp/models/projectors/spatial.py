@@ -90,7 +90,9 @@ class SpatialWindows(nn.Module):
         """(row0, col0, row1, col1) of each token's window on the grid (pooling tokens see the whole grid)."""
         if self.mode == "pooling":
             return [(0, 0, self.grid, self.grid)] * len(self.sides)
-        return [((self.grid - s) // 2, (self.grid - s) // 2, (self.grid + s) // 2, (self.grid + s) // 2) for s in self.sides]
+        return [
+            ((self.grid - s) // 2, (self.grid - s) // 2, (self.grid + s) // 2, (self.grid + s) // 2) for s in self.sides
+        ]
 
 
 class SpatialFeatureExtractor(SpatialWindows):

@@ -79,7 +79,8 @@ class VisionBackbone(nn.Module):
         """The transformers vision config of this encoder, for HF exports; backbones no HF class loads refuse."""
         raise NotImplementedError(
             f"the '{self.registry_name}' vision backbone has no transformers vision class to export to; HF export "
-            "supports model.vision.backbone=clip (evaluate other encoders from their checkpoints)")
+            "supports model.vision.backbone=clip (evaluate other encoders from their checkpoints)"
+        )
 
     def train(self, mode: bool = True) -> "VisionBackbone":
         super().train(mode)
@@ -89,9 +90,11 @@ class VisionBackbone(nn.Module):
     def check_output(self, features: torch.Tensor) -> torch.Tensor:
         expected = (self.grid * self.grid, self.hidden_size)
         if tuple(features.shape[1:]) != expected:
-            raise RuntimeError(f"vision backbone '{self.registry_name}' returned features {tuple(features.shape)}, "
-                               f"expected (B, {expected[0]}, {expected[1]}): grid {self.grid}x{self.grid}, width "
-                               f"{self.hidden_size}")
+            raise RuntimeError(
+                f"vision backbone '{self.registry_name}' returned features {tuple(features.shape)}, "
+                f"expected (B, {expected[0]}, {expected[1]}): grid {self.grid}x{self.grid}, width "
+                f"{self.hidden_size}"
+            )
         return features
 
 
@@ -114,8 +117,10 @@ def register_vision(name: str) -> Callable[[type[VisionBackbone]], type[VisionBa
 def backbone_class(cfg) -> type[VisionBackbone]:
     """The class registered as ``cfg.backbone`` (a model.vision config); an unknown name lists the valid ones."""
     if cfg.backbone not in VISION_BACKBONES:
-        raise KeyError(f"unknown vision backbone '{cfg.backbone}' (key model.vision.backbone); valid: "
-                       f"{', '.join(sorted(VISION_BACKBONES))}")
+        raise KeyError(
+            f"unknown vision backbone '{cfg.backbone}' (key model.vision.backbone); valid: "
+            f"{', '.join(sorted(VISION_BACKBONES))}"
+        )
     return VISION_BACKBONES[cfg.backbone]
 
 
@@ -128,7 +133,8 @@ def build_vision(cfg) -> VisionBackbone:
         raise ValueError(
             f"vision encoder {cfg.name_or_path or cfg.backbone} takes {backbone.image_size}px images with patch "
             f"{backbone.patch_size}, but the config says model.vision.image_size={cfg.image_size}, "
-            f"patch_size={cfg.patch_size}")
+            f"patch_size={cfg.patch_size}"
+        )
     return backbone
 
 

@@ -18,8 +18,9 @@ def _pretrained_geometry(name_or_path: str) -> Optional[tuple[int, int]]:
     hub cache: never downloaded); None when it cannot be read here (checked again when the model loads)."""
     try:
         local = resolve(name_or_path)
-        config = CLIPVisionConfig.from_pretrained(str(local) if local.is_dir() else str(name_or_path),
-                                                  local_files_only=True)
+        config = CLIPVisionConfig.from_pretrained(
+            str(local) if local.is_dir() else str(name_or_path), local_files_only=True
+        )
     except Exception:  # noqa: BLE001 -- not local, not cached, not a CLIP config: checked when the model loads
         return None
     return int(config.image_size), int(config.patch_size)
@@ -45,7 +46,8 @@ class CLIPVision(VisionBackbone):
             f"model.vision.name_or_path={cfg.name_or_path} takes {size}px images with patch {patch} (a "
             f"{size // patch}x{size // patch} grid), but the config says model.vision.image_size={cfg.image_size}, "
             f"model.vision.patch_size={cfg.patch_size} ({cfg.image_size // cfg.patch_size}x"
-            f"{cfg.image_size // cfg.patch_size}); set model.vision.image_size={size} model.vision.patch_size={patch}")
+            f"{cfg.image_size // cfg.patch_size}); set model.vision.image_size={size} model.vision.patch_size={patch}"
+        )
 
     @classmethod
     def from_config(cls, cfg) -> "CLIPVision":
@@ -54,9 +56,14 @@ class CLIPVision(VisionBackbone):
             source = str(local) if local.is_dir() else cfg.name_or_path
             model = CLIPVisionModel.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
         else:
-            config = CLIPVisionConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                                      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                                      image_size=cfg.image_size, patch_size=cfg.patch_size)
+            config = CLIPVisionConfig(
+                hidden_size=cfg.hidden_size,
+                intermediate_size=cfg.intermediate_size,
+                num_hidden_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_heads,
+                image_size=cfg.image_size,
+                patch_size=cfg.patch_size,
+            )
             with seeded(cfg.init_seed):
                 model = CLIPVisionModel(config)
             if cfg.position_init == "sincos":

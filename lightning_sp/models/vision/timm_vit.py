@@ -34,8 +34,9 @@ def _weights_overlay(name_or_path: str) -> dict:
         for name in WEIGHT_FILES:
             if (local / name).is_file():
                 return {"file": str(local / name)}
-        raise FileNotFoundError(f"model.vision.name_or_path={name_or_path}: the directory holds none of "
-                                f"{', '.join(WEIGHT_FILES)}")
+        raise FileNotFoundError(
+            f"model.vision.name_or_path={name_or_path}: the directory holds none of {', '.join(WEIGHT_FILES)}"
+        )
     return {"hf_hub_id": name_or_path}
 
 
@@ -47,22 +48,29 @@ class TimmViT(VisionBackbone):
     def image_stats(cls, cfg) -> Stats:
         pretrained = timm.models.get_pretrained_cfg(cfg.arch)
         if pretrained is None:
-            raise ValueError(f"model.vision.arch={cfg.arch}: timm has no pretrained config for it, so its "
-                             "normalisation is unknown")
+            raise ValueError(
+                f"model.vision.arch={cfg.arch}: timm has no pretrained config for it, so its normalisation is unknown"
+            )
         return tuple(pretrained.mean), tuple(pretrained.std)
 
     @classmethod
     def check_config(cls, cfg) -> None:
         if not cfg.arch:
-            raise ValueError("model.vision.backbone=timm needs model.vision.arch, a timm architecture name (e.g. "
-                             "vit_so400m_patch14_siglip_384, vit_large_patch14_reg4_dinov2)")
+            raise ValueError(
+                "model.vision.backbone=timm needs model.vision.arch, a timm architecture name (e.g. "
+                "vit_so400m_patch14_siglip_384, vit_large_patch14_reg4_dinov2)"
+            )
         if not timm.is_model(cfg.arch):
             close = timm.list_models(f"*{cfg.arch.split('.')[0].split('_')[0]}*")[:8]
-            raise ValueError(f"model.vision.arch={cfg.arch} is not a timm architecture (timm {timm.__version__}); "
-                             f"for example: {', '.join(close)}")
+            raise ValueError(
+                f"model.vision.arch={cfg.arch} is not a timm architecture (timm {timm.__version__}); "
+                f"for example: {', '.join(close)}"
+            )
         if cfg.select_layer >= 0 or (cfg.select_layer < -cfg.num_layers and not cfg.name_or_path):
-            raise ValueError(f"model.vision.select_layer={cfg.select_layer}: timm backbones take a block counted "
-                             f"from the end (-1 the last block's output, -2 the penultimate)")
+            raise ValueError(
+                f"model.vision.select_layer={cfg.select_layer}: timm backbones take a block counted "
+                f"from the end (-1 the last block's output, -2 the penultimate)"
+            )
 
     @classmethod
     def from_config(cls, cfg) -> "TimmViT":
@@ -72,17 +80,24 @@ class TimmViT(VisionBackbone):
             model = timm.create_model(cfg.arch, **kwargs)
         else:
             if cfg.intermediate_size % cfg.hidden_size:
-                raise ValueError(f"model.vision.intermediate_size ({cfg.intermediate_size}) must be a multiple of "
-                                 f"hidden_size ({cfg.hidden_size}) for a timm ViT (its MLP is sized by a ratio)")
-            kwargs.update(patch_size=cfg.patch_size, embed_dim=cfg.hidden_size, depth=cfg.num_layers,
-                          num_heads=cfg.num_heads, mlp_ratio=cfg.intermediate_size / cfg.hidden_size)
+                raise ValueError(
+                    f"model.vision.intermediate_size ({cfg.intermediate_size}) must be a multiple of "
+                    f"hidden_size ({cfg.hidden_size}) for a timm ViT (its MLP is sized by a ratio)"
+                )
+            kwargs.update(
+                patch_size=cfg.patch_size,
+                embed_dim=cfg.hidden_size,
+                depth=cfg.num_layers,
+                num_heads=cfg.num_heads,
+                mlp_ratio=cfg.intermediate_size / cfg.hidden_size,
+            )
             with seeded(cfg.init_seed):
                 model = timm.create_model(cfg.arch, pretrained=False, **kwargs)
             if cfg.position_init == "sincos":
                 grid = cfg.image_size // cfg.patch_size
                 table = model.pos_embed.data[0]
                 table.zero_()  # prefix tokens' rows, when the table has them
-                table[-grid * grid:] = sincos_2d(grid, cfg.hidden_size)
+                table[-grid * grid :] = sincos_2d(grid, cfg.hidden_size)
         depth = len(model.blocks)
         block = depth + cfg.select_layer
         if not 0 <= block < depth:
@@ -110,7 +125,7 @@ class TimmViT(VisionBackbone):
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         dtype = self.model.patch_embed.proj.weight.dtype
-        (features,) = self.model.forward_intermediates(pixel_values.to(dtype), indices=[self.block], norm=False,
-                                                       intermediates_only=True, output_fmt="NLC")
+        (features,) = self.model.forward_intermediates(
+            pixel_values.to(dtype), indices=[self.block], norm=False, intermediates_only=True, output_fmt="NLC"
+        )
         return features
-
