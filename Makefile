@@ -38,8 +38,9 @@ train: $(STAMP) ## train the embedded default: make train VARIANT=pooling|mlp|cr
 data: $(STAMP) ## generate + shard the synthetic spatial-VQA data (train does this when missing)
 	$(PY) -m lightning_sp prepare-data $(ARGS)
 
-tokenizer: $(STAMP) ## rebuild the shipped tokenizer in data/tokenizer
+tokenizer: $(STAMP) ## rebuild the shipped tokenizer in data/tokenizer and its Llama-3 / Qwen2 chat variants (data/tokenizer_llama3, _qwen2)
 	$(PY) -m lightning_sp.data.tokenizer --out data/tokenizer
+	$(PY) -m lightning_sp.data.chat_tokenizers --base data/tokenizer --out-root lightning_sp/shipped/data
 
 encoder: $(STAMP) ## re-pretrain the shipped tiny vision encoder in data/encoder (contrastive + patch places, synthetic scenes; ~5 min)
 	$(PY) -m lightning_sp.pretrain_encoder --out data/encoder --position-weight 1.0 model.vision.patch_size=28 $(ARGS)

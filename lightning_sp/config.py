@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 
 # Applied in this order: later groups refine earlier ones (a model preset may adjust the stage's learning
 # rates, a variant the projector a model preset sized).
-GROUPS = ("stage", "model", "vision", "data", "trainer", "variant")
-# Groups that may stay unselected: `vision=<preset>` swaps the model preset's encoder (conf/vision/) when given.
-OPTIONAL_GROUPS = ("vision",)
+GROUPS = ("stage", "model", "vision", "llm", "data", "trainer", "variant")
+# Groups that may stay unselected: `vision=<preset>` / `llm=<preset>` swap the model preset's encoder (conf/vision/)
+# or LLM (conf/llm/) when given.
+OPTIONAL_GROUPS = ("vision", "llm")
 
 
 @dataclass
@@ -55,7 +56,10 @@ class VisionConfig:
 
 @dataclass
 class LLMConfig:
-    name_or_path: Optional[str] = None  # HF id or local dir; None builds a random-init Llama from the fields below
+    # Registry name of the LLM family (lightning_sp/models/llm.py): vicuna | llama3 | qwen2. It decides the
+    # instruct stage's conversation format and the random-init architecture.
+    backbone: str = "vicuna"
+    name_or_path: Optional[str] = None  # HF id or local dir; None builds a random-init model from the fields below
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
@@ -79,9 +83,7 @@ class LoraConfig:
     r: int = 128
     alpha: int = 256
     dropout: float = 0.05
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    target_modules: list[str] = field(default_factory=list)  # empty: the LLM backbone's (every Llama projection)
     # Extra LLM modules trained in full (peft `modules_to_save`); the tiny random default trains its embeddings.
     modules_to_save: list[str] = field(default_factory=list)
 
@@ -140,7 +142,9 @@ class DataConfig:
 @dataclass
 class StageConfig:
     name: str = "finetune"  # align | finetune
-    template: str = "vicuna_v1"  # plain | vicuna_v1
+    # The conversation format: plain (align) or, left null, the LLM backbone's own (vicuna_v1, llama3, qwen2);
+    # compose fills it in, so a saved config names the format it trained with.
+    template: Optional[str] = None
     lora: bool = True  # attach LoRA adapters to the LLM (finetune); align trains the projector only
     # Every LLM weight trains (no LoRA): LLaVA-1.5 "full", the paper's main baseline (stage=finetune_full).
     full_llm: bool = False
@@ -365,10 +369,27 @@ def compose(
     cfg.choices = {g: choices[g] for g in GROUPS if g in choices} | ({"experiment": experiment} if experiment else {})
     given = {item.split("=", 1)[0].strip() for item in field_overrides}
     _derive_accumulation(cfg, explicit="trainer.accumulate_grad_batches" in given)
+    _fill_llm_defaults(cfg)
     _warn_unused_lora_overrides(cfg, given)
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _fill_llm_defaults(cfg: DictConfig) -> None:
+    """What the LLM backbone decides when the config leaves it open (the model, not the stage, owns its format):
+    stage.template null -> its chat format; model.lora.target_modules empty -> its LoRA targets. Filled in, so a
+    saved config names what the run used."""
+    from lightning_sp.models.llm import llm_backbone
+
+    try:
+        backbone = llm_backbone(cfg.model.llm)
+    except KeyError as e:
+        raise ConfigError(str(e).strip('"')) from e
+    if cfg.stage.template is None:
+        cfg.stage.template = backbone.chat_format
+    if not cfg.model.lora.target_modules:
+        cfg.model.lora.target_modules = list(backbone.lora_targets)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -417,10 +438,20 @@ def validate(cfg: DictConfig) -> None:
             f"stage.name={cfg.stage.name}, stage.lora={cfg.stage.lora}): use stage=finetune_full"
         )
     from lightning_sp.data.conversation import TEMPLATES
+    from lightning_sp.models.llm import llm_backbone
 
+    try:
+        chat_format = llm_backbone(cfg.model.llm).chat_format
+    except KeyError as e:
+        raise ConfigError(str(e).strip('"')) from e
     if cfg.stage.template not in TEMPLATES:
         raise ConfigError(
             f"unknown template '{cfg.stage.template}' (key stage.template); valid: {', '.join(TEMPLATES)}"
+        )
+    if cfg.stage.template not in ("plain", chat_format):
+        raise ConfigError(
+            f"stage.template={cfg.stage.template} but model.llm.backbone={cfg.model.llm.backbone} speaks "
+            f"{chat_format}: leave stage.template unset (the backbone's format) or plain (the align stage's)"
         )
     if cfg.resume is not None and cfg.init is not None:
         raise ConfigError("init= (warm start: weights only) and resume= (continue a run) exclude each other")
@@ -704,6 +735,7 @@ def from_container(container: Any, source: str, overrides: list[str] | tuple[str
     cfg = _merge(schema, container, schema, source)
     if overrides:
         cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), schema, "overrides")
+    _fill_llm_defaults(cfg)
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg

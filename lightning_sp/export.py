@@ -118,6 +118,13 @@ def _client_tokenizer(tokenizer, template: str):
     tok.padding_side = "left"
     tok.model_input_names = ["input_ids", "attention_mask"]
     tok.init_kwargs["model_input_names"] = tok.model_input_names  # saved in tokenizer_config.json
+    from lightning_sp.data.conversation import MarkupTemplate, get_template
+
+    if isinstance(get_template(template), MarkupTemplate):
+        # A chat-markup family (Llama-3, Qwen2) trained in its own tokenizer's format: clients keep that template.
+        if not tok.chat_template:
+            raise ConfigError(f"the run's {template} tokenizer has no chat template to export")
+        return tok
     tok.chat_template = chat_template(template)
     return tok
 

@@ -131,7 +131,7 @@ def prompt_ids(run: Run, question: str) -> torch.Tensor:
 
 def sample_maps(run: Run, batch: dict, index: int = 0, question: Optional[str] = None):
     """Attention maps of sample `index` of `batch`, asked its own question or `question` (then no target)."""
-    from lightning_sp.viz import compute_sample_maps, template_roles
+    from lightning_sp.viz import compute_sample_maps, question_markers
 
     if question is None:
         return attention_maps(run, batch, [index])[0]
@@ -142,7 +142,7 @@ def sample_maps(run: Run, batch: dict, index: int = 0, question: Optional[str] =
         prompt_ids(run, question),
         sample_id=str(batch["ids"][index]) if "ids" in batch else str(index),
         max_new_tokens=run.cfg.eval.max_new_tokens,
-        roles=template_roles(run.cfg.stage.template),
+        markers=question_markers(run.cfg.stage.template),
     )
 
 
@@ -162,8 +162,8 @@ def export_pngs(
 
 
 def attention_maps(run: Run, batch: dict, indices: Optional[Sequence[int]] = None):
-    """:func:`lightning_sp.viz.compute_maps` with the run's generation length and conversation roles."""
-    from lightning_sp.viz import compute_maps, template_roles
+    """:func:`lightning_sp.viz.compute_maps` with the run's generation length and question markers."""
+    from lightning_sp.viz import compute_maps, question_markers
 
     return compute_maps(
         run.model,
@@ -171,5 +171,5 @@ def attention_maps(run: Run, batch: dict, indices: Optional[Sequence[int]] = Non
         batch,
         indices,
         max_new_tokens=run.cfg.eval.max_new_tokens,
-        roles=template_roles(run.cfg.stage.template),
+        markers=question_markers(run.cfg.stage.template),
     )

@@ -416,15 +416,19 @@ class AttentionMaps:
         return upsample_to_image(torch.from_numpy(self.llm_patches), self.image.shape[:2]).numpy()
 
 
-def question_text(tokenizer, prompt_ids: Sequence[int], image_token_id: int, roles=("USER", "ASSISTANT")) -> str:
-    """The last human turn of a prompt, without the image tokens, the system prompt and the role names."""
+def question_text(tokenizer, prompt_ids: Sequence[int], image_token_id: int, markers=("USER:", "ASSISTANT:")) -> str:
+    """The last human turn of a prompt, without the image tokens, the system prompt and the turn markup.
+
+    ``markers``: the text before and after a question in the rendered prompt (``question_markers(template)``)."""
     ids = [int(i) for i in prompt_ids if int(i) != image_token_id]
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    user, assistant = roles
-    if user and f"{user}:" in text:
-        text = text.rsplit(f"{user}:", 1)[1]
-    if assistant and text.rstrip().endswith(f"{assistant}:"):
-        text = text.rstrip()[: -len(assistant) - 1]
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    before, after = markers
+    if before and before in text:
+        text = text.rsplit(before, 1)[1]
+    if after and after in text:
+        text = text.split(after, 1)[0]
+    for special in tokenizer.all_special_tokens:  # BOS, or markup a prompt without markers keeps
+        text = text.replace(special, "")
     return text.strip()
 
 
@@ -490,7 +494,7 @@ def compute_sample_maps(
     qtype: str = "",
     max_new_tokens: int = 8,
     answer_ids: Optional[Sequence[int]] = None,
-    roles=("USER", "ASSISTANT"),
+    markers=("USER:", "ASSISTANT:"),
     synced_gpus: Optional[bool] = None,
 ) -> AttentionMaps:
     """Maps of one sample: ``pixel_values`` (3, H, W) normalised, ``prompt_ids`` (L,) unpadded with the image
@@ -524,7 +528,7 @@ def compute_sample_maps(
     hw = image.shape[:2]
     s = layout.num_sp_tokens
     visual = by_layer.mean(dim=(0, 1))
-    question = question_text(tokenizer, prompt_ids, model.image_token_id, roles)
+    question = question_text(tokenizer, prompt_ids, model.image_token_id, markers)
     maps = AttentionMaps(
         image=image,
         patch_grid=tuple(layout.patch_grid),
@@ -599,7 +603,7 @@ def compute_maps(
     indices: Optional[Sequence[int]] = None,
     *,
     max_new_tokens: int = 8,
-    roles=("USER", "ASSISTANT"),
+    markers=("USER:", "ASSISTANT:"),
 ) -> list[AttentionMaps]:
     """Maps for samples of a validation batch (``pixel_values``, left-padded ``prompt_ids`` +
     ``prompt_attention_mask``, optional ``answers``/``ids``/``qtypes``); all samples unless ``indices``."""
@@ -617,16 +621,17 @@ def compute_maps(
                 sample_id=str(batch["ids"][i]) if "ids" in batch else str(i),
                 qtype=str(batch["qtypes"][i]) if "qtypes" in batch else "",
                 max_new_tokens=max_new_tokens,
-                roles=roles,
+                markers=markers,
             )
         )
     return out
 
 
-def template_roles(template: str) -> tuple[str, str]:
+def question_markers(template: str) -> tuple[str, str]:
+    """What :func:`question_text` cuts a question out by, for the conversation template ``template``."""
     from lightning_sp.data.conversation import get_template
 
-    return tuple(get_template(template).roles)
+    return get_template(template).question_markers
 
 
 # ---- drawing ------------------------------------------------------------------------------------------------

@@ -328,7 +328,7 @@ def test_prompt_matches_training_encoding(tok):
 
 
 def test_template_registry(tok):
-    assert set(TEMPLATES) == {"plain", "vicuna_v1"}
+    assert set(TEMPLATES) == {"plain", "vicuna_v1", "llama3", "qwen2"}  # the last two: tests/test_llm_backbones.py
     assert get_template("vicuna_v1") is TEMPLATES["vicuna_v1"] and get_template(TEMPLATES["plain"]).plain
     with pytest.raises(KeyError, match="plain.*vicuna_v1"):
         get_template("vicuna")

@@ -96,7 +96,7 @@ class AttentionMapLogger(L.Callback):
         log.info("attention maps for %d images in %.1fs", len(maps), time.perf_counter() - started)
 
     def compute(self, trainer, pl_module) -> list:
-        from lightning_sp.viz import compute_sample_maps, template_roles
+        from lightning_sp.viz import compute_sample_maps, question_markers
 
         count = torch.tensor(len(self.kept), device=pl_module.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -110,7 +110,7 @@ class AttentionMapLogger(L.Callback):
                 **sample,
                 synced_gpus=sharded,
                 max_new_tokens=self.max_new_tokens or cfg.eval.max_new_tokens,
-                roles=template_roles(cfg.stage.template),
+                markers=question_markers(cfg.stage.template),
             )
             for sample in self.kept[: int(count)]
         ]

@@ -54,7 +54,7 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def cell_questions(batch: dict, tokenizer, image_token_id: int, roles) -> list[tuple[int, tuple[int, int]]]:
+def cell_questions(batch: dict, tokenizer, image_token_id: int, markers) -> list[tuple[int, tuple[int, int]]]:
     """(index in the batch, (row, col)) of the samples of an eval batch with an image whose question names a cell."""
     from lightning_sp.viz import named_cell, question_text
 
@@ -64,7 +64,7 @@ def cell_questions(batch: dict, tokenizer, image_token_id: int, roles) -> list[t
         if has_image is not None and not bool(has_image[i]):
             continue
         prompt = batch["prompt_ids"][i][batch["prompt_attention_mask"][i].bool()]
-        cell = named_cell(question_text(tokenizer, prompt.tolist(), image_token_id, roles))
+        cell = named_cell(question_text(tokenizer, prompt.tolist(), image_token_id, markers))
         if cell is not None:
             out.append((i, cell))
     return out
@@ -158,12 +158,12 @@ class AttentionMetrics(L.Callback):
         self._seen = None
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        from lightning_sp.viz import last_position_attention, left_trimmed, prompt_attention, template_roles
+        from lightning_sp.viz import last_position_attention, left_trimmed, prompt_attention, question_markers
 
         started = time.perf_counter()
         model = pl_module.model
         asked = cell_questions(
-            batch, pl_module.tokenizer, model.image_token_id, template_roles(pl_module.cfg.stage.template)
+            batch, pl_module.tokenizer, model.image_token_id, question_markers(pl_module.cfg.stage.template)
         )
         if self.max_questions is not None:
             asked = asked[: max(0, math.ceil(self.max_questions / trainer.world_size) - int(self.sums["target_n"]))]

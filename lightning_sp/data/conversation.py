@@ -90,15 +90,86 @@ class Template:
             spans = []
         return text, spans
 
+    @property
+    def question_markers(self) -> tuple[str, str]:
+        """The text just before and just after a human turn's question in a rendered prompt (special tokens
+        kept): what :func:`lightning_sp.viz.question_text` cuts the last question out by."""
+        user, assistant = self.roles
+        return (f"{user}:", f"{assistant}:") if user else ("", "")
 
-TEMPLATES: dict[str, Template] = {
+
+@dataclass(frozen=True)
+class MarkupTemplate:
+    """A chat format whose turns are wrapped in special-token markup (Llama-3 chat, Qwen2 chat/ChatML): the text
+    its model's own chat template (``tokenizer.chat_template``) renders, without the BOS the tokenizer adds.
+
+    Each turn is ``header.format(role=...) + text + end_of_turn + after_turn``. An answer's supervised span is its
+    text through ``end_of_turn`` (what the model must emit to stop; ``after_turn``, Qwen's newline, is not).
+    ``trim``: the content is stripped of surrounding whitespace (Llama-3's template does ``| trim``). An empty
+    ``system`` writes no system turn."""
+
+    name: str
+    header: str
+    end_of_turn: str
+    system: str = ""
+    after_turn: str = ""
+    trim: bool = False
+    roles: tuple[str, str] = ("user", "assistant")
+    plain = False
+
+    @property
+    def sep2(self) -> str:  # the end-of-turn token, as Template names it (checked to be a special token)
+        return self.end_of_turn
+
+    def _turn(self, role: str, text: str) -> str:
+        content = text.strip() if self.trim else text
+        return self.header.format(role=role) + content + self.end_of_turn + self.after_turn
+
+    def render(self, turns: list[tuple[str, str]], prompt_only: bool = False) -> tuple[str, list[tuple[int, int]]]:
+        """As :meth:`Template.render`: the text and the char spans to supervise (none with ``prompt_only``, which
+        ends with the assistant header where the answer begins)."""
+        user, assistant = self.roles
+        text = self._turn("system", self.system) if self.system else ""
+        spans = []
+        for role, value in turns:
+            if role == HUMAN:
+                text += self._turn(user, value)
+            else:
+                text += self.header.format(role=assistant)
+                start = len(text)
+                text += (value.strip() if self.trim else value) + self.end_of_turn
+                spans.append((start, len(text)))
+                text += self.after_turn
+        if prompt_only:
+            text += self.header.format(role=assistant)
+            spans = []
+        return text, spans
+
+    @property
+    def question_markers(self) -> tuple[str, str]:
+        return self.header.format(role=self.roles[0]), self.end_of_turn
+
+
+TEMPLATES: dict[str, Template | MarkupTemplate] = {
     "plain": Template("plain", system="", roles=("", ""), sep="\n", sep2="", plain=True),
     "vicuna_v1": Template("vicuna_v1", system=VICUNA_SYSTEM),
+    # Llama-3 Instruct's chat template: no default system prompt, contents trimmed, <|eot_id|> ends every turn.
+    "llama3": MarkupTemplate(
+        "llama3", header="<|start_header_id|>{role}<|end_header_id|>\n\n", end_of_turn="<|eot_id|>", trim=True
+    ),
+    # Qwen2 Instruct's (ChatML): a default system prompt, <|im_end|> then a newline after every turn.
+    "qwen2": MarkupTemplate(
+        "qwen2",
+        header="<|im_start|>{role}\n",
+        end_of_turn="<|im_end|>",
+        after_turn="\n",
+        system="You are a helpful assistant.",
+    ),
 }
 
 
-def get_template(name: str | Template) -> Template:
-    if isinstance(name, Template):
+def get_template(name: str | Template | MarkupTemplate) -> Template | MarkupTemplate:
+    if isinstance(name, (Template, MarkupTemplate)):
         return name
     try:
         return TEMPLATES[name]
@@ -198,6 +269,12 @@ def check_tokenizer(tokenizer, template: Template) -> int:
         raise ValueError(
             f"template {template.name!r} ends turns with {template.sep2!r}, "
             "which is not a special token of this tokenizer"
+        )
+    if template.sep2 and tokenizer.eos_token != template.sep2:
+        # Generation stops at eos_token_id: a model trained to end its turns with another token would run on.
+        raise ValueError(
+            f"template {template.name!r} ends turns with {template.sep2!r} but the tokenizer's eos_token is "
+            f"{tokenizer.eos_token!r}; use the LLM's own (chat) tokenizer, whose eos is its end-of-turn token"
         )
     return image_id
 

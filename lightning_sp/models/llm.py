@@ -1,28 +1,38 @@
-"""Causal LM loading (HF) and LoRA attachment (peft)."""
+"""LLM backbones (model.llm.backbone), causal LM loading (HF) and LoRA attachment (peft).
+
+A backbone names an LLM family as LLaVA-style training meets it: its conversation format (the instruct stage's
+template; the align stage is always ``plain``), the HF config class its random-init tiny form is built from, and the
+LoRA target modules it defaults to. Pretrained weights load with ``AutoModelForCausalLM`` whatever the family; the
+tokenizer (``model.tokenizer``) must be the LLM's own, whose eos is the format's end-of-turn token (checked).
+A new family is one subclass registered under an exact name plus one YAML (``conf/llm/``).
+"""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel, Qwen2Config
 
 from lightning_sp.models.seeding import seeded
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def build_llm(cfg, tokenizer) -> PreTrainedModel:
-    """A pretrained causal LM (`name_or_path`) or a random-init Llama sized by the config and the tokenizer."""
-    dtype = DTYPES[cfg.dtype]
-    if cfg.name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path,
-            torch_dtype=dtype,
-            attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code,
-        )
-    else:
-        config = LlamaConfig(
+class LLMBackbone:
+    """What the rest of the code asks of an LLM family. Subclasses set the class attributes."""
+
+    registry_name: str = ""
+    chat_format: str = ""  # a key of lightning_sp.data.conversation.TEMPLATES
+    config_class: type[PretrainedConfig] = LlamaConfig
+    lora_targets: tuple[str, ...] = LLAMA_PROJECTIONS
+
+    @classmethod
+    def random_config(cls, cfg, tokenizer) -> PretrainedConfig:
+        """The HF config of a random-init model at the config's sizes, its vocabulary the tokenizer's."""
+        return cls.config_class(
             vocab_size=len(tokenizer),
             hidden_size=cfg.hidden_size,
             intermediate_size=cfg.intermediate_size,
@@ -37,9 +47,75 @@ def build_llm(cfg, tokenizer) -> PreTrainedModel:
             pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=False,
         )
+
+
+LLM_BACKBONES: dict[str, type[LLMBackbone]] = {}
+
+
+def register_llm(name: str) -> Callable[[type[LLMBackbone]], type[LLMBackbone]]:
+    def add(cls: type[LLMBackbone]) -> type[LLMBackbone]:
+        if name in LLM_BACKBONES:
+            raise ValueError(f"LLM backbone '{name}' registered twice ({LLM_BACKBONES[name]} and {cls})")
+        LLM_BACKBONES[name] = cls
+        cls.registry_name = name
+        return cls
+
+    return add
+
+
+def llm_backbone(cfg) -> type[LLMBackbone]:
+    """The class registered as ``cfg.backbone`` (a model.llm config); an unknown name lists the valid ones."""
+    if cfg.backbone not in LLM_BACKBONES:
+        raise KeyError(
+            f"unknown LLM backbone '{cfg.backbone}' (key model.llm.backbone); valid: {', '.join(sorted(LLM_BACKBONES))}"
+        )
+    return LLM_BACKBONES[cfg.backbone]
+
+
+@register_llm("vicuna")
+class Vicuna(LLMBackbone):
+    """Llama-architecture chat models in Vicuna v1's format (LLaVA-1.5: Vicuna-7B/13B v1.5)."""
+
+    chat_format = "vicuna_v1"
+
+
+@register_llm("llama3")
+class Llama3(LLMBackbone):
+    """Llama-3 Instruct models (grouped-query attention, RoPE base 5e5 in their configs) in Llama-3's chat format."""
+
+    chat_format = "llama3"
+
+
+@register_llm("qwen2")
+class Qwen2(LLMBackbone):
+    """Qwen2 / Qwen2.5 Instruct models (biased q/k/v projections) in ChatML, Qwen2's chat format."""
+
+    chat_format = "qwen2"
+    config_class = Qwen2Config
+
+    @classmethod
+    def random_config(cls, cfg, tokenizer) -> PretrainedConfig:
+        config = super().random_config(cfg, tokenizer)
+        config.use_sliding_window = False
+        return config
+
+
+def build_llm(cfg, tokenizer) -> PreTrainedModel:
+    """A pretrained causal LM (`name_or_path`) or a random-init one of the backbone's family, sized by the config
+    and the tokenizer."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path,
+            torch_dtype=dtype,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    else:
+        config = llm_backbone(cfg).random_config(cfg, tokenizer)
         config._attn_implementation = cfg.attn_implementation
         with seeded(cfg.init_seed):
-            model = LlamaForCausalLM(config).to(dtype)
+            model = AutoModelForCausalLM.from_config(config).to(dtype)
     if model.get_input_embeddings().num_embeddings < len(tokenizer) - 1:
         # `<image>` may be the one token beyond the LM's vocabulary: it is never looked up (see vlm.py).
         raise ValueError(
