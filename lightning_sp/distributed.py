@@ -69,9 +69,6 @@ from lightning_sp.checkpoint import SHARDED_META, is_sharded_checkpoint, sharded
 log = logging.getLogger(__name__)
 
 BF16_PRECISIONS = ("bf16-mixed", "bf16", "bf16-true")
-# Projector parts big enough for units of their own (the full-window SP convolutions); the heads W_s, W_p stay in
-# the projector's unit, whose output (the concatenated tokens) is what the LLM consumes.
-PROJECTOR_UNITS = ("sfe", "dfi")
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)  # no forward: never a unit
 
 
@@ -190,9 +187,8 @@ def plan_units(model: nn.Module) -> list[Unit]:
     for layer in model.vision.fsdp_blocks():
         p.add([layer])
     p.add([model.vision])
-    for name in PROJECTOR_UNITS:
-        if isinstance(getattr(model.projector, name, None), nn.Module):
-            p.add([getattr(model.projector, name)])
+    for part in model.projector.fsdp_units():  # declared by the projector (Projector.fsdp_units)
+        p.add([part])
     p.add([model.projector])
     p.add([model], keep_empty=True)
     return p.units

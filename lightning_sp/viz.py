@@ -585,15 +585,19 @@ def sp_attention_images(projector, attention: Optional[torch.Tensor], image_hw: 
 
 
 def sp_attention_kind(projector, attention: Optional[torch.Tensor]) -> Optional[str]:
-    """What ``projector.last_attention`` holds: "dfi" (over the DFI's K/V tokens), "extractor" (over the patch
-    grid), or None (nothing, or a shape this module cannot place on the image)."""
-    if attention is None:
+    """What ``projector.last_attention`` holds, as the projector declares it (``Projector.attention_kind``): "dfi"
+    (over the DFI's K/V tokens), "extractor" (over the patch grid), or None (nothing); a shape that disagrees with
+    the declaration is an error, not a silent blank picture."""
+    kind = projector.attention_kind
+    if attention is None or kind is None:
         return None
-    if getattr(projector, "dfi", None) is not None:
-        return "dfi" if math.isqrt(attention.shape[-1]) ** 2 == attention.shape[-1] else None
-    if attention.shape[-1] == projector.layout.num_patch_tokens:
-        return "extractor"
-    return None
+    k = attention.shape[-1]
+    if (kind == "dfi" and math.isqrt(k) ** 2 != k) or (kind == "extractor" and k != projector.layout.num_patch_tokens):
+        raise ValueError(
+            f"projector '{getattr(projector, 'registry_name', '?')}' declares {kind} attention but last_attention "
+            f"has {k} keys per SP token"
+        )
+    return kind
 
 
 def compute_maps(

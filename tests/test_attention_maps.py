@@ -319,3 +319,18 @@ def test_latest_run_picks_the_newest_checkpoint_and_a_missing_run_says_how_to_ma
         ckpt.write_bytes(b"")
         os.utime(ckpt, (1000 + i, 1000 + (i if name != "mlp/20250102-000000" else 10)))
     assert latest_run(tmp_path) == tmp_path / "mlp" / "20250102-000000"  # newest checkpoint, not newest name
+
+
+def test_attention_kind_is_the_projectors_declaration_and_a_wrong_shape_is_an_error():
+    from types import SimpleNamespace
+
+    dfi = SimpleNamespace(attention_kind="dfi", registry_name="pooling", layout=SimpleNamespace(num_patch_tokens=144))
+    assert viz.sp_attention_kind(dfi, torch.full((6, 25), 1 / 25)) == "dfi"
+    with pytest.raises(ValueError, match="'pooling' declares dfi attention but last_attention has 10 keys"):
+        viz.sp_attention_kind(dfi, torch.full((6, 10), 0.1))
+    extractor = SimpleNamespace(
+        attention_kind="extractor", registry_name="x", layout=SimpleNamespace(num_patch_tokens=9)
+    )
+    assert viz.sp_attention_kind(extractor, torch.full((6, 9), 1 / 9)) == "extractor"
+    with pytest.raises(ValueError, match="declares extractor attention"):
+        viz.sp_attention_kind(extractor, torch.full((6, 25), 1 / 25))

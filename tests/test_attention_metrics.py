@@ -369,8 +369,10 @@ def test_sums_and_metrics_for_a_projector_without_sp_tokens_by_hand():
             "val/attention_on_target": 2.25,
         }
     )
-    projector = SimpleNamespace(dfi=None, layout=SimpleNamespace(num_patch_tokens=9))
+    projector = SimpleNamespace(attention_kind=None, layout=SimpleNamespace(num_patch_tokens=9))
     assert spread_sums(projector, None) == Counter()
+    assert spread_sums(projector, torch.full((1, 2, 9), 1 / 9)) == Counter()  # declares nothing to show
+    projector = SimpleNamespace(attention_kind="extractor", layout=SimpleNamespace(num_patch_tokens=9))
     extractor = spread_sums(projector, torch.full((1, 2, 9), 1 / 9))  # attention over the patch grid: uniform
     assert metrics_from_sums(extractor) == pytest.approx(
         {"val/extractor_attention_max_over_uniform": 1.0, "val/extractor_attention_entropy": 1.0}

@@ -47,6 +47,17 @@ class Projector(nn.Module):
         """Patch-grid boxes (row0, col0, row1, col1) each SP token summarises, for drawing; [] if none."""
         return []
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """Submodules big enough for FSDP units of their own (sharded and all-gathered apart from the rest of the
+        projector), innermost first. Default: none; the whole projector is one unit."""
+        return []
+
+    @property
+    def attention_kind(self) -> Optional[str]:
+        """What ``last_attention`` holds after a forward, for pictures and metrics: "dfi" (each SP token over the
+        DFI's n x n K/V tokens), "extractor" (each SP token over the patch grid), or None (nothing to show)."""
+        return None
+
     def sp_conv_parameters(self) -> list[nn.Parameter]:
         """Weights of convolutions whose kernel covers a whole window (fan-in up to grid*grid*C): the optimizer
         trains them at `optim.lr_sp_conv` (Adam moves each weight by ~lr, their outputs by ~lr * fan-in), every

@@ -58,6 +58,10 @@ class _ExtractorAttention:
             self.last_attention = self.sfe.last_attention
         return out
 
+    @property
+    def attention_kind(self):
+        return "dfi" if self.dfi is not None else "extractor"
+
 
 # ---- transformer extractor per crop ---------------------------------------------------------------------------
 

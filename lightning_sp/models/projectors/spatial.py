@@ -12,6 +12,7 @@ backward of a 24×24×1024 kernel is >10× faster as a matmul than through the c
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +192,15 @@ class SpatialProjector(Projector):
 
     def sp_conv_parameters(self) -> list[nn.Parameter]:
         return [*self.sfe.full_window_weights(), *([self.dfi.kv_weight] if self.dfi is not None else [])]
+
+    def fsdp_units(self) -> list[nn.Module]:
+        # The full-window SP convolutions and the DFI; the heads W_s, W_p stay in the projector's unit, whose output
+        # (the concatenated tokens) is what the LLM consumes.
+        return [self.sfe, *([self.dfi] if self.dfi is not None else [])]
+
+    @property
+    def attention_kind(self) -> Optional[str]:
+        return "dfi" if self.dfi is not None else None
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         grid_features = patch_grid(patches, self.grid)
