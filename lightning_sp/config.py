@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 from lightning_sp.data import locations
+from lightning_sp.dtypes import dtype_named
 from lightning_sp.paths import SHIPPED
 
 CONF_DIR = SHIPPED / "conf"  # package data: a wheel install composes the same configs (`conf/` links here)
@@ -465,8 +466,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"model.vision.position_init must be 'sincos' or 'hf', got '{cfg.model.vision.position_init}'"
         )
-    if cfg.model.llm.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"model.llm.dtype must be float32, bfloat16 or float16, got '{cfg.model.llm.dtype}'")
+    try:
+        dtype_named(cfg.model.llm.dtype, "model.llm.dtype")
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if not 0.0 <= cfg.data.max_skipped_fraction <= 1.0:
         raise ConfigError(
             f"data.max_skipped_fraction must be in [0, 1] (1 never stops), got {cfg.data.max_skipped_fraction}"

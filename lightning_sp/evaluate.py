@@ -50,6 +50,7 @@ from lightning_sp.data.conversation import (
 )
 from lightning_sp.data.images import DEFAULT_STATS, ImageProcessor, ImageStats
 from lightning_sp.data.tokenizer import IMAGE_TOKEN
+from lightning_sp.dtypes import dtype_named
 from lightning_sp.metrics import ExactMatch, POPEMetrics, VQAAccuracy
 
 log = logging.getLogger(__name__)
@@ -105,15 +106,19 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_module(path: str | Path, overrides: Sequence[str] = (), device: str = "cpu", dtype: Optional[str] = None):
-    """Rebuild the LightningModule of a run from a checkpoint (or run directory), in eval mode on ``device``;
-    see :func:`lightning_sp.checkpoint.load_module` (strict about trainable tensors)."""
-    from lightning_sp.checkpoint import load_module as load_checkpoint_module
+def load_for_inference(
+    path: str | Path, overrides: Sequence[str] = (), device: str = "cpu", dtype: Optional[str] = None
+):
+    """:func:`lightning_sp.checkpoint.load_module` (the LightningModule of a run, rebuilt from a checkpoint or run
+    directory, strict about trainable tensors), cast to ``dtype``, on ``device``, in eval mode."""
+    from lightning_sp.checkpoint import load_module
 
-    module = load_checkpoint_module(path, overrides)
+    module = load_module(path, overrides)
     if dtype is not None:
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        try:
+            dtype_named(dtype)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         # RoPE's inverse frequencies stay float32, as transformers' from_pretrained(torch_dtype=...) keeps them:
         # rounded to bf16 they shift every position's angle (logits up to ~0.03 apart on the tiny model).
         keep = {name: buf for name, buf in module.named_buffers() if name.endswith("inv_freq")}
@@ -224,7 +229,7 @@ class Predictor:
     def from_checkpoint(
         cls, path: str | Path, overrides: Sequence[str] = (), device: str = "auto", dtype: Optional[str] = None
     ) -> "Predictor":
-        return cls(load_module(path, overrides, device=device, dtype=dtype))
+        return cls(load_for_inference(path, overrides, device=device, dtype=dtype))
 
     @property
     def device(self) -> torch.device:
@@ -631,7 +636,7 @@ __all__ = [
     "Question",
     "SHORT_ANSWER_PROMPT",
     "evaluate",
-    "load_module",
+    "load_for_inference",
     "load_question_file",
     "score",
     "synthetic_questions",

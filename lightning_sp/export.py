@@ -40,6 +40,7 @@ import torch
 from omegaconf import MISSING
 
 from lightning_sp.config import ConfigError, parse_command_options
+from lightning_sp.dtypes import dtype_named
 
 log = logging.getLogger(__name__)
 
@@ -260,9 +261,10 @@ def export_hf(
     module = load_module(ckpt, overrides)
     cfg, model, tokenizer = module.cfg, module.model, module.tokenizer
     dtype_name = dtype or cfg.model.llm.dtype
-    if dtype_name not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype_name!r}")
-    torch_dtype = getattr(torch, dtype_name)
+    try:
+        torch_dtype = dtype_named(dtype_name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     name = cfg.projector.name
     try:
         model.vision.hf_vision_config()

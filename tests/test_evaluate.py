@@ -39,10 +39,10 @@ def files(tmp_path_factory):
 
 
 def test_bf16_evaluation_keeps_rope_frequencies_in_float32(run_dir):
-    from lightning_sp.evaluate import load_module
+    from lightning_sp.evaluate import load_for_inference
 
-    full = load_module(run_dir, dtype="float32")
-    half = load_module(run_dir, dtype="bfloat16")
+    full = load_for_inference(run_dir, dtype="float32")
+    half = load_for_inference(run_dir, dtype="bfloat16")
     ref = {n: b for n, b in full.named_buffers() if n.endswith("inv_freq")}
     got = {n: b for n, b in half.named_buffers() if n.endswith("inv_freq")}
     assert ref and ref.keys() == got.keys()

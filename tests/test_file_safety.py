@@ -82,9 +82,9 @@ def _warm_start(path, out):
 
 
 def _evaluate_load(path, out):
-    from lightning_sp.evaluate import load_module
+    from lightning_sp.evaluate import load_for_inference
 
-    load_module(path)
+    load_for_inference(path)
 
 
 def _load_run(path, out):
@@ -109,7 +109,7 @@ CHECKPOINT_LOADERS = {
     "read_checkpoint": _read_checkpoint,
     "checkpoint.load_module": _load_module,
     "warm_start": _warm_start,
-    "evaluate.load_module": _evaluate_load,
+    "evaluate.load_for_inference": _evaluate_load,
     "runs.load_run": _load_run,
     "export_hf": _export_hf,
     "export_official": _export_official,

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel, Qwen2Config
 
+from lightning_sp.dtypes import DTYPES
 from lightning_sp.models.seeding import seeded
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -103,7 +102,7 @@ class Qwen2(LLMBackbone):
 def build_llm(cfg, tokenizer) -> PreTrainedModel:
     """A pretrained causal LM (`name_or_path`) or a random-init one of the backbone's family, sized by the config
     and the tokenizer."""
-    dtype = DTYPES[cfg.dtype]
+    dtype = DTYPES[cfg.dtype]  # validated at compose (config.validate)
     if cfg.name_or_path:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path,
