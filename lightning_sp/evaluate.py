@@ -37,7 +37,6 @@ from typing import Any, Optional, Sequence
 
 import torch
 from omegaconf import MISSING, DictConfig
-from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from lightning_sp.config import ConfigError, InputError, parse_command_options
@@ -48,6 +47,7 @@ from lightning_sp.data.conversation import (
     expand_image_token,
     reference_answer,
 )
+from lightning_sp.data.datamodule import left_padded_prompts
 from lightning_sp.data.images import DEFAULT_STATS, ImageProcessor, ImageStats
 from lightning_sp.data.tokenizer import IMAGE_TOKEN
 from lightning_sp.dtypes import dtype_named
@@ -182,16 +182,9 @@ class PromptBuilder:
         return {"prompt_ids": self.prompt_ids(q), "pixel_values": self.pixel_values(q)}
 
     def collate(self, items: list[dict]) -> dict:
-        prompts = [it["prompt_ids"] for it in items]
-        return {
-            "prompt_ids": pad_sequence(
-                prompts, batch_first=True, padding_value=self.tokenizer.pad_token_id, padding_side="left"
-            ),
-            "prompt_attention_mask": pad_sequence(
-                [torch.ones_like(p) for p in prompts], batch_first=True, padding_value=0, padding_side="left"
-            ),
-            "pixel_values": torch.stack([it["pixel_values"] for it in items]),
-        }
+        batch = left_padded_prompts([it["prompt_ids"] for it in items], self.tokenizer.pad_token_id)
+        batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items])
+        return batch
 
 
 def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
@@ -239,17 +232,7 @@ class Predictor:
     def generate(self, batch: dict, max_new_tokens: int, streamer=None, stop_strings: Sequence[str] = ()) -> list[str]:
         """Greedy answers for a collated batch; with ``stop_strings`` each answer ends before the first of them
         (decoding stops there instead of running to ``max_new_tokens``)."""
-        new_tokens = self.model.generate(
-            batch["prompt_ids"].to(self.device),
-            batch["prompt_attention_mask"].to(self.device),
-            batch["pixel_values"].to(self.device),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            streamer=streamer,
-            stop_strings=stop_strings,
-            tokenizer=self.tokenizer,
-        )
+        new_tokens = self.module.generate_tokens(batch, max_new_tokens, streamer=streamer, stop_strings=stop_strings)
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [cut_at_stop_strings(t, stop_strings).strip() for t in texts]
 

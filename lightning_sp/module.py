@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from typing import Optional, Sequence
 
 import lightning as L
 import torch
@@ -156,22 +157,27 @@ class LlavaSPModule(L.LightningModule):
         hits = teacher_forced_hits(out.logits, labels, positions).tolist()
         self._val_questions.extend(zip(batch["ids"], batch["qtypes"], hits))
 
-    def generate_tokens(self, batch) -> torch.Tensor:
-        """Greedy new tokens for the batch's left-padded prompts (B, <= eval.max_new_tokens), pad after EOS."""
+    def generate_tokens(
+        self, batch, max_new_tokens: Optional[int] = None, streamer=None, stop_strings: Sequence[str] = ()
+    ) -> torch.Tensor:
+        """Greedy new tokens for the batch's left-padded prompts (B, <= max_new_tokens, default
+        eval.max_new_tokens), pad after EOS; decoding also stops at ``stop_strings``. The one greedy decoding call:
+        evaluation (``evaluate.Predictor``), the lmms-eval adapter and ``generate`` go through here; validation
+        scores by :func:`teacher_forced_hits`, which tests/test_val_scoring.py proves equal to this."""
+        device = next(self.model.parameters()).device
         return self.model.generate(
-            batch["prompt_ids"],
-            batch["prompt_attention_mask"],
-            batch["pixel_values"],
-            max_new_tokens=self.cfg.eval.max_new_tokens,
+            batch["prompt_ids"].to(device),
+            batch["prompt_attention_mask"].to(device),
+            batch["pixel_values"].to(device),
+            max_new_tokens=max_new_tokens or self.cfg.eval.max_new_tokens,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
+            streamer=streamer,
+            stop_strings=stop_strings,
+            tokenizer=self.tokenizer,
             # Sharded weights: every rank must run the same number of decoding steps (all-gathers in each).
-            synced_gpus=self._fsdp_units is not None and self.trainer.world_size > 1,
+            synced_gpus=self._fsdp_units is not None and self._trainer is not None and self.trainer.world_size > 1,
         )
-
-    def generate_answers(self, batch) -> list[str]:
-        """Greedy answers as text (evaluation, attention maps); validation scores by :func:`teacher_forced_hits`."""
-        return self.tokenizer.batch_decode(self.generate_tokens(batch), skip_special_tokens=True)
 
     def on_validation_epoch_end(self):
         # Every rank gathers all questions, so every rank logs the same keys (a question type seen on one rank

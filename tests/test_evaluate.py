@@ -159,7 +159,7 @@ def test_synthetic_eval_reproduces_validation_accuracy(run_dir, predictor, tmp_p
     dm.setup("validate")
     val = {}
     for batch in dm.val_dataloader():
-        val.update(zip(batch["ids"], (a.strip() for a in predictor.module.generate_answers(batch))))
+        val.update(zip(batch["ids"], predictor.generate(batch, predictor.cfg.eval.max_new_tokens)))
     assert {r["question_id"]: r["text"] for r in rows} == val
 
 

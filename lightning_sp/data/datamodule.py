@@ -325,15 +325,22 @@ def _filled_buffer(pixels: list[torch.Tensor]) -> torch.Tensor | None:
     return None
 
 
+def left_padded_prompts(prompts: list[torch.Tensor], pad_token_id: int) -> dict:
+    """``prompt_ids`` and ``prompt_attention_mask`` of a batch of 1-D prompts, LEFT-padded for batched generation:
+    with right padding, the first generated token of a short prompt would follow pad tokens instead of the prompt's
+    end (``ASSISTANT:``). The one place prompts are batched (validation and ``evaluate``)."""
+    return {
+        "prompt_ids": pad_sequence(prompts, batch_first=True, padding_value=pad_token_id, padding_side="left"),
+        "prompt_attention_mask": pad_sequence(
+            [torch.ones_like(p) for p in prompts], batch_first=True, padding_value=0, padding_side="left"
+        ),
+    }
+
+
 def collate_eval(samples: list[dict], pad_token_id: int, *, image_token_id: int, num_visual_tokens: int) -> dict:
-    """Training fields (for val loss) plus LEFT-padded prompts for batched generation: with right padding,
-    the first generated token of a short prompt would follow pad tokens instead of ``ASSISTANT:``."""
+    """Training fields (for val loss) plus left-padded prompts (:func:`left_padded_prompts`)."""
     batch = collate_train(samples, pad_token_id, image_token_id=image_token_id, num_visual_tokens=num_visual_tokens)
-    prompts = [s["prompt_ids"] for s in samples]
-    batch["prompt_ids"] = pad_sequence(prompts, batch_first=True, padding_value=pad_token_id, padding_side="left")
-    batch["prompt_attention_mask"] = pad_sequence(
-        [torch.ones_like(p) for p in prompts], batch_first=True, padding_value=0, padding_side="left"
-    )
+    batch.update(left_padded_prompts([s["prompt_ids"] for s in samples], pad_token_id))
     batch["answers"] = [s["answer"] for s in samples]
     batch["qtypes"] = [s["qtype"] for s in samples]
     return batch
