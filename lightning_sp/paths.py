@@ -23,3 +23,13 @@ def resolve(path: str | Path) -> Path:
         if candidate.exists():
             return candidate
     return p
+
+
+def anchored(path: str | Path | None) -> str | None:
+    """A config path as a run saw it, for files that may not exist yet (data to regenerate): an absolute or
+    existing path as it is, anything else under the repository root, where `make` runs, whatever the working
+    directory now is (a notebook runs in notebooks/). :func:`resolve` is for files that must exist."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() or p.exists() else REPO_ROOT / p)

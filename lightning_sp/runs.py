@@ -17,6 +17,8 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
+from lightning_sp.paths import anchored, resolve
+
 PathLike = Union[str, Path]
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
 NO_RUN_HELP = (
@@ -55,7 +57,6 @@ class Run:
 
 def latest_run(root: PathLike = "runs") -> Optional[Path]:
     """The run directory under `root` (`root/<variant>/<timestamp>/` or `root/<name>/`) whose last.ckpt is newest."""
-    from lightning_sp.paths import resolve
 
     root = resolve(root)
     found = [p for pattern in ("*/*" / CHECKPOINT, "*" / CHECKPOINT) for p in root.glob(str(pattern))]
@@ -79,17 +80,6 @@ def load_run(run_dir: Optional[PathLike] = None, overrides: Iterable[str] = (), 
     return Run(run_dir, load_module(run_dir, overrides))
 
 
-def _anchored(path: Optional[str]) -> Optional[str]:
-    """A config path as training saw it: relative paths are relative to the directory `make train` ran in, the
-    repository root, whatever the working directory now is (a notebook runs in notebooks/)."""
-    from lightning_sp.paths import REPO_ROOT
-
-    if path is None:
-        return None
-    p = Path(path).expanduser()
-    return str(p if p.is_absolute() or p.exists() else REPO_ROOT / p)
-
-
 def val_batch(run: Run, batch_size: int = 4) -> dict:
     """The first validation batch of the run's data config (regenerating synthetic data if it was removed)."""
     from omegaconf import OmegaConf
@@ -100,9 +90,9 @@ def val_batch(run: Run, batch_size: int = 4) -> dict:
     cfg = run.cfg
     if not cfg.data.val_dir:
         raise ValueError(f"run {run.run_dir} has no data.val_dir: nothing to take samples from")
-    data = {"train_dir": _anchored(cfg.data.train_dir), "val_dir": _anchored(cfg.data.val_dir)}
+    data = {"train_dir": anchored(cfg.data.train_dir), "val_dir": anchored(cfg.data.val_dir)}
     if cfg.data.synthetic is not None:
-        data["synthetic"] = {"raw_dir": _anchored(cfg.data.synthetic.raw_dir)}
+        data["synthetic"] = {"raw_dir": anchored(cfg.data.synthetic.raw_dir)}
     cfg = OmegaConf.merge(cfg, {"data": data})
     if not (Path(cfg.data.val_dir) / "index.json").is_file():
         if cfg.data.synthetic is None:
