@@ -40,13 +40,7 @@ from omegaconf import MISSING, DictConfig
 from tqdm import tqdm
 
 from lightning_sp.config import ConfigError, InputError, parse_command_options
-from lightning_sp.data.conversation import (
-    IGNORE_INDEX,
-    encode_continuation,
-    encode_prompt,
-    expand_image_token,
-    reference_answer,
-)
+from lightning_sp.data.conversation import encode_continuation, expanded_prompt_ids, reference_answer
 from lightning_sp.data.datamodule import left_padded_prompts
 from lightning_sp.data.images import DEFAULT_STATS, ImageProcessor, ImageStats
 from lightning_sp.data.tokenizer import IMAGE_TOKEN
@@ -170,8 +164,7 @@ class PromptBuilder:
         return rec
 
     def prompt_ids(self, q: Question) -> torch.Tensor:
-        ids = encode_prompt(self.record(q), self.tokenizer, self.template)
-        return expand_image_token(ids, [IGNORE_INDEX] * len(ids), self.image_token_id, self.num_visual_tokens)[0]
+        return expanded_prompt_ids(self.record(q), self.tokenizer, self.template, self.num_visual_tokens)
 
     def pixel_values(self, q: Question) -> torch.Tensor:
         if q.image is None:

@@ -106,7 +106,7 @@ def val_batch(run: Run, batch_size: int = 4) -> dict:
 
 def prompt_ids(run: Run, question: str) -> torch.Tensor:
     """Prompt ids for a question of your own about an image, in the run's template, image placeholder expanded."""
-    from lightning_sp.data.conversation import IGNORE_INDEX, encode_prompt, expand_image_token
+    from lightning_sp.data.conversation import expanded_prompt_ids
     from lightning_sp.data.tokenizer import IMAGE_TOKEN
 
     record = {
@@ -114,9 +114,7 @@ def prompt_ids(run: Run, question: str) -> torch.Tensor:
         "image": "custom",
         "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}],
     }
-    ids = encode_prompt(record, run.tokenizer, run.cfg.stage.template)
-    image_id = run.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    return expand_image_token(ids, [IGNORE_INDEX] * len(ids), image_id, run.model.num_visual_tokens)[0]
+    return expanded_prompt_ids(record, run.tokenizer, run.cfg.stage.template, run.model.num_visual_tokens)
 
 
 def sample_maps(run: Run, batch: dict, index: int = 0, question: Optional[str] = None):

@@ -576,6 +576,14 @@ def encode_prompt(record: dict, tokenizer, template: str | Template) -> list[int
     return ids
 
 
+def expanded_prompt_ids(record: dict, tokenizer, template: str | Template, num_visual_tokens: int) -> torch.Tensor:
+    """:func:`encode_prompt` with the ``<image>`` id repeated ``num_visual_tokens`` times: what the model reads
+    (validation prompts, ``evaluate``, ``runs.prompt_ids``)."""
+    ids = encode_prompt(record, tokenizer, template)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    return expand_image_token(ids, [IGNORE_INDEX] * len(ids), image_id, num_visual_tokens)[0]
+
+
 def encode_continuation(record: dict, tokenizer, template: str | Template, continuation: str) -> list[int]:
     """The ids of ``continuation`` (an answer to score) after :func:`encode_prompt`'s: the prompt with the
     continuation appended, tokenised as training tokenises an answer in context, less the prompt's ids (lm-eval's

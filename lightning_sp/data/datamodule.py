@@ -34,7 +34,7 @@ from lightning_sp.data.conversation import (
     IGNORE_INDEX,
     RecordEncoder,
     RecordError,
-    encode_prompt,
+    expanded_prompt_ids,
     expand_image_token,
     reference_answer,
     supervised_logit_positions,
@@ -175,10 +175,7 @@ class SampleBuilder:
             "has_image": enc.has_image,
         }
         if self.for_eval:
-            prompt = encode_prompt(record, self.tokenizer, self.template)
-            out["prompt_ids"] = expand_image_token(
-                prompt, [IGNORE_INDEX] * len(prompt), self.image_token_id, self.num_visual_tokens
-            )[0]
+            out["prompt_ids"] = expanded_prompt_ids(record, self.tokenizer, self.template, self.num_visual_tokens)
             out["answer"] = reference_answer(record) or ""
             out["qtype"] = str(record.get("qtype", "all"))
         self._slot_used()
