@@ -157,6 +157,12 @@ class LlavaSPModule(L.LightningModule):
         hits = teacher_forced_hits(out.logits, labels, positions).tolist()
         self._val_questions.extend(zip(batch["ids"], batch["qtypes"], hits))
 
+    @property
+    def ranks_in_lockstep(self) -> bool:
+        """Weights sharded by FSDP over several processes: every forward all-gathers, so every rank must run the same
+        forwards (decoding steps, attention passes) even when it has nothing to compute."""
+        return self._fsdp_units is not None and self._trainer is not None and self.trainer.world_size > 1
+
     def generate_tokens(
         self, batch, max_new_tokens: Optional[int] = None, streamer=None, stop_strings: Sequence[str] = ()
     ) -> torch.Tensor:
@@ -176,7 +182,7 @@ class LlavaSPModule(L.LightningModule):
             stop_strings=stop_strings,
             tokenizer=self.tokenizer,
             # Sharded weights: every rank must run the same number of decoding steps (all-gathers in each).
-            synced_gpus=self._fsdp_units is not None and self._trainer is not None and self.trainer.world_size > 1,
+            synced_gpus=self.ranks_in_lockstep,
         )
 
     def on_validation_epoch_end(self):

@@ -304,7 +304,7 @@ def fake_validation(model, tokenizer, monkeypatch, questions, world_size=1, shar
         tokenizer=tokenizer,
         cfg=compose([*TINY]),
         device=torch.device("cpu"),
-        _fsdp_units=object() if sharded else None,
+        ranks_in_lockstep=sharded and world_size > 1,
     )
     trainer = SimpleNamespace(world_size=world_size, precision_plugin=L.pytorch.plugins.precision.Precision())
     return batch, forwards, module, trainer

@@ -377,7 +377,7 @@ def test_batch_wise_building_keeps_the_train_stream_exact(hostile_shards, tokeni
             max_length=MAX_LENGTH,
         )
         dm.setup("fit")
-        dm._resume = resume
+        dm.resume_at(resume)
         with monkeypatch.context() as patch:
             if one_by_one:
                 init = SampleBuilder.__init__

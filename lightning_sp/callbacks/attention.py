@@ -102,7 +102,7 @@ class AttentionMapLogger(L.Callback):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)  # same forwards on every rank
         cfg = pl_module.cfg
-        sharded = getattr(pl_module, "_fsdp_units", None) is not None and trainer.world_size > 1
+        sharded = pl_module.ranks_in_lockstep
         return [
             compute_sample_maps(
                 pl_module.model,

@@ -168,7 +168,7 @@ class AttentionMetrics(L.Callback):
         if self.max_questions is not None:
             asked = asked[: max(0, math.ceil(self.max_questions / trainer.world_size) - int(self.sums["target_n"]))]
         forwards = torch.tensor(int(bool(asked)), device=pl_module.device)
-        if getattr(pl_module, "_fsdp_units", None) is not None and trainer.world_size > 1:
+        if pl_module.ranks_in_lockstep:
             torch.distributed.all_reduce(forwards, op=torch.distributed.ReduceOp.MAX)
         with torch.no_grad(), trainer.precision_plugin.val_step_context():
             tokens, sp_attention = self.visual_tokens(model, batch)

@@ -545,7 +545,12 @@ class ShardDataModule(L.LightningDataModule):
                     "data.length_group_batches and shards, or from a checkpoint written at the end of "
                     "an epoch"
                 )
-        self._resume = positions[rank] if rank < len(positions) else StreamPosition(epoch=positions[0].epoch)
+        self.resume_at(positions[rank] if rank < len(positions) else StreamPosition(epoch=positions[0].epoch))
+
+    def resume_at(self, position: StreamPosition | None) -> None:
+        """Let the next training epoch's stream continue from ``position`` (this rank's; what
+        :meth:`load_state_dict` does with a checkpoint's), or start it afresh with None."""
+        self._resume = position
 
     def val_dataloader(self):
         if self.val_dir is None:
