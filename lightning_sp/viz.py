@@ -48,10 +48,9 @@ from __future__ import annotations
 
 import math
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -59,6 +58,7 @@ import torch.nn.functional as F
 
 from lightning_sp.data.images import CLIP_MEAN, CLIP_STD
 from lightning_sp.data.synthetic import POSITIONS
+from lightning_sp.thirdparty.transformers_internals import attn_implementation, eager_attention  # noqa: F401 (viz API)
 
 Box = tuple[float, float, float, float]  # pixels: (x0, y0, x1, y1)
 GridBox = tuple[int, int, int, int]  # patch grid: (row0, col0, row1, col1), end exclusive
@@ -150,37 +150,6 @@ def upsample_to_image(grid_map: torch.Tensor, image_hw: tuple[int, int]) -> torc
 
 
 # ---- eager attention for one pass ---------------------------------------------------------------------------
-
-
-def _base_model(llm):
-    """The HF model under a peft wrapper (or the model itself)."""
-    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-
-
-def attn_implementation(llm) -> str:
-    return _base_model(llm).config._attn_implementation
-
-
-def _set_attn_implementation(model, name: str) -> None:
-    if hasattr(model, "set_attn_implementation"):  # transformers >= 4.56: also updates sub-models
-        model.set_attn_implementation(name)
-    else:
-        model.config._attn_implementation = name
-
-
-@contextmanager
-def eager_attention(llm) -> Iterator[None]:
-    """Run the LLM with eager attention (the only kind that returns weights) inside the block; restore after."""
-    model = _base_model(llm)
-    previous = model.config._attn_implementation
-    if previous == "eager":
-        yield
-        return
-    _set_attn_implementation(model, "eager")
-    try:
-        yield
-    finally:
-        _set_attn_implementation(model, previous)
 
 
 # ---- where the answer looks, as numbers ---------------------------------------------------------------------

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_sp.thirdparty.transformers_internals import rust_backend
 from lightning_sp.data.conversation import (
     IGNORE_INDEX,
     TEMPLATES,
     RecordError,
-    _backend,
     _tokenize,
     encode,
     encode_prompt,
@@ -278,7 +278,7 @@ TOKENIZE_TEXTS = [
 
 def test_direct_tokenizer_call_is_the_transformers_call(tok):
     """encode() calls the Rust tokenizer itself, skipping transformers' Python layers: the same ids and offsets."""
-    assert _backend(tok) is tok._tokenizer
+    assert rust_backend(tok) is tok._tokenizer
     for text in TOKENIZE_TEXTS:
         ref = tok(text, return_offsets_mapping=True, add_special_tokens=True)
         assert _tokenize(tok, text) == (ref["input_ids"], ref["offset_mapping"])
@@ -289,14 +289,14 @@ def test_direct_tokenizer_call_steps_aside_where_it_could_differ(tok):
     fresh = load_tokenizer(SHIPPED)
     text = "A red circle on the left. " * 10
     fresh._tokenizer.enable_truncation(8)  # state transformers resets before encoding; a direct call would keep it
-    assert _backend(fresh) is None
+    assert rust_backend(fresh) is None
     assert _tokenize(fresh, text)[0] == tok(text)["input_ids"]  # went through transformers: untruncated, as before
-    assert _backend(fresh) is fresh._tokenizer  # which turned the truncation off again
+    assert rust_backend(fresh) is fresh._tokenizer  # which turned the truncation off again
     fresh.model_max_length = 10  # transformers' one-time warning about over-long sequences is still recorded
     assert _tokenize(fresh, text)[0] == tok(text)["input_ids"]
     assert fresh.deprecation_warnings.get("sequence-length-is-longer-than-the-specified-maximum")
     fresh.split_special_tokens = True
-    assert _backend(fresh) is None and _tokenize(fresh, "<s> x</s>")[0] == fresh("<s> x</s>")["input_ids"]
+    assert rust_backend(fresh) is None and _tokenize(fresh, "<s> x</s>")[0] == fresh("<s> x</s>")["input_ids"]
     fresh.split_special_tokens = False
 
     class Custom(type(tok)):  # a tokenizer class that changes the encode path: always through transformers
@@ -306,7 +306,7 @@ def test_direct_tokenizer_call_steps_aside_where_it_could_differ(tok):
             return out
 
     fresh.__class__ = Custom
-    assert _backend(fresh) is None and _tokenize(fresh, "Hi")[0] == [7] + tok("Hi")["input_ids"]
+    assert rust_backend(fresh) is None and _tokenize(fresh, "Hi")[0] == [7] + tok("Hi")["input_ids"]
     assert encode(rec("<image>\nQ?", "A."), fresh, "vicuna_v1").input_ids[0] == 7
 
 

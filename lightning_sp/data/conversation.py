@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from lightning_sp.data.tokenizer import IMAGE_TOKEN, VICUNA_SYSTEM
+from lightning_sp.thirdparty.transformers_internals import rust_backend, warn_if_too_long
 
 IGNORE_INDEX = -100
 HUMAN, GPT = "human", "gpt"
@@ -279,59 +280,15 @@ def check_tokenizer(tokenizer, template: Template) -> int:
     return image_id
 
 
-# The methods between `tokenizer(text)` and the Rust tokenizer's `encode_batch` in transformers. When a tokenizer
-# class overrides none of them, `tokenizer(text, add_special_tokens=True)` is exactly `encode_batch([text])[0]`
-# (= `encode(text)`) of its backend, provided the backend has no truncation or padding set and does not split
-# special tokens -- the state transformers would set before encoding (checked on every call, see _backend).
-_HF_ENCODE_PATH = (
-    "__call__",
-    "_call_one",
-    "encode_plus",
-    "_encode_plus",
-    "_batch_encode_plus",
-    "_convert_encoding",
-    "set_truncation_and_padding",
-    "_get_padding_truncation_strategies",
-    "_switch_to_input_mode",
-    "_eventual_warn_about_too_long_sequence",
-)
-_DIRECT_CLASSES: dict[type, bool] = {}
-
-
-def _backend(tokenizer):
-    """The Rust ``tokenizers.Tokenizer`` to call directly in place of ``tokenizer(text)``, or None where that might
-    give anything else (then the caller goes through transformers). Saves 0.05-0.1 ms of Python per record."""
-    cls = type(tokenizer)
-    direct = _DIRECT_CLASSES.get(cls)
-    if direct is None:
-        from transformers import PreTrainedTokenizerFast
-
-        direct = issubclass(cls, PreTrainedTokenizerFast) and all(
-            getattr(cls, name, None) is getattr(PreTrainedTokenizerFast, name) for name in _HF_ENCODE_PATH
-        )
-        _DIRECT_CLASSES[cls] = direct
-    if (
-        not direct
-        or getattr(tokenizer, "split_special_tokens", False)
-        or getattr(tokenizer, "_in_target_context_manager", False)
-    ):
-        return None
-    backend = tokenizer._tokenizer
-    if backend.truncation is not None or backend.padding is not None or backend.encode_special_tokens:
-        return None
-    return backend
-
-
 def _tokenize(tokenizer, text: str, offsets: bool = True) -> tuple[list[int], list[tuple[int, int]] | None]:
     """``tokenizer(text, add_special_tokens=True)``: (input_ids, char offsets or None), the same numbers."""
-    backend = _backend(tokenizer)
+    backend = rust_backend(tokenizer)
     if backend is None:
         enc = tokenizer(text, return_offsets_mapping=offsets, add_special_tokens=True)
         return enc["input_ids"], enc["offset_mapping"] if offsets else None
     enc = backend.encode(text, add_special_tokens=True)
     ids = enc.ids
-    if len(ids) > tokenizer.model_max_length:  # the one-time warning transformers would log
-        tokenizer._eventual_warn_about_too_long_sequence(ids, None, True)
+    warn_if_too_long(tokenizer, ids)
     return ids, enc.offsets if offsets else None
 
 

@@ -43,6 +43,7 @@ from lightning_sp.data.images import DEFAULT_STATS, ImageDecodeError, ImageProce
 from lightning_sp.data import locations
 from lightning_sp.data.shards import load_index
 from lightning_sp.data.tokenizer import IMAGE_TOKEN, load_tokenizer
+from lightning_sp.thirdparty.torch_internals import shared_empty
 from lightning_sp.data.train_stream import StreamPosition, TrainStream, take_exactly
 from lightning_sp.distributed import gather_objects
 
@@ -103,9 +104,7 @@ class SampleBuilder:
             if torch.utils.data.get_worker_info() is not None:
                 # In a worker the batch crosses to the main process by shared memory: allocating it there saves
                 # the copy that pickling a private tensor makes (default_collate does the same).
-                numel = self.batch_size * shape[0] * shape[1] * shape[2]
-                elem = torch.empty(0)
-                self._slab = elem.new(elem._typed_storage()._new_shared(numel)).resize_(self.batch_size, *shape)
+                self._slab = shared_empty(self.batch_size, *shape)
             else:
                 self._slab = torch.empty(self.batch_size, *shape)
         return self._slab[self._slot]

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Pr
 
 from lightning_sp.dtypes import DTYPES
 from lightning_sp.models.seeding import seeded
+from lightning_sp.thirdparty.transformers_internals import set_config_attn_implementation
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -112,7 +113,7 @@ def build_llm(cfg, tokenizer) -> PreTrainedModel:
         )
     else:
         config = llm_backbone(cfg).random_config(cfg, tokenizer)
-        config._attn_implementation = cfg.attn_implementation
+        set_config_attn_implementation(config, cfg.attn_implementation)
         with seeded(cfg.init_seed):
             model = AutoModelForCausalLM.from_config(config).to(dtype)
     if model.get_input_embeddings().num_embeddings < len(tokenizer) - 1:

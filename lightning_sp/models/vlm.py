@@ -12,6 +12,7 @@ from lightning_sp.data.conversation import IGNORE_INDEX, supervised_logit_positi
 from lightning_sp.models.llm import attach_lora, build_llm
 from lightning_sp.models.projectors import Projector, build_projector
 from lightning_sp.models.vision import VisionBackbone, build_vision
+from lightning_sp.thirdparty.torch_internals import assert_async
 
 
 def assert_finite(tensor: torch.Tensor, what: str) -> None:
@@ -20,7 +21,7 @@ def assert_finite(tensor: torch.Tensor, what: str) -> None:
     `torch._assert_async` checks on the device without a host sync, so the training step stays asynchronous on
     GPU (there the failure surfaces as a device-side assert); on CPU it raises a RuntimeError at once.
     """
-    torch._assert_async(torch.isfinite(tensor).all(), f"non-finite values in {what}")
+    assert_async(torch.isfinite(tensor).all(), f"non-finite values in {what}")
 
 
 class LlavaSP(nn.Module):
