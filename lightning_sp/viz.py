@@ -19,7 +19,8 @@ Two steps, kept apart so that tests and notebooks can check the numbers without 
    * ``llm_sp`` (S,) and ``llm_patches`` (gh, gw): the LLM's attention from the answer to the visual tokens,
      averaged over layers, heads and the rows that produced the answer tokens (the row of the token *before*
      each answer token). Values are fractions of that attention (the rows sum to 1 over the whole sequence).
-     The LLM must run with eager attention to return weights; :func:`eager_attention` switches the
+     The LLM must run with eager attention to return weights; :func:`eager_attention` (lightning_sp/thirdparty/
+     transformers_internals.py) switches the
      implementation for that one pass on one sample and restores it, so training keeps SDPA/flash.
    * ``windows``: what each SP token summarises, in pixels: a crop box (cropping) or the cells of the pooling
      grid (pooling), from ``projector.sp_boxes()`` / the SFE sides, scaled from the patch grid to the image.
@@ -147,9 +148,6 @@ def upsample_to_image(grid_map: torch.Tensor, image_hw: tuple[int, int]) -> torc
     up = F.interpolate(x, size=image_hw, mode="nearest")
     up = up * (grid_map.shape[-2] * grid_map.shape[-1]) / (image_hw[0] * image_hw[1])
     return up.reshape(*lead, *image_hw)
-
-
-# ---- eager attention for one pass ---------------------------------------------------------------------------
 
 
 # ---- where the answer looks, as numbers ---------------------------------------------------------------------
