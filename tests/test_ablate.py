@@ -15,7 +15,7 @@ from lightning_sp.config import ConfigError, compose
 from lightning_sp.stats import VAL_QUESTIONS, accuracy_interval, sign_flip_p_value, write_questions
 
 
-@pytest.mark.parametrize("study", ["default", "arms"])
+@pytest.mark.parametrize("study", ["default", "arms", "encoders"])
 def test_shipped_studies_compose_every_arm(tmp_path, study):
     name, spec = load_study(study)
     runs = plan_study(name, spec, ["trainer.max_steps=20"], root=tmp_path)
@@ -25,6 +25,12 @@ def test_shipped_studies_compose_every_arm(tmp_path, study):
     assert first.cfg.seed == spec.seeds[0] and first.cfg.trainer.max_steps == 20
     # The command line beats the budget, and the last step still validates.
     assert all(r.cfg.trainer.max_steps % r.cfg.trainer.val_check_interval == 0 for r in runs)
+    if study == "encoders":  # the encoder as the axis: one projector, three backbones and grids
+        assert {r.cfg.projector.name for r in runs} == {"pooling"}
+        seen = {r.arm: (r.cfg.model.vision.backbone, r.cfg.model.vision.image_size // r.cfg.model.vision.patch_size)
+                for r in runs}  # fmt: skip
+        assert seen == {"clip": ("clip", 12), "siglip": ("timm", 27), "dinov2": ("timm", 16)}
+        return
     names = {r.arm: r.cfg.projector.name for r in runs}
     assert (names["mlp"], names["pooling"], names["cropping"]) == ("mlp", "pooling", "cropping")
     if study == "arms":
