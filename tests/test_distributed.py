@@ -62,6 +62,27 @@ def test_wrap_plan_keeps_trainable_and_frozen_apart(tiny_cfg, tokenizer):
     assert units[-1].modules == [model] and not units[-1].params  # the root owns nothing
 
 
+@pytest.mark.parametrize("overrides", [["vision=siglip_tiny"], ["vision=dinov2_tiny", "llm=qwen2_tiny"]])
+def test_wrap_plan_takes_blocks_from_any_backbone_and_units_from_the_projector(overrides, tokenizer):
+    """The encoder's blocks come from its backbone (VisionBackbone.fsdp_blocks), the projector's parts from the
+    projector (Projector.fsdp_units): a timm encoder and a Qwen2 LLM plan like CLIP and Llama."""
+    from lightning_sp.data.tokenizer import load_tokenizer
+    from lightning_sp.module import LlavaSPModule
+    from lightning_sp.paths import resolve
+
+    cfg = config_lib.compose(overrides)
+    model = LlavaSPModule(cfg, load_tokenizer(str(resolve(cfg.model.tokenizer)))).model
+    units = plan_units(model)
+    check_units(units, model)
+    assert sorted(n for u in units for n in u.params) == sorted(n for n, _ in model.named_parameters())
+    blocks = model.vision.fsdp_blocks()
+    assert len(blocks) == cfg.model.vision.num_layers - 1  # pruned after the selected (penultimate) block
+    assert all(any(u.modules == [block] for u in units) for block in blocks)
+    assert all(any(u.modules == [part] for u in units) for part in model.projector.fsdp_units())
+    layers = model.llm.get_base_model().model.layers
+    assert all(any(u.modules == [layer] and u.trainable is False for u in units) for layer in layers)
+
+
 def test_a_unit_mixing_trainable_and_frozen_is_refused(tiny_cfg, tokenizer):
     from lightning_sp.module import LlavaSPModule
 
