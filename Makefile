@@ -45,7 +45,7 @@ tokenizer: $(STAMP) ## rebuild the shipped tokenizer in data/tokenizer and its L
 encoder: $(STAMP) ## re-pretrain the shipped tiny vision encoder in data/encoder (contrastive + patch places, synthetic scenes; ~5 min)
 	$(PY) -m lightning_sp.pretrain_encoder --out data/encoder --position-weight 1.0 model.vision.patch_size=28 $(ARGS)
 
-lint: $(STAMP) ## ruff: lint and formatting check (pyproject [tool.ruff]); `$(VENV)/bin/ruff format .` fixes the formatting
+lint: $(STAMP) ## ruff: lint and formatting check (pyproject [tool.ruff]); `.venv/bin/ruff format .` fixes the formatting
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
