@@ -9,6 +9,45 @@ from pathlib import Path
 from conftest import TINY
 
 
+# Narrower LLM and projector than the embedded default's (conftest.TINY also narrows the encoder).
+NARROW = [
+    "model.llm.hidden_size=64",
+    "model.llm.intermediate_size=128",
+    "model.lora.r=8",
+    "model.lora.alpha=16",
+    "projector.sp_width=16",
+]
+
+
+def few_step_fit(tmp_path: Path) -> list[str]:
+    """Overrides for a 3-step `train` on :func:`small_data` with one validation batch, run in ``tmp_path/run``."""
+    return [
+        *small_data(tmp_path / "data"),
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+        f"run_dir={tmp_path / 'run'}",
+    ]
+
+
+def first_and_last_loss(module, batch: dict, steps: int = 3) -> tuple[float, float]:
+    """The loss before the first and the last of ``steps`` AdamW steps on one fixed batch, with the module's own
+    optimizer groups and learning rates."""
+    from types import SimpleNamespace
+
+    module._trainer = SimpleNamespace(max_steps=10)  # configure_optimizers reads only max_steps
+    optimizer = module.configure_optimizers()["optimizer"]
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = module.model(**batch).loss
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+    return losses[0], losses[-1]
+
+
 def small_data(root: Path) -> list[str]:
     """The tiny synthetic data of tests/test_train.py, under ``root``."""
     return [

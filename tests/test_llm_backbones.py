@@ -5,7 +5,6 @@ models train with every projector; a family added from outside the package train
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,16 +17,9 @@ from lightning_sp.module import LlavaSPModule
 from lightning_sp.paths import resolve
 from lightning_sp.train import train
 from lightning_sp.viz import question_markers, question_text
-from evalkit import small_data
+from evalkit import NARROW, first_and_last_loss, few_step_fit
 
 FAMILIES = {"llama3_tiny": "llama3", "qwen2_tiny": "qwen2"}
-NARROW = [
-    "model.llm.hidden_size=64",
-    "model.llm.intermediate_size=128",
-    "model.lora.r=8",
-    "model.lora.alpha=16",
-    "projector.sp_width=16",
-]
 
 # The families' published chat templates with HF's {% generation %} markers put around what an assistant turn must
 # learn to emit (its content and end-of-turn token), so that apply_chat_template(return_assistant_tokens_mask=True)
@@ -154,33 +146,15 @@ def test_random_init_families_have_their_architecture(one_thread):
     assert type(model).__name__ == "Qwen2ForCausalLM" and model.model.layers[0].self_attn.q_proj.bias is not None
 
 
-def _three_steps(cfg) -> tuple[float, float]:
-    torch.manual_seed(0)
-    tok = load_tokenizer(str(resolve(cfg.model.tokenizer)))
-    module = LlavaSPModule(cfg, tok)
-    module._trainer = SimpleNamespace(max_steps=10)  # configure_optimizers reads only max_steps
-    optimizer = module.configure_optimizers()["optimizer"]
-    model = module.model
-    record = RECORDS[0]
+def _record_batch(cfg, tokenizer, model) -> dict:
+    """RECORDS[0] twice, in the family's own format, the image placeholder expanded."""
     from lightning_sp.data.conversation import expand_image_token
 
-    enc = encode(record, tok, cfg.stage.template)
+    enc = encode(RECORDS[0], tokenizer, cfg.stage.template)
     ids, labels = expand_image_token(enc.input_ids, enc.labels, model.image_token_id, model.num_visual_tokens)
     size = cfg.model.vision.image_size
-    batch = {
-        "input_ids": ids[None].repeat(2, 1),
-        "attention_mask": torch.ones(2, len(ids), dtype=torch.long),
-        "labels": labels[None].repeat(2, 1),
-        "pixel_values": torch.randn(2, 3, size, size),
-    }
-    losses = []
-    for _ in range(3):
-        optimizer.zero_grad()
-        loss = model(**batch).loss
-        losses.append(loss.item())
-        loss.backward()
-        optimizer.step()
-    return losses[0], losses[-1]
+    return {"input_ids": ids[None].repeat(2, 1), "attention_mask": torch.ones(2, len(ids), dtype=torch.long),
+            "labels": labels[None].repeat(2, 1), "pixel_values": torch.randn(2, 3, size, size)}  # fmt: skip
 
 
 @pytest.mark.slow
@@ -193,8 +167,11 @@ def test_every_projector_trains_with_the_llama3_and_qwen2_families(llm, one_thre
         except ConfigError:
             pass  # refused on the 12x12 grid for every LLM alike (tests/test_config.py)
     assert len(variants) >= 15
+    tokenizer = load_tokenizer(str(resolve(variants[0].model.tokenizer)))
     for cfg in variants:
-        first, last = _three_steps(cfg)
+        torch.manual_seed(0)
+        module = LlavaSPModule(cfg, tokenizer)
+        first, last = first_and_last_loss(module, _record_batch(cfg, tokenizer, module.model))
         assert math.isfinite(last) and last < first, (cfg.projector.name, first, last)
 
 
@@ -202,19 +179,7 @@ def test_every_projector_trains_with_the_llama3_and_qwen2_families(llm, one_thre
 @pytest.mark.parametrize("llm", FAMILIES)
 def test_train_command_runs_each_family_end_to_end(llm, tmp_path, one_thread):
     run_dir = tmp_path / "run"
-    cfg = compose(
-        [
-            f"llm={llm}",
-            "variant=cropping",
-            *NARROW,
-            *small_data(tmp_path / "data"),
-            "trainer.max_steps=3",
-            "trainer.val_check_interval=3",
-            "trainer.limit_val_batches=1",
-            "trainer.enable_progress_bar=false",
-            f"run_dir={run_dir}",
-        ]
-    )
+    cfg = compose([f"llm={llm}", "variant=cropping", *NARROW, *few_step_fit(tmp_path)])
     metrics = train(cfg)
     assert math.isfinite(metrics["val/loss"]) and 0.0 <= metrics["val/accuracy"] <= 1.0
     saved = (run_dir / "config.yaml").read_text()
@@ -249,12 +214,7 @@ def test_a_family_added_from_outside_is_one_class_and_one_yaml(tied_vicuna, tmp_
         [
             "variant=pooling",
             *NARROW,
-            *small_data(tmp_path / "data"),
-            "trainer.max_steps=3",
-            "trainer.val_check_interval=3",
-            "trainer.limit_val_batches=1",
-            "trainer.enable_progress_bar=false",
-            f"run_dir={tmp_path / 'run'}",
+            *few_step_fit(tmp_path),
         ],
         config_files=[str(preset)],
     )

@@ -4,7 +4,6 @@ with every projector their grid supports, and a backbone added from outside the 
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,16 +24,9 @@ from lightning_sp.models.vision import (
 )
 from lightning_sp.module import LlavaSPModule
 from lightning_sp.train import build_datamodule, train
-from evalkit import small_data
+from evalkit import NARROW, first_and_last_loss, few_step_fit
 
-# The tiny forms (conf/vision/*_tiny.yaml) at narrower LLM widths, as conftest.TINY does for the default.
-NARROW = [
-    "model.llm.hidden_size=64",
-    "model.llm.intermediate_size=128",
-    "model.lora.r=8",
-    "model.lora.alpha=16",
-    "projector.sp_width=16",
-]
+# The tiny forms (conf/vision/*_tiny.yaml), with evalkit.NARROW's narrower LLM and projector.
 TINY_BACKBONES = {"siglip_tiny": 27, "dinov2_tiny": 16}  # preset -> its patch grid
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -114,33 +106,15 @@ def _variants_for(preset: str) -> list[str]:
     return ok
 
 
-def _two_steps(cfg, tokenizer) -> tuple[float, float]:
-    """Two optimizer steps with the module's own optimizer groups on a fixed random batch: (first, last) loss."""
-    torch.manual_seed(0)
-    module = LlavaSPModule(cfg, tokenizer)
-    module._trainer = SimpleNamespace(max_steps=10)  # configure_optimizers reads only max_steps
-    optimizer = module.configure_optimizers()["optimizer"]
-    model = module.model
+def _random_batch(cfg, tokenizer, model) -> dict:
     n = model.num_visual_tokens
     ids = torch.randint(5, len(tokenizer) - 1, (2, n + 12))
     ids[:, 1 : 1 + n] = model.image_token_id
     labels = ids.clone()
     labels[:, : 1 + n] = -100
     size = cfg.model.vision.image_size
-    batch = {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "labels": labels,
-        "pixel_values": torch.randn(2, 3, size, size),
-    }
-    losses = []
-    for _ in range(3):
-        optimizer.zero_grad()
-        loss = model(**batch).loss
-        losses.append(loss.item())
-        loss.backward()
-        optimizer.step()
-    return losses[0], losses[-1]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+            "pixel_values": torch.randn(2, 3, size, size)}  # fmt: skip
 
 
 @pytest.mark.slow
@@ -150,7 +124,10 @@ def test_every_projector_the_grid_supports_trains_on_the_timm_backbones(preset, 
     # What the grid rules out, and why: the stacked arms need window sides that are multiples of 4.
     assert set(group_choices("variant")) - set(variants) == {"cropping_stacked", "pooling_stacked", "official_stacked"}
     for variant in variants:
-        first, last = _two_steps(compose([f"vision={preset}", f"variant={variant}", *NARROW]), tokenizer)
+        cfg = compose([f"vision={preset}", f"variant={variant}", *NARROW])
+        torch.manual_seed(0)
+        module = LlavaSPModule(cfg, tokenizer)
+        first, last = first_and_last_loss(module, _random_batch(cfg, tokenizer, module.model))
         assert math.isfinite(last) and last < first, (variant, first, last)
 
 
@@ -158,19 +135,7 @@ def test_every_projector_the_grid_supports_trains_on_the_timm_backbones(preset, 
 @pytest.mark.parametrize("preset", TINY_BACKBONES)
 def test_train_command_runs_a_timm_backbone_end_to_end(preset, tmp_path, tokenizer, one_thread):
     run_dir = tmp_path / "run"
-    cfg = compose(
-        [
-            f"vision={preset}",
-            "variant=pooling",
-            *NARROW,
-            *small_data(tmp_path / "data"),
-            "trainer.max_steps=3",
-            "trainer.val_check_interval=3",
-            "trainer.limit_val_batches=1",
-            "trainer.enable_progress_bar=false",
-            f"run_dir={run_dir}",
-        ]
-    )
+    cfg = compose([f"vision={preset}", "variant=pooling", *NARROW, *few_step_fit(tmp_path)])
     metrics = train(cfg)
     assert math.isfinite(metrics["val/loss"]) and 0.0 <= metrics["val/accuracy"] <= 1.0
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
@@ -258,17 +223,11 @@ def test_a_backbone_added_from_outside_is_one_class_and_one_yaml(conv_stem, tmp_
         "model:\n  vision: {backbone: test_conv_stem, name_or_path: null, image_size: 224, "
         "patch_size: 16, hidden_size: 48}\n"
     )
-    run_dir = tmp_path / "run"
     cfg = compose(
         [
             "variant=cropping",
             *NARROW,
-            *small_data(tmp_path / "data"),
-            "trainer.max_steps=3",
-            "trainer.val_check_interval=3",
-            "trainer.limit_val_batches=1",
-            "trainer.enable_progress_bar=false",
-            f"run_dir={run_dir}",
+            *few_step_fit(tmp_path),
         ],
         config_files=[str(preset)],
     )

@@ -9,13 +9,12 @@ A new family is one subclass registered under an exact name plus one YAML (``con
 
 from __future__ import annotations
 
-from typing import Callable
-
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel, Qwen2Config
 
 from lightning_sp.dtypes import DTYPES
 from lightning_sp.models.seeding import seeded
+from lightning_sp.registry import Registry
 from lightning_sp.thirdparty.transformers_internals import set_config_attn_implementation
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -49,27 +48,13 @@ class LLMBackbone:
         )
 
 
-LLM_BACKBONES: dict[str, type[LLMBackbone]] = {}
-
-
-def register_llm(name: str) -> Callable[[type[LLMBackbone]], type[LLMBackbone]]:
-    def add(cls: type[LLMBackbone]) -> type[LLMBackbone]:
-        if name in LLM_BACKBONES:
-            raise ValueError(f"LLM backbone '{name}' registered twice ({LLM_BACKBONES[name]} and {cls})")
-        LLM_BACKBONES[name] = cls
-        cls.registry_name = name
-        return cls
-
-    return add
+LLM_BACKBONES: Registry[type[LLMBackbone]] = Registry("LLM backbone", "model.llm.backbone", LLMBackbone)
+register_llm = LLM_BACKBONES.register
 
 
 def llm_backbone(cfg) -> type[LLMBackbone]:
     """The class registered as ``cfg.backbone`` (a model.llm config); an unknown name lists the valid ones."""
-    if cfg.backbone not in LLM_BACKBONES:
-        raise KeyError(
-            f"unknown LLM backbone '{cfg.backbone}' (key model.llm.backbone); valid: {', '.join(sorted(LLM_BACKBONES))}"
-        )
-    return LLM_BACKBONES[cfg.backbone]
+    return LLM_BACKBONES.lookup(cfg.backbone)
 
 
 @register_llm("vicuna")

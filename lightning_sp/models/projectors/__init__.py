@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 from lightning_sp.models.projectors.base import Projector, ProjectorConfigError, TokenLayout
+from lightning_sp.registry import Registry
 
-PROJECTORS: dict[str, type[Projector]] = {}
-
-
-def register(name: str) -> Callable[[type[Projector]], type[Projector]]:
-    def add(cls: type[Projector]) -> type[Projector]:
-        if name in PROJECTORS:
-            raise ValueError(f"projector '{name}' registered twice ({PROJECTORS[name]} and {cls})")
-        PROJECTORS[name] = cls
-        cls.registry_name = name
-        return cls
-
-    return add
+PROJECTORS: Registry[type[Projector]] = Registry("projector", "projector.name", Projector)
+register = PROJECTORS.register
 
 
 def build_projector(cfg, vision_width: int, llm_width: int, grid: int) -> Projector:
     """Build the projector named `cfg.name`; widths come from the encoder and the LLM, never constants."""
-    if cfg.name not in PROJECTORS:
-        raise KeyError(f"unknown projector '{cfg.name}'; valid: {', '.join(sorted(PROJECTORS))}")
-    cls = PROJECTORS[cfg.name]
+    cls = PROJECTORS.lookup(cfg.name)
     cls.check_config(cfg, grid)
     return cls(cfg, vision_width=vision_width, llm_width=llm_width, grid=grid)
 

@@ -19,10 +19,10 @@ test_vision_backbones.py adds one from outside the package and trains it.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
+
+from lightning_sp.registry import Registry
 
 Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
 
@@ -98,30 +98,13 @@ class VisionBackbone(nn.Module):
         return features
 
 
-VISION_BACKBONES: dict[str, type[VisionBackbone]] = {}
-
-
-def register_vision(name: str) -> Callable[[type[VisionBackbone]], type[VisionBackbone]]:
-    def add(cls: type[VisionBackbone]) -> type[VisionBackbone]:
-        if name in VISION_BACKBONES:
-            raise ValueError(f"vision backbone '{name}' registered twice ({VISION_BACKBONES[name]} and {cls})")
-        if not issubclass(cls, VisionBackbone):
-            raise TypeError(f"{cls} must subclass VisionBackbone to be registered as a vision backbone")
-        VISION_BACKBONES[name] = cls
-        cls.registry_name = name
-        return cls
-
-    return add
+VISION_BACKBONES: Registry[type[VisionBackbone]] = Registry("vision backbone", "model.vision.backbone", VisionBackbone)
+register_vision = VISION_BACKBONES.register
 
 
 def backbone_class(cfg) -> type[VisionBackbone]:
     """The class registered as ``cfg.backbone`` (a model.vision config); an unknown name lists the valid ones."""
-    if cfg.backbone not in VISION_BACKBONES:
-        raise KeyError(
-            f"unknown vision backbone '{cfg.backbone}' (key model.vision.backbone); valid: "
-            f"{', '.join(sorted(VISION_BACKBONES))}"
-        )
-    return VISION_BACKBONES[cfg.backbone]
+    return VISION_BACKBONES.lookup(cfg.backbone)
 
 
 def build_vision(cfg) -> VisionBackbone:
