@@ -16,6 +16,18 @@ from lightning_sp.paths import resolve
 SHIPPED = resolve("data/encoder")
 
 
+# A random 3x3-grid encoder, narrow and shallow: pretraining it takes seconds.
+SMALL_ENCODER = [
+    "model.vision.name_or_path=null",
+    "variant=mlp",
+    "model.vision.image_size=84",
+    "model.vision.patch_size=28",
+    "model.vision.hidden_size=16",
+    "model.vision.intermediate_size=32",
+    "model.vision.num_layers=2",
+]
+
+
 def test_moved_scene_keeps_the_objects_and_changes_the_layout():
     rng = random.Random(3)
     for _ in range(50):
@@ -50,15 +62,7 @@ def test_batches_are_deterministic_pairs_with_their_facts():
 
 def test_a_short_pretraining_writes_a_loadable_encoder_with_its_checksum(tmp_path):
     out = tmp_path / "encoder"
-    overrides = [
-        "model.vision.name_or_path=null",
-        "variant=mlp",
-        "model.vision.image_size=84",
-        "model.vision.patch_size=28",
-        "model.vision.hidden_size=16",
-        "model.vision.intermediate_size=32",
-        "model.vision.num_layers=2",
-    ]
+    overrides = SMALL_ENCODER
     recipe = pe.pretrain(out, overrides, steps=3, batch_size=4, lr=1e-3, seed=0, progress=False)
     assert recipe["sha256"][pe.WEIGHTS_FILE] == pe.sha256(out / pe.WEIGHTS_FILE)
     assert json.loads((out / "recipe.json").read_text())["steps"] == 3
@@ -89,15 +93,7 @@ def test_shipped_encoder_matches_its_recipe_and_the_default_config():
 def test_the_position_task_names_each_patch_place_from_the_projector_layer():
     """--position-weight: a linear head on the patch features of model.vision.select_layer (what the projector
     reads) is trained to name each patch's grid index, self-supervised (no VQA answer involved)."""
-    overrides = [
-        "model.vision.name_or_path=null",
-        "variant=mlp",
-        "model.vision.image_size=84",
-        "model.vision.patch_size=28",
-        "model.vision.hidden_size=16",
-        "model.vision.intermediate_size=32",
-        "model.vision.num_layers=2",
-    ]
+    overrides = SMALL_ENCODER
     cfg = compose(overrides)
     torch.manual_seed(0)
     vision = build_vision(cfg.model.vision).model
@@ -111,15 +107,7 @@ def test_the_position_task_names_each_patch_place_from_the_projector_layer():
 
 
 def test_a_pretraining_with_the_position_task_records_it_in_its_recipe(tmp_path):
-    overrides = [
-        "model.vision.name_or_path=null",
-        "variant=mlp",
-        "model.vision.image_size=84",
-        "model.vision.patch_size=28",
-        "model.vision.hidden_size=16",
-        "model.vision.intermediate_size=32",
-        "model.vision.num_layers=2",
-    ]
+    overrides = SMALL_ENCODER
     recipe = pe.pretrain(
         tmp_path / "enc", overrides, steps=2, batch_size=4, lr=1e-3, seed=0, progress=False, position_weight=0.5
     )
