@@ -139,29 +139,6 @@ def checkpoint_config(ckpt: Mapping, overrides: Iterable[str] = ()) -> DictConfi
     return config_lib.from_container(OmegaConf.create(ckpt[CONFIG_KEY]), "checkpoint config", list(overrides))
 
 
-def load_module(path: PathLike, overrides: Iterable[str] = (), tokenizer=None):
-    """Rebuild `LlavaSPModule` from a checkpoint (config + frozen weights from their sources) and load its
-    trainable tensors strictly: every trainable parameter must be in the file and nothing else may be.
-
-    `overrides` change the stored config before building (say `model.llm.dtype=float32`, or a local
-    `model.llm.name_or_path`). Returns the module in eval mode.
-    """
-    from lightning_sp.module import LlavaSPModule
-
-    ckpt = read_checkpoint(path)
-    cfg = checkpoint_config(ckpt, overrides)
-    module = LlavaSPModule(cfg, tokenizer)  # tokenizer None: the module loads the config's
-    module.on_load_checkpoint(ckpt)  # raises if a trainable tensor is missing
-    result = module.load_state_dict(ckpt["state_dict"], strict=False)
-    if result.unexpected_keys:
-        raise KeyError(
-            f"{resolve_checkpoint(path)} holds {len(result.unexpected_keys)} tensors this model does not "
-            f"have, e.g. {sorted(result.unexpected_keys)[:5]}"
-        )
-    module.eval()
-    return module
-
-
 def save_module_checkpoint(module, run_dir: PathLike, extra: Optional[Mapping[str, Any]] = None) -> Path:
     """Write `run_dir/config.yaml` and `run_dir/checkpoints/last.ckpt` as a training run would (trainable tensors
     + `lightning_sp_config`, via `module.on_save_checkpoint`), with step 0 and no optimizer state: the file

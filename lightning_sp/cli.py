@@ -98,7 +98,7 @@ def _export(args) -> None:
 
 @_one_line_errors
 def _import_official(args) -> None:
-    from lightning_sp.models.import_official import import_official
+    from lightning_sp.import_official import import_official
 
     path = import_official(
         args.lora_dir,
@@ -115,7 +115,7 @@ def _import_official(args) -> None:
 
 @_one_line_errors
 def _export_official(args) -> None:
-    from lightning_sp.models.import_official import export_official
+    from lightning_sp.import_official import export_official
 
     print(f"wrote {export_official(args.ckpt, args.out)}")
 

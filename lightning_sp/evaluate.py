@@ -103,9 +103,9 @@ def _device(name: str) -> torch.device:
 def load_for_inference(
     path: str | Path, overrides: Sequence[str] = (), device: str = "cpu", dtype: Optional[str] = None
 ):
-    """:func:`lightning_sp.checkpoint.load_module` (the LightningModule of a run, rebuilt from a checkpoint or run
+    """:func:`lightning_sp.module.load_module` (the LightningModule of a run, rebuilt from a checkpoint or run
     directory, strict about trainable tensors), cast to ``dtype``, on ``device``, in eval mode."""
-    from lightning_sp.checkpoint import load_module
+    from lightning_sp.module import load_module
 
     module = load_module(path, overrides)
     if dtype is not None:

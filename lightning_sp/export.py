@@ -256,7 +256,7 @@ def export_hf(
     ckpt, out, dtype: Optional[str] = None, overrides: Sequence[str] = (), max_shard_size: str = "5GB"
 ) -> Path:
     """Export a checkpoint (file or run dir) as a merged HF directory at `out` (see the module docstring)."""
-    from lightning_sp.checkpoint import load_module
+    from lightning_sp.module import load_module
 
     module = load_module(ckpt, overrides)
     cfg, model, tokenizer = module.cfg, module.model, module.tokenizer

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
 
 import lightning as L
 import torch
@@ -15,9 +16,10 @@ from transformers import get_cosine_schedule_with_warmup, get_wsd_schedule
 from lightning_sp import config as config_lib
 from lightning_sp import rng
 from lightning_sp.callbacks.throughput import batch_samples, batch_tokens
+from lightning_sp.checkpoint import checkpoint_config, read_checkpoint, resolve_checkpoint
 from lightning_sp.data.conversation import IGNORE_INDEX, supervised_logit_positions
 from lightning_sp.data.tokenizer import load_tokenizer
-from lightning_sp.distributed import gather_objects
+from lightning_sp.ranks import gather_objects
 from lightning_sp.models.vlm import LlavaSP
 from lightning_sp.paths import resolve
 from lightning_sp.trainable import llm_part, parameter_table, set_trainable
@@ -275,3 +277,24 @@ class LlavaSPModule(L.LightningModule):
         from omegaconf import OmegaConf
 
         return OmegaConf.to_container(self.cfg, resolve=True)
+
+
+def load_module(path: str | Path, overrides: Iterable[str] = (), tokenizer=None) -> LlavaSPModule:
+    """Rebuild `LlavaSPModule` from a checkpoint (config + frozen weights from their sources) and load its
+    trainable tensors strictly: every trainable parameter must be in the file and nothing else may be.
+
+    `overrides` change the stored config before building (say `model.llm.dtype=float32`, or a local
+    `model.llm.name_or_path`). Returns the module in eval mode.
+    """
+    ckpt = read_checkpoint(path)
+    cfg = checkpoint_config(ckpt, overrides)
+    module = LlavaSPModule(cfg, tokenizer)  # tokenizer None: the module loads the config's
+    module.on_load_checkpoint(ckpt)  # raises if a trainable tensor is missing
+    result = module.load_state_dict(ckpt["state_dict"], strict=False)
+    if result.unexpected_keys:
+        raise KeyError(
+            f"{resolve_checkpoint(path)} holds {len(result.unexpected_keys)} tensors this model does not "
+            f"have, e.g. {sorted(result.unexpected_keys)[:5]}"
+        )
+    module.eval()
+    return module

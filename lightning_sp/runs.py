@@ -5,7 +5,7 @@
     maps = attention_maps(run, batch)     # lightning_sp.viz.AttentionMaps per sample
 
 The model comes from `<run>/checkpoints/last.ckpt` alone (trainable tensors + `lightning_sp_config`; frozen
-weights rebuilt from that config) through :func:`lightning_sp.checkpoint.load_module`. This is what
+weights rebuilt from that config) through :func:`lightning_sp.module.load_module`. This is what
 `notebooks/attention_maps.ipynb` calls; the notebook holds no logic of its own.
 """
 
@@ -68,7 +68,7 @@ def latest_run(root: PathLike = "runs") -> Optional[Path]:
 def load_run(run_dir: Optional[PathLike] = None, overrides: Iterable[str] = (), root: PathLike = "runs") -> Run:
     """Load a run's model from `<run_dir>/checkpoints/last.ckpt` (default: :func:`latest_run`); eval mode, CPU.
     `overrides` (`a.b=value`) change the stored config before building (say a local `model.llm.name_or_path`)."""
-    from lightning_sp.checkpoint import load_module
+    from lightning_sp.module import load_module
 
     if run_dir is None:
         run_dir = latest_run(root)

@@ -24,7 +24,8 @@ from lightning_sp.callbacks.throughput import throughput_monitor
 from lightning_sp.callbacks.skip_limit import SkipLimit
 from lightning_sp.data.datamodule import ShardDataModule
 from lightning_sp.data.prepare import ensure_synthetic
-from lightning_sp.distributed import RankSummary, build_strategy, launched_rank
+from lightning_sp.distributed import RankSummary, build_strategy
+from lightning_sp.ranks import launched_rank
 from lightning_sp.models.vision import image_stats
 from lightning_sp.module import LlavaSPModule
 from lightning_sp.paths import resolve

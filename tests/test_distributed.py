@@ -516,7 +516,7 @@ def test_full_finetuning_under_fsdp_resumes_from_a_kill_to_the_uninterrupted_res
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     assert last.is_dir() == sharded
     if sharded:  # one shard file per rank; the module is rebuilt from the directory without a process group
-        from lightning_sp.checkpoint import load_module
+        from lightning_sp.module import load_module
 
         assert sorted(p.name for p in last.resolve().glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
         module = load_module(tmp_path / "killed")

@@ -22,7 +22,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from lightning_sp.checkpoint import load_module, save_module_checkpoint
+from lightning_sp.checkpoint import save_module_checkpoint
+from lightning_sp.module import load_module
 from lightning_sp.cli import main as cli_main
 from lightning_sp.config import ConfigError
 from lightning_sp.data.tokenizer import load_tokenizer

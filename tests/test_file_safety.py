@@ -70,7 +70,7 @@ def _read_checkpoint(path, out):
 
 
 def _load_module(path, out):
-    from lightning_sp.checkpoint import load_module
+    from lightning_sp.module import load_module
 
     load_module(path)
 
@@ -100,14 +100,14 @@ def _export_hf(path, out):
 
 
 def _export_official(path, out):
-    from lightning_sp.models.import_official import export_official
+    from lightning_sp.import_official import export_official
 
     export_official(path, out)
 
 
 CHECKPOINT_LOADERS = {
     "read_checkpoint": _read_checkpoint,
-    "checkpoint.load_module": _load_module,
+    "module.load_module": _load_module,
     "warm_start": _warm_start,
     "evaluate.load_for_inference": _evaluate_load,
     "runs.load_run": _load_run,
@@ -136,7 +136,7 @@ def test_official_projector_loader_refuses_a_code_running_bin(tmp_path, marker):
 
 @pytest.mark.parametrize("evil_file", ["non_lora_trainables.bin", "adapter_model.bin"])
 def test_release_import_refuses_a_code_running_bin(tmp_path, marker, evil_file):
-    from lightning_sp.models.import_official import import_official, read_release
+    from lightning_sp.import_official import import_official, read_release
     from lightning_sp.models.official import OfficialCheckpointError
 
     release = tmp_path / "llava-sp-pooling-lora"
@@ -183,7 +183,7 @@ def test_resume_refuses_a_code_running_checkpoint_even_when_torch_is_told_to_unp
 
 def test_official_export_writes_only_inside_its_directory(tmp_path):
     """A checkpoint's provenance names the adapter file the export writes: a path there must not escape."""
-    from lightning_sp.models.import_official import PROVENANCE_KEY, _adapter_file_name
+    from lightning_sp.import_official import PROVENANCE_KEY, _adapter_file_name
     from lightning_sp.models.official import OfficialCheckpointError
 
     assert _adapter_file_name({}) == "adapter_model.safetensors"

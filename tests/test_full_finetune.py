@@ -53,7 +53,7 @@ def test_every_llm_weight_trains_in_float32_in_its_own_optimizer_group(tiny_cfg,
 
 
 def test_a_full_run_trains_and_saves_every_llm_weight(tmp_path, tiny_cfg, tokenizer):
-    from lightning_sp.checkpoint import load_module
+    from lightning_sp.module import load_module
     from lightning_sp.train import train
 
     cfg = tiny_cfg(

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-from lightning_sp.checkpoint import load_module
+from lightning_sp.module import load_module
 from lightning_sp.config import compose
 from lightning_sp.data.conversation import IGNORE_INDEX, encode, render_prompt
 from lightning_sp.evaluate import Predictor, PromptBuilder, Question

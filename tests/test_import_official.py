@@ -14,9 +14,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-from lightning_sp.checkpoint import checkpoint_config, load_module, read_checkpoint
+from lightning_sp.checkpoint import checkpoint_config, read_checkpoint
+from lightning_sp.module import load_module
 from lightning_sp.cli import main as cli_main
-from lightning_sp.models.import_official import export_official, import_official
+from lightning_sp.import_official import export_official, import_official
 from lightning_sp.models.official import OfficialCheckpointError
 from lightning_sp.module import LlavaSPModule
 from lightning_sp.warm_start import warm_start

@@ -14,7 +14,7 @@ from evalkit import small_data
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from lightning_sp.callbacks.checkpointing import BestAndLastCheckpoint
-from lightning_sp.checkpoint import load_module
+from lightning_sp.module import load_module
 from lightning_sp.module import LlavaSPModule
 from lightning_sp.train import train
 

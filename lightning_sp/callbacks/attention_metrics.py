@@ -196,7 +196,7 @@ class AttentionMetrics(L.Callback):
         self.seconds += time.perf_counter() - started
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        from lightning_sp.distributed import gather_objects
+        from lightning_sp.ranks import gather_objects
 
         self._hook.remove()
         totals: Counter = Counter()

@@ -16,7 +16,7 @@ from collections import Counter
 import lightning as L
 import torch
 
-from lightning_sp.distributed import gather_objects
+from lightning_sp.ranks import gather_objects
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from lightning_sp.data.shards import load_index
 from lightning_sp.data.tokenizer import IMAGE_TOKEN, load_tokenizer
 from lightning_sp.thirdparty.torch_internals import shared_empty
 from lightning_sp.data.train_stream import StreamPosition, TrainStream, take_exactly
-from lightning_sp.distributed import gather_objects
+from lightning_sp.ranks import gather_objects
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ from typing import Iterable, Mapping, Optional, Union
 
 import torch
 
-from lightning_sp.config import InputError, ProjectorConfig
+from lightning_sp.errors import InputError
+from lightning_sp.schema import ProjectorConfig
 from lightning_sp.models.projectors import build_projector
 from lightning_sp.models.projectors.spatial import PAPER_GRID, PAPER_SIDES, SpatialProjector
 
