@@ -1,5 +1,5 @@
 """`python -m lightning_sp <command> --help`: every option with its default and a one-line meaning, generated
-from the config schema (the dataclasses of config.py and the commands' option dataclasses) so it cannot drift.
+from the config schema (the dataclasses of schema.py and the commands' option dataclasses) so it cannot drift.
 
 A field's meaning is its trailing `# comment`, else the first sentence of the comment block just above it;
 fields without either are listed with their default only.
