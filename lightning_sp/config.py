@@ -183,14 +183,20 @@ def compose(
     return cfg
 
 
+def _registered(lookup, key):
+    """``lookup(key)`` of a component registry (lightning_sp/registry.py), its unknown-name KeyError (which names
+    the config key and the valid names) as a ConfigError."""
+    try:
+        return lookup(key)
+    except KeyError as e:
+        raise ConfigError(e.args[0]) from e
+
+
 def _fill_llm_defaults(cfg: DictConfig) -> None:
     """What the LLM backbone decides when the config leaves it open (the model, not the stage, owns its format):
     stage.template null -> its chat format; model.lora.target_modules empty -> its LoRA targets. Filled in, so a
     saved config names what the run used."""
-    try:
-        backbone = llm_backbone(cfg.model.llm)
-    except KeyError as e:
-        raise ConfigError(str(e).strip('"')) from e
+    backbone = _registered(llm_backbone, cfg.model.llm)
     if cfg.stage.template is None:
         cfg.stage.template = backbone.chat_format
     if not cfg.model.lora.target_modules:
@@ -202,10 +208,7 @@ def validate(cfg: DictConfig) -> None:
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         raise ConfigError(f"missing required config keys: {', '.join(sorted(missing))}")
-    if cfg.projector.name not in PROJECTORS:
-        raise ConfigError(
-            f"unknown projector '{cfg.projector.name}' (key projector.name); valid: {', '.join(sorted(PROJECTORS))}"
-        )
+    projector = _registered(PROJECTORS.lookup, cfg.projector.name)
     vision = cfg.model.vision
     # The grid is image_size // patch_size: a convolutional patch embedding drops the remainder (SigLIP SO400M/14
     # at 384 px: 27x27, its last 6 pixel rows and columns unused), as timm and transformers do.
@@ -214,13 +217,14 @@ def validate(cfg: DictConfig) -> None:
             f"model.vision.image_size ({vision.image_size}) must be at least "
             f"model.vision.patch_size ({vision.patch_size}), which must be positive"
         )
+    vision_backbone = _registered(backbone_class, vision)
     try:
-        backbone_class(vision).check_config(vision)
-    except (KeyError, ValueError) as e:
-        raise ConfigError(str(e).strip('"')) from e
+        vision_backbone.check_config(vision)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     grid = vision.image_size // vision.patch_size
     try:
-        PROJECTORS[cfg.projector.name].check_config(cfg.projector, grid=grid)
+        projector.check_config(cfg.projector, grid=grid)
     except ProjectorConfigError as e:
         raise ConfigError(
             f"{e} [projector.name={cfg.projector.name} on a {grid}x{grid} patch grid: model.vision.image_size="
@@ -239,10 +243,7 @@ def validate(cfg: DictConfig) -> None:
             f"stage.full_llm=true trains every LLM weight in stage=finetune without LoRA (got "
             f"stage.name={cfg.stage.name}, stage.lora={cfg.stage.lora}): use stage=finetune_full"
         )
-    try:
-        chat_format = llm_backbone(cfg.model.llm).chat_format
-    except KeyError as e:
-        raise ConfigError(str(e).strip('"')) from e
+    chat_format = _registered(llm_backbone, cfg.model.llm).chat_format
     if cfg.stage.template not in TEMPLATES:
         raise ConfigError(
             f"unknown template '{cfg.stage.template}' (key stage.template); valid: {', '.join(TEMPLATES)}"
@@ -264,10 +265,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"model.vision.position_init must be 'sincos' or 'hf', got '{cfg.model.vision.position_init}'"
         )
-    try:
-        dtype_named(cfg.model.llm.dtype, "model.llm.dtype")
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    dtype_named(cfg.model.llm.dtype, "model.llm.dtype")
     if not 0.0 <= cfg.data.max_skipped_fraction <= 1.0:
         raise ConfigError(
             f"data.max_skipped_fraction must be in [0, 1] (1 never stops), got {cfg.data.max_skipped_fraction}"

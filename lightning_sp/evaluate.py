@@ -107,16 +107,13 @@ def load_for_inference(
     directory, strict about trainable tensors), cast to ``dtype``, on ``device``, in eval mode."""
     from lightning_sp.module import load_module
 
+    cast = dtype_named(dtype) if dtype is not None else None  # a bad name fails before the model loads
     module = load_module(path, overrides)
-    if dtype is not None:
-        try:
-            dtype_named(dtype)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
+    if cast is not None:
         # RoPE's inverse frequencies stay float32, as transformers' from_pretrained(torch_dtype=...) keeps them:
         # rounded to bf16 they shift every position's angle (logits up to ~0.03 apart on the tiny model).
         keep = {name: buf for name, buf in module.named_buffers() if name.endswith("inv_freq")}
-        module = module.to(getattr(torch, dtype))
+        module = module.to(cast)
         for name, buf in keep.items():
             owner, _, attr = name.rpartition(".")
             setattr(module.get_submodule(owner), attr, buf)

@@ -258,13 +258,12 @@ def export_hf(
     """Export a checkpoint (file or run dir) as a merged HF directory at `out` (see the module docstring)."""
     from lightning_sp.module import load_module
 
+    if dtype is not None:
+        dtype_named(dtype)  # a bad name fails before the model loads
     module = load_module(ckpt, overrides)
     cfg, model, tokenizer = module.cfg, module.model, module.tokenizer
     dtype_name = dtype or cfg.model.llm.dtype
-    try:
-        torch_dtype = dtype_named(dtype_name)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    torch_dtype = dtype_named(dtype_name)
     name = cfg.projector.name
     try:
         model.vision.hf_vision_config()

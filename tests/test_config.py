@@ -350,3 +350,15 @@ def test_check_data_paths(tmp_path):
     save(cfg, tmp_path / "config.yaml")
     (train_dir / "index.json").unlink()
     load_saved(tmp_path / "config.yaml")
+
+
+def test_dtype_names_are_checked_in_one_place_naming_the_key():
+    from lightning_sp.dtypes import dtype_named
+
+    assert dtype_named("bfloat16") is torch.bfloat16
+    with pytest.raises(ConfigError, match="model.llm.dtype must be float32, bfloat16, float16, got 'float64'"):
+        compose(["model.llm.dtype=float64"])
+    with pytest.raises(ConfigError, match="dtype must be float32, bfloat16, float16, got 'fp8'"):
+        from lightning_sp.evaluate import load_for_inference
+
+        load_for_inference("no/such/run", dtype="fp8")  # refused before anything is read

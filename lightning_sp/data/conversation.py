@@ -122,25 +122,20 @@ class MarkupTemplate:
     def sep2(self) -> str:  # the end-of-turn token, as Template names it (checked to be a special token)
         return self.end_of_turn
 
-    def _turn(self, role: str, text: str) -> str:
-        content = text.strip() if self.trim else text
-        return self.header.format(role=role) + content + self.end_of_turn + self.after_turn
-
     def render(self, turns: list[tuple[str, str]], prompt_only: bool = False) -> tuple[str, list[tuple[int, int]]]:
         """As :meth:`Template.render`: the text and the char spans to supervise (none with ``prompt_only``, which
         ends with the assistant header where the answer begins)."""
         user, assistant = self.roles
-        text = self._turn("system", self.system) if self.system else ""
-        spans = []
-        for role, value in turns:
-            if role == HUMAN:
-                text += self._turn(user, value)
-            else:
-                text += self.header.format(role=assistant)
-                start = len(text)
-                text += (value.strip() if self.trim else value) + self.end_of_turn
+        role_names = {"system": "system", HUMAN: user, GPT: assistant}
+        system = [("system", self.system)] if self.system else []  # an empty system prompt writes no turn
+        text, spans = "", []
+        for role, value in system + list(turns):
+            text += self.header.format(role=role_names[role])
+            start = len(text)
+            text += (value.strip() if self.trim else value) + self.end_of_turn
+            if role == GPT:
                 spans.append((start, len(text)))
-                text += self.after_turn
+            text += self.after_turn
         if prompt_only:
             text += self.header.format(role=assistant)
             spans = []

@@ -9,6 +9,7 @@ from lightning_sp.models.vision.base import (
     image_stats,
     register_vision,
     sincos_2d,
+    write_sincos_positions,
 )
 from lightning_sp.models.vision.clip import CLIPVision
 from lightning_sp.models.vision.timm_vit import TimmViT
@@ -23,4 +24,5 @@ __all__ = [
     "image_stats",
     "register_vision",
     "sincos_2d",
+    "write_sincos_positions",
 ]

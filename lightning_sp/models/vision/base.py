@@ -22,16 +22,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_sp.data.images import ImageStats
 from lightning_sp.registry import Registry
-
-Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
 
 
 class VisionBackbone(nn.Module):
     """Frozen image encoder; subclasses set ``model`` and ``select_layer`` and implement the abstract parts."""
 
     registry_name: str = ""
-    stats: Stats  # (mean, std) of its input normalisation; set by build_vision from image_stats(cfg)
+    stats: ImageStats  # (mean, std) of its input normalisation; set by build_vision from image_stats(cfg)
 
     def __init__(self, model: nn.Module, select_layer: int) -> None:
         super().__init__()
@@ -46,7 +45,7 @@ class VisionBackbone(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def image_stats(cls, cfg) -> Stats:
+    def image_stats(cls, cfg) -> ImageStats:
         """(mean, std) per RGB channel that this encoder's inputs are normalised with."""
         raise NotImplementedError
 
@@ -87,16 +86,6 @@ class VisionBackbone(nn.Module):
         self.model.eval()  # frozen: no dropout, whatever Lightning asks
         return self
 
-    def check_output(self, features: torch.Tensor) -> torch.Tensor:
-        expected = (self.grid * self.grid, self.hidden_size)
-        if tuple(features.shape[1:]) != expected:
-            raise RuntimeError(
-                f"vision backbone '{self.registry_name}' returned features {tuple(features.shape)}, "
-                f"expected (B, {expected[0]}, {expected[1]}): grid {self.grid}x{self.grid}, width "
-                f"{self.hidden_size}"
-            )
-        return features
-
 
 VISION_BACKBONES: Registry[type[VisionBackbone]] = Registry("vision backbone", "model.vision.backbone", VisionBackbone)
 register_vision = VISION_BACKBONES.register
@@ -121,7 +110,7 @@ def build_vision(cfg) -> VisionBackbone:
     return backbone
 
 
-def image_stats(cfg) -> Stats:
+def image_stats(cfg) -> ImageStats:
     """(mean, std) the configured encoder's inputs are normalised with, without building it."""
     return backbone_class(cfg).image_stats(cfg)
 
@@ -141,3 +130,11 @@ def sincos_2d(grid: int, width: int) -> torch.Tensor:
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
     return torch.cat([encode(rows), encode(cols)], dim=1).float()
+
+
+def write_sincos_positions(table: torch.Tensor, grid: int) -> None:
+    """Fill a random-init encoder's position table (prefix rows + grid*grid patch rows, width) in place: the patch
+    rows get :func:`sincos_2d` (a clear 2-D position, as a trained encoder's features have), the prefix rows (CLS,
+    registers; none for SigLIP) zeros."""
+    table.zero_()
+    table[-grid * grid :] = sincos_2d(grid, table.shape[-1])

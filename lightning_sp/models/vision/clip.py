@@ -9,7 +9,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from lightning_sp.data.images import CLIP_MEAN, CLIP_STD
 from lightning_sp.models.seeding import seeded
-from lightning_sp.models.vision.base import Stats, VisionBackbone, register_vision, sincos_2d
+from lightning_sp.data.images import ImageStats
+from lightning_sp.models.vision.base import VisionBackbone, register_vision, write_sincos_positions
 from lightning_sp.paths import resolve
 
 
@@ -31,7 +32,7 @@ class CLIPVision(VisionBackbone):
     """`CLIPVisionModel` (pretrained: ``name_or_path``, an HF id or directory; random-init from the size fields)."""
 
     @classmethod
-    def image_stats(cls, cfg) -> Stats:
+    def image_stats(cls, cfg) -> ImageStats:
         return CLIP_MEAN, CLIP_STD
 
     @classmethod
@@ -66,10 +67,9 @@ class CLIPVision(VisionBackbone):
             )
             with seeded(cfg.init_seed):
                 model = CLIPVisionModel(config)
-            if cfg.position_init == "sincos":
-                table = model.vision_model.embeddings.position_embedding.weight
-                table.data[1:] = sincos_2d(config.image_size // config.patch_size, config.hidden_size)
-                table.data[0] = 0.0  # CLS
+            if cfg.position_init == "sincos":  # row 0 is CLS's
+                table = model.vision_model.embeddings.position_embedding.weight.data
+                write_sincos_positions(table, config.image_size // config.patch_size)
         return cls(model, cfg.select_layer)
 
     @property

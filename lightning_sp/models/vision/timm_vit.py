@@ -19,7 +19,8 @@ import timm
 import torch
 
 from lightning_sp.models.seeding import seeded
-from lightning_sp.models.vision.base import Stats, VisionBackbone, register_vision, sincos_2d
+from lightning_sp.data.images import ImageStats
+from lightning_sp.models.vision.base import VisionBackbone, register_vision, write_sincos_positions
 from lightning_sp.paths import resolve
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
@@ -45,7 +46,7 @@ class TimmViT(VisionBackbone):
     """A timm VisionTransformer, frozen, pruned after ``select_layer``."""
 
     @classmethod
-    def image_stats(cls, cfg) -> Stats:
+    def image_stats(cls, cfg) -> ImageStats:
         pretrained = timm.models.get_pretrained_cfg(cfg.arch)
         if pretrained is None:
             raise ValueError(
@@ -94,18 +95,13 @@ class TimmViT(VisionBackbone):
             with seeded(cfg.init_seed):
                 model = timm.create_model(cfg.arch, pretrained=False, **kwargs)
             if cfg.position_init == "sincos":
-                grid = cfg.image_size // cfg.patch_size
-                table = model.pos_embed.data[0]
-                table.zero_()  # prefix tokens' rows, when the table has them
-                table[-grid * grid :] = sincos_2d(grid, cfg.hidden_size)
+                write_sincos_positions(model.pos_embed.data[0], cfg.image_size // cfg.patch_size)
         depth = len(model.blocks)
         block = depth + cfg.select_layer
         if not 0 <= block < depth:
             raise ValueError(f"model.vision.select_layer={cfg.select_layer}: {cfg.arch} has {depth} blocks")
         model.prune_intermediate_layers(indices=[block], prune_norm=True, prune_head=True)
-        tower = cls(model, cfg.select_layer)
-        tower.block = block
-        return tower
+        return cls(model, cfg.select_layer)
 
     @property
     def hidden_size(self) -> int:
@@ -124,8 +120,13 @@ class TimmViT(VisionBackbone):
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # Pruned at build: the selected block is the last one kept.
         dtype = self.model.patch_embed.proj.weight.dtype
         (features,) = self.model.forward_intermediates(
-            pixel_values.to(dtype), indices=[self.block], norm=False, intermediates_only=True, output_fmt="NLC"
+            pixel_values.to(dtype),
+            indices=[len(self.model.blocks) - 1],
+            norm=False,
+            intermediates_only=True,
+            output_fmt="NLC",
         )
         return features
