@@ -42,6 +42,20 @@ def is_sharded_checkpoint(path: PathLike) -> bool:
     return p.is_dir() and (p / ".metadata").is_file() and (p / SHARDED_META).is_file()
 
 
+def checkpoint_step(path: PathLike) -> int:
+    """The global step a checkpoint file (or sharded directory) holds. Raises when it cannot be read: truncated,
+    not a checkpoint, or a sharded directory whose save was cut short. Lightning writes a single-file checkpoint
+    through a temporary file and a rename, but a sharded one's `meta.pt` with a plain `torch.save` after the
+    shards, so a kill mid-save can leave that file present and incomplete."""
+    p = Path(path)
+    if p.is_dir():  # sharded: the step is in Lightning's meta.pt, the shards need not be read
+        if not is_sharded_checkpoint(p):
+            raise FileNotFoundError(f"{p}: a directory without DCP's .metadata and {SHARDED_META} (a save cut short?)")
+        p = p / SHARDED_META
+    ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)  # mmap: tensors stay on disk
+    return int(ckpt["global_step"])
+
+
 def resolve_checkpoint(path: PathLike) -> Path:
     """A `.ckpt` file (or sharded checkpoint directory) as given; a run directory -> its `checkpoints/last.ckpt`
     (or `last.ckpt`)."""

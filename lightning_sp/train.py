@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_sp import config as config_lib
 from lightning_sp.callbacks.checkpointing import BestAndLastCheckpoint
-from lightning_sp.checkpoint import SHARDED_META, is_sharded_checkpoint
+from lightning_sp.checkpoint import checkpoint_step, is_sharded_checkpoint
 from lightning_sp.callbacks.nonfinite import NonFiniteGuard
 from lightning_sp.callbacks.throughput import throughput_monitor
 from lightning_sp.callbacks.skip_limit import SkipLimit
@@ -212,16 +212,10 @@ def log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, float]) 
     trainer.logger.finalize("success")  # the fit's end closed the event file; this writes and closes the new one
 
 
-def _checkpoint_step(path: Path) -> int | None:
-    """The global step a checkpoint file (or sharded directory) holds, or None when it cannot be read (truncated,
-    not a checkpoint)."""
+def _readable_step(path: Path) -> int | None:
+    """`checkpoint_step`, or None (with a warning) when the checkpoint cannot be read."""
     try:
-        if path.is_dir():  # sharded: the step is in Lightning's meta.pt, the shards need not be read
-            if not is_sharded_checkpoint(path):
-                raise FileNotFoundError("a directory without DCP's .metadata and meta.pt (a save cut short?)")
-            path = path / SHARDED_META
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: tensors stay on disk
-        return int(ckpt["global_step"])
+        return checkpoint_step(path)
     except Exception as exc:  # noqa: BLE001 -- any unreadable file is skipped, and said so
         log.warning("resume=auto: skipping unreadable checkpoint %s (%s: %s)", path, type(exc).__name__, exc)
         return None
@@ -231,14 +225,14 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     """The checkpoint `resume=` names: None (fresh), `auto` or an explicit path.
 
     `auto` takes the readable checkpoint of `run_dir/checkpoints` with the highest step (last.ckpt when it is
-    intact). Lightning writes through a temporary file and a rename, so a kill mid-save leaves the previous file
-    whole; a file damaged some other way (a full disk, a copy cut short) is skipped with a warning."""
+    intact). A checkpoint that cannot be read (a sharded save cut short by a kill, a full disk, a copy cut short) is
+    skipped with a warning, so the run continues from the newest whole one."""
     if cfg.resume is None:
         return None
     if cfg.resume == "auto":
         directory = run_dir / "checkpoints"
         found = sorted(directory.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", p.name))
-        steps = {p: step for p in found if (step := _checkpoint_step(p)) is not None}
+        steps = {p: step for p in found if (step := _readable_step(p)) is not None}
         if not steps:
             log.info("resume=auto: no complete checkpoint in %s yet, starting fresh", directory)
             return None

@@ -369,6 +369,7 @@ def test_equal_val_shares_give_every_rank_the_same_number_of_batches(data, token
             data["val"],
             tokenizer,
             num_visual_tokens=582,
+            image_size=336,
             batch_size=4,
             val_batch_size=1,
             num_workers=0,
@@ -491,11 +492,15 @@ def test_full_finetuning_under_fsdp_resumes_from_a_kill_to_the_uninterrupted_res
     )
     first = tmp_path / "killed" / "checkpoints" / "step000002.ckpt"
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    from lightning_sp.checkpoint import is_sharded_checkpoint
+    from lightning_sp.checkpoint import checkpoint_step
 
-    while (
-        not (first.is_file() or is_sharded_checkpoint(first)) and victim.poll() is None and time.monotonic() < deadline
-    ):
+    def saved() -> bool:  # readable, not merely present: a sharded save writes meta.pt last, in place
+        try:
+            return checkpoint_step(first) == 2
+        except Exception:  # noqa: BLE001 -- absent or still being written
+            return False
+
+    while not saved() and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.killpg(victim.pid, signal.SIGKILL)  # both ranks: the second is the first one's child
     victim.wait(timeout=60)

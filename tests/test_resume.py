@@ -215,3 +215,27 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     rng.restore(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
     got = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
+
+
+def test_resume_auto_skips_a_sharded_checkpoint_whose_save_was_cut_short(tmp_path, tiny_cfg):
+    """Lightning writes a sharded checkpoint's meta.pt in place after the DCP shards: a kill during that write
+    leaves `.metadata` and a truncated meta.pt. resume=auto must continue from the older whole checkpoint."""
+    import io
+
+    from lightning_sp.checkpoint import checkpoint_step
+    from lightning_sp.train import resume_checkpoint
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    older, cut = ckpts / "step000002.ckpt", ckpts / "step000004.ckpt"
+    for directory, step in ((older, 2), (cut, 4)):
+        directory.mkdir(parents=True)
+        (directory / ".metadata").write_bytes(b"dcp")
+        buffer = io.BytesIO()
+        torch.save({"global_step": step, "pad": torch.zeros(4096)}, buffer)
+        (directory / "meta.pt").write_bytes(buffer.getvalue())
+    assert checkpoint_step(cut) == 4
+    (cut / "meta.pt").write_bytes((cut / "meta.pt").read_bytes()[:3000])  # the kill landed mid-write
+    with pytest.raises(Exception):
+        checkpoint_step(cut)
+    cfg = tiny_cfg("resume=auto", f"run_dir={tmp_path / 'run'}")
+    assert resume_checkpoint(cfg, tmp_path / "run") == str(older)

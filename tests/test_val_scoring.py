@@ -78,10 +78,13 @@ def questions(one_thread, tokenizer):
     builder = SampleBuilder(tokenizer, "vicuna_v1", num_visual_tokens, IMAGE_SIZE, None, for_eval=True)
 
     def batch_of(records):
-        samples = [
-            builder.build({"__key__": r["id"], "json": json.dumps(r).encode(), "png": images[r["id"].split(":")[0]]})
-            for r in records
-        ]
+        samples = list(
+            builder(
+                {"__key__": r["id"], "json": json.dumps(r).encode(), "png": images[r["id"].split(":")[0]]}
+                for r in records
+            )
+        )
+        assert len(samples) == len(records)
         return collate_eval(
             samples,
             tokenizer.pad_token_id,

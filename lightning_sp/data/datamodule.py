@@ -95,7 +95,7 @@ class SampleBuilder:
 
     def _pixel_slot(self) -> torch.Tensor:
         """Where the sample being built writes its pixels: the next free slot of the batch buffer (a fresh tensor
-        without ``batch_size``). A slot is used up only when :meth:`build` returns (see :meth:`_slot_used`), so
+        without ``batch_size``). A slot is used up only when the sample is whole (see :meth:`_slot_used`), so
         a record that fails half-way leaves it to the next one."""
         shape = (3, self.image_size, self.image_size)
         if self.batch_size is None:
@@ -121,11 +121,8 @@ class SampleBuilder:
             self._encoder = RecordEncoder(self.tokenizer, self.template)
         return self._encoder(record, max_length)
 
-    def build(self, sample: dict) -> dict:
-        return self._finish(*self._prepare(sample))
-
     def _prepare(self, sample: dict) -> tuple:
-        """The text half of :meth:`build`: checks, JSON, tokenisation and label mask."""
+        """The text half of building a sample: checks, JSON, tokenisation and label mask."""
         key = sample.get("__key__")
         if not isinstance(key, str) or key.startswith("/") or ".." in PurePosixPath(key).parts:
             # Shards are read in memory, never extracted; still, our converter writes flat names only, so such a
@@ -154,7 +151,7 @@ class SampleBuilder:
         return record, rid, image_bytes, self._encode(record, max_length)
 
     def _finish(self, record: dict, rid, image_bytes, enc) -> dict:
-        """The image half of :meth:`build` and the sample dict."""
+        """The image half of building a sample, and the sample dict."""
         pixel_values = self._pixel_slot()
         if enc.has_image:
             try:
@@ -378,8 +375,9 @@ class ShardDataModule(L.LightningDataModule):
         val_dir=None,
         tokenizer=None,
         template: str = "vicuna_v1",
-        num_visual_tokens: int = 582,
-        image_size: int = 336,
+        *,
+        num_visual_tokens: int,
+        image_size: int,
         batch_size: int = 16,
         val_batch_size: int = 32,
         num_workers: int = 1,
@@ -390,7 +388,9 @@ class ShardDataModule(L.LightningDataModule):
         length_group_batches: int = 1,
         image_stats: ImageStats | None = None,
     ):
-        """``image_stats``: the vision backbone's (mean, std) normalisation (default CLIP's)."""
+        """``num_visual_tokens`` (SP + patch tokens per image) and ``image_size`` come from the model (its projector
+        and vision backbone), so they have no defaults; ``image_stats``: the vision backbone's (mean, std)
+        normalisation (default CLIP's)."""
         super().__init__()
         self.image_stats = image_stats
         if tokenizer is None:
