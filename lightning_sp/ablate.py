@@ -63,6 +63,7 @@ from tqdm import tqdm
 
 from lightning_sp import stats
 from lightning_sp.config import CONF_DIR, ConfigError, compose, flatten, group_choices
+from lightning_sp.overrides import override_key, parse_dotlist
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ def plan_study(
 ) -> list[PlannedRun]:
     """Compose and validate every run of the study (nothing is built or trained)."""
     for item in overrides:
-        key = item.split("=", 1)[0]
+        key = override_key(item)
         if key in ("seed", "run_dir"):
             fix = "seeds=[0,1]" if key == "seed" else "root=<dir>"
             raise ConfigError(f"the study sets '{key}' of each run; use {fix} instead")
@@ -764,13 +765,8 @@ def parse_ablate_args(args: Sequence[str]) -> tuple[dict, list[str]]:
     """`key=value` arguments -> (run_study keyword arguments, overrides for every arm)."""
     own, rest = [], []
     for item in args:
-        if "=" not in item:
-            raise ConfigError(f"argument '{item}' is not of the form key=value (e.g. study=default)")
-        (own if item.split("=", 1)[0] in STUDY_KEYS else rest).append(item)
-    try:
-        parsed = OmegaConf.to_container(OmegaConf.from_dotlist(own))
-    except Exception as exc:
-        raise ConfigError(f"cannot parse {own}: {exc}") from exc
+        (own if override_key(item, "study=default") in STUDY_KEYS else rest).append(item)
+    parsed = OmegaConf.to_container(parse_dotlist(own, "study options"))
     kwargs: dict[str, Any] = {}
     if parsed.get("study") is not None:
         kwargs["study"] = str(parsed["study"])

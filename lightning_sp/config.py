@@ -21,6 +21,7 @@ from lightning_sp.data import locations
 from lightning_sp.data.conversation import TEMPLATES
 from lightning_sp.dtypes import dtype_named
 from lightning_sp.errors import ConfigError, InputError  # noqa: F401 (re-exported)
+from lightning_sp.overrides import override_key, parse_dotlist
 from lightning_sp.schema import (  # noqa: F401 (re-exported: the schema is part of this module's API)
     VisionConfig,
     LLMConfig,
@@ -134,9 +135,7 @@ def compose(
     choices = dict(base.pop("defaults", {}) or {})
     field_overrides, cli_choices, experiment = [], {}, None
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-        key, value = item.split("=", 1)
+        key, value = override_key(item, "variant=pooling or optim.lr_lora=1e-4"), item.split("=", 1)[1]
         if key in GROUPS:
             cli_choices[key] = value
         elif key == "experiment":
@@ -168,13 +167,9 @@ def compose(
         cfg = _merge(cfg, _load_yaml(path), schema, str(path))
     for source, layer in layers:
         cfg = _merge(cfg, layer, schema, source)
-    try:
-        dotlist = OmegaConf.from_dotlist(field_overrides)
-    except Exception as e:
-        raise ConfigError(f"cannot parse overrides {field_overrides}: {e}") from e
-    cfg = _merge(cfg, dotlist, schema, "command line")
+    cfg = _merge(cfg, parse_dotlist(field_overrides, "overrides"), schema, "command line")
     cfg.choices = {g: choices[g] for g in GROUPS if g in choices} | ({"experiment": experiment} if experiment else {})
-    given = {item.split("=", 1)[0].strip() for item in field_overrides}
+    given = {override_key(item) for item in field_overrides}
     _derive_accumulation(cfg, explicit="trainer.accumulate_grad_batches" in given)
     _fill_llm_defaults(cfg)
     _warn_unused_lora_overrides(cfg, given)
@@ -491,12 +486,10 @@ def parse_command_options(args, options_cls, command: str, usage: str) -> tuple[
     A group selection (`variant=pooling`) is refused with the reason: the checkpoint fixes the model."""
     plain, dotted = [], []
     for item in args:
-        if "=" not in item:
-            raise ConfigError(f"{command}: argument '{item}' is not of the form key=value ({usage})")
-        (dotted if "." in item.split("=", 1)[0] else plain).append(item)
+        (dotted if "." in override_key(item, f"{command} {usage}") else plain).append(item)
     valid = list(OmegaConf.structured(options_cls).keys())
     for item in plain:
-        key = item.split("=", 1)[0]
+        key = override_key(item)
         if key in GROUPS or key == "experiment":
             raise ConfigError(
                 f"{command}: '{item}' selects a config group, but {command} works on a trained run "
@@ -513,7 +506,7 @@ def parse_command_options(args, options_cls, command: str, usage: str) -> tuple[
             )
     schema = OmegaConf.structured(options_cls)
     try:
-        opts = OmegaConf.merge(schema, OmegaConf.from_dotlist(plain))
+        opts = OmegaConf.merge(schema, parse_dotlist(plain, f"{command} options"))
         missing = sorted(OmegaConf.missing_keys(opts))
     except Exception as exc:  # type errors: batch_size=many
         raise ConfigError(f"bad {command} option: {exc}") from exc
@@ -533,7 +526,7 @@ def from_container(container: Any, source: str, overrides: list[str] | tuple[str
     schema = OmegaConf.structured(RunConfig)
     cfg = _merge(schema, container, schema, source)
     if overrides:
-        cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), schema, "overrides")
+        cfg = _merge(cfg, parse_dotlist(overrides, "overrides"), schema, "overrides")
     _fill_llm_defaults(cfg)
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
