@@ -131,7 +131,7 @@ def test_import_matches_official_forward(tmp_path, variant, fmt, prefix):
     sd = random_official(variant, prefix=prefix, dtype=torch.float64)
     src = sd if fmt == "dict" else save(sd, tmp_path / f"non_lora_trainables.{fmt}")
     proj = load_official_projector(src, variant, dtype=torch.float64)
-    assert proj.sfe_mode == variant and all(p.dtype == torch.float64 for p in proj.parameters())
+    assert proj.window_layout == variant and all(p.dtype == torch.float64 for p in proj.parameters())
     z = torch.randn(2, G * G, C, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     out = proj(z)
     assert out.shape == (2, 582, H)

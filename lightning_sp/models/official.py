@@ -419,8 +419,8 @@ def official_state_dict(projector: SpatialProjector, variant: str, *, prefix: bo
         raise OfficialCheckpointError(
             f"only LLaVA-SP projectors have an official layout, got {type(projector).__name__}"
         )
-    if projector.sfe_mode != variant:
-        raise OfficialCheckpointError(f"cannot export a {projector.sfe_mode} projector as variant {variant!r}")
+    if projector.window_layout != variant:
+        raise OfficialCheckpointError(f"cannot export a {projector.window_layout} projector as variant {variant!r}")
     ours = projector.state_dict()
     names = {row.ours for row in KEY_TABLE[variant]}
     missing, unexpected = sorted(names - set(ours)), sorted(set(ours) - names)

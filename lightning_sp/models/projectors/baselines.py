@@ -79,9 +79,9 @@ class WindowTransformerExtractor(SpatialWindows):
     """
 
     def __init__(
-        self, mode: str, vision_width: int, sp_width: int, grid: int, sides=None, layers: int = 1, heads: int = 8
+        self, layout: str, vision_width: int, sp_width: int, grid: int, sides=None, layers: int = 1, heads: int = 8
     ) -> None:
-        super().__init__(mode, grid, sides)
+        super().__init__(layout, grid, sides)
         d = sp_width
         self.embed = nn.Linear(vision_width, d)
         self.position = nn.Parameter(nn.init.trunc_normal_(torch.empty(grid * grid, d), std=0.02))
@@ -128,7 +128,7 @@ class CroppingTransformerProjector(_ExtractorAttention, CroppingProjector):
 
     def build_extractor(self, cfg, vision_width: int, sp_width: int, grid: int) -> nn.Module:
         return WindowTransformerExtractor(
-            self.sfe_mode,
+            self.window_layout,
             vision_width,
             sp_width,
             grid,
@@ -160,8 +160,8 @@ class StackedConvExtractor(SpatialWindows):
     covers its whole input, so it is a matmul over the flattened map (`merge`, Conv2d weight layout) as in spatial.py.
     """
 
-    def __init__(self, mode: str, vision_width: int, sp_width: int, grid: int, sides=None) -> None:
-        super().__init__(mode, grid, sides)
+    def __init__(self, layout: str, vision_width: int, sp_width: int, grid: int, sides=None) -> None:
+        super().__init__(layout, grid, sides)
         if any(s % STACK_FACTOR for s in self.sides):
             raise ValueError(f"stacked convs need window sides divisible by {STACK_FACTOR}, got {self.sides}")
         self.reduce = nn.ModuleList(
@@ -185,7 +185,7 @@ class _StackedMixin:
     """§5 "one large kernel vs stacked small convs": the family's SFE with StackedConvExtractor."""
 
     def build_extractor(self, cfg, vision_width: int, sp_width: int, grid: int) -> nn.Module:
-        return StackedConvExtractor(self.sfe_mode, vision_width, sp_width, grid, cfg.sides)
+        return StackedConvExtractor(self.window_layout, vision_width, sp_width, grid, cfg.sides)
 
     @classmethod
     def check_config(cls, cfg, grid: int) -> None:
@@ -263,7 +263,7 @@ class LearnedQueriesProjector(_ExtractorAttention, SpatialProjector):
     the values of `sides` are unused, only their number.
     """
 
-    sfe_mode = "learned_queries"  # not an official layout: export refuses it
+    window_layout = "learned_queries"  # not an official layout: export refuses it
 
     def build_extractor(self, cfg, vision_width: int, sp_width: int, grid: int) -> nn.Module:
         return LearnedQueryExtractor(vision_width, sp_width, grid, len(scaled_sides(grid, cfg.sides)))

@@ -61,8 +61,8 @@ class _OfficialSFEOnly(CroppingProjector):
 class OfficialTransformerExtractor(SpatialWindows):
     """One nn.Transformer per window and a zero-initialised query each; token width = the vision width C."""
 
-    def __init__(self, mode: str, vision_width: int, grid: int, sides=None) -> None:
-        super().__init__(mode, grid, sides)
+    def __init__(self, layout: str, vision_width: int, grid: int, sides=None) -> None:
+        super().__init__(layout, grid, sides)
         if vision_width % TRANSFORMER_HEADS:
             raise ProjectorConfigError(
                 f"official_transformer runs {TRANSFORMER_HEADS} heads at the vision width; "
@@ -104,14 +104,14 @@ class OfficialTransformerProjector(_OfficialSFEOnly):
     """The official "transformer extractor per crop" arm (OfficialTransformerExtractor); no DFI."""
 
     def build_extractor(self, cfg, vision_width: int, sp_width: int, grid: int) -> nn.Module:
-        return OfficialTransformerExtractor(self.sfe_mode, vision_width, grid, cfg.sides)
+        return OfficialTransformerExtractor(self.window_layout, vision_width, grid, cfg.sides)
 
 
 class OfficialStackedExtractor(SpatialWindows):
     """Per window, the official Conv2d + BatchNorm2d stack of its side (OFFICIAL_STACKS); token width D."""
 
-    def __init__(self, mode: str, vision_width: int, sp_width: int, grid: int, sides=None) -> None:
-        super().__init__(mode, grid, sides)
+    def __init__(self, layout: str, vision_width: int, sp_width: int, grid: int, sides=None) -> None:
+        super().__init__(layout, grid, sides)
         self.out_width = sp_width
         widths = {"C": vision_width, "D": sp_width}
         self.stacks = nn.ModuleList()
@@ -135,7 +135,7 @@ class OfficialStackedProjector(_OfficialSFEOnly):
     crops of the paper's 24x24 grid, so it runs there only."""
 
     def build_extractor(self, cfg, vision_width: int, sp_width: int, grid: int) -> nn.Module:
-        return OfficialStackedExtractor(self.sfe_mode, vision_width, sp_width, grid, cfg.sides)
+        return OfficialStackedExtractor(self.window_layout, vision_width, sp_width, grid, cfg.sides)
 
     @classmethod
     def check_config(cls, cfg, grid: int) -> None:

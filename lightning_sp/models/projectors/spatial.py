@@ -62,11 +62,11 @@ class SpatialWindows(nn.Module):
     """The SP windows, no weights: centred crops (`cropping`) or adaptive pools (`pooling`) of the patch grid.
     Extractors (this file's SFE, the ablation arms in baselines.py) subclass it and turn each window into a token."""
 
-    def __init__(self, mode: str, grid: int, sides=None) -> None:
+    def __init__(self, layout: str, grid: int, sides=None) -> None:
         super().__init__()
-        if mode not in ("cropping", "pooling"):
-            raise ValueError(f"SFE mode must be 'cropping' or 'pooling', got '{mode}'")
-        self.mode, self.grid = mode, grid
+        if layout not in ("cropping", "pooling"):
+            raise ValueError(f"SP window layout must be 'cropping' or 'pooling', got '{layout}'")
+        self.layout, self.grid = layout, grid
         self.sides = scaled_sides(grid, sides)
 
     @property
@@ -80,7 +80,7 @@ class SpatialWindows(nn.Module):
     def windows(self, grid_features: torch.Tensor):
         """Each token's input window (B, C', s, s), in token order; any channel count C'."""
         for side, (r0, c0, r1, c1) in zip(self.sides, self.boxes()):
-            if self.mode == "cropping":
+            if self.layout == "cropping":
                 yield grid_features[:, :, r0:r1, c0:c1]
             elif side == self.grid:
                 yield grid_features  # the global token is the conv alone, no pooling
@@ -89,7 +89,7 @@ class SpatialWindows(nn.Module):
 
     def boxes(self) -> list[tuple[int, int, int, int]]:
         """(row0, col0, row1, col1) of each token's window on the grid (pooling tokens see the whole grid)."""
-        if self.mode == "pooling":
+        if self.layout == "pooling":
             return [(0, 0, self.grid, self.grid)] * len(self.sides)
         return [
             ((self.grid - s) // 2, (self.grid - s) // 2, (self.grid + s) // 2, (self.grid + s) // 2) for s in self.sides
@@ -99,8 +99,8 @@ class SpatialWindows(nn.Module):
 class SpatialFeatureExtractor(SpatialWindows):
     """Six multi-scale tokens from the patch grid: one full-window conv per crop (`cropping`) or pool (`pooling`)."""
 
-    def __init__(self, mode: str, vision_width: int, sp_width: int, grid: int, sides=None) -> None:
-        super().__init__(mode, grid, sides)
+    def __init__(self, layout: str, vision_width: int, sp_width: int, grid: int, sides=None) -> None:
+        super().__init__(layout, grid, sides)
         self.weights = nn.ParameterList(conv_weight(sp_width, vision_width, s) for s in self.sides)
 
     def full_window_weights(self) -> list[nn.Parameter]:
@@ -147,7 +147,10 @@ class DetailFeatureIntegrator(nn.Module):
 class SpatialProjector(Projector):
     """SFE (+ DFI) -> W_s for 6 SP tokens, W_p for the patch tokens; SP tokens first."""
 
-    sfe_mode: str = ""
+    # The SP windows, "cropping" or "pooling" (SpatialWindows): also the name of the released LLaVA-SP variant
+    # whose checkpoint layout these weights have (models/official.py). `variant=` (conf/variant/) is a preset file
+    # and `projector.name` the registered class it selects; several classes share one window layout.
+    window_layout: str = ""
     default_head_bias: bool = False
 
     def __init__(self, cfg, vision_width: int, llm_width: int, grid: int) -> None:
@@ -166,7 +169,7 @@ class SpatialProjector(Projector):
     def build_extractor(self, cfg, vision_width: int, sp_width: int, grid: int) -> nn.Module:
         """The SP-token extractor: (B, C, G, G) -> (B, num_tokens, D), with `num_tokens` and `boxes()`.
         Ablation arms (baselines.py) override this to swap the extractor and keep DFI, W_s and W_p."""
-        return SpatialFeatureExtractor(self.sfe_mode, vision_width, sp_width, grid, cfg.sides)
+        return SpatialFeatureExtractor(self.window_layout, vision_width, sp_width, grid, cfg.sides)
 
     @classmethod
     def check_config(cls, cfg, grid: int) -> None:
@@ -213,11 +216,11 @@ class SpatialProjector(Projector):
 
 @register("cropping")
 class CroppingProjector(SpatialProjector):
-    sfe_mode = "cropping"
+    window_layout = "cropping"
     default_head_bias = True  # the released Cropping checkpoint has `conv_linear.1.bias`
 
 
 @register("pooling")
 class PoolingProjector(SpatialProjector):
-    sfe_mode = "pooling"
+    window_layout = "pooling"
     default_head_bias = False
