@@ -19,7 +19,7 @@ worker; total throughput scales with workers until the cores run out. The rate i
 process's CPU time (the work of one worker; on a busy host the wall clock adds waits for a core, shown beside it).
 The passes alternate (ours, LLaVA, ours, ...) so host-load drift hits both; the ratio is of the medians. Per-stage
 times (each stage alone, best of 3) and the pixel/label agreement of the two paths follow, and a second table
-times the image path alone on larger JPEGs, with and without `ImageProcessor(fast_decode=True)`.
+times the image path alone on larger JPEGs.
 
 Images: random-ish "photos" (smooth colour gradients + blotches + fine noise) at COCO-like sizes, JPEG quality
 90. Text: multi-turn conversations of English words. The tokenizer is the shipped byte-level BPE (data/tokenizer);
@@ -341,7 +341,7 @@ def previous_sample(
     """SampleBuilder.build before the batch pixel buffer and the direct tokenizer call, from a raw shard sample of
     a record it accepts. The pixels come from `previous_image_path` (the CHW torchvision path), independent of
     ImageProcessor."""
-    from lightning_sp.data.images import _decode
+    from lightning_sp.data.images import decode_pixels
 
     record = json.loads(raw["json"])
     record.setdefault("id", raw["__key__"])
@@ -351,7 +351,7 @@ def previous_sample(
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     # The pad colour is LLaVA's truncated mean, as ImageProcessor's since it stopped rounding (images.pad_fill).
     pixels = (
-        previous_image_path(_decode(image), [int(255 * m) for m in CLIP_MEAN], image_size)
+        previous_image_path(decode_pixels(image), [int(255 * m) for m in CLIP_MEAN], image_size)
         if has_image
         else torch.zeros(3, image_size, image_size)
     )
@@ -422,7 +422,7 @@ def per_stage(records, image_root: Path, tokenizer, n: int, batch: int, repeats:
     `repeats` passes), fed with the previous stage's outputs."""
     from lightning_sp.data.conversation import encode, expand_image_token
     from lightning_sp.data.datamodule import collate_train
-    from lightning_sp.data.images import ImageProcessor, _decode
+    from lightning_sp.data.images import ImageProcessor, decode_pixels
 
     clip, proc = clip_processor(), ImageProcessor(IMAGE_SIZE)
     llava = LlavaPipeline(records, image_root, tokenizer)
@@ -439,7 +439,7 @@ def per_stage(records, image_root: Path, tokenizer, n: int, batch: int, repeats:
         return best / (per or len(items)) * 1e3, out
 
     ours, theirs, previous = {}, {}, {}
-    ours["decode (torchvision)"], decoded = ms(_decode, blobs)
+    ours["decode (torchvision)"], decoded = ms(decode_pixels, blobs)
     # As SampleBuilder(batch_size=...) does: each image written into its slot of its batch's buffer.
     slots = [slot for _ in range(0, n, batch) for slot in torch.empty(batch, 3, IMAGE_SIZE, IMAGE_SIZE)][:n]
     ours["pad + resize + normalise (uint8 HWC)"], pixels = ms(lambda i: proc(decoded[i], out=slots[i]), range(n))
@@ -520,14 +520,14 @@ LARGE_SIZES = ((768, 1024), (960, 1280), (1024, 768), (1200, 1600))  # TextVQA /
 
 
 def large_images(n: int, repeats: int, seed: int = 1) -> dict:
-    """Image path only (bytes -> normalised 336 tensor) on larger JPEGs, where fast_decode can reduce the decode:
-    ms/image of ours (full decode), ours with fast_decode=True, and LLaVA's, plus the pixel differences."""
+    """Image path only (bytes -> normalised 336 tensor) on larger JPEGs: ms/image of ours and of
+    LLaVA's, and the pixel differences."""
     from lightning_sp.data.images import ImageProcessor
 
     rng = np.random.default_rng(seed)
     blobs = [photo(rng, *LARGE_SIZES[i % len(LARGE_SIZES)]) for i in range(n)]
-    full, fast, clip = ImageProcessor(IMAGE_SIZE), ImageProcessor(IMAGE_SIZE, fast_decode=True), clip_processor()
-    paths = {"ours": full, "ours_fast": fast, "llava": lambda b: llava_image(b, clip)}
+    ours, clip = ImageProcessor(IMAGE_SIZE), clip_processor()
+    paths = {"ours": ours, "llava": lambda b: llava_image(b, clip)}
     ms = {name: [] for name in paths}
     for _ in range(repeats):
         for name, fn in paths.items():
@@ -544,9 +544,7 @@ def large_images(n: int, repeats: int, seed: int = 1) -> dict:
     return {
         "ms": {k: statistics.median(v) for k, v in ms.items()},
         "n": n,
-        "fast_vs_full": agg("ours_fast", "ours"),
         "full_vs_llava": agg("ours", "llava"),
-        "fast_vs_llava": agg("ours_fast", "llava"),
     }
 
 
@@ -688,16 +686,8 @@ def report(
             "| path | ms/image | vs LLaVA | pixels vs LLaVA max / mean |",
             "|---|---:|---:|---|",
             f"| LLaVA-1.5 (PIL + CLIPImageProcessor) | {m['llava']:.2f} | 1.00x | |",
-            f"| ours, full decode (default) | {m['ours']:.2f} | {m['llava'] / m['ours']:.2f}x | "
+            f"| ours | {m['ours']:.2f} | {m['llava'] / m['ours']:.2f}x | "
             f"{large['full_vs_llava'][0]:.3f} / {large['full_vs_llava'][1]:.4f} ({within(large['full_vs_llava'])}) |",
-            f"| ours, `ImageProcessor(fast_decode=True)` (JPEG DCT-scaled decode) | {m['ours_fast']:.2f} | "
-            f"{m['llava'] / m['ours_fast']:.2f}x | {large['fast_vs_llava'][0]:.3f} / {large['fast_vs_llava'][1]:.4f} "
-            f"({within(large['fast_vs_llava'])}) |",
-            "",
-            f"- fast_decode vs full decode: max {large['fast_vs_full'][0]:.3f}, mean {large['fast_vs_full'][1]:.4f}. "
-            "The reduced decode keeps at least the resolution the resize keeps (1/2 of 1024 px is 512 >= 336); at "
-            "COCO sizes (<= 640 px) no reduction is possible without going below 336 px, so it changes nothing "
-            "there. Off by default (LLaVA-equivalent pixels).",
         ]
     return "\n".join(lines) + "\n"
 
@@ -708,7 +698,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5, help="timed passes of each path (alternating)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (a DataLoader worker has 1)")
-    parser.add_argument("--large", type=int, default=16, help="larger JPEGs for the fast_decode check (0: skip)")
+    parser.add_argument("--large", type=int, default=16, help="larger JPEGs for the image-path table (0: skip)")
     parser.add_argument("--profile", action="store_true", help="print cProfile of one pass of our pipeline")
     parser.add_argument("--write", type=Path, help="write the results as this benchmark's section of a Markdown file")
     args = parser.parse_args(argv)

@@ -372,7 +372,7 @@ def _llava_config(cfg, vision_width: int) -> Optional[dict]:
     return llava
 
 
-def _adapter_file_name(provenance: dict, where: str = "checkpoint") -> str:
+def adapter_file_name(provenance: dict, where: str = "checkpoint") -> str:
     """The adapter file an export writes: the release's own name, which must be one of `ADAPTER_FILES` (the
     name comes from the checkpoint, so a path in it could write outside the export directory)."""
     name = provenance.get("adapter_file", ADAPTER_FILES[0])
@@ -433,7 +433,7 @@ def export_official(ckpt: PathLike, out_dir: PathLike, *, dtype: Optional[torch.
     out.mkdir(parents=True, exist_ok=True)
     torch.save(non_lora, out / NON_LORA)
     if adapter:
-        adapter_file = _adapter_file_name(provenance, str(ckpt))
+        adapter_file = adapter_file_name(provenance, str(ckpt))
         if adapter_file.endswith(".safetensors"):
             from safetensors.torch import save_file
 

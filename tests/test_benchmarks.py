@@ -225,33 +225,17 @@ def test_channels_last_image_path_is_bit_identical_to_the_previous_one(h, w):
     """input_bench reports the speed-up of ImageProcessor over the CHW pad/resize/normalise it replaced; that
     claim needs the two to give the very same numbers."""
     ib = load("input_bench")
-    from lightning_sp.data.images import ImageProcessor, _decode
+    from lightning_sp.data.images import ImageProcessor, decode_pixels
 
     proc = ImageProcessor(336)
     image = (
-        _decode(ib.photo(np.random.default_rng(h * w), h, w))
+        decode_pixels(ib.photo(np.random.default_rng(h * w), h, w))
         if min(h, w) >= 16
         else torch.from_numpy(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)).permute(2, 0, 1)
     )
     for x in (image, image.contiguous()):  # HWC memory (decoder output) and CHW memory
         out = proc(x)
         assert out.is_contiguous() and torch.equal(out, ib.previous_image_path(x, proc.fill))
-
-
-def test_fast_decode_only_reduces_large_jpegs():
-    ib = load("input_bench")
-    from lightning_sp.data.images import ImageProcessor, _decode_draft
-
-    rng = np.random.default_rng(0)
-    full, fast = ImageProcessor(336), ImageProcessor(336, fast_decode=True)
-    coco = ib.photo(rng, 480, 640)
-    assert _decode_draft(coco, 336) is None  # 1/2 would give 320 < 336 px
-    assert torch.equal(fast(coco), full(coco))
-    large = ib.photo(rng, 960, 1280)
-    assert _decode_draft(large, 336).shape == (3, 480, 640)  # 1/2: still >= the 336 x 252 the image keeps
-    assert _decode_draft(ib.photo(rng, 1200, 1600), 336).shape == (3, 300, 400)  # 1/4
-    d = (fast(large) - full(large)).abs()
-    assert fast(large).shape == (3, 336, 336) and d.mean() < 0.03  # about one uint8 level (0.015) on average
 
 
 def test_length_group_bench_padding_and_draw():

@@ -351,9 +351,9 @@ def test_shipped_tokenizer_keeps_one_pass(tok, monkeypatch):
     from lightning_sp.data import conversation
 
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    assert conversation._one_pass_exact(tok, image_id)
+    assert conversation.one_pass_exact(tok, image_id)
     for text in TOKENIZE_TEXTS + [IMAGE_TOKEN, f"{IMAGE_TOKEN}A red circle.\n", f"x {IMAGE_TOKEN}\n3 {IMAGE_TOKEN}"]:
-        assert conversation._tokenize_pieces(tok, text, image_id) == _tokenize(tok, text)
+        assert conversation.tokenize_pieces(tok, text, image_id) == _tokenize(tok, text)
     calls = []
     monkeypatch.setattr(conversation, "_tokenize", lambda *a, **k: calls.append(a[1]) or _tokenize(*a, **k))
     record = rec("<image>\nWhat shape?", "A circle.", "Where?", "Top left.")
@@ -392,7 +392,7 @@ def test_text_after_image_tokenised_alone_where_one_pass_differs(first_only_tok)
 
     tok = first_only_tok
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    assert not conversation._one_pass_exact(tok, image_id)
+    assert not conversation.one_pass_exact(tok, image_id)
     record = rec("<image>\nWhat shape is it?", "A red circle.", "Where?", "Top left.")
     text = render_prompt(record, "vicuna_v1") + " Top left.</s>"
     before, after = text.split(IMAGE_TOKEN)

@@ -183,14 +183,14 @@ def test_resume_refuses_a_code_running_checkpoint_even_when_torch_is_told_to_unp
 
 def test_official_export_writes_only_inside_its_directory(tmp_path):
     """A checkpoint's provenance names the adapter file the export writes: a path there must not escape."""
-    from lightning_sp.import_official import PROVENANCE_KEY, _adapter_file_name
+    from lightning_sp.import_official import PROVENANCE_KEY, adapter_file_name
     from lightning_sp.models.official import OfficialCheckpointError
 
-    assert _adapter_file_name({}) == "adapter_model.safetensors"
-    assert _adapter_file_name({"adapter_file": "adapter_model.bin"}) == "adapter_model.bin"
+    assert adapter_file_name({}) == "adapter_model.safetensors"
+    assert adapter_file_name({"adapter_file": "adapter_model.bin"}) == "adapter_model.bin"
     for bad in ("../../evil.bin", "/tmp/evil.bin", "sub/adapter_model.bin"):
         with pytest.raises(OfficialCheckpointError, match=rf"{PROVENANCE_KEY}.*adapter_file"):
-            _adapter_file_name({"adapter_file": bad})
+            adapter_file_name({"adapter_file": bad})
 
 
 # ---- trust_remote_code ----------------------------------------------------------------------------------------

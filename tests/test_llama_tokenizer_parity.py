@@ -446,6 +446,6 @@ def test_one_pass_where_exact(toks):
     byte-level BPE); LLaVA's per-piece encoding where it does not (non-legacy Llama: no dummy prefix mid-string)."""
     ours_tok, _, _ = toks
     image_id = ours_tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    assert conversation._one_pass_exact(ours_tok, image_id) is ours_tok.legacy
+    assert conversation.one_pass_exact(ours_tok, image_id) is ours_tok.legacy
     shipped = load_tokenizer(SHIPPED)
-    assert conversation._one_pass_exact(shipped, shipped.convert_tokens_to_ids(IMAGE_TOKEN))
+    assert conversation.one_pass_exact(shipped, shipped.convert_tokens_to_ids(IMAGE_TOKEN))

@@ -7,7 +7,7 @@ text after ``<image>`` are tokenised as separate strings, the second one's BOS d
 IMAGE_TOKEN_INDEX) put between them. Where a tokenizer tokenises the text after an added token exactly as it would
 that text alone (the shipped byte-level BPE, legacy Llama tokenizers), that is one tokenizer pass over the whole
 conversation; where it does not (non-legacy Llama tokenizers, such as Vicuna v1.5's: no dummy-prefix "▁" after
-``<image>`` mid-string), the pieces are tokenised one by one. :func:`_one_pass_exact` decides, once per tokenizer.
+``<image>`` mid-string), the pieces are tokenised one by one. :func:`one_pass_exact` decides, once per tokenizer.
 
 Label masks come from char offsets: the conversation is rendered to one string while the char spans of the
 assistant answers are recorded (each from the space after ``ASSISTANT:`` through its ``</s>``), and a token is
@@ -287,7 +287,7 @@ def _tokenize(tokenizer, text: str, offsets: bool = True) -> tuple[list[int], li
     return ids, enc.offsets if offsets else None
 
 
-def _tokenize_pieces(
+def tokenize_pieces(
     tokenizer, text: str, image_id: int, offsets: bool = True
 ) -> tuple[list[int], list[tuple[int, int]] | None]:
     """LLaVA's ``tokenizer_image_token``: each piece of ``text`` between ``<image>`` placeholders tokenised as a
@@ -328,8 +328,8 @@ _PROBES = (
 _ONE_PASS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _one_pass_exact(tokenizer, image_id: int) -> bool:
-    """Whether one tokenizer pass over a text with ``<image>`` gives :func:`_tokenize_pieces`'s ids and offsets:
+def one_pass_exact(tokenizer, image_id: int) -> bool:
+    """Whether one tokenizer pass over a text with ``<image>`` gives :func:`tokenize_pieces`'s ids and offsets:
     true where the tokenizer treats the text after an added token as the start of a new string (the shipped
     byte-level BPE, legacy Llama tokenizers: a dummy prefix on every piece), false for non-legacy Llama tokenizers
     (their Metaspace pre-tokenizer prepends "▁" at the start of the string only). Probed once per tokenizer."""
@@ -337,7 +337,7 @@ def _one_pass_exact(tokenizer, image_id: int) -> bool:
         return _ONE_PASS[tokenizer]
     except (KeyError, TypeError):
         pass
-    exact = all(_tokenize(tokenizer, probe) == _tokenize_pieces(tokenizer, probe, image_id) for probe in _PROBES)
+    exact = all(_tokenize(tokenizer, probe) == tokenize_pieces(tokenizer, probe, image_id) for probe in _PROBES)
     try:
         _ONE_PASS[tokenizer] = exact
     except TypeError:  # not weak-referenceable: probe every time
@@ -351,9 +351,9 @@ def _tokenize_text(
     """The ids (and offsets) of a rendered conversation, LLaVA's ``tokenizer_image_token`` of it: one pass where
     that is exact, piece by piece where not. Training (:func:`encode`) and every prompt (:func:`encode_prompt`: eval,
     the lmms-eval adapter, ``runs.prompt_ids``) tokenise through here."""
-    if IMAGE_TOKEN not in text or _one_pass_exact(tokenizer, image_id):
+    if IMAGE_TOKEN not in text or one_pass_exact(tokenizer, image_id):
         return _tokenize(tokenizer, text, offsets)
-    return _tokenize_pieces(tokenizer, text, image_id, offsets)
+    return tokenize_pieces(tokenizer, text, image_id, offsets)
 
 
 def supervised_logit_positions(labels: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,7 @@ Speed (benchmarks/input_bench.py): the image stays in the decoder's HWC (channel
 square canvas is filled row-wise, torchvision's native uint8 bicubic kernel runs fastest on channels-last input,
 and one conversion writes the contiguous float (3,S,S) result -- into the sample's slot of the batch's buffer when
 given ``out=`` (datamodule.SampleBuilder), which saves the batch's stack copy. The numbers are bit-identical to
-padding and resizing the CHW tensor with torchvision. ``fast_decode=True`` additionally lets libjpeg decode large
-JPEGs at a reduced DCT scale (never below the size the image occupies after resizing); that changes pixels slightly
-(see ``ImageProcessor``), so it is off by default.
+padding and resizing the CHW tensor with torchvision.
 """
 
 from __future__ import annotations
@@ -91,27 +89,7 @@ def check_header(data: bytes, max_pixels: int = MAX_PIXELS) -> str:
     return fmt
 
 
-def _decode_draft(data: bytes, target: int) -> torch.Tensor | None:
-    """JPEG decoded at the coarsest libjpeg DCT scale (1/2, 1/4, 1/8) that keeps every side at least as large as
-    it will be once the padded square is resized to ``target``; None when no reduction applies (then the caller
-    decodes in full). Returns a (3,H,W) uint8 view of HWC memory, like torchvision's decoder."""
-    if data[:3] != b"\xff\xd8\xff":
-        return None
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            side = max(w, h)
-            need = (-(-target * w // side), -(-target * h // side))  # ceil: the image's extent in the output
-            if w // need[0] < 2 or h // need[1] < 2:
-                return None
-            img.draft("RGB", need)
-            rgb = np.array(img.convert("RGB"))
-    except Exception:  # noqa: BLE001 -- let the full decoder report the real problem
-        return None
-    return torch.from_numpy(rgb).permute(2, 0, 1)
-
-
-def _decode(data: bytes, fmt: str | None = None, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+def decode_pixels(data: bytes, fmt: str | None = None, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """(3,H,W) uint8. ``fmt``: the format :func:`check_header` returned (checked here when not given)."""
     fmt = fmt or check_header(data, max_pixels)
     tv_error = None
@@ -173,11 +151,6 @@ def _square_hwc(image: torch.Tensor, fill_row: torch.Tensor) -> torch.Tensor:
 class ImageProcessor:
     """Bytes (any encoded image) or a uint8 (3,H,W) tensor -> normalised float (3,S,S) tensor.
 
-    ``fast_decode=True``: JPEGs whose sides are at least twice their final extent are decoded at a reduced DCT
-    scale (PIL ``draft``), never below the resolution the resize keeps. The result differs from the full decode
-    + antialiased resize by about one uint8 level on average, up to ~20 levels in fine texture (benchmarks/
-    RESULTS.md, input_bench: outside the LLaVA tolerance of tests/test_images.py); default off,
-    which keeps the LLaVA-equivalent path. COCO-sized images (640 px) are never reduced: 1/2 would fall below 336.
     ``max_pixels``: images whose padded square is larger are refused (ImageDecodeError, reason ``too_large``).
     """
 
@@ -186,14 +159,12 @@ class ImageProcessor:
         image_size: int = 336,
         mean=CLIP_MEAN,
         std=CLIP_STD,
-        fast_decode: bool = False,
         max_pixels: int = MAX_PIXELS,
     ):
         self.image_size = int(image_size)
         self.max_pixels = int(max_pixels)
         self.mean = [float(m) for m in mean]
         self.std = [float(s) for s in std]
-        self.fast_decode = bool(fast_decode)
         self.fill = pad_fill(self.mean)
         self._fill_row = torch.tensor(self.fill, dtype=torch.uint8).repeat(256)  # grown on demand
         self._mean = torch.tensor(self.mean).view(3, 1, 1)
@@ -214,9 +185,7 @@ class ImageProcessor:
         if isinstance(data, (bytes, bytearray, memoryview)):
             data = bytes(data)
             fmt = check_header(data, self.max_pixels)  # before any decoder allocates the pixels
-            image = _decode_draft(data, self.image_size) if self.fast_decode else None
-            if image is None:
-                image = _decode(data, fmt)
+            image = decode_pixels(data, fmt)
         elif isinstance(data, torch.Tensor):
             if data.dtype != torch.uint8 or data.ndim != 3 or data.shape[0] != 3:
                 raise ValueError(f"expected a uint8 (3,H,W) tensor, got {data.dtype} {tuple(data.shape)}")
