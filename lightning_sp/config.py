@@ -38,7 +38,7 @@ from lightning_sp.schema import (  # noqa: F401 (re-exported: the schema is part
     RunConfig,
 )
 from lightning_sp.models.llm import llm_backbone
-from lightning_sp.models.projectors import PROJECTORS, ProjectorConfigError
+from lightning_sp.models.projectors import ProjectorConfigError, projector_options
 from lightning_sp.models.vision import backbone_class
 from lightning_sp.paths import SHIPPED
 
@@ -173,6 +173,7 @@ def compose(
     _derive_accumulation(cfg, explicit="trainer.accumulate_grad_batches" in given)
     _fill_llm_defaults(cfg)
     _warn_unused_lora_overrides(cfg, given)
+    _warn_unused_projector_overrides(cfg, given)
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -203,7 +204,7 @@ def validate(cfg: DictConfig) -> None:
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         raise ConfigError(f"missing required config keys: {', '.join(sorted(missing))}")
-    projector = _registered(PROJECTORS.lookup, cfg.projector.name)
+    projector, options = _registered(projector_options, cfg.projector)
     vision = cfg.model.vision
     # The grid is image_size // patch_size: a convolutional patch embedding drops the remainder (SigLIP SO400M/14
     # at 384 px: 27x27, its last 6 pixel rows and columns unused), as timm and transformers do.
@@ -219,7 +220,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(str(e)) from e
     grid = vision.image_size // vision.patch_size
     try:
-        projector.check_config(cfg.projector, grid=grid)
+        projector.check_config(options, grid=grid)
     except ProjectorConfigError as e:
         raise ConfigError(
             f"{e} [projector.name={cfg.projector.name} on a {grid}x{grid} patch grid: model.vision.image_size="
@@ -407,6 +408,21 @@ def _warn_unused_lora_overrides(cfg: DictConfig, given: set[str]) -> None:
             "%s: no effect in this run: stage.lora=false (stage %s) attaches no LoRA adapters",
             ", ".join(unused),
             cfg.stage.name,
+        )
+
+
+def _warn_unused_projector_overrides(cfg: DictConfig, given: set[str]) -> None:
+    """Command-line `projector.*` keys that the chosen projector does not declare among its options change
+    nothing. Warned about, not refused: a study's overrides go to every arm (projector.sp_width to mlp too)."""
+    cls, options = _registered(projector_options, cfg.projector)
+    own = {f"projector.{name}" for name in OmegaConf.structured(options).keys()} | {"projector.name"}
+    unused = sorted(k for k in given if k.startswith("projector.") and k not in own)
+    if unused:
+        log.warning(
+            "%s: no effect in this run: projector '%s' reads only %s",
+            ", ".join(unused),
+            cls.registry_name,
+            ", ".join(sorted(own - {"projector.name"})) or "no projector options",
         )
 
 

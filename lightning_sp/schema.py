@@ -79,6 +79,9 @@ class ModelConfig:
 
 @dataclass
 class ProjectorConfig:
+    """`projector.name` and the union of the registered projectors' options (each arm's `Projector.Options`
+    dataclass, same names and defaults: tests/test_projectors.py); a projector is handed only its own."""
+
     name: str = "pooling"  # a key of lightning_sp.models.projectors.PROJECTORS
     sp_width: int = 512  # D, width of the SP branch (paper: 512)
     dfi: bool = True  # Detail Feature Integrator on the SP tokens

@@ -160,3 +160,108 @@ def test_bad_arm_options_are_refused():
         PROJECTORS["pooling"].check_config(proj_cfg("pooling", dfi_kv_tokens=30), grid=24)
     with pytest.raises(ProjectorConfigError, match="sides"):
         PROJECTORS["cropping"].check_config(proj_cfg("cropping", sides=[4, 30]), grid=24)
+
+
+# ---- the options contract, and an arm added from outside the package ------------------------------------------
+
+
+def test_the_schema_is_the_union_of_the_arms_options_with_their_defaults():
+    from dataclasses import MISSING, fields
+
+    from lightning_sp.schema import ProjectorConfig
+
+    schema = {f.name: f.default for f in fields(ProjectorConfig) if f.name != "name"}
+    declared = {}
+    for name, cls in PROJECTORS.items():
+        for f in fields(cls.Options):
+            assert f.name in schema, f"{name} declares projector.{f.name}, which the config schema lacks"
+            assert f.default is not MISSING and f.default == schema[f.name], (name, f.name)
+            declared[f.name] = f.default
+    assert declared.keys() == schema.keys()  # no schema key that no arm reads
+
+
+def test_each_projector_is_handed_only_its_own_options():
+    from lightning_sp.models.projectors import ProjectorOptions, SpatialOptions, projector_options
+    from lightning_sp.models.projectors.baselines import WindowTransformerOptions
+
+    cfg = {**proj_cfg("mlp"), "extractor_layers": 2, "extractor_heads": 4}
+    assert projector_options(OmegaConf.create(cfg))[1] == ProjectorOptions()
+    cls, options = projector_options(OmegaConf.create({**cfg, "name": "pooling", "sides": [4, 24]}))
+    assert options == SpatialOptions(sp_width=D, dfi=True, dfi_kv_tokens=25, sides=[4, 24], head_bias=None)
+    assert type(options.sides) is list  # a plain list, not an OmegaConf node
+    assert (
+        not hasattr(options, "extractor_layers")
+        and type(build_projector(OmegaConf.create(cfg), C, H, G)) is (PROJECTORS["mlp"])
+    )
+    assert projector_options(OmegaConf.create({**cfg, "name": "cropping_transformer"}))[1] == WindowTransformerOptions(
+        sp_width=D, dfi=True, dfi_kv_tokens=25, sides=None, head_bias=None, extractor_layers=2, extractor_heads=4
+    )
+
+
+def test_a_projector_override_the_arm_does_not_read_is_reported(caplog):
+    from lightning_sp.config import compose
+
+    with caplog.at_level("WARNING", logger="lightning_sp.config"):
+        compose(["variant=mlp", "projector.sp_width=128", "projector.dfi=false"])
+    assert "projector.dfi, projector.sp_width: no effect in this run: projector 'mlp'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lightning_sp.config"):
+        compose(["variant=pooling", "projector.sp_width=32", "projector.extractor_layers=2"])
+    assert "projector.extractor_layers: no effect in this run: projector 'pooling' reads only" in caplog.text
+    assert "projector.sp_width" not in caplog.text.split("reads only")[0]
+
+
+@pytest.fixture
+def row_tokens():
+    """An arm written outside the package: one SP token per patch-grid row (the row's mean feature through its own
+    W_s), before W_p's patch tokens; it declares one option of its own kind (head_bias)."""
+    from dataclasses import dataclass
+    from typing import Optional
+
+    from lightning_sp.models.projectors import Projector, ProjectorOptions, TokenLayout, register
+    from lightning_sp.models.projectors.mlp import patch_head
+
+    @dataclass(frozen=True)
+    class RowOptions(ProjectorOptions):
+        head_bias: Optional[bool] = None
+
+    class RowTokens(Projector):
+        Options = RowOptions
+
+        def __init__(self, opts, vision_width, llm_width, grid):
+            super().__init__()
+            self.grid = grid
+            self.layout = TokenLayout(num_sp_tokens=grid, patch_grid=(grid, grid))
+            self.row_head = nn.Linear(vision_width, llm_width, bias=bool(opts.head_bias))
+            self.patch_head = patch_head(vision_width, llm_width)
+
+        def forward(self, patches):
+            rows = patches.unflatten(1, (self.grid, self.grid)).mean(2)  # (B, G, C)
+            return torch.cat([self.row_head(rows), self.patch_head(patches)], dim=1)
+
+    register("test_row_tokens")(RowTokens)
+    yield RowTokens
+    PROJECTORS.pop("test_row_tokens")
+
+
+@pytest.mark.slow
+def test_a_projector_added_from_outside_is_one_class_and_one_yaml(row_tokens, tmp_path, tokenizer, one_thread):
+    import math
+
+    from evalkit import NARROW, few_step_fit
+
+    from lightning_sp.config import compose
+    from lightning_sp.module import LlavaSPModule
+    from lightning_sp.train import train
+
+    preset = tmp_path / "row_tokens.yaml"
+    preset.write_text("projector: {name: test_row_tokens, head_bias: true}\n")
+    cfg = compose([*NARROW, *few_step_fit(tmp_path)], config_files=[str(preset)])
+    metrics = train(cfg)
+    assert math.isfinite(metrics["val/loss"]) and metrics["global_step"] == 3
+    module = LlavaSPModule(cfg, tokenizer)
+    projector = module.model.projector
+    assert isinstance(projector, row_tokens) and projector.row_head.bias is not None
+    assert module.model.num_visual_tokens == 12 + 144  # 12 row tokens + the 12x12 patch grid
+    trained = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert any("row_head" in k for k in trained)  # its own parameters train and are saved

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -29,9 +30,43 @@ class TokenLayout:
         return self.num_sp_tokens + self.num_patch_tokens
 
 
-class Projector(nn.Module):
-    """Maps CLIP patch features (B, grid*grid, C) to LLM visual tokens (B, layout.num_tokens, H)."""
+@dataclass(frozen=True)
+class ProjectorOptions:
+    """The `projector.*` keys a projector reads, one dataclass per kind of arm (subclass it and name it as the
+    projector's `Options`). `build_projector` and config validation hand a projector its own options only, so a key
+    it does not declare never reaches it, and a command-line override of such a key is reported as having no effect.
+    The config schema (`schema.ProjectorConfig`) is the union of the registered arms' options, with the same
+    defaults (tests/test_projectors.py checks both). This base declares none: the MLP's."""
 
+    @classmethod
+    def from_config(cls, cfg) -> "ProjectorOptions":
+        """The declared fields of a `projector` config section (an OmegaConf node or any object with them)."""
+        values = {}
+        for f in fields(cls):
+            value = getattr(cfg, f.name)
+            values[f.name] = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class SpatialOptions(ProjectorOptions):
+    """LLaVA-SP arms: the SP branch's width, the DFI, the windows and W_s's bias."""
+
+    sp_width: int = 512  # D, width of the SP branch (paper: 512)
+    dfi: bool = True  # Detail Feature Integrator on the SP tokens
+    dfi_kv_tokens: int = 25  # K/V tokens of the DFI: a square number (25 = 5x5 as released, 49 = 7x7)
+    sides: Optional[list[int]] = None  # window sides on the paper's 24x24 grid; None: 4, 8, ..., 24
+    head_bias: Optional[bool] = None  # bias of W_s; None = the released variant's choice
+
+
+class Projector(nn.Module):
+    """Maps CLIP patch features (B, grid*grid, C) to LLM visual tokens (B, layout.num_tokens, H).
+
+    A subclass is built as ``cls(options, vision_width=C, llm_width=H, grid=G)`` with ``options`` an instance of
+    its ``Options`` (after ``check_config(options, grid)`` passed); ``registry_name`` is set by registration."""
+
+    Options: ClassVar[type[ProjectorOptions]] = ProjectorOptions
+    registry_name: ClassVar[str]
     layout: TokenLayout
 
     def __init__(self) -> None:
@@ -41,7 +76,8 @@ class Projector(nn.Module):
 
     @classmethod
     def check_config(cls, cfg, grid: int) -> None:
-        """Raise ProjectorConfigError if this projector cannot run with `cfg` on a `grid`×`grid` encoder."""
+        """Raise ProjectorConfigError if this projector cannot run with its options `cfg` (an ``Options``) on a
+        `grid`×`grid` encoder."""
 
     def sp_boxes(self) -> list[tuple[int, int, int, int]]:
         """Patch-grid boxes (row0, col0, row1, col1) each SP token summarises, for drawing; [] if none."""

@@ -16,6 +16,8 @@ The SP arms subclass `SpatialProjector` and only swap its extractor (`build_extr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 
 import torch
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_sp.models.projectors import register
-from lightning_sp.models.projectors.base import Projector, ProjectorConfigError, TokenLayout
+from lightning_sp.models.projectors.base import Projector, ProjectorConfigError, SpatialOptions, TokenLayout
 from lightning_sp.models.projectors.mlp import patch_head
 from lightning_sp.models.projectors.spatial import (
     DFI_STRIDE,
@@ -121,10 +123,21 @@ class WindowTransformerExtractor(SpatialWindows):
         return torch.stack(tokens, dim=1)
 
 
+@dataclass(frozen=True)
+class WindowTransformerOptions(SpatialOptions):
+    """`cropping_transformer`: the SP options, plus its pre-norm TransformerEncoderLayers (width D) shared by all
+    windows and their heads (a divisor of sp_width)."""
+
+    extractor_layers: int = 1
+    extractor_heads: int = 8
+
+
 @register("cropping_transformer")
 class CroppingTransformerProjector(_ExtractorAttention, CroppingProjector):
     """§5 "conv vs transformer extractor per crop": `cropping` with each crop's big conv replaced by a small
     transformer (WindowTransformerExtractor); DFI, W_s (with cropping's head-bias rule) and W_p unchanged."""
+
+    Options = WindowTransformerOptions
 
     def build_extractor(self, cfg, vision_width: int, sp_width: int, grid: int) -> nn.Module:
         return WindowTransformerExtractor(
@@ -145,7 +158,7 @@ class CroppingTransformerProjector(_ExtractorAttention, CroppingProjector):
         if cfg.extractor_heads < 1 or cfg.sp_width % cfg.extractor_heads:
             raise ProjectorConfigError(
                 f"projector.extractor_heads ({cfg.extractor_heads}) must be a positive divisor of "
-                f"projector.sp_width ({cfg.sp_width}) for '{cfg.name}'"
+                f"projector.sp_width ({cfg.sp_width}) for '{cls.registry_name}'"
             )
 
 
@@ -194,7 +207,7 @@ class _StackedMixin:
         bad = [s for s in sides if s % STACK_FACTOR]
         if bad:
             raise ProjectorConfigError(
-                f"projector '{cfg.name}' stacks Conv2d(k={STACK_FACTOR}, stride={STACK_FACTOR}) before a full-window "
+                f"projector '{cls.registry_name}' stacks Conv2d(k={STACK_FACTOR}, stride={STACK_FACTOR}) before a full-window "
                 f"conv, so every window side must be a multiple of {STACK_FACTOR}; on a {grid}x{grid} patch grid the "
                 f"sides are {sides} ({bad} are not). Use projector.sides / an encoder grid whose scaled sides are "
                 f"multiples of {STACK_FACTOR} (the default sides at grid 24 or 48)"
@@ -296,10 +309,15 @@ class StridedConvTokens(nn.Module):
 class Conv49Projector(Projector):
     """The official control (§5): 49 extra tokens from one strided conv, no spatial SP tokens, no DFI.
 
+    Options: the SP arms' (it refuses `dfi` and `sides`, and has no use for `dfi_kv_tokens`), so that a study's
+    shared SP settings read the same for it.
+
     Conv2d(C, D, k=12, stride 2, no bias) over the 24x24 map -> 7x7 = 49 tokens -> GELU -> Linear(D, H) (W_s form,
     unbiased unless projector.head_bias), placed before W_p's patch tokens. On other grids k = grid - 12 keeps 49
     tokens. It has the same K/V conv shape as DFI-49, so it separates "more tokens" from "spatial SP tokens".
     """
+
+    Options = SpatialOptions
 
     def __init__(self, cfg, vision_width: int, llm_width: int, grid: int) -> None:
         super().__init__()

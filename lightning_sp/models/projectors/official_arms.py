@@ -53,7 +53,7 @@ class _OfficialSFEOnly(CroppingProjector):
         super().check_config(cfg, grid)
         if cfg.dfi or cfg.head_bias:
             raise ProjectorConfigError(
-                f"projector '{cfg.name}' is the official SFE-only arm: projector.dfi and "
+                f"projector '{cls.registry_name}' is the official SFE-only arm: projector.dfi and "
                 "projector.head_bias must be false (its variant YAML sets them)"
             )
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_sp.models.projectors import register
-from lightning_sp.models.projectors.base import Projector, ProjectorConfigError, TokenLayout
+from lightning_sp.models.projectors.base import Projector, ProjectorConfigError, SpatialOptions, TokenLayout
 from lightning_sp.models.projectors.mlp import patch_head
 
 PAPER_GRID = 24
@@ -152,6 +152,7 @@ class SpatialProjector(Projector):
     # and `projector.name` the registered class it selects; several classes share one window layout.
     window_layout: str = ""
     default_head_bias: bool = False
+    Options = SpatialOptions
 
     def __init__(self, cfg, vision_width: int, llm_width: int, grid: int) -> None:
         super().__init__()
@@ -178,8 +179,9 @@ class SpatialProjector(Projector):
         sides = scaled_sides(grid, cfg.sides)
         if len(set(sides)) != len(sides):
             raise ProjectorConfigError(
-                f"projector '{cfg.name}' needs {len(sides)} distinct window sizes, but a {grid}x{grid} patch grid "
-                f"only gives {sides}; use an encoder with a larger grid (image_size / patch_size) or fewer sides"
+                f"projector '{cls.registry_name}' needs {len(sides)} distinct window sizes, but a {grid}x{grid} "
+                f"patch grid only gives {sides}; use an encoder with a larger grid (image_size / patch_size) or "
+                "fewer sides"
             )
         if cfg.sp_width < 1:
             raise ProjectorConfigError(f"projector.sp_width must be positive, got {cfg.sp_width}")
