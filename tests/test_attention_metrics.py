@@ -297,7 +297,7 @@ def fake_validation(model, tokenizer, monkeypatch, questions, world_size=1, shar
     forwards = []
     real_forward = viz.last_position_attention
     monkeypatch.setattr(
-        viz, "last_position_attention", lambda *a, **k: forwards.append(a[1].shape[0]) or real_forward(*a, **k)
+        viz.measures, "last_position_attention", lambda *a, **k: forwards.append(a[1].shape[0]) or real_forward(*a, **k)
     )
     module = SimpleNamespace(
         model=model,

@@ -158,7 +158,8 @@ class AttentionMetrics(L.Callback):
         self._seen = None
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        from lightning_sp.viz import last_position_attention, left_trimmed, prompt_attention, question_markers
+        from lightning_sp.viz.maps import question_markers
+        from lightning_sp.viz.measures import last_position_attention, left_trimmed, prompt_attention
 
         started = time.perf_counter()
         model = pl_module.model
