@@ -334,3 +334,24 @@ def test_attention_kind_is_the_projectors_declaration_and_a_wrong_shape_is_an_er
     assert viz.sp_attention_kind(extractor, torch.full((6, 9), 1 / 9)) == "extractor"
     with pytest.raises(ValueError, match="declares extractor attention"):
         viz.sp_attention_kind(extractor, torch.full((6, 25), 1 / 25))
+
+
+def test_export_pngs_writes_the_readme_pictures(tiny_run, tmp_path):
+    """runs.export_pngs is how the README's attention pictures are made: the DFI and LLM figures of one validation
+    sample, and its question / target / prediction."""
+    from PIL import Image
+
+    from lightning_sp.runs import export_pngs, load_run
+
+    run = load_run(tiny_run)
+    paths = export_pngs(run, tmp_path / "docs", index=1, prefix="attention_pooling")
+    assert [p.name for p in paths] == [
+        "attention_pooling_dfi.png",
+        "attention_pooling_llm.png",
+        "attention_pooling_qa.md",
+    ]
+    for png in paths[:2]:
+        with Image.open(png) as image:
+            assert image.format == "PNG" and min(image.size) > 100
+    qa = paths[2].read_text()
+    assert "**question:**" in qa and "**target:**" in qa
