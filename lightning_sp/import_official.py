@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import re
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -38,6 +37,7 @@ from lightning_sp.models.official import (
     load_official_projector,
     official_state_dict,
     split_official_state_dict,
+    read_tensor_file,
 )
 
 log = logging.getLogger(__name__)
@@ -69,25 +69,13 @@ _UNSUPPORTED_LORA = {
 # ---- reading a release ---------------------------------------------------------------------------------------
 
 
-def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise OfficialCheckpointError(
-            f"{path}: refused: it holds objects other than tensors (read with "
-            f"torch.load(weights_only=True), never unpickled)"
-        ) from e
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise OfficialCheckpointError(f"{path}: expected a dict of tensors")
-    return obj
-
-
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return _load_bin(path)
+    """A release's weights file (models/official.read_tensor_file); every value must be a tensor."""
+    tensors, _ = read_tensor_file(path)
+    not_tensors = sorted(str(k) for k, v in tensors.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise OfficialCheckpointError(f"{path}: entries that are not tensors: {compact_keys(not_tensors)}")
+    return tensors
 
 
 def read_release(lora_dir: PathLike) -> dict[str, Any]:
@@ -113,7 +101,7 @@ def read_release(lora_dir: PathLike) -> dict[str, Any]:
         "adapter_config": json.loads((root / ADAPTER_CONFIG).read_text()),
         "adapter_file": adapter_file.name,
         "adapter": _load_tensors(adapter_file),
-        "non_lora": _load_bin(root / NON_LORA),
+        "non_lora": _load_tensors(root / NON_LORA),
         "llava_config": json.loads(llava_config.read_text()) if llava_config.is_file() else None,
     }
 

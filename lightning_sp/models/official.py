@@ -43,6 +43,7 @@ __all__ = [
     "key_table",
     "load_official_projector",
     "official_state_dict",
+    "read_tensor_file",
     "split_official_state_dict",
 ]
 
@@ -198,18 +199,18 @@ def _check_variant(variant: str) -> None:
         )
 
 
-def _read(src: Source) -> tuple[dict, str, dict]:
-    """(raw state dict, a description of the source, safetensors metadata or {})."""
-    if isinstance(src, Mapping):
-        return dict(src), "state dict", {}
-    path = Path(src)
+def read_tensor_file(path: Union[str, os.PathLike]) -> tuple[dict, dict]:
+    """(raw state dict, safetensors metadata or {}) of a weights file as the releases ship them: `.safetensors`, or
+    a `.bin`/`.pt` read with `torch.load(weights_only=True)`, never unpickled. The official projector loader and
+    `import-official` (adapter and non-LoRA files) both read through here."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"official checkpoint not found: {path}")
     if path.suffix == SAFETENSORS_SUFFIX:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, str(path), dict(f.metadata() or {})
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -221,7 +222,15 @@ def _read(src: Source) -> tuple[dict, str, dict]:
         raise OfficialCheckpointError(
             f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
         )
-    return dict(obj), str(path), {}
+    return dict(obj), {}
+
+
+def _read(src: Source) -> tuple[dict, str, dict]:
+    """(raw state dict, a description of the source, safetensors metadata or {})."""
+    if isinstance(src, Mapping):
+        return dict(src), "state dict", {}
+    raw, metadata = read_tensor_file(src)
+    return raw, str(src), metadata
 
 
 def _strip(raw: dict, where: str) -> dict[str, torch.Tensor]:
