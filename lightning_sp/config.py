@@ -21,6 +21,7 @@ from lightning_sp.data import locations
 from lightning_sp.data.conversation import TEMPLATES
 from lightning_sp.dtypes import dtype_named
 from lightning_sp.errors import ConfigError, InputError  # noqa: F401 (re-exported)
+from lightning_sp.global_batch import check_global_batch_config, derive_accumulation, global_batch_size
 from lightning_sp.overrides import override_key, parse_dotlist
 from lightning_sp.schema import (  # noqa: F401 (re-exported: the schema is part of this module's API)
     VisionConfig,
@@ -170,7 +171,7 @@ def compose(
     cfg = _merge(cfg, parse_dotlist(field_overrides, "overrides"), schema, "command line")
     cfg.choices = {g: choices[g] for g in GROUPS if g in choices} | ({"experiment": experiment} if experiment else {})
     given = {override_key(item) for item in field_overrides}
-    _derive_accumulation(cfg, explicit="trainer.accumulate_grad_batches" in given)
+    derive_accumulation(cfg, explicit="trainer.accumulate_grad_batches" in given)
     _fill_llm_defaults(cfg)
     _warn_unused_lora_overrides(cfg, given)
     _warn_unused_projector_overrides(cfg, given)
@@ -284,119 +285,6 @@ def validate(cfg: DictConfig) -> None:
     _validate_distribution(cfg)
 
 
-def device_count(cfg: DictConfig) -> Optional[int]:
-    """Devices per node as the config states them (None while `trainer.devices` is -1/"auto", which only the
-    launcher resolves)."""
-    devices = cfg.trainer.devices
-    if isinstance(devices, str) and devices.isdigit():
-        devices = int(devices)
-    n = len(devices) if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)) else devices
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        return None
-    return n
-
-
-def total_devices(cfg: DictConfig) -> Optional[int]:
-    """Devices over all nodes: `trainer.devices` x `trainer.num_nodes` (None while devices is -1/"auto")."""
-    n = device_count(cfg)
-    return None if n is None else n * cfg.trainer.num_nodes
-
-
-def global_batch_size(cfg: DictConfig) -> Optional[int]:
-    """Samples per optimizer step: per-device batch x devices x accumulation (None while `trainer.devices`
-    is -1/"auto", which only the launcher resolves; train.py logs the resolved value)."""
-    n = total_devices(cfg)
-    if n is None:
-        return None
-    return cfg.data.batch_size * n * cfg.trainer.accumulate_grad_batches
-
-
-def _derive_accumulation(cfg: DictConfig, explicit: bool) -> None:
-    """`trainer.global_batch_size` set, `trainer.accumulate_grad_batches` left at 1 (not on the command line) and
-    the device count known: accumulation = global / (per-device batch x devices), when that divides evenly
-    (otherwise `validate` refuses the config with the numbers)."""
-    t = cfg.trainer
-    n = total_devices(cfg)
-    if t.global_batch_size is None or explicit or t.accumulate_grad_batches != 1 or n is None:
-        return
-    per_step = cfg.data.batch_size * n
-    if per_step >= 1 and t.global_batch_size > per_step and t.global_batch_size % per_step == 0:
-        t.accumulate_grad_batches = t.global_batch_size // per_step
-        log.info(
-            "trainer.accumulate_grad_batches=%d derived from trainer.global_batch_size=%d = data.batch_size "
-            "%d x %d devices x %d",
-            t.accumulate_grad_batches,
-            t.global_batch_size,
-            cfg.data.batch_size,
-            n,
-            t.accumulate_grad_batches,
-        )
-
-
-def _global_batch_fix(cfg: DictConfig, devices: int) -> str:
-    """How to reach `trainer.global_batch_size` on `devices` devices, for error messages."""
-    g, b = cfg.trainer.global_batch_size, cfg.data.batch_size
-    per_step = b * devices
-    if g % per_step == 0:
-        return (
-            f"set trainer.accumulate_grad_batches={g // per_step} (or leave it out and give trainer.devices "
-            f"as a number: it is then derived)"
-        )
-    batches = [d for d in range(min(b, g // devices), 0, -1) if (g // devices) % d == 0] if g % devices == 0 else []
-    hint = (
-        f"data.batch_size={batches[0]} (with trainer.accumulate_grad_batches={g // devices // batches[0]}), "
-        if batches
-        else ""
-    )
-    return (
-        f"{g} is not a multiple of data.batch_size x devices = {b} x {devices} = {per_step}: use {hint}"
-        f"another device count, or trainer.global_batch_size={per_step * max(1, round(g / per_step))}"
-    )
-
-
-def check_global_batch(cfg: DictConfig, world_size: int) -> None:
-    """Runtime half of the `trainer.global_batch_size` rule, once the launcher knows the world size (train.py
-    calls it before fitting): data.batch_size x world size x accumulate_grad_batches must equal it."""
-    g = cfg.trainer.global_batch_size
-    if g is None:
-        return
-    b, a = cfg.data.batch_size, cfg.trainer.accumulate_grad_batches
-    if b * world_size * a != g:
-        raise ConfigError(
-            f"trainer.global_batch_size={g}, but this launch gives data.batch_size {b} x {world_size} devices x "
-            f"trainer.accumulate_grad_batches {a} = {b * world_size * a}: {_global_batch_fix(cfg, world_size)}"
-        )
-
-
-def _check_global_batch_config(cfg: DictConfig) -> None:
-    t = cfg.trainer
-    b, a, g = cfg.data.batch_size, t.accumulate_grad_batches, t.global_batch_size
-    if b < 1 or a < 1:
-        raise ConfigError(f"data.batch_size ({b}) and trainer.accumulate_grad_batches ({a}) must be >= 1")
-    if g is None:
-        return
-    if g < 1:
-        raise ConfigError(f"trainer.global_batch_size must be >= 1 (or null: not checked), got {g}")
-    n = total_devices(cfg)
-    if n is not None:
-        if b * n * a != g:
-            devices = (
-                f"trainer.devices {n}"
-                if t.num_nodes == 1
-                else f"{n} devices (trainer.devices {n // t.num_nodes} x trainer.num_nodes {t.num_nodes})"
-            )
-            raise ConfigError(
-                f"trainer.global_batch_size={g}, but data.batch_size {b} x {devices} x "
-                f"trainer.accumulate_grad_batches {a} = {b * n * a}: {_global_batch_fix(cfg, n)}"
-            )
-    elif g % (b * a):
-        raise ConfigError(
-            f"trainer.global_batch_size={g} is not a multiple of data.batch_size {b} x "
-            f"trainer.accumulate_grad_batches {a} = {b * a}, so no device count reaches it; change data.batch_size "
-            f"or trainer.accumulate_grad_batches (trainer.devices={t.devices} is resolved at launch)"
-        )
-
-
 def _warn_unused_lora_overrides(cfg: DictConfig, given: set[str]) -> None:
     """Command-line LoRA settings in a run without LoRA (stage.lora=false, always so in stage=align) change
     nothing. They are warned about, not refused: one override list often serves both stages."""
@@ -483,7 +371,7 @@ def _validate_distribution(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.fast_dev_run must be true, false or a number of batches, got {t.fast_dev_run!r}")
     if t.max_epochs is not None and t.max_epochs != -1 and t.max_epochs < 1:
         raise ConfigError(f"trainer.max_epochs must be >= 1, -1 (no limit) or null, got {t.max_epochs}")
-    _check_global_batch_config(cfg)
+    check_global_batch_config(cfg)
     total = global_batch_size(cfg)
     nodes = f" x {t.num_nodes} nodes" if t.num_nodes != 1 else ""
     log.info(

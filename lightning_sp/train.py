@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_sp import config as config_lib
 from lightning_sp.callbacks.checkpointing import BestAndLastCheckpoint
 from lightning_sp.checkpoint import checkpoint_step, is_sharded_checkpoint
+from lightning_sp.global_batch import check_global_batch
 from lightning_sp.callbacks.nonfinite import NonFiniteGuard
 from lightning_sp.callbacks.throughput import throughput_monitor
 from lightning_sp.callbacks.skip_limit import SkipLimit
@@ -270,7 +271,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         warm_start(module, resolve(cfg.init), cfg)
     datamodule = build_datamodule(cfg, tokenizer, module.model.num_visual_tokens)
     trainer = build_trainer(cfg, run_dir)
-    config_lib.check_global_batch(cfg, trainer.world_size)  # trainer.global_batch_size, devices now resolved
+    check_global_batch(cfg, trainer.world_size)  # trainer.global_batch_size, devices now resolved
     if launched_rank() == 0:
         log.info(
             "global batch %d = %d per device x %d devices x %d accumulation",

@@ -253,7 +253,7 @@ def test_global_batch_and_explicit_accumulation_must_agree():
 
 
 def test_global_batch_with_devices_resolved_at_launch():
-    from lightning_sp.config import check_global_batch
+    from lightning_sp.global_batch import check_global_batch
 
     cfg = compose(["trainer=gpu", "data.batch_size=16", "trainer.global_batch_size=128"])  # devices=-1
     assert cfg.trainer.accumulate_grad_batches == 1  # unknown device count: nothing derived at config time

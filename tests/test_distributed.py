@@ -101,8 +101,10 @@ def test_fsdp_refuses_fp16_and_bf16_true(precision):
 
 def test_global_batch_size():
     cfg = config_lib.compose(["trainer=ddp_cpu", "data.batch_size=4", "trainer.accumulate_grad_batches=3"])
-    assert config_lib.global_batch_size(cfg) == 4 * 2 * 3
-    assert config_lib.global_batch_size(config_lib.compose(["trainer=fsdp"])) is None  # devices=-1: at launch
+    from lightning_sp.global_batch import global_batch_size
+
+    assert global_batch_size(cfg) == 4 * 2 * 3
+    assert global_batch_size(config_lib.compose(["trainer=fsdp"])) is None  # devices=-1: at launch
 
 
 # ---- 2-process runs ----------------------------------------------------------------------------------------

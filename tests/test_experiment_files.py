@@ -9,7 +9,8 @@ from lightning.pytorch.profilers import SimpleProfiler
 from omegaconf import OmegaConf
 
 from lightning_sp.cli import main
-from lightning_sp.config import ConfigError, compose, global_batch_size
+from lightning_sp.config import ConfigError, compose
+from lightning_sp.global_batch import global_batch_size
 from lightning_sp.train import build_trainer
 
 

@@ -14,8 +14,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_sp"
 
 LAYERS = [
-    # 0 base: paths, dtypes, errors, key=value args, config schema, registries, ranks, RNG, stats, 3rd-party internals
-    ["paths", "dtypes", "errors", "overrides", "schema", "registry", "rng", "ranks", "stats", "thirdparty"],
+    # 0 base: paths, dtypes, errors, key=value args, global-batch arithmetic, config schema, registries, ranks, RNG,
+    # statistics, third-party internals
+    ["paths", "dtypes", "errors", "overrides", "global_batch", "schema", "registry", "rng", "ranks", "stats",
+     "thirdparty"],
     ["data"],  # 1 data: tokenizers, conversation formats, images, shards, streams, the datamodule
     ["models"],  # 2 components: vision and LLM backbones, projectors, the VLM, official key tables
     ["config", "options_help"],  # 3 composition and validation (against the component registries)
