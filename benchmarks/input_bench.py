@@ -421,7 +421,7 @@ def per_stage(records, image_root: Path, tokenizer, n: int, batch: int, repeats:
     """ms per sample of each stage of both paths over the first n records: each stage timed on its own (best of
     `repeats` passes), fed with the previous stage's outputs."""
     from lightning_sp.data.conversation import encode, expand_image_token
-    from lightning_sp.data.datamodule import collate_train
+    from lightning_sp.data.collate import collate_train
     from lightning_sp.data.images import ImageProcessor, decode_pixels
 
     clip, proc = clip_processor(), ImageProcessor(IMAGE_SIZE)

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from lightning_sp.config import ConfigError, InputError, parse_command_options
 from lightning_sp.data.conversation import encode_continuation, expanded_prompt_ids, reference_answer
-from lightning_sp.data.datamodule import left_padded_prompts
+from lightning_sp.data.collate import left_padded_prompts
 from lightning_sp.data.images import DEFAULT_STATS, ImageProcessor, ImageStats
 from lightning_sp.data.tokenizer import IMAGE_TOKEN
 from lightning_sp.dtypes import dtype_named

@@ -9,7 +9,8 @@ import torch
 
 from lightning_sp.data import shards, synthetic
 from lightning_sp.data.conversation import IGNORE_INDEX
-from lightning_sp.data.datamodule import ShardDataModule, collate_train
+from lightning_sp.data.collate import collate_train
+from lightning_sp.data.datamodule import ShardDataModule
 from lightning_sp.data.tokenizer import IMAGE_TOKEN
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
@@ -315,7 +316,7 @@ def test_collate_reports_the_first_bad_sample_like_before():
 
 
 def test_sample_builder_fills_one_buffer_per_batch(data, tokenizer, monkeypatch):
-    from lightning_sp.data.datamodule import SampleBuilder
+    from lightning_sp.data.samples import SampleBuilder
 
     root, _ = data
     raw = [s for i, s in _bench().raw_samples(root / "train").items() if i != "gpt_first"]

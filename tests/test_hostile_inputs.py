@@ -29,7 +29,8 @@ from lightning_sp.callbacks import SkipLimit, SkippedRecordsError
 from lightning_sp.config import ConfigError, compose
 from lightning_sp.data import shards, synthetic
 from lightning_sp.data.conversation import IGNORE_INDEX
-from lightning_sp.data.datamodule import ShardDataModule, collate_train
+from lightning_sp.data.collate import collate_train
+from lightning_sp.data.datamodule import ShardDataModule
 from lightning_sp.data.images import ImageDecodeError, ImageProcessor
 from lightning_sp.data.tokenizer import IMAGE_TOKEN
 from lightning_sp.paths import REPO_ROOT
@@ -360,7 +361,7 @@ def test_batch_wise_building_keeps_the_train_stream_exact(hostile_shards, tokeni
     images and writes the pixels into the batch's buffer. Against building one sample at a time (the previous
     code): the same batches bit for bit, the same stream positions (raw samples read when each batch completes),
     the same skip counts per batch, and a resume from a mid-epoch position continues with the same batches."""
-    from lightning_sp.data.datamodule import SampleBuilder
+    from lightning_sp.data.samples import SampleBuilder
     from lightning_sp.data.train_stream import StreamPosition
 
     def epoch(one_by_one: bool, resume: StreamPosition | None = None) -> list[dict]:

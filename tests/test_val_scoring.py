@@ -20,7 +20,8 @@ from lightning_sp.config import compose
 from lightning_sp.data import synthetic
 from lightning_sp.data.answers import normalize_answer
 from lightning_sp.data.conversation import IGNORE_INDEX
-from lightning_sp.data.datamodule import SampleBuilder, collate_eval
+from lightning_sp.data.collate import collate_eval
+from lightning_sp.data.samples import SampleBuilder
 from lightning_sp.data.tokenizer import IMAGE_TOKEN
 from lightning_sp.module import LlavaSPModule, teacher_forced_hits
 

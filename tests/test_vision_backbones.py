@@ -81,7 +81,7 @@ def test_normalisation_comes_from_the_backbone_into_data_pictures_and_prompts(tm
     # The training data pipeline normalises with it, and pads with its mean colour (LLaVA's expand2square).
     dm = build_datamodule(dino, tokenizer, num_visual_tokens=262)
     assert dm.image_stats == image_stats(dino.model.vision)
-    from lightning_sp.data.datamodule import SampleBuilder
+    from lightning_sp.data.samples import SampleBuilder
 
     builder = SampleBuilder(tokenizer, "vicuna_v1", 262, 224, None, image_stats=dm.image_stats)
     wide = np.zeros((100, 224, 3), dtype=np.uint8)  # a black strip: padded above and below

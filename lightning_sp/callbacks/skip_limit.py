@@ -1,6 +1,6 @@
 """Stop a run when too many training records are being skipped, with a summary of why.
 
-The data pipeline skips bad records one at a time (`datamodule.SampleBuilder`: a warning names each record, its
+The data pipeline skips bad records one at a time (`data.samples.SampleBuilder`: a warning names each record, its
 shard and the reason, and every batch carries the counts). A few are expected in real data; a large share means
 the data or the config is wrong (a wrong image root, records that do not fit the template, data.max_length too
 short), and the run would silently train on whatever is left. `SkipLimit` sums skipped and seen records over all

@@ -12,7 +12,7 @@ is read first, so a decompression bomb is refused before any decoder allocates i
 Speed (benchmarks/input_bench.py): the image stays in the decoder's HWC (channels-last) layout throughout: the
 square canvas is filled row-wise, torchvision's native uint8 bicubic kernel runs fastest on channels-last input,
 and one conversion writes the contiguous float (3,S,S) result -- into the sample's slot of the batch's buffer when
-given ``out=`` (datamodule.SampleBuilder), which saves the batch's stack copy. The numbers are bit-identical to
+given ``out=`` (data/samples.py, SampleBuilder), which saves the batch's stack copy. The numbers are bit-identical to
 padding and resizing the CHW tensor with torchvision.
 """
 

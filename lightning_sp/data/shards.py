@@ -11,7 +11,7 @@ How it stays cheap and safe:
   str}`` turns) are found here, once, and listed in ``skipped.jsonl`` -- not discovered as crashes in the middle
   of a training run. What depends on the template and tokenizer (gpt-first or non-alternating turns, ``<image>``
   placement, length) is checked when training encodes the record, which skips and counts it
-  (``datamodule.SampleBuilder``). A JSON file that is not UTF-8 stops the conversion before any shard is written.
+  (``samples.SampleBuilder``). A JSON file that is not UTF-8 stops the conversion before any shard is written.
 - Each shard is written to ``*.tar.tmp`` and renamed, after its stats sidecar, so a killed run leaves only
   complete shards; re-running with the same arguments resumes and produces the identical index.
 """
