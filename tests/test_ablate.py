@@ -9,8 +9,10 @@ import yaml
 from conftest import TINY
 from evalkit import small_data
 
-from lightning_sp import ablate
-from lightning_sp.ablate import load_study, parse_ablate_args, plan_study, run_study, write_results
+from lightning_sp import ablate, study_report
+from lightning_sp.ablate import load_study, parse_ablate_args, plan_study, run_study
+from lightning_sp.study_report import write_results
+from lightning_sp.study_spec import PlannedRun, StudySpec
 from lightning_sp.config import ConfigError, compose
 from lightning_sp.stats import VAL_QUESTIONS, accuracy_interval, sign_flip_p_value, write_questions
 
@@ -94,10 +96,10 @@ def test_results_table_is_mean_and_std_over_seeds(tmp_path):
     for (arm, seed), m in metrics.items():
         (study_dir / arm / f"seed{seed}").mkdir(parents=True)
         (study_dir / arm / f"seed{seed}" / "metrics.json").write_text(json.dumps(m))
-    rows = ablate.summarize(study_dir, ["a", "b"], [0, 1])
+    rows = study_report.summarize(study_dir, ["a", "b"], [0, 1])
     assert rows[0]["stats"]["val/accuracy"] == pytest.approx((0.6, 0.1414213), rel=1e-5)
     assert rows[1]["seeds"] == [0] and rows[1]["stats"]["val/accuracy"] == (0.4, None)
-    spec = ablate.StudySpec(seeds=[0, 1], budget=["trainer.max_steps=5"])
+    spec = StudySpec(seeds=[0, 1], budget=["trainer.max_steps=5"])
     md = write_results(study_dir, "s", spec, rows, {"a": ["variant=pooling"], "b": ["variant=mlp"]}, [], [])
     assert "| a | 2 | **0.600 ± 0.141** | 0.500 ± 0.354 | 582 | 1.5M | 11.0 ± 1.4 |" in md
     assert "| b | 1 | 0.400 | – | 576 | 1.2M | – |" in md
@@ -155,7 +157,7 @@ def _fake_study(tmp_path, rates: dict, seeds=(0, 1), n_per_type: int = 30):
             (run_dir / "metrics.json").write_text(
                 json.dumps({"val/accuracy": float(np.mean(list(hits[arm][seed].values()))), "num_visual_tokens": 576.0})
             )
-            runs.append(ablate.PlannedRun(arm, seed, [], run_dir, compose([f"data.synthetic.raw_dir={raw}"])))
+            runs.append(PlannedRun(arm, seed, [], run_dir, compose([f"data.synthetic.raw_dir={raw}"])))
     return study_dir, hits, qtype, runs, val, train
 
 
@@ -166,9 +168,9 @@ def test_results_give_pooled_intervals_priors_paired_comparisons_and_a_chart(tmp
         "cropping": {"count": 0.4, "locate": 0.35},
     }
     study_dir, hits, qtype, runs, val, train = _fake_study(tmp_path, rates)
-    rows = ablate.summarize(study_dir, list(rates), [0, 1])
-    priors = ablate.priors(runs, rows)
-    md = write_results(study_dir, "study", ablate.StudySpec(seeds=[0, 1]), rows, {}, [], [], priors=priors)
+    rows = study_report.summarize(study_dir, list(rates), [0, 1])
+    priors = study_report.priors(runs, rows)
+    md = write_results(study_dir, "study", StudySpec(seeds=[0, 1]), rows, {}, [], [], priors=priors)
     with open(study_dir / "results.csv") as f:
         table = {r["arm"]: r for r in csv.DictReader(f)}
     ids = sorted(qtype)
@@ -220,7 +222,7 @@ def test_results_give_pooled_intervals_priors_paired_comparisons_and_a_chart(tmp
     with Image.open(study_dir / "results.png") as png:
         assert png.format == "PNG" and png.width > 300
     assert "![per-type accuracy with 95 % intervals](results.png)" in md
-    ax = ablate.chart(rows, priors).axes[0]
+    ax = study_report.chart(rows, priors).axes[0]
     bars = [c for c in ax.containers if c.__class__.__name__ == "BarContainer"]
     assert [b.get_label() for b in bars] == list(rates)
     for container, row in zip(bars, rows):
@@ -242,8 +244,8 @@ def test_without_an_mlp_arm_the_paired_comparison_is_skipped_with_a_note(tmp_pat
     study_dir, *_ = _fake_study(
         tmp_path, {"pooling": {"count": 0.5, "locate": 0.5}, "cropping": {"count": 0.5, "locate": 0.5}}, seeds=(0,)
     )
-    rows = ablate.summarize(study_dir, ["pooling", "cropping"], [0])
-    md = write_results(study_dir, "study", ablate.StudySpec(seeds=[0]), rows, {}, [], [])
+    rows = study_report.summarize(study_dir, ["pooling", "cropping"], [0])
+    md = write_results(study_dir, "study", StudySpec(seeds=[0]), rows, {}, [], [])
     assert "No paired comparison: the study has no `mlp` arm" in md and "| prior |" not in md
     with open(study_dir / "results.csv") as f:
         assert all(r["diff"] == "" and r["val/accuracy_pooled"] for r in csv.DictReader(f))
