@@ -61,6 +61,7 @@ from lightning_sp.config import CONF_DIR, ConfigError, compose, flatten, group_c
 from lightning_sp.overrides import override_key, parse_dotlist
 from lightning_sp.study_report import priors, summarize, write_results
 from lightning_sp.study_spec import PlannedRun, StudySpec
+from lightning_sp.train import train
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,6 @@ def _needs_process(cfg: DictConfig) -> bool:
 
 
 def _run_in_process(run: PlannedRun) -> None:
-    from lightning_sp.train import train
 
     try:
         train(run.cfg)

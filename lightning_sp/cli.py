@@ -10,6 +10,10 @@ python -m lightning_sp ablate study=default trainer.max_steps=20   # every arm x
 python -m lightning_sp export ckpt=RUN out=DIR [dtype=bfloat16]   # merged HF dir (Llava / trust_remote_code)
 python -m lightning_sp import-official --lora-dir DIR --variant pooling --llm ID --vision ID --out RUN
 python -m lightning_sp export-official --ckpt RUN --out DIR         # back to adapter + non_lora_trainables.bin
+
+Each command imports its module inside its wrapper, on purpose: `--help` and a mistyped command answer without
+loading torch, transformers and Lightning (seconds), and a command pays only for what it uses. Everywhere else in
+the package imports are at module level (tests/test_layering.py checks that they only look down).
 """
 
 from __future__ import annotations

@@ -46,6 +46,10 @@ from lightning_sp.data.images import DEFAULT_STATS, ImageProcessor, ImageStats
 from lightning_sp.data.tokenizer import IMAGE_TOKEN
 from lightning_sp.dtypes import dtype_named
 from lightning_sp.metrics import ExactMatch, POPEMetrics, VQAAccuracy
+from lightning_sp.module import load_module
+from lightning_sp.data.prepare import ensure_synthetic
+from lightning_sp.data.shards import load_index
+from lightning_sp.checkpoint import resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +109,6 @@ def load_for_inference(
 ):
     """:func:`lightning_sp.module.load_module` (the LightningModule of a run, rebuilt from a checkpoint or run
     directory, strict about trainable tensors), cast to ``dtype``, on ``device``, in eval mode."""
-    from lightning_sp.module import load_module
 
     cast = dtype_named(dtype) if dtype is not None else None  # a bad name fails before the model loads
     module = load_module(path, overrides)
@@ -380,9 +383,6 @@ def synthetic_questions(cfg: DictConfig) -> list[Question]:
     """The run's validation shards (generated first when the config's synthetic data is missing)."""
     import webdataset as wds
 
-    from lightning_sp.data.prepare import ensure_synthetic
-    from lightning_sp.data.shards import load_index
-
     if cfg.data.val_dir is None:
         raise ConfigError(
             "benchmark=synthetic evaluates data.val_dir, which this run's config leaves unset; "
@@ -525,7 +525,6 @@ def evaluate(
     started = time.perf_counter()
     if benchmark not in BENCHMARKS:
         raise ConfigError(f"unknown benchmark '{benchmark}'; valid: {', '.join(BENCHMARKS)}")
-    from lightning_sp.checkpoint import resolve_checkpoint
 
     ckpt_path = resolve_checkpoint(ckpt)
     if predictor is None:

@@ -41,6 +41,12 @@ from omegaconf import MISSING
 
 from lightning_sp.config import ConfigError, parse_command_options
 from lightning_sp.dtypes import dtype_named
+from lightning_sp.data.conversation import get_template
+from lightning_sp.data.tokenizer import IMAGE_TOKEN
+from lightning_sp.data.conversation import MarkupTemplate
+from lightning_sp.hf_remote.configuration_llava_sp import LlavaSPConfig
+from lightning_sp.hf_remote.modeling_llava_sp import LlavaSPForConditionalGeneration
+from lightning_sp.module import load_module
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +80,6 @@ def chat_template(template="vicuna_v1") -> str:
     ``:`` (no space: the model's answer starts with one). Assistant answers are wrapped in ``{% generation %}``
     (``return_assistant_tokens_mask``), from the space after ``ASSISTANT:`` through the end-of-turn, which is what
     training supervises. No BOS: the tokenizer adds it (the processor does when it tokenizes)."""
-    from lightning_sp.data.conversation import get_template
-    from lightning_sp.data.tokenizer import IMAGE_TOKEN
 
     tpl = get_template(template)
     if tpl.plain:
@@ -119,7 +123,6 @@ def _client_tokenizer(tokenizer, template: str):
     tok.padding_side = "left"
     tok.model_input_names = ["input_ids", "attention_mask"]
     tok.init_kwargs["model_input_names"] = tok.model_input_names  # saved in tokenizer_config.json
-    from lightning_sp.data.conversation import MarkupTemplate, get_template
 
     if isinstance(get_template(template), MarkupTemplate):
         # A chat-markup family (Llama-3, Qwen2) trained in its own tokenizer's format: clients keep that template.
@@ -134,8 +137,6 @@ def _processor(tokenizer, image_size: int, patch_size: int, extra_tokens: int, s
     """LlavaProcessor whose `<image>` expands to grid**2 + extra_tokens placeholders (CLS counted, then dropped);
     `stats`: the encoder's (mean, std)."""
     from transformers import LlavaImageProcessor, LlavaProcessor
-
-    from lightning_sp.data.tokenizer import IMAGE_TOKEN
 
     mean, std = stats
     image_processor = LlavaImageProcessor(
@@ -211,8 +212,6 @@ def _export_llava(model, tokenizer, cfg, dtype: torch.dtype, out: Path, max_shar
 
 
 def _export_remote(model, tokenizer, cfg, dtype: torch.dtype, out: Path, max_shard_size: str) -> None:
-    from lightning_sp.hf_remote.configuration_llava_sp import LlavaSPConfig
-    from lightning_sp.hf_remote.modeling_llava_sp import LlavaSPForConditionalGeneration
 
     llm = _merged_llm(model)
     projector = model.projector
@@ -256,7 +255,6 @@ def export_hf(
     ckpt, out, dtype: Optional[str] = None, overrides: Sequence[str] = (), max_shard_size: str = "5GB"
 ) -> Path:
     """Export a checkpoint (file or run dir) as a merged HF directory at `out` (see the module docstring)."""
-    from lightning_sp.module import load_module
 
     if dtype is not None:
         dtype_named(dtype)  # a bad name fails before the model loads

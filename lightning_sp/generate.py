@@ -18,6 +18,8 @@ from omegaconf import MISSING
 from transformers import TextStreamer
 
 from lightning_sp.config import ConfigError, parse_command_options
+from lightning_sp.evaluate import Predictor
+from lightning_sp.evaluate import Question
 
 USAGE = 'python -m lightning_sp generate ckpt=<run, .ckpt or HF export> image=PATH [question="..."] [max_new_tokens=64]'
 
@@ -36,13 +38,11 @@ class CheckpointAnswerer:
     """A run or `.ckpt`: question -> answer, streamed to stdout as generated, returned as text."""
 
     def __init__(self, ckpt: str, image: Optional[str], max_new_tokens: int, device: str, dtype: Optional[str]):
-        from lightning_sp.evaluate import Predictor
 
         self.predictor = Predictor.from_checkpoint(ckpt, device=device, dtype=dtype)
         self.image, self.max_new_tokens = image, max_new_tokens
 
     def __call__(self, question: str) -> str:
-        from lightning_sp.evaluate import Question
 
         builder = self.predictor.builder
         batch = builder.collate([builder(Question(question_id="generate", text=question, image=self.image))])

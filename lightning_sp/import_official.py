@@ -39,6 +39,11 @@ from lightning_sp.models.official import (
     split_official_state_dict,
     read_tensor_file,
 )
+from lightning_sp.checkpoint import save_module_checkpoint
+from lightning_sp.config import compose, group_choices
+from lightning_sp.module import LlavaSPModule
+from lightning_sp.checkpoint import checkpoint_config, read_checkpoint
+from lightning_sp.models.projectors import build_projector
 
 log = logging.getLogger(__name__)
 
@@ -203,10 +208,6 @@ def import_official(
     `overrides`: further `a.b=value` config overrides. Returns the checkpoint path (`out/checkpoints/last.ckpt`).
     """
     from transformers import CLIPVisionConfig
-
-    from lightning_sp.checkpoint import save_module_checkpoint
-    from lightning_sp.config import compose, group_choices
-    from lightning_sp.module import LlavaSPModule
 
     if variant not in VARIANTS:
         raise OfficialCheckpointError(
@@ -378,8 +379,6 @@ def export_official(ckpt: PathLike, out_dir: PathLike, *, dtype: Optional[torch.
     Tensor dtypes: `dtype` if given, else the release's for an imported checkpoint, else the checkpoint's (fp32).
     Align checkpoints (no LoRA) get only `non_lora_trainables.bin`. Returns `out_dir`.
     """
-    from lightning_sp.checkpoint import checkpoint_config, read_checkpoint
-    from lightning_sp.models.projectors import build_projector
 
     data = read_checkpoint(ckpt)
     cfg = checkpoint_config(data)

@@ -23,6 +23,7 @@ from lightning_sp.ranks import gather_objects
 from lightning_sp.models.vlm import LlavaSP
 from lightning_sp.paths import resolve
 from lightning_sp.trainable import llm_part, parameter_table, set_trainable
+from lightning_sp.distributed import BF16_PRECISIONS, FSDP2Strategy, describe_units, shard_model
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,6 @@ class LlavaSPModule(L.LightningModule):
     def configure_model(self):
         """FSDP2 wrap (lightning_sp/distributed.py) under FSDP2Strategy; nothing under DDP or a single device.
         Lightning calls this before configure_optimizers, and again for each later fit/validate: idempotent."""
-        from lightning_sp.distributed import BF16_PRECISIONS, FSDP2Strategy, describe_units, shard_model
 
         if self._fsdp_units is not None or self._trainer is None:  # load_from_checkpoint calls it trainer-less
             return

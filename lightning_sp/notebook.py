@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lightning_sp.paths import REPO_ROOT
+from lightning_sp.runs import NO_RUN_HELP, latest_run
 
 ATTENTION_NOTEBOOK = REPO_ROOT / "notebooks" / "attention_maps.ipynb"
 
@@ -60,7 +61,6 @@ def execute(
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from lightning_sp.runs import NO_RUN_HELP, latest_run
 
     parser = argparse.ArgumentParser(
         prog="python -m lightning_sp.notebook",

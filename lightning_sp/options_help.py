@@ -12,6 +12,7 @@ import inspect
 import re
 
 from omegaconf import OmegaConf
+from lightning_sp.config import GROUPS, RunConfig, SyntheticDataConfig, compose, group_choices
 
 _FIELD = re.compile(r"^\s+(\w+)\s*:[^=]*(?:=.*?)?(?:#\s*(.*))?$")
 
@@ -56,7 +57,6 @@ def _walk(cls, prefix: str = ""):
 
 def run_options_help() -> str:
     """The groups with their choices, then every key with its embedded-default value and meaning."""
-    from lightning_sp.config import GROUPS, RunConfig, SyntheticDataConfig, compose, group_choices
 
     cfg = compose([])
     lines = ["groups (group=name; default first):"]

@@ -18,6 +18,14 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 
 from lightning_sp.paths import anchored, resolve
+from lightning_sp.module import load_module
+from lightning_sp.data.prepare import ensure_synthetic
+from lightning_sp.train import build_datamodule
+from lightning_sp.data.conversation import expanded_prompt_ids
+from lightning_sp.data.tokenizer import IMAGE_TOKEN
+from lightning_sp.viz import compute_sample_maps, question_markers
+from lightning_sp.viz import qa_markdown, save_pngs
+from lightning_sp.viz import compute_maps
 
 PathLike = Union[str, Path]
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
@@ -68,7 +76,6 @@ def latest_run(root: PathLike = "runs") -> Optional[Path]:
 def load_run(run_dir: Optional[PathLike] = None, overrides: Iterable[str] = (), root: PathLike = "runs") -> Run:
     """Load a run's model from `<run_dir>/checkpoints/last.ckpt` (default: :func:`latest_run`); eval mode, CPU.
     `overrides` (`a.b=value`) change the stored config before building (say a local `model.llm.name_or_path`)."""
-    from lightning_sp.module import load_module
 
     if run_dir is None:
         run_dir = latest_run(root)
@@ -83,9 +90,6 @@ def load_run(run_dir: Optional[PathLike] = None, overrides: Iterable[str] = (), 
 def val_batch(run: Run, batch_size: int = 4) -> dict:
     """The first validation batch of the run's data config (regenerating synthetic data if it was removed)."""
     from omegaconf import OmegaConf
-
-    from lightning_sp.data.prepare import ensure_synthetic
-    from lightning_sp.train import build_datamodule
 
     cfg = run.cfg
     if not cfg.data.val_dir:
@@ -106,8 +110,6 @@ def val_batch(run: Run, batch_size: int = 4) -> dict:
 
 def prompt_ids(run: Run, question: str) -> torch.Tensor:
     """Prompt ids for a question of your own about an image, in the run's template, image placeholder expanded."""
-    from lightning_sp.data.conversation import expanded_prompt_ids
-    from lightning_sp.data.tokenizer import IMAGE_TOKEN
 
     record = {
         "id": "custom",
@@ -119,7 +121,6 @@ def prompt_ids(run: Run, question: str) -> torch.Tensor:
 
 def sample_maps(run: Run, batch: dict, index: int = 0, question: Optional[str] = None):
     """Attention maps of sample `index` of `batch`, asked its own question or `question` (then no target)."""
-    from lightning_sp.viz import compute_sample_maps, question_markers
 
     if question is None:
         return attention_maps(run, batch, [index])[0]
@@ -139,7 +140,6 @@ def export_pngs(
 ) -> list[Path]:
     """PNGs of the maps of validation sample `index` (``<prefix>_dfi.png``, ``<prefix>_llm.png``) plus
     ``<prefix>_qa.md``; prefix defaults to the projector name."""
-    from lightning_sp.viz import qa_markdown, save_pngs
 
     maps = sample_maps(run, val_batch(run, batch_size), index)
     prefix = prefix or run.cfg.projector.name
@@ -151,7 +151,6 @@ def export_pngs(
 
 def attention_maps(run: Run, batch: dict, indices: Optional[Sequence[int]] = None):
     """:func:`lightning_sp.viz.compute_maps` with the run's generation length and question markers."""
-    from lightning_sp.viz import compute_maps, question_markers
 
     return compute_maps(
         run.model,

@@ -18,6 +18,8 @@ import numpy as np
 
 from lightning_sp import stats
 from lightning_sp.study_spec import ALPHA, REFERENCE_ARM, PlannedRun, StudySpec
+from lightning_sp.data.synthetic import majority_baseline
+from lightning_sp.paths import resolve
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +141,6 @@ def priors(runs: Sequence[PlannedRun], rows: list[dict]) -> dict[str, dict[str, 
     """Per arm, what answering each question type's most frequent training answer scores on the questions the
     arm was scored on (``lightning_sp.data.synthetic.majority_baseline``), keyed like the accuracies
     (``val/accuracy``, ``val/accuracy_<type>``). Arms without synthetic data (or its JSON) get none."""
-    from lightning_sp.data.synthetic import majority_baseline
-    from lightning_sp.paths import resolve
 
     raw = {}  # raw_dir -> (train records, val records by id), each read once
     out = {}

@@ -31,6 +31,8 @@ from lightning_sp.models.vision import image_stats
 from lightning_sp.module import LlavaSPModule
 from lightning_sp.paths import resolve
 from lightning_sp.stats import VAL_QUESTIONS, write_questions
+from lightning_sp.callbacks import AttentionMapLogger, AttentionMetrics
+from lightning_sp.warm_start import warm_start
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,6 @@ def viz_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """Attention-map images in TensorBoard (`viz` config section; lightning_sp/callbacks/attention.py)."""
     if not cfg.viz.enabled:
         return []
-    from lightning_sp.callbacks import AttentionMapLogger, AttentionMetrics
 
     return [
         AttentionMapLogger(every_n_val=cfg.viz.every_n_val, num_images=cfg.viz.num_images),
@@ -266,8 +267,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = LlavaSPModule(cfg)  # loads the config's tokenizer
     tokenizer = module.tokenizer
     if cfg.init:  # warm start: weights only; optimizer, schedule and step start fresh
-        from lightning_sp.warm_start import warm_start
-
         warm_start(module, resolve(cfg.init), cfg)
     datamodule = build_datamodule(cfg, tokenizer, module.model.num_visual_tokens)
     trainer = build_trainer(cfg, run_dir)

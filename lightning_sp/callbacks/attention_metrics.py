@@ -51,12 +51,22 @@ from typing import Optional
 import lightning as L
 import torch
 
+from lightning_sp.ranks import gather_objects
+from lightning_sp.viz import measures  # module attributes: the tests count the forwards it runs
+from lightning_sp.viz.maps import question_markers, question_text, sp_attention_kind
+from lightning_sp.viz.measures import (
+    attention_on_cell,
+    max_over_uniform,
+    named_cell,
+    normalised_entropy,
+    sp_share_over_uniform,
+)
+
 log = logging.getLogger(__name__)
 
 
 def cell_questions(batch: dict, tokenizer, image_token_id: int, markers) -> list[tuple[int, tuple[int, int]]]:
     """(index in the batch, (row, col)) of the samples of an eval batch with an image whose question names a cell."""
-    from lightning_sp.viz import named_cell, question_text
 
     has_image = batch.get("has_image")
     out = []
@@ -73,7 +83,6 @@ def cell_questions(batch: dict, tokenizer, image_token_id: int, markers) -> list
 def target_sums(visual: torch.Tensor, cells: list[tuple[int, int]], layout) -> Counter:
     """Sums over one batch's questions: `visual` (B, layers, T) from :func:`lightning_sp.viz.prompt_attention`,
     `cells` the asked (row, col) per question."""
-    from lightning_sp.viz import attention_on_cell, sp_share_over_uniform
 
     s = layout.num_sp_tokens
     sums: Counter = Counter()
@@ -88,7 +97,6 @@ def target_sums(visual: torch.Tensor, cells: list[tuple[int, int]], layout) -> C
 
 def spread_sums(projector, sp_attention) -> Counter:
     """Sums over images of how far the SP tokens' attention (B, S, K) is from uniform; empty without one."""
-    from lightning_sp.viz import max_over_uniform, normalised_entropy, sp_attention_kind
 
     kind = sp_attention_kind(projector, sp_attention)
     if kind is None or sp_attention.shape[0] == 0:
@@ -158,8 +166,6 @@ class AttentionMetrics(L.Callback):
         self._seen = None
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        from lightning_sp.viz.maps import question_markers
-        from lightning_sp.viz.measures import last_position_attention, left_trimmed, prompt_attention
 
         started = time.perf_counter()
         model = pl_module.model
@@ -184,7 +190,7 @@ class AttentionMetrics(L.Callback):
                 )
             if asked:
                 index = torch.tensor([i for i, _ in asked], device=batch["prompt_ids"].device)
-                visual = prompt_attention(
+                visual = measures.prompt_attention(
                     model,
                     batch["prompt_ids"][index],
                     batch["prompt_attention_mask"][index],
@@ -192,12 +198,11 @@ class AttentionMetrics(L.Callback):
                 )
                 self.sums.update(target_sums(visual, [cell for _, cell in asked], model.projector.layout))
             elif forwards:  # another rank ran one: so must this one (see the module docstring, FSDP)
-                ids, mask = left_trimmed(batch["prompt_ids"][:1], batch["prompt_attention_mask"][:1])
-                last_position_attention(model, ids, mask, visual_tokens=tokens[:1])
+                ids, mask = measures.left_trimmed(batch["prompt_ids"][:1], batch["prompt_attention_mask"][:1])
+                measures.last_position_attention(model, ids, mask, visual_tokens=tokens[:1])
         self.seconds += time.perf_counter() - started
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        from lightning_sp.ranks import gather_objects
 
         self._hook.remove()
         totals: Counter = Counter()

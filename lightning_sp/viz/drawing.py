@@ -13,6 +13,7 @@ from lightning_sp.data.synthetic import POSITIONS
 
 from lightning_sp.viz.geometry import SPWindow
 from lightning_sp.viz.maps import AttentionMaps
+from lightning_sp.data.answers import normalize_answer
 
 
 def overlay(
@@ -196,8 +197,6 @@ def qa_markdown(maps: AttentionMaps) -> str:
     lines = [f"**sample** `{maps.sample_id}`" + (f" ({maps.qtype})" if maps.qtype else "")]
     lines.append(f"**question:** {maps.question}")
     if maps.target is not None:
-        from lightning_sp.data.answers import normalize_answer
-
         ok = normalize_answer(maps.prediction) == normalize_answer(maps.target)
         lines.append(f"**target:** {maps.target}")
         lines.append(f"**predicted:** {maps.prediction} ({'correct' if ok else 'wrong'})")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from lightning_sp.viz.geometry import denormalize, SPWindow, sp_windows, dfi_footprint, upsample_to_image
 from lightning_sp.viz.measures import named_cell, attention_on_cell, max_over_uniform, normalised_entropy, eager_forward
+from lightning_sp.data.conversation import get_template
 
 
 @dataclass
@@ -296,6 +297,5 @@ def compute_maps(
 
 def question_markers(template: str) -> tuple[str, str]:
     """What :func:`question_text` cuts a question out by, for the conversation template ``template``."""
-    from lightning_sp.data.conversation import get_template
 
     return get_template(template).question_markers
