@@ -529,3 +529,28 @@ def test_full_finetuning_under_fsdp_resumes_from_a_kill_to_the_uninterrupted_res
         module = load_module(tmp_path / "killed")
         params = dict(module.named_parameters())
         assert all(torch.equal(params[k], resumed[k]) for k in resumed)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3 * LAUNCH_TIMEOUT_S)
+def test_a_timm_backbone_under_fsdp_trains_as_under_ddp(data, tmp_path):
+    """The SigLIP-style timm tower (27x27 grid, no CLS token; its blocks are FSDP units of their own) with the
+    cropping projector on 2 processes: FSDP2 gives DDP's weights, as the CLIP tower does above."""
+    not_vision = [item for item in overrides(data, tmp_path / "x") if not item.startswith("model.vision.")]
+    runs = {}
+    for strategy in ("ddp_cpu", "fsdp"):
+        run_dir = tmp_path / strategy
+        args = [a for a in not_vision if not a.startswith("run_dir=")]
+        extra = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"] * (strategy == "fsdp")
+        out = launch(
+            ["-m", "lightning_sp", "train", *args, "vision=siglip_tiny", "variant=cropping", f"trainer={strategy}",
+             *extra, f"run_dir={run_dir}"]
+        )  # fmt: skip
+        if strategy == "fsdp":
+            assert "vision.model.blocks.1 " in out and "projector.sfe " in out, out[-3000:]  # timm blocks are units
+        runs[strategy] = trainable_state(run_dir / "checkpoints" / "last.ckpt")
+        assert [r["world_size"] for r in rank_summaries(run_dir)] == [2, 2]
+    ddp, fsdp = runs["ddp_cpu"], runs["fsdp"]
+    assert set(ddp) == set(fsdp) and any("projector.sfe" in k for k in ddp)
+    worst = max(((ddp[k] - fsdp[k]).abs().max().item(), k) for k in ddp)
+    assert worst[0] < 1e-5, worst
