@@ -18,8 +18,7 @@ from omegaconf import MISSING
 from transformers import TextStreamer
 
 from lightning_sp.config import ConfigError, parse_command_options
-from lightning_sp.evaluate import Predictor
-from lightning_sp.evaluate import Question
+from lightning_sp.inference import Predictor, Question
 
 USAGE = 'python -m lightning_sp generate ckpt=<run, .ckpt or HF export> image=PATH [question="..."] [max_new_tokens=64]'
 

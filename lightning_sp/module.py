@@ -171,7 +171,7 @@ class LlavaSPModule(L.LightningModule):
     ) -> torch.Tensor:
         """Greedy new tokens for the batch's left-padded prompts (B, <= max_new_tokens, default
         eval.max_new_tokens), pad after EOS; decoding also stops at ``stop_strings``. The one greedy decoding call:
-        evaluation (``evaluate.Predictor``), the lmms-eval adapter and ``generate`` go through here; validation
+        evaluation (``inference.Predictor``), the lmms-eval adapter and ``generate`` go through here; validation
         scores by :func:`teacher_forced_hits`, which tests/test_val_scoring.py proves equal to this."""
         device = next(self.model.parameters()).device
         return self.model.generate(

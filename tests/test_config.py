@@ -359,6 +359,6 @@ def test_dtype_names_are_checked_in_one_place_naming_the_key():
     with pytest.raises(ConfigError, match="model.llm.dtype must be float32, bfloat16, float16, got 'float64'"):
         compose(["model.llm.dtype=float64"])
     with pytest.raises(ConfigError, match="dtype must be float32, bfloat16, float16, got 'fp8'"):
-        from lightning_sp.evaluate import load_for_inference
+        from lightning_sp.inference import load_for_inference
 
         load_for_inference("no/such/run", dtype="fp8")  # refused before anything is read

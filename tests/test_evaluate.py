@@ -9,15 +9,9 @@ import torch
 from evalkit import trained_run, write_benchmark_files
 
 from lightning_sp.config import ConfigError
-from lightning_sp.evaluate import (
-    SHORT_ANSWER_PROMPT,
-    Predictor,
-    Question,
-    evaluate,
-    load_question_file,
-    parse_eval_args,
-    score,
-)
+from lightning_sp.evaluate import evaluate, parse_eval_args, score
+from lightning_sp.inference import Predictor, Question
+from lightning_sp.question_files import SHORT_ANSWER_PROMPT, load_question_file
 from lightning_sp.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -39,7 +33,7 @@ def files(tmp_path_factory):
 
 
 def test_bf16_evaluation_keeps_rope_frequencies_in_float32(run_dir):
-    from lightning_sp.evaluate import load_for_inference
+    from lightning_sp.inference import load_for_inference
 
     full = load_for_inference(run_dir, dtype="float32")
     half = load_for_inference(run_dir, dtype="bfloat16")

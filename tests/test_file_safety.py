@@ -82,7 +82,7 @@ def _warm_start(path, out):
 
 
 def _evaluate_load(path, out):
-    from lightning_sp.evaluate import load_for_inference
+    from lightning_sp.inference import load_for_inference
 
     load_for_inference(path)
 
@@ -109,7 +109,7 @@ CHECKPOINT_LOADERS = {
     "read_checkpoint": _read_checkpoint,
     "module.load_module": _load_module,
     "warm_start": _warm_start,
-    "evaluate.load_for_inference": _evaluate_load,
+    "inference.load_for_inference": _evaluate_load,
     "runs.load_run": _load_run,
     "export_hf": _export_hf,
     "export_official": _export_official,

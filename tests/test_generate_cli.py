@@ -8,7 +8,7 @@ import pytest
 from evalkit import trained_run, write_benchmark_files
 
 from lightning_sp.cli import main
-from lightning_sp.evaluate import Predictor, Question
+from lightning_sp.inference import Predictor, Question
 from lightning_sp.generate import generate_from_args
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ from transformers import AutoProcessor
 from lightning_sp.module import load_module
 from lightning_sp.config import compose
 from lightning_sp.data.conversation import IGNORE_INDEX, encode, render_prompt
-from lightning_sp.evaluate import Predictor, PromptBuilder, Question
+from lightning_sp.inference import Predictor, PromptBuilder, Question
 from lightning_sp.export import export_hf
 from test_export import SIZE, trained_run
 

@@ -24,8 +24,8 @@ LAYERS = [
     # 4 training: checkpoints, FSDP, trainable sets, metrics, attention maps, callbacks, the LightningModule
     ["checkpoint", "distributed", "trainable", "metrics", "viz", "callbacks", "module", "warm_start"],
     # 5 commands and interop: train, evaluate, generate, studies, HF/official export and import, lmms-eval, notebook
-    ["train", "evaluate", "generate", "export", "import_official", "lmms_adapter", "lmms_manifest", "study_spec",
-     "study_report", "ablate", "pretrain_encoder", "runs", "notebook", "hf_remote"],
+    ["train", "inference", "question_files", "evaluate", "generate", "export", "import_official", "lmms_adapter",
+     "lmms_manifest", "study_spec", "study_report", "ablate", "pretrain_encoder", "runs", "notebook", "hf_remote"],
     ["cli", "__main__"],  # 6 the command line
 ]  # fmt: skip
 

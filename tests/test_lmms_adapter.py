@@ -8,7 +8,8 @@ import torch
 from evalkit import trained_run, write_benchmark_files
 from PIL import Image
 
-from lightning_sp.evaluate import Predictor, Question, load_question_file
+from lightning_sp.inference import Predictor, Question
+from lightning_sp.question_files import load_question_file
 from lightning_sp.lmms_adapter import HAVE_LMMS_EVAL, LightningSP
 
 pytestmark = pytest.mark.slow

@@ -24,7 +24,7 @@ LMMS_TIMEOUT_S = 600
 MAX_NEW_TOKENS = 6
 # lmms-eval 0.7.3's multiple-choice failure (below), as its log shows it
 UPSTREAM_MC_BUG = ("lls, is_greedy = zip(*results)", "ValueError: too many values to unpack (expected 2)")
-SUFFIX = "Answer the question using a single word or phrase."  # what our `eval` appends (evaluate.py)
+SUFFIX = "Answer the question using a single word or phrase."  # what our `eval` appends (question_files.py)
 
 UTILS = """
 from PIL import Image
@@ -250,7 +250,7 @@ def test_two_processes_share_the_requests_and_agree(lmms_run):
 def test_multiple_choice_results_equal_our_loglikelihoods(lmms_run):
     from PIL import Image
 
-    from lightning_sp.evaluate import Predictor, Question
+    from lightning_sp.inference import Predictor, Question
 
     mc = run_lmms_eval(lmms_run["run_dir"], lmms_run["tasks"], "lsp_mc", lmms_run["root"] / "lmms-mc")
     if not list(mc["out"].rglob("*_results.json")) and all(m in mc["log"] for m in UPSTREAM_MC_BUG):
