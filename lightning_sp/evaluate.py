@@ -7,7 +7,8 @@
 
 Answers come from :class:`lightning_sp.inference.Predictor` and questions from :mod:`lightning_sp.question_files`;
 this module scores them and writes the files. The model is rebuilt from the checkpoint alone: ``last.ckpt`` holds
-the trainable tensors and the resolved run config (``lightning_sp_config``); frozen weights (vision tower, base LLM) are rebuilt from that config.
+the trainable tensors and the resolved run config (``lightning_sp_config``); frozen weights (vision tower, base
+LLM) are rebuilt from that config.
 
 Protocol (LLaVA-1.5 eval scripts, docs/METHOD.md §7): the run's conversation template (vicuna_v1), the image
 placeholder first, the short-answer suffix "Answer the question using a single word or phrase." on its own line
