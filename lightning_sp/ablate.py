@@ -205,7 +205,6 @@ def _needs_process(cfg: DictConfig) -> bool:
 
 
 def _run_in_process(run: PlannedRun) -> None:
-
     try:
         train(run.cfg)
     finally:

@@ -9,6 +9,7 @@ key and the valid choices.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 from pathlib import Path
@@ -22,26 +23,26 @@ from lightning_sp.data.conversation import TEMPLATES
 from lightning_sp.dtypes import dtype_named
 from lightning_sp.errors import ConfigError, InputError  # noqa: F401 (re-exported)
 from lightning_sp.global_batch import check_global_batch_config, derive_accumulation, global_batch_size
-from lightning_sp.overrides import override_key, parse_dotlist
-from lightning_sp.schema import (  # noqa: F401 (re-exported: the schema is part of this module's API)
-    VisionConfig,
-    LLMConfig,
-    LoraConfig,
-    ModelConfig,
-    ProjectorConfig,
-    SyntheticDataConfig,
-    DataConfig,
-    StageConfig,
-    OptimConfig,
-    TrainerConfig,
-    EvalConfig,
-    VizConfig,
-    RunConfig,
-)
 from lightning_sp.models.llm import llm_backbone
 from lightning_sp.models.projectors import ProjectorConfigError, projector_options
 from lightning_sp.models.vision import backbone_class
+from lightning_sp.overrides import override_key, parse_dotlist
 from lightning_sp.paths import SHIPPED
+from lightning_sp.schema import (  # noqa: F401 (re-exported: the schema is part of this module's API)
+    DataConfig,
+    EvalConfig,
+    LLMConfig,
+    LoraConfig,
+    ModelConfig,
+    OptimConfig,
+    ProjectorConfig,
+    RunConfig,
+    StageConfig,
+    SyntheticDataConfig,
+    TrainerConfig,
+    VisionConfig,
+    VizConfig,
+)
 
 CONF_DIR = SHIPPED / "conf"  # package data: a wheel install composes the same configs (`conf/` links here)
 log = logging.getLogger(__name__)
@@ -303,7 +304,7 @@ def _warn_unused_projector_overrides(cfg: DictConfig, given: set[str]) -> None:
     """Command-line `projector.*` keys that the chosen projector does not declare among its options change
     nothing. Warned about, not refused: a study's overrides go to every arm (projector.sp_width to mlp too)."""
     cls, options = _registered(projector_options, cfg.projector)
-    own = {f"projector.{name}" for name in OmegaConf.structured(options).keys()} | {"projector.name"}
+    own = {f"projector.{f.name}" for f in dataclasses.fields(options)} | {"projector.name"}
     unused = sorted(k for k in given if k.startswith("projector.") and k not in own)
     if unused:
         log.warning(

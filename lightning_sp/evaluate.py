@@ -39,10 +39,10 @@ from typing import Optional, Sequence
 
 from omegaconf import MISSING, DictConfig
 
-from lightning_sp.config import ConfigError, parse_command_options
-from lightning_sp.metrics import ExactMatch, POPEMetrics, VQAAccuracy
 from lightning_sp.checkpoint import resolve_checkpoint
+from lightning_sp.config import ConfigError, parse_command_options
 from lightning_sp.inference import PAPER_MAX_NEW_TOKENS, Predictor, Question
+from lightning_sp.metrics import ExactMatch, POPEMetrics, VQAAccuracy
 from lightning_sp.question_files import (
     SHORT_ANSWER_PROMPT,
     EvalDataError,

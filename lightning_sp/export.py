@@ -40,10 +40,9 @@ import torch
 from omegaconf import MISSING
 
 from lightning_sp.config import ConfigError, parse_command_options
-from lightning_sp.dtypes import dtype_named
-from lightning_sp.data.conversation import get_template
+from lightning_sp.data.conversation import MarkupTemplate, get_template
 from lightning_sp.data.tokenizer import IMAGE_TOKEN
-from lightning_sp.data.conversation import MarkupTemplate
+from lightning_sp.dtypes import dtype_named
 from lightning_sp.hf_remote.configuration_llava_sp import LlavaSPConfig
 from lightning_sp.hf_remote.modeling_llava_sp import LlavaSPForConditionalGeneration
 from lightning_sp.module import load_module
@@ -212,7 +211,6 @@ def _export_llava(model, tokenizer, cfg, dtype: torch.dtype, out: Path, max_shar
 
 
 def _export_remote(model, tokenizer, cfg, dtype: torch.dtype, out: Path, max_shard_size: str) -> None:
-
     llm = _merged_llm(model)
     projector = model.projector
     p = cfg.projector

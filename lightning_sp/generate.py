@@ -37,12 +37,10 @@ class CheckpointAnswerer:
     """A run or `.ckpt`: question -> answer, streamed to stdout as generated, returned as text."""
 
     def __init__(self, ckpt: str, image: Optional[str], max_new_tokens: int, device: str, dtype: Optional[str]):
-
         self.predictor = Predictor.from_checkpoint(ckpt, device=device, dtype=dtype)
         self.image, self.max_new_tokens = image, max_new_tokens
 
     def __call__(self, question: str) -> str:
-
         builder = self.predictor.builder
         batch = builder.collate([builder(Question(question_id="generate", text=question, image=self.image))])
         streamer = TextStreamer(self.predictor.tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -29,6 +29,8 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
+from lightning_sp.checkpoint import checkpoint_config, read_checkpoint, save_module_checkpoint
+from lightning_sp.config import compose, group_choices
 from lightning_sp.models.official import (
     VARIANTS,
     OfficialCheckpointError,
@@ -36,14 +38,11 @@ from lightning_sp.models.official import (
     compact_keys,
     load_official_projector,
     official_state_dict,
-    split_official_state_dict,
     read_tensor_file,
+    split_official_state_dict,
 )
-from lightning_sp.checkpoint import save_module_checkpoint
-from lightning_sp.config import compose, group_choices
-from lightning_sp.module import LlavaSPModule
-from lightning_sp.checkpoint import checkpoint_config, read_checkpoint
 from lightning_sp.models.projectors import build_projector
+from lightning_sp.module import LlavaSPModule
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ questions one at a time do."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -16,15 +15,13 @@ from typing import Any, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from lightning_sp.data.conversation import encode_continuation, expanded_prompt_ids
 from lightning_sp.data.collate import left_padded_prompts
+from lightning_sp.data.conversation import encode_continuation, expanded_prompt_ids
 from lightning_sp.data.images import DEFAULT_STATS, ImageProcessor, ImageStats
 from lightning_sp.data.tokenizer import IMAGE_TOKEN
 from lightning_sp.dtypes import dtype_named
-from lightning_sp.module import load_module
 from lightning_sp.errors import InputError
-
-log = logging.getLogger(__name__)
+from lightning_sp.module import load_module
 
 PAPER_MAX_NEW_TOKENS = 128
 

@@ -19,11 +19,11 @@ from lightning_sp.callbacks.throughput import batch_samples, batch_tokens
 from lightning_sp.checkpoint import checkpoint_config, read_checkpoint, resolve_checkpoint
 from lightning_sp.data.conversation import IGNORE_INDEX, supervised_logit_positions
 from lightning_sp.data.tokenizer import load_tokenizer
-from lightning_sp.ranks import gather_objects
+from lightning_sp.distributed import BF16_PRECISIONS, FSDP2Strategy, describe_units, shard_model
 from lightning_sp.models.vlm import LlavaSP
 from lightning_sp.paths import resolve
+from lightning_sp.ranks import gather_objects
 from lightning_sp.trainable import llm_part, parameter_table, set_trainable
-from lightning_sp.distributed import BF16_PRECISIONS, FSDP2Strategy, describe_units, shard_model
 
 log = logging.getLogger(__name__)
 

@@ -61,7 +61,6 @@ def execute(
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-
     parser = argparse.ArgumentParser(
         prog="python -m lightning_sp.notebook",
         description=__doc__,

@@ -12,6 +12,7 @@ import inspect
 import re
 
 from omegaconf import OmegaConf
+
 from lightning_sp.config import GROUPS, RunConfig, SyntheticDataConfig, compose, group_choices
 
 _FIELD = re.compile(r"^\s+(\w+)\s*:[^=]*(?:=.*?)?(?:#\s*(.*))?$")

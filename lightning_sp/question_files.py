@@ -5,7 +5,6 @@ synthetic validation split. A question that cannot be used is an EvalDataError n
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,12 +12,10 @@ from omegaconf import DictConfig
 
 from lightning_sp.config import ConfigError
 from lightning_sp.data.conversation import reference_answer
-from lightning_sp.data.tokenizer import IMAGE_TOKEN
 from lightning_sp.data.prepare import ensure_synthetic
 from lightning_sp.data.shards import load_index
+from lightning_sp.data.tokenizer import IMAGE_TOKEN
 from lightning_sp.inference import EvalDataError, Question
-
-log = logging.getLogger(__name__)
 
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 

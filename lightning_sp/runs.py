@@ -17,15 +17,13 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
-from lightning_sp.paths import anchored, resolve
-from lightning_sp.module import load_module
-from lightning_sp.data.prepare import ensure_synthetic
-from lightning_sp.train import build_datamodule
 from lightning_sp.data.conversation import expanded_prompt_ids
+from lightning_sp.data.prepare import ensure_synthetic
 from lightning_sp.data.tokenizer import IMAGE_TOKEN
-from lightning_sp.viz import compute_sample_maps, question_markers
-from lightning_sp.viz import qa_markdown, save_pngs
-from lightning_sp.viz import compute_maps
+from lightning_sp.module import load_module
+from lightning_sp.paths import anchored, resolve
+from lightning_sp.train import build_datamodule
+from lightning_sp.viz import compute_maps, compute_sample_maps, qa_markdown, question_markers, save_pngs
 
 PathLike = Union[str, Path]
 CHECKPOINT = Path("checkpoints") / "last.ckpt"

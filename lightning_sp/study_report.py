@@ -17,9 +17,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from lightning_sp import stats
-from lightning_sp.study_spec import ALPHA, REFERENCE_ARM, PlannedRun, StudySpec
 from lightning_sp.data.synthetic import majority_baseline
 from lightning_sp.paths import resolve
+from lightning_sp.study_spec import ALPHA, REFERENCE_ARM, PlannedRun, StudySpec
 
 log = logging.getLogger(__name__)
 

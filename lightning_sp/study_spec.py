@@ -9,7 +9,6 @@ from pathlib import Path
 
 from omegaconf import MISSING, DictConfig
 
-
 REFERENCE_ARM = "mlp"  # every other arm is compared with it, paired on the same questions
 ALPHA = 0.05  # significance level of the paired comparisons
 

@@ -17,21 +17,21 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_sp import config as config_lib
+from lightning_sp.callbacks import AttentionMapLogger, AttentionMetrics
 from lightning_sp.callbacks.checkpointing import BestAndLastCheckpoint
-from lightning_sp.checkpoint import checkpoint_step, is_sharded_checkpoint
-from lightning_sp.global_batch import check_global_batch
 from lightning_sp.callbacks.nonfinite import NonFiniteGuard
-from lightning_sp.callbacks.throughput import throughput_monitor
 from lightning_sp.callbacks.skip_limit import SkipLimit
+from lightning_sp.callbacks.throughput import throughput_monitor
+from lightning_sp.checkpoint import checkpoint_step, is_sharded_checkpoint
 from lightning_sp.data.datamodule import ShardDataModule
 from lightning_sp.data.prepare import ensure_synthetic
 from lightning_sp.distributed import RankSummary, build_strategy
-from lightning_sp.ranks import launched_rank
+from lightning_sp.global_batch import check_global_batch
 from lightning_sp.models.vision import image_stats
 from lightning_sp.module import LlavaSPModule
 from lightning_sp.paths import resolve
+from lightning_sp.ranks import launched_rank
 from lightning_sp.stats import VAL_QUESTIONS, write_questions
-from lightning_sp.callbacks import AttentionMapLogger, AttentionMetrics
 from lightning_sp.warm_start import warm_start
 
 log = logging.getLogger(__name__)

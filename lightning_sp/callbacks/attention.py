@@ -30,8 +30,8 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning_sp.viz import compute_sample_maps, question_markers
-from lightning_sp.viz import qa_markdown, render_llm, render_sp_attention
+
+from lightning_sp.viz import compute_sample_maps, qa_markdown, question_markers, render_llm, render_sp_attention
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,6 @@ class AttentionMapLogger(L.Callback):
         log.info("attention maps for %d images in %.1fs", len(maps), time.perf_counter() - started)
 
     def compute(self, trainer, pl_module) -> list:
-
         count = torch.tensor(len(self.kept), device=pl_module.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)  # same forwards on every rank
@@ -117,7 +116,6 @@ class AttentionMapLogger(L.Callback):
         ]
 
     def log_maps(self, trainer, maps: list) -> None:
-
         writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not writers:
             return

@@ -166,7 +166,6 @@ class AttentionMetrics(L.Callback):
         self._seen = None
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-
         started = time.perf_counter()
         model = pl_module.model
         asked = cell_questions(
@@ -203,7 +202,6 @@ class AttentionMetrics(L.Callback):
         self.seconds += time.perf_counter() - started
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-
         self._hook.remove()
         totals: Counter = Counter()
         for sums in gather_objects(dict(self.sums)):

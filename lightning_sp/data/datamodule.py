@@ -27,14 +27,14 @@ import torch
 import webdataset as wds
 from webdataset.utils import pytorch_worker_info
 
-from lightning_sp.data.images import ImageStats
 from lightning_sp.data import locations
+from lightning_sp.data.collate import collate_eval, collate_train
+from lightning_sp.data.images import ImageStats
+from lightning_sp.data.samples import SampleBuilder
 from lightning_sp.data.shards import load_index
 from lightning_sp.data.tokenizer import IMAGE_TOKEN, load_tokenizer
 from lightning_sp.data.train_stream import StreamPosition, TrainStream, take_exactly
 from lightning_sp.ranks import gather_objects
-from lightning_sp.data.collate import collate_eval, collate_train
-from lightning_sp.data.samples import SampleBuilder
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import torch
 from lightning_sp.data.conversation import (
     RecordEncoder,
     RecordError,
-    expanded_prompt_ids,
     expand_image_token,
+    expanded_prompt_ids,
     reference_answer,
 )
 from lightning_sp.data.images import DEFAULT_STATS, ImageDecodeError, ImageProcessor, ImageStats

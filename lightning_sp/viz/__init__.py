@@ -50,49 +50,49 @@ names.
 """
 
 from lightning_sp.thirdparty.transformers_internals import attn_implementation, eager_attention
-from lightning_sp.viz.geometry import (
-    denormalize,
-    scale_box,
-    pooling_cells,
-    SPWindow,
-    sp_windows,
-    dfi_footprint,
-    upsample_to_image,
+from lightning_sp.viz.drawing import (
+    figure_to_array,
+    llm_figure,
+    overlay,
+    qa_markdown,
+    render_llm,
+    render_sp_attention,
+    save_pngs,
+    sp_attention_figure,
+    target_caption,
 )
-from lightning_sp.viz.measures import (
-    CELLS,
-    named_cell,
-    cell_patches,
-    attention_on_cell,
-    sp_share_over_uniform,
-    max_over_uniform,
-    normalised_entropy,
-    eager_forward,
-    last_position_attention,
-    left_trimmed,
-    prompt_attention,
+from lightning_sp.viz.geometry import (
+    SPWindow,
+    denormalize,
+    dfi_footprint,
+    pooling_cells,
+    scale_box,
+    sp_windows,
+    upsample_to_image,
 )
 from lightning_sp.viz.maps import (
     AttentionMaps,
-    question_text,
     answer_attention_by_layer,
-    llm_answer_attention,
+    compute_maps,
     compute_sample_maps,
+    llm_answer_attention,
+    question_markers,
+    question_text,
     sp_attention_images,
     sp_attention_kind,
-    compute_maps,
-    question_markers,
 )
-from lightning_sp.viz.drawing import (
-    overlay,
-    sp_attention_figure,
-    llm_figure,
-    target_caption,
-    figure_to_array,
-    render_sp_attention,
-    render_llm,
-    qa_markdown,
-    save_pngs,
+from lightning_sp.viz.measures import (
+    CELLS,
+    attention_on_cell,
+    cell_patches,
+    eager_forward,
+    last_position_attention,
+    left_trimmed,
+    max_over_uniform,
+    named_cell,
+    normalised_entropy,
+    prompt_attention,
+    sp_share_over_uniform,
 )
 
 __all__ = [

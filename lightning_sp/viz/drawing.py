@@ -9,11 +9,10 @@ from typing import Optional
 
 import numpy as np
 
+from lightning_sp.data.answers import normalize_answer
 from lightning_sp.data.synthetic import POSITIONS
-
 from lightning_sp.viz.geometry import SPWindow
 from lightning_sp.viz.maps import AttentionMaps
-from lightning_sp.data.answers import normalize_answer
 
 
 def overlay(

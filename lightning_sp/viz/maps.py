@@ -11,10 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-from lightning_sp.viz.geometry import denormalize, SPWindow, sp_windows, dfi_footprint, upsample_to_image
-from lightning_sp.viz.measures import named_cell, attention_on_cell, max_over_uniform, normalised_entropy, eager_forward
 from lightning_sp.data.conversation import get_template
+from lightning_sp.viz.geometry import SPWindow, denormalize, dfi_footprint, sp_windows, upsample_to_image
+from lightning_sp.viz.measures import attention_on_cell, eager_forward, max_over_uniform, named_cell, normalised_entropy
 
 
 @dataclass

@@ -13,7 +13,6 @@ import torch
 from lightning_sp.data.synthetic import POSITIONS
 from lightning_sp.thirdparty.transformers_internals import eager_attention
 
-
 CELLS = len(POSITIONS)  # synthetic scenes: a CELLS x CELLS grid of cells (lightning_sp/data/synthetic.py)
 # The whole phrase "the <name> cell": "top" is a cell name and also the start of "top left", and "left" ends it.
 _CELL_PHRASE = re.compile(
@@ -78,6 +77,14 @@ def normalised_entropy(attention) -> torch.Tensor:
     return -torch.special.xlogy(att, att).sum(-1) / math.log(att.shape[-1])
 
 
+def attention_weights(out) -> tuple[torch.Tensor, ...]:
+    """The per-layer attention weights of an LLM output run with ``output_attentions`` at eager attention; an
+    error, not a silent empty result, when the attention kernel returned none."""
+    if not out.attentions or out.attentions[0] is None:
+        raise RuntimeError("the LLM returned no attention weights although it ran with eager attention")
+    return out.attentions
+
+
 def eager_forward(model, ids: torch.Tensor, mask: torch.Tensor, pixel_values: torch.Tensor):
     """One forward at eager attention: (the LLM's per-layer attentions, ``projector.last_attention`` of the same
     forward). Only the last position's logits: the callers want attention, not logits."""
@@ -88,9 +95,7 @@ def eager_forward(model, ids: torch.Tensor, mask: torch.Tensor, pixel_values: to
         out = model.llm(
             inputs_embeds=embeds, attention_mask=mask, output_attentions=True, use_cache=False, logits_to_keep=1
         )
-    if not out.attentions or out.attentions[0] is None:
-        raise RuntimeError("the LLM returned no attention weights although it ran with eager attention")
-    return out.attentions, sp_attention
+    return attention_weights(out), sp_attention
 
 
 def last_position_attention(
@@ -138,9 +143,7 @@ def last_position_attention(
             output_attentions=True,
             logits_to_keep=1,
         )
-    if not out.attentions or out.attentions[0] is None:
-        raise RuntimeError("the LLM returned no attention weights although it ran with eager attention")
-    return tuple(a[:, :, -1] for a in out.attentions)
+    return tuple(a[:, :, -1] for a in attention_weights(out))
 
 
 def left_trimmed(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
