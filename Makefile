@@ -52,7 +52,7 @@ lint: $(STAMP) ## ruff: lint and formatting check (pyproject [tool.ruff]); `.ven
 test: $(EVAL_STAMP) ## run the test suite on CPU (nothing downloaded; installs the eval extra: lmms-eval)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-ablate: $(STAMP) ## run a study's arms x seeds (default: mlp/pooling/cropping x 2, ~1 h), write runs/ablate/<study>/results.md+csv+png: make ablate ABLATE=arms ARGS="trainer.max_steps=20"
+ablate: $(STAMP) ## run a study's arms x seeds (default: mlp/pooling/cropping x 2, ~55 min), write runs/ablate/<study>/results.md+csv+png: make ablate ABLATE=arms ARGS="trainer.max_steps=20"
 	$(PY) -m lightning_sp ablate study=$(ABLATE) $(ARGS)
 
 eval: $(STAMP) ## evaluate a run: make eval RUN=runs/pooling/<stamp> BENCH=synthetic|pope|vqa ARGS="questions=F.jsonl image_root=DIR"
