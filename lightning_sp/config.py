@@ -18,14 +18,15 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+from lightning_sp import schema as schemas
 from lightning_sp.data import locations
 from lightning_sp.data.conversation import TEMPLATES
 from lightning_sp.dtypes import dtype_named
 from lightning_sp.errors import ConfigError, InputError  # noqa: F401 (re-exported)
 from lightning_sp.global_batch import check_global_batch_config, derive_accumulation, global_batch_size
-from lightning_sp.models.llm import llm_backbone
-from lightning_sp.models.projectors import ProjectorConfigError, projector_options
-from lightning_sp.models.vision import backbone_class
+from lightning_sp.models.llm import LLM_BACKBONES, llm_backbone
+from lightning_sp.models.projectors import PROJECTORS, ProjectorConfigError, projector_options
+from lightning_sp.models.vision import VISION_BACKBONES, backbone_class
 from lightning_sp.overrides import override_key, parse_dotlist
 from lightning_sp.paths import SHIPPED
 from lightning_sp.schema import (  # noqa: F401 (re-exported: the schema is part of this module's API)
@@ -57,6 +58,21 @@ OPTIONAL_GROUPS = ("vision", "llm")
 
 def group_choices(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
     return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+
+
+def run_schema() -> DictConfig:
+    """The structured RunConfig, with the option keys that registered components declare beyond it: a projector's
+    ``Options`` (`projector.*`), a vision or LLM backbone's ``Options`` (`model.vision.*`, `model.llm.*`). So a
+    plug-in registered from outside the package brings its own keys, validated like every other."""
+    try:
+        cls = schemas.run_schema(
+            projector_options=[c.Options for c in PROJECTORS.values()],
+            vision_options=[c.Options for c in VISION_BACKBONES.values() if c.Options is not None],
+            llm_options=[c.Options for c in LLM_BACKBONES.values() if c.Options is not None],
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return OmegaConf.structured(cls)
 
 
 def _load_yaml(path: Path) -> DictConfig:
@@ -132,7 +148,7 @@ def compose(
     `a.b=value`. Group selections (`variant=pooling`) come from base.yaml's `defaults:`, then the experiment's and
     the config files' `defaults:`, then the command line."""
     conf_dir = Path(conf_dir)
-    schema = OmegaConf.structured(RunConfig)
+    schema = run_schema()
     base = _load_yaml(conf_dir / "base.yaml")
     choices = dict(base.pop("defaults", {}) or {})
     field_overrides, cli_choices, experiment = [], {}, None
@@ -428,7 +444,7 @@ def save(cfg: DictConfig, path: Path | str) -> None:
 def from_container(container: Any, source: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """A resolved config stored as plain data (a checkpoint's, a run directory's YAML), merged onto the schema,
     `overrides` (``a.b=value``) applied, validated and made read-only."""
-    schema = OmegaConf.structured(RunConfig)
+    schema = run_schema()
     cfg = _merge(schema, container, schema, source)
     if overrides:
         cfg = _merge(cfg, parse_dotlist(overrides, "overrides"), schema, "overrides")

@@ -7,6 +7,9 @@ pulling in composition, which itself imports the component registries it validat
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -218,3 +221,60 @@ class RunConfig:
     # Resume (not warm start): "auto" continues from <run_dir>/checkpoints/last.ckpt when it exists (fresh start
     # otherwise), a path continues from that checkpoint: weights, optimizer, schedule and step. Needs run_dir.
     resume: Optional[str] = None
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def with_component_fields(section: type, components: Iterable[type], where: str) -> type:
+    """`section` (a schema dataclass) extended by the fields that components declare in their own options
+    dataclasses beyond it: a plug-in's new keys (a projector's ``Options``, a vision or LLM backbone's ``Options``)
+    become config keys with their defaults, type-checked like the rest. A field that is already a key must keep its
+    default (one key, one meaning); every field needs a default. Returns `section` itself when nothing is new."""
+    known = {f.name: (_default(f), section.__name__) for f in dataclasses.fields(section)}
+    new = []
+    for component in components:
+        hints = typing.get_type_hints(component)  # resolved here: the new class lives in another module
+        for f in dataclasses.fields(component):
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(
+                    f"{component.__qualname__}.{f.name} has no default: every {where}.* key a component declares "
+                    "needs one (the config schema gives each key a value)"
+                )
+            if f.name in known:
+                default, owner = known[f.name]
+                if _default(f) != default:
+                    raise ValueError(
+                        f"{where}.{f.name}: {component.__qualname__} declares default {_default(f)!r}, but "
+                        f"{owner} already declares it with default {default!r}; one key has one default (rename "
+                        "the new option)"
+                    )
+                continue
+            known[f.name] = (_default(f), component.__qualname__)
+            new.append((f.name, hints[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory)))
+    if not new:
+        return section
+    return dataclasses.make_dataclass(section.__name__, new, bases=(section,))
+
+
+def run_schema(
+    projector_options: Iterable[type] = (), vision_options: Iterable[type] = (), llm_options: Iterable[type] = ()
+) -> type:
+    """RunConfig with the `projector.*`, `model.vision.*` and `model.llm.*` keys that the given components' options
+    dataclasses declare beyond it (config.run_schema passes the registered ones)."""
+    projector = with_component_fields(ProjectorConfig, projector_options, "projector")
+    vision = with_component_fields(VisionConfig, vision_options, "model.vision")
+    llm = with_component_fields(LLMConfig, llm_options, "model.llm")
+    if (projector, vision, llm) == (ProjectorConfig, VisionConfig, LLMConfig):
+        return RunConfig
+
+    def section(name: str, cls: type) -> tuple[str, type, dataclasses.Field]:
+        return name, cls, dataclasses.field(default_factory=cls)
+
+    model = dataclasses.make_dataclass(
+        "ModelConfig", [section("vision", vision), section("llm", llm)], bases=(ModelConfig,)
+    )
+    return dataclasses.make_dataclass(
+        "RunConfig", [section("model", model), section("projector", projector)], bases=(RunConfig,)
+    )

@@ -214,7 +214,8 @@ def test_a_projector_override_the_arm_does_not_read_is_reported(caplog):
 @pytest.fixture
 def row_tokens():
     """An arm written outside the package: one SP token per patch-grid row (the row's mean feature through its own
-    W_s), before W_p's patch tokens; it declares one option of its own kind (head_bias)."""
+    W_s, scaled by a key of its own, `projector.row_scale`), before W_p's patch tokens; it also reads a shared key
+    (head_bias)."""
     from dataclasses import dataclass
     from typing import Optional
 
@@ -224,20 +225,21 @@ def row_tokens():
     @dataclass(frozen=True)
     class RowOptions(ProjectorOptions):
         head_bias: Optional[bool] = None
+        row_scale: float = 1.0  # a key no shipped arm has
 
     class RowTokens(Projector):
         Options = RowOptions
 
         def __init__(self, opts, vision_width, llm_width, grid):
             super().__init__()
-            self.grid = grid
+            self.grid, self.row_scale = grid, opts.row_scale
             self.layout = TokenLayout(num_sp_tokens=grid, patch_grid=(grid, grid))
             self.row_head = nn.Linear(vision_width, llm_width, bias=bool(opts.head_bias))
             self.patch_head = patch_head(vision_width, llm_width)
 
         def forward(self, patches):
             rows = patches.unflatten(1, (self.grid, self.grid)).mean(2)  # (B, G, C)
-            return torch.cat([self.row_head(rows), self.patch_head(patches)], dim=1)
+            return torch.cat([self.row_scale * self.row_head(rows), self.patch_head(patches)], dim=1)
 
     register("test_row_tokens")(RowTokens)
     yield RowTokens
@@ -255,13 +257,55 @@ def test_a_projector_added_from_outside_is_one_class_and_one_yaml(row_tokens, tm
     from lightning_sp.train import train
 
     preset = tmp_path / "row_tokens.yaml"
-    preset.write_text("projector: {name: test_row_tokens, head_bias: true}\n")
+    preset.write_text("projector: {name: test_row_tokens, head_bias: true, row_scale: 0.5}\n")
     cfg = compose([*NARROW, *few_step_fit(tmp_path)], config_files=[str(preset)])
     metrics = train(cfg)
     assert math.isfinite(metrics["val/loss"]) and metrics["global_step"] == 3
     module = LlavaSPModule(cfg, tokenizer)
     projector = module.model.projector
     assert isinstance(projector, row_tokens) and projector.row_head.bias is not None
+    assert cfg.projector.row_scale == 0.5 and projector.row_scale == 0.5  # its own key reached it
     assert module.model.num_visual_tokens == 12 + 144  # 12 row tokens + the 12x12 patch grid
     trained = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert any("row_head" in k for k in trained)  # its own parameters train and are saved
+
+
+def test_a_plug_ins_own_key_is_a_config_key_only_while_it_is_registered(row_tokens):
+    from lightning_sp.config import ConfigError, compose
+
+    cfg = compose(["variant=mlp", "projector.name=test_row_tokens", "projector.row_scale=0.25"])
+    assert cfg.projector.row_scale == 0.25
+    with pytest.raises(ConfigError, match="bad value for config key 'projector.row_scale'"):
+        compose(["projector.name=test_row_tokens", "projector.row_scale=many"])  # typed like every key
+    PROJECTORS.pop("test_row_tokens")
+    try:
+        with pytest.raises(ConfigError, match="unknown config key 'projector.row_scale'"):
+            compose(["projector.row_scale=0.25"])
+    finally:
+        PROJECTORS["test_row_tokens"] = row_tokens
+
+
+def test_a_plug_in_may_not_redefine_a_keys_default_or_leave_one_out():
+    from dataclasses import dataclass
+
+    from lightning_sp.config import ConfigError, compose
+    from lightning_sp.models.projectors import Projector, ProjectorOptions, register
+
+    @dataclass(frozen=True)
+    class WideOptions(ProjectorOptions):
+        sp_width: int = 1024  # the shipped arms' key, another default
+
+    @dataclass(frozen=True)
+    class BareOptions(ProjectorOptions):
+        gain: float  # no default
+
+    for name, options, message in (
+        ("test_wide", WideOptions, "projector.sp_width: .*WideOptions declares default 1024, but .* default 512"),
+        ("test_bare", BareOptions, "BareOptions.gain has no default"),
+    ):
+        register(name)(type(name, (Projector,), {"Options": options}))
+        try:
+            with pytest.raises(ConfigError, match=message):
+                compose(["variant=mlp"])
+        finally:
+            PROJECTORS.pop(name)

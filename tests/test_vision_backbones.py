@@ -4,6 +4,7 @@ with every projector their grid supports, and a backbone added from outside the 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -182,8 +183,16 @@ def test_hf_export_refuses_a_backbone_without_a_transformers_class(tokenizer, on
         module.model.vision.hf_vision_config()
 
 
+@dataclass
+class ConvStemOptions:
+    stem_bias: bool = True  # a model.vision key no shipped backbone has
+
+
 class ConvStem(VisionBackbone):
-    """A backbone written outside the package: one strided convolution, a patch per output pixel."""
+    """A backbone written outside the package: one strided convolution, a patch per output pixel; its bias is a
+    key of its own (`model.vision.stem_bias`)."""
+
+    Options = ConvStemOptions
 
     @classmethod
     def image_stats(cls, cfg):
@@ -192,7 +201,7 @@ class ConvStem(VisionBackbone):
     @classmethod
     def from_config(cls, cfg):
         with seeded(cfg.init_seed):
-            conv = nn.Conv2d(3, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+            conv = nn.Conv2d(3, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, bias=cfg.stem_bias)
         tower = cls(conv, cfg.select_layer)
         tower._image_size = cfg.image_size
         return tower
@@ -221,7 +230,7 @@ def test_a_backbone_added_from_outside_is_one_class_and_one_yaml(conv_stem, tmp_
     preset = tmp_path / "conv_stem.yaml"
     preset.write_text(
         "model:\n  vision: {backbone: test_conv_stem, name_or_path: null, image_size: 224, "
-        "patch_size: 16, hidden_size: 48}\n"
+        "patch_size: 16, hidden_size: 48, stem_bias: false}\n"
     )
     cfg = compose(
         [
@@ -235,4 +244,5 @@ def test_a_backbone_added_from_outside_is_one_class_and_one_yaml(conv_stem, tmp_
     assert math.isfinite(metrics["val/loss"])
     module = LlavaSPModule(cfg, tokenizer)
     assert isinstance(module.model.vision, ConvStem) and module.model.vision.grid == 14
+    assert module.model.vision.model.bias is None  # its own key reached it
     assert module.model.projector.layout.patch_grid == (14, 14)

@@ -4,10 +4,13 @@ A backbone names an LLM family as LLaVA-style training meets it: its conversatio
 template; the align stage is always ``plain``), the HF config class its random-init tiny form is built from, and the
 LoRA target modules it defaults to. Pretrained weights load with ``AutoModelForCausalLM`` whatever the family; the
 tokenizer (``model.tokenizer``) must be the LLM's own, whose eos is the format's end-of-turn token (checked).
-A new family is one subclass registered under an exact name plus one YAML (``conf/llm/``).
+A new family is one subclass registered under an exact name plus one YAML (``conf/llm/``); a family with a format of
+its own registers it with :func:`lightning_sp.data.conversation.register_template`.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel, Qwen2Config
@@ -24,7 +27,11 @@ class LLMBackbone:
     """What the rest of the code asks of an LLM family. Subclasses set the class attributes."""
 
     registry_name: str = ""
-    chat_format: str = ""  # a key of lightning_sp.data.conversation.TEMPLATES
+    # A name in lightning_sp.data.conversation.TEMPLATES; a new format is registered there with register_template.
+    chat_format: str = ""
+    # A dataclass of `model.llm.*` keys this family reads beyond the shared ones (each with its default): the config
+    # schema gains them (config.run_schema). None: the shared keys suffice.
+    Options: Optional[type] = None
     config_class: type[PretrainedConfig] = LlamaConfig
     lora_targets: tuple[str, ...] = LLAMA_PROJECTIONS
 

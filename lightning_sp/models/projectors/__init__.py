@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+# Importing the arms' modules registers them (each imports base.py and the arms it builds on, never this module).
+from lightning_sp.models.projectors import mlp, spatial, baselines, official_arms  # noqa: F401 (registration order)
 from lightning_sp.models.projectors.base import (
+    PROJECTORS,
     Projector,
     ProjectorConfigError,
     ProjectorOptions,
     SpatialOptions,
     TokenLayout,
+    register,
 )
-from lightning_sp.registry import Registry
-
-PROJECTORS: Registry[type[Projector]] = Registry("projector", "projector.name", Projector)
-register = PROJECTORS.register
 
 
 def projector_options(cfg) -> tuple[type[Projector], ProjectorOptions]:
@@ -28,11 +28,6 @@ def build_projector(cfg, vision_width: int, llm_width: int, grid: int) -> Projec
     cls.check_config(options, grid)
     return cls(options, vision_width=vision_width, llm_width=llm_width, grid=grid)
 
-
-# Importing the modules registers them.
-from lightning_sp.models.projectors import mlp, spatial  # noqa: E402,F401
-from lightning_sp.models.projectors import baselines  # noqa: E402,F401  (ablation arms; after spatial)
-from lightning_sp.models.projectors import official_arms  # noqa: E402,F401  (the official code's own arms)
 
 __all__ = [
     "PROJECTORS",

@@ -1,4 +1,5 @@
-"""What every projector promises: a token layout and a (B, N, C) -> (B, T, H) forward."""
+"""What every projector promises (a token layout and a (B, N, C) -> (B, T, H) forward), and the registry that
+names them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import ClassVar, Optional
 
 import torch
 from torch import nn
+
+from lightning_sp.registry import Registry
 
 
 class ProjectorConfigError(ValueError):
@@ -100,3 +103,7 @@ class Projector(nn.Module):
         other projector parameter at `optim.lr_projector`. Declared here by the projector, never guessed from
         parameter names. Default: none."""
         return []
+
+
+PROJECTORS: Registry[type[Projector]] = Registry("projector", "projector.name", Projector)
+register = PROJECTORS.register

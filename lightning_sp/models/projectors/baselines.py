@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_sp.models.projectors import register
-from lightning_sp.models.projectors.base import Projector, ProjectorConfigError, SpatialOptions, TokenLayout
+from lightning_sp.models.projectors.base import Projector, ProjectorConfigError, SpatialOptions, TokenLayout, register
 from lightning_sp.models.projectors.mlp import patch_head
 from lightning_sp.models.projectors.spatial import (
     DFI_STRIDE,

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_sp.models.projectors import register
-from lightning_sp.models.projectors.base import Projector, TokenLayout
+from lightning_sp.models.projectors.base import Projector, TokenLayout, register
 
 
 def patch_head(vision_width: int, llm_width: int) -> nn.Sequential:

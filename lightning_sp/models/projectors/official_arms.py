@@ -24,8 +24,7 @@ import warnings
 import torch
 from torch import nn
 
-from lightning_sp.models.projectors import register
-from lightning_sp.models.projectors.base import ProjectorConfigError
+from lightning_sp.models.projectors.base import ProjectorConfigError, register
 from lightning_sp.models.projectors.spatial import PAPER_GRID, CroppingProjector, SpatialWindows, scaled_sides
 
 TRANSFORMER_LAYERS = 4  # encoder and decoder each, as released

@@ -11,6 +11,8 @@ assumed to be CLIP:
 - ``hidden_size`` / ``image_size`` / ``patch_size`` / ``grid``: from the built encoder, never from constants;
 - ``fsdp_blocks()``: its repeated blocks, each an FSDP unit;
 - ``hf_vision_config()``: the transformers vision config an HF export writes (only backbones an HF class can load).
+- ``Options`` (optional): a dataclass of the ``model.vision.*`` keys it reads beyond the shared ones, with defaults;
+  they become config keys like any other.
 
 A new backbone is one subclass registered under an exact name (``@register_vision("name")``) and one YAML that sets
 ``model.vision.backbone: name`` (a ``vision=`` preset in ``conf/vision/`` or any ``--config`` file); tests/
@@ -18,6 +20,8 @@ test_vision_backbones.py adds one from outside the package and trains it.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -30,6 +34,9 @@ class VisionBackbone(nn.Module):
     """Frozen image encoder; subclasses set ``model`` and ``select_layer`` and implement the abstract parts."""
 
     registry_name: str = ""
+    # A dataclass of `model.vision.*` keys this backbone reads beyond the shared ones (each with its default): the
+    # config schema gains them (config.run_schema). None: the shared keys suffice.
+    Options: Optional[type] = None
     stats: ImageStats  # (mean, std) of its input normalisation; set by build_vision from image_stats(cfg)
 
     def __init__(self, model: nn.Module, select_layer: int) -> None:
