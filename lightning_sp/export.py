@@ -17,7 +17,11 @@ The saved tokenizer pads on the LEFT (batched generation), returns input_ids and
 token_type_ids, which `generate` would refuse), and the processor and tokenizer carry the run's conversation template
 (vicuna_v1) as a Jinja chat template: `processor.apply_chat_template(messages, add_generation_prompt=True)` renders
 exactly the prompt the model was trained and is evaluated with (system prompt, `USER: <image>\\n...`, `ASSISTANT:`;
-the processor adds BOS when it tokenizes, as for llava-hf's templates).
+the processor adds BOS when it tokenizes, as for llava-hf's templates). Where one tokenizer pass over a prompt is not
+LLaVA's piece-by-piece `tokenizer_image_token` (Llama SentencePiece with `legacy: false`, Vicuna v1.5's), the
+processor is `LlavaSPProcessor` (lightning_sp/hf_remote/processing_llava_sp.py, copied next to the weights and mapped
+in processor_config.json's `auto_map`): `AutoProcessor.from_pretrained(dir, trust_remote_code=True)`, for the mlp
+export too; otherwise it is transformers' LlavaProcessor.
 
 Options (key=value): ckpt, out, dtype (float32 | bfloat16 | float16; default the run's model.llm.dtype),
 max_shard_size; dotted keys (model.llm.name_or_path=...) override the run's config before the model is built.
@@ -40,11 +44,12 @@ import torch
 from omegaconf import MISSING
 
 from lightning_sp.config import ConfigError, parse_command_options
-from lightning_sp.data.conversation import MarkupTemplate, get_template
+from lightning_sp.data.conversation import MarkupTemplate, get_template, one_pass_exact
 from lightning_sp.data.tokenizer import IMAGE_TOKEN
 from lightning_sp.dtypes import dtype_named
 from lightning_sp.hf_remote.configuration_llava_sp import LlavaSPConfig
 from lightning_sp.hf_remote.modeling_llava_sp import LlavaSPForConditionalGeneration
+from lightning_sp.hf_remote.processing_llava_sp import LlavaSPProcessor
 from lightning_sp.module import load_module
 
 log = logging.getLogger(__name__)
@@ -134,7 +139,12 @@ def _client_tokenizer(tokenizer, template: str):
 
 def _processor(tokenizer, image_size: int, patch_size: int, extra_tokens: int, stats):
     """LlavaProcessor whose `<image>` expands to grid**2 + extra_tokens placeholders (CLS counted, then dropped);
-    `stats`: the encoder's (mean, std)."""
+    `stats`: the encoder's (mean, std).
+
+    Where one tokenizer pass over a prompt is not LLaVA's piece-by-piece `tokenizer_image_token` (Llama
+    SentencePiece tokenizers saved with `legacy: false`, as Vicuna v1.5's: no dummy-prefix "▁" after `<image>` in one
+    pass), LlavaProcessor would hand the model prompts a token off training's: the processor is then
+    `LlavaSPProcessor` (lightning_sp/hf_remote, tokenises piece by piece), saved as remote code for AutoProcessor."""
     from transformers import LlavaImageProcessor, LlavaProcessor
 
     mean, std = stats
@@ -146,7 +156,8 @@ def _processor(tokenizer, image_size: int, patch_size: int, extra_tokens: int, s
         image_std=list(std),
         resample=3,  # PIL bicubic
     )
-    return LlavaProcessor(
+    exact = one_pass_exact(tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    return (LlavaProcessor if exact else LlavaSPProcessor)(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=patch_size,
@@ -291,6 +302,16 @@ def export_hf(
         model.projector.layout.num_sp_tokens,
         model.vision.stats,
     )
+    if isinstance(processor, LlavaSPProcessor):
+        # Copies processing_llava_sp.py next to the weights and maps it in processor_config.json's `auto_map`; the
+        # configs name `LlavaSPProcessor`, which transformers does not know, so AutoProcessor without
+        # trust_remote_code=True refuses to load (rather than falling back to LlavaProcessor's one-pass ids).
+        LlavaSPProcessor.register_for_auto_class("AutoProcessor")
+        log.warning(
+            "the run's tokenizer tokenises text after <image> differently in one pass (legacy=False SentencePiece): "
+            "the export's processor is remote code; load it with AutoProcessor.from_pretrained(dir, "
+            "trust_remote_code=True)"
+        )
     processor.save_pretrained(out)  # also writes the tokenizer
     log.info("exported %s as %s (%s) to %s", ckpt, kind, dtype_name, out)
     return out

@@ -19,6 +19,7 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     LlavaForConditionalGeneration,
+    LlavaProcessor,
     PreTrainedTokenizerFast,
 )
 
@@ -28,7 +29,8 @@ from lightning_sp.cli import main as cli_main
 from lightning_sp.config import ConfigError
 from lightning_sp.data.tokenizer import load_tokenizer
 from lightning_sp.data.images import ImageProcessor
-from lightning_sp.export import export_hf
+from lightning_sp.export import _client_tokenizer, _processor, export_hf
+from lightning_sp.hf_remote.processing_llava_sp import LlavaSPProcessor
 from lightning_sp.module import LlavaSPModule
 
 SIZE = 168  # 12x12 patch grid at patch 14: small, and still six distinct SP windows
@@ -185,3 +187,58 @@ def test_cli_export_dtype_and_errors(tmp_path, tokenizer, tiny_cfg):
             trained_run(tmp_path / "x", tokenizer, tiny_cfg, "variant=conv49", "model.vision.image_size=336"),
             tmp_path / "y",
         )
+
+
+def _plain(value):
+    """Tensors and arrays as (nested) lists, lists element by element: outputs compared whatever their type."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return [_plain(v) for v in value] if isinstance(value, list) else value
+
+
+def test_remote_processor_calls_as_llava_processor_does(tokenizer):
+    """Where one pass is exact (the shipped byte-level BPE), LlavaSPProcessor's piece-by-piece encoding must be
+    transformers' LlavaProcessor's output, option for option: the real LlavaProcessor is the reference."""
+    client = _client_tokenizer(tokenizer, "vicuna_v1")
+    ours = ImageProcessor(SIZE)
+    ref = _processor(client, SIZE, 14, 0, (ours.mean, ours.std))
+    assert type(ref) is LlavaProcessor  # the export keeps the plain class for this tokenizer
+    mine = LlavaSPProcessor(
+        image_processor=ref.image_processor,
+        tokenizer=ref.tokenizer,
+        patch_size=ref.patch_size,
+        vision_feature_select_strategy=ref.vision_feature_select_strategy,
+        num_additional_image_tokens=ref.num_additional_image_tokens,
+        image_token=ref.image_token,
+        chat_template=ref.chat_template,
+    )
+    images = [Image.new("RGB", (SIZE, SIZE), (200, 10, 10))] * 3
+    texts = ["USER: <image>\nWhere? ASSISTANT:", "<image>What colour is the circle?", "USER: x <image> 2 dogs</s>y"]
+    calls = [
+        dict(),
+        dict(padding=True, return_tensors="pt"),
+        dict(padding="max_length", max_length=200, padding_side="right"),
+        dict(padding=True, pad_to_multiple_of=64, return_mm_token_type_ids=True),
+        dict(padding=True, return_offsets_mapping=True),
+        dict(truncation=True, max_length=150, padding=True),
+        dict(add_special_tokens=False, padding=True, return_attention_mask=False),
+    ]
+    for kwargs in calls:
+        want = ref(images=images, text=texts, **kwargs)
+        got = mine(images=images, text=texts, **kwargs)
+        assert sorted(got.keys()) == sorted(want.keys()), kwargs
+        for key in want:
+            assert type(got[key]) is type(want[key]) and _plain(got[key]) == _plain(want[key]), (key, kwargs)
+    assert mine(text="no image here")["input_ids"] == ref(text="no image here")["input_ids"]
+    chat = [
+        {"role": "user", "content": [{"type": "image", "image": images[0]}, {"type": "text", "text": "Where?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Top left."}]},
+    ]
+    for kwargs in (dict(), dict(return_assistant_tokens_mask=True)):
+        want = ref.apply_chat_template(chat, tokenize=True, return_dict=True, **kwargs)
+        got = mine.apply_chat_template(chat, tokenize=True, return_dict=True, **kwargs)
+        assert {k: v for k, v in got.items() if k != "pixel_values"} == {
+            k: v for k, v in want.items() if k != "pixel_values"
+        }
+    with pytest.raises(ValueError, match="return_token_type_ids"):
+        mine(images=images[0], text=texts[0], return_token_type_ids=True)

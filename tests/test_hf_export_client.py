@@ -11,19 +11,31 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import sentencepiece
 import torch
 from PIL import Image
-from transformers import AutoProcessor
+from transformers import AutoProcessor, AutoTokenizer
 
 from lightning_sp.module import load_module
 from lightning_sp.config import compose
-from lightning_sp.data.conversation import IGNORE_INDEX, encode, render_prompt
+from lightning_sp.data.conversation import IGNORE_INDEX, encode, encode_prompt, render_prompt
+from lightning_sp.data.tokenizer import IMAGE_TOKEN, load_tokenizer
 from lightning_sp.inference import Predictor, PromptBuilder, Question
 from lightning_sp.export import export_hf
 from test_export import SIZE, trained_run
+from test_llama_tokenizer_parity import (
+    SPM_SETTINGS,
+    VICUNA_RECORDS,
+    llava_eval_prompt,
+    llava_tokenizer_image_token,
+    spm_corpus,
+    to_ours,
+    vicuna_folder,
+)
 
 from conftest import TINY
 
@@ -35,9 +47,8 @@ QUESTIONS = [
 MAX_NEW_TOKENS = 6
 DTYPES = ("float32", "bfloat16")
 
-# Runs in the fresh interpreter: argv[1] = a JSON file {"export": dir, "images": [png], "questions": [...],
-# "max_new_tokens": n, "out": json path}.
-CLIENT = r"""
+# The first lines of every client script: `import lightning_sp` (or any of its modules) fails in that process.
+REFUSE_LIGHTNING_SP = r"""
 import importlib.abc, json, sys
 
 class _Refuse(importlib.abc.MetaPathFinder):
@@ -52,7 +63,13 @@ try:
     raise SystemExit("lightning_sp is importable in the client process")
 except ModuleNotFoundError:
     pass
+"""
 
+# Runs in the fresh interpreter: argv[1] = a JSON file {"export": dir, "images": [png], "questions": [...],
+# "max_new_tokens": n, "out": json path}.
+CLIENT = (
+    REFUSE_LIGHTNING_SP
+    + r"""
 import torch
 from PIL import Image
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, pipeline
@@ -104,6 +121,7 @@ if "float32" in args["dtypes"]:
 result["imported_lightning_sp"] = sorted(m for m in sys.modules if m.split(".")[0] == "lightning_sp")
 json.dump(result, open(args["out"], "w"))
 """
+)
 
 
 def _images():
@@ -118,16 +136,21 @@ def run_client(tmp_path, export_dir, images, dtypes=DTYPES) -> dict:
     for i, im in enumerate(images):
         paths.append(str(tmp_path / f"image{i}.png"))
         im.save(paths[-1])
-    (tmp_path / "client.py").write_text(CLIENT)
     args = {
         "export": str(export_dir),
         "images": paths,
         "questions": QUESTIONS,
         "max_new_tokens": MAX_NEW_TOKENS,
         "dtypes": list(dtypes),
-        "out": str(tmp_path / "client.json"),
     }
-    (tmp_path / "client_args.json").write_text(json.dumps(args))
+    return _run_script(tmp_path, "client", CLIENT, args)
+
+
+def _run_script(tmp_path, name: str, script: str, args: dict) -> dict:
+    """Run `script` in a fresh interpreter outside the checkout with argv[1] = `args` as JSON; its JSON result."""
+    args = {**args, "out": str(tmp_path / f"{name}.json")}
+    (tmp_path / f"{name}.py").write_text(script)
+    (tmp_path / f"{name}_args.json").write_text(json.dumps(args))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(
         HF_HUB_OFFLINE="1",
@@ -136,18 +159,19 @@ def run_client(tmp_path, export_dir, images, dtypes=DTYPES) -> dict:
         OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
         TRANSFORMERS_VERBOSITY="error",
     )
-    work = tmp_path / "client_cwd"
+    work = tmp_path / f"{name}_cwd"
     work.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-I", str(tmp_path / "client.py"), str(tmp_path / "client_args.json")],
+        [sys.executable, "-I", str(tmp_path / f"{name}.py"), str(tmp_path / f"{name}_args.json")],
         cwd=work,
         env=env,
+        stdin=subprocess.DEVNULL,  # transformers asks on stdin whether to trust remote code: answer "no" at once
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((tmp_path / "client.json").read_text())
+    return json.loads(Path(args["out"]).read_text())
 
 
 def ours(run, images, dtype: str) -> dict:
@@ -324,3 +348,166 @@ def test_multi_turn_chat_template_and_assistant_mask(tmp_path, tokenizer, tiny_c
     )
     assert out["input_ids"] == enc.input_ids[1:]  # our ids less BOS
     assert out["assistant_masks"] == [int(label != IGNORE_INDEX) for label in enc.labels[1:]]
+
+
+# Runs in the fresh interpreter: argv[1] = a JSON file {"export": dir, "image": png, "prompts": [typed prompts],
+# "chats": [messages, an {"type": "image"} item where the image goes], "out": json path}. The processor's ids for
+# typed prompts and chats (one at a time and batched), AutoProcessor without trust_remote_code, and greedy answers
+# from generate on the chat ids and from the pipeline.
+PROCESSOR_CLIENT = (
+    REFUSE_LIGHTNING_SP
+    + r"""
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration, pipeline
+
+args = json.load(open(sys.argv[1]))
+d, prompts, chats = args["export"], args["prompts"], args["chats"]
+image = Image.open(args["image"]).convert("RGB")
+result = {}
+try:  # as a model card says it, without trust_remote_code
+    result["without_trust"] = type(AutoProcessor.from_pretrained(d)).__name__
+except ValueError as e:
+    result["without_trust"] = f"ValueError: {e}"
+processor = AutoProcessor.from_pretrained(d, trust_remote_code=True)
+result["class"] = type(processor).__module__ + "." + type(processor).__name__
+result["typed_single"] = [list(processor(images=image, text=p)["input_ids"][0]) for p in prompts]
+batch = processor(images=[image] * len(prompts), text=prompts, padding=True, return_tensors="pt")
+result["typed_batch"], result["typed_mask"] = batch["input_ids"].tolist(), batch["attention_mask"].tolist()
+
+
+def with_image(chat):
+    return [{**m, "content": [{**c, "image": image} if c["type"] == "image" else c for c in m["content"]]}
+            for m in chat]
+
+
+result["chat_text"] = [processor.apply_chat_template(c, add_generation_prompt=True) for c in chats]
+result["chat_single"] = [
+    processor.apply_chat_template(with_image(c), add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"][0] for c in chats]
+batch = processor.apply_chat_template([with_image(c) for c in chats], add_generation_prompt=True, tokenize=True,
+                                      return_dict=True, padding=True, return_tensors="pt")
+result["chat_batch"], result["chat_mask"] = batch["input_ids"].tolist(), batch["attention_mask"].tolist()
+model = LlavaForConditionalGeneration.from_pretrained(d).eval()
+result["model"] = type(model).__name__
+direct = []
+for c in chats:
+    inputs = processor.apply_chat_template(with_image(c), add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    direct.append(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+result["generated"] = direct
+pipe = pipeline("image-text-to-text", model=d, trust_remote_code=True)
+result["pipeline_processor"] = type(pipe.processor).__name__
+answers = pipe(text=[with_image(c) for c in chats], max_new_tokens=4, return_full_text=False,
+               generate_kwargs={"do_sample": False})
+result["pipeline"] = [a[0]["generated_text"] for a in answers]
+result["imported_lightning_sp"] = sorted(m for m in sys.modules if m.split(".")[0] == "lightning_sp")
+json.dump(result, open(args["out"], "w"))
+"""
+)
+
+# Prompt records of the SentencePiece parity tests (the last answer is dropped: the prompt asks for it).
+SP_RECORDS = ("numeric_single_turn", "image_multi_turn", "image_after_question_multi")
+# Typed by hand as the llava-hf model cards type them (no system prompt), and a digit right after the placeholder.
+# (Not a space: there a non-legacy fast Llama tokenizer, ours and the export's, gives " 2" as "▁2" where
+# SentencePiece itself, LLaVA's slow tokenizer, gives "▁▁2" -- a fast/slow conversion difference, not the processor's.)
+TYPED = ("USER: <image>\nWhat is shown here? ASSISTANT:", "USER: <image>2 dogs or 3? ASSISTANT:")
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    """The parity tests' small Llama-like SentencePiece model (vocabulary with "USER" but not "▁USER")."""
+    out = tmp_path_factory.mktemp("spm")
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(spm_corpus("vicuna_like")), model_prefix=str(out / "vicuna_like"), **SPM_SETTINGS
+    )
+    return out / "vicuna_like.model"
+
+
+def _messages(record):
+    """HF chat messages of a record's prompt turns: an image item first in the turn that has the placeholder."""
+    turns = record["conversations"][:-1]
+    messages = []
+    for turn in turns:
+        text = turn["value"]
+        content = [{"type": "text", "text": text.replace("<image>", "").strip()}]
+        if "<image>" in text:
+            content.insert(0, {"type": "image"})
+        messages.append({"role": "user" if turn["from"] == "human" else "assistant", "content": content})
+    return messages
+
+
+def _left_padded(rows, pad):
+    width = max(len(r) for r in rows)
+    return [[pad] * (width - len(r)) + r for r in rows], [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["nonlegacy", "legacy"])
+def sp_client(request, spm_model, tmp_path_factory):
+    """A Vicuna-like SentencePiece folder (`legacy` false as Vicuna v1.5's, or true), an mlp run on it, its export,
+    and what a process without lightning_sp gets from the exported processor."""
+    legacy = request.param
+    folder = vicuna_folder(tmp_path_factory.mktemp("tok"), spm_model, legacy, "LlamaTokenizer")
+    tok = load_tokenizer(folder)
+    assert tok.legacy is legacy
+    tmp = tmp_path_factory.mktemp(f"sp-legacy-{legacy}")
+    torch.manual_seed(0)
+    run = trained_run(tmp, tok, lambda *o: compose([*TINY, *o]), "variant=mlp", f"model.tokenizer={folder}")
+    out = export_hf(run, tmp / "hf")
+    image = tmp / "image.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(image)
+    records = [VICUNA_RECORDS[name] for name in SP_RECORDS]
+    args = {
+        "export": str(out),
+        "image": str(image),
+        "prompts": [render_prompt(r, "vicuna_v1") for r in records] + list(TYPED),
+        "chats": [_messages(r) for r in records],
+    }
+    seen = _run_script(tmp_path_factory.mktemp("sp-client"), "processor_client", PROCESSOR_CLIENT, args)
+    # LLaVA's side, independently: its tokenizer_image_token on the slow SentencePiece tokenizer, as train.py loads it.
+    llava = AutoTokenizer.from_pretrained(str(folder), use_fast=False)
+    return legacy, tok, llava, records, args, seen, out
+
+
+def test_exported_processor_gives_llava_prompt_ids(sp_client):
+    """Typed prompts and apply_chat_template, one at a time and batched (left padding), give exactly the ids LLaVA
+    tokenizes the prompt to (= encode_prompt's) with the placeholder expanded, for both legacy settings."""
+    legacy, tok, llava, records, args, seen, _ = sp_client
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    n = (SIZE // 14) ** 2  # the mlp model's visual tokens: the patch grid, CLS dropped
+
+    def expanded(ids):
+        return [t for i in ids for t in ([i] * n if i == image_id else [i])]
+
+    prompts = [encode_prompt(r, tok, "vicuna_v1") for r in records]
+    for record, ids, text in zip(records, prompts, args["prompts"]):
+        assert ids == to_ours(llava_eval_prompt(record, llava), image_id)  # the encoder is LLaVA's
+        assert ids == to_ours(llava_tokenizer_image_token(text, llava), image_id)
+    typed = [to_ours(llava_tokenizer_image_token(p, llava), image_id) for p in TYPED]
+    want = [expanded(ids) for ids in prompts + typed]
+    assert seen["typed_single"] == want
+    assert (seen["typed_batch"], seen["typed_mask"]) == _left_padded(want, tok.pad_token_id)
+    assert seen["chat_text"] == args["prompts"][: len(records)]
+    assert seen["chat_single"] == want[: len(records)]
+    assert (seen["chat_batch"], seen["chat_mask"]) == _left_padded(want[: len(records)], tok.pad_token_id)
+    assert seen["model"] == "LlavaForConditionalGeneration" and seen["imported_lightning_sp"] == []
+    # pipeline(..., trust_remote_code=True) builds the same processor, so its answers are generate's on these ids.
+    assert seen["pipeline_processor"] == seen["class"].rsplit(".", 1)[1]
+    assert seen["pipeline"] == seen["generated"]
+
+
+def test_exported_processor_is_remote_code_only_where_needed(sp_client):
+    """legacy: plain LlavaProcessor (one pass is exact), nothing to trust. Non-legacy: the remote LlavaSPProcessor,
+    and AutoProcessor without trust_remote_code refuses to load rather than give one-pass ids."""
+    legacy, _, _, _, _, seen, out = sp_client
+    config = json.loads((out / "processor_config.json").read_text())
+    if legacy:
+        assert seen["class"] == "transformers.models.llava.processing_llava.LlavaProcessor"
+        assert seen["without_trust"] == "LlavaProcessor"
+        assert "auto_map" not in config and not (out / "processing_llava_sp.py").exists()
+    else:
+        assert seen["class"].startswith("transformers_modules.")
+        assert seen["class"].endswith(".processing_llava_sp.LlavaSPProcessor")
+        assert seen["without_trust"].startswith("ValueError") and "trust_remote_code=True" in seen["without_trust"]
+        assert config["auto_map"] == {"AutoProcessor": "processing_llava_sp.LlavaSPProcessor"}
+    assert "auto_map" not in json.loads((out / "config.json").read_text())  # the model stays plain transformers
