@@ -152,6 +152,27 @@ _OPTION_HELP = {
 }
 
 
+# What each command's key=value arguments are. Only the commands that compose a config take group selections and
+# experiment=; eval/export/generate work on a trained run whose checkpoint fixes the model, and refuse them
+# (config.parse_command_options).
+_COMPOSE_HELP = "group=name (variant=pooling), experiment=NAME (conf/experiment/NAME.yaml) or key=value (seed=3)"
+_RUN_CONFIG_HELP = (
+    "dotted keys (model.llm.dtype=bfloat16) override the run's stored config; no group=name or experiment="
+)
+_OVERRIDES_HELP = {
+    "train": _COMPOSE_HELP,
+    "config": _COMPOSE_HELP,
+    "prepare-data": _COMPOSE_HELP,
+    "ablate": "study options (study=default, seeds=[0,1], arms=[mlp,pooling], root=DIR, isolate=auto|true|false), "
+    "then key=value overrides for every arm (trainer.max_steps=20; not seed= or run_dir=, which the study sets)",
+    "eval": "ckpt=<run or .ckpt> benchmark=pope|vqa|synthetic and the options below (questions=F, image_root=DIR, "
+    "...); " + _RUN_CONFIG_HELP,
+    "export": "ckpt=<run or .ckpt> out=DIR and the options below (dtype=bfloat16, ...); " + _RUN_CONFIG_HELP,
+    "generate": 'ckpt=<run, .ckpt or HF export> image=PATH [question="..."] and the options below '
+    "(max_new_tokens=64, ...); no config overrides, no group=name or experiment=",
+}
+
+
 class _HelpWithOptions(argparse.Action):
     """-h/--help that appends the command's options (options_help.py), built only when help is asked for."""
 
@@ -188,11 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
             options=_OPTION_HELP.get(name),
             help="show this command's options with their defaults and meanings, then exit",
         )
-        p.add_argument(
-            "overrides",
-            nargs="*",
-            help="group=name (variant=pooling), experiment=NAME (conf/experiment/NAME.yaml) or key=value (seed=3)",
-        )
+        p.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP[name])
         if name in ("train", "config", "prepare-data"):
             p.add_argument(
                 "--config",

@@ -11,6 +11,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from lightning_sp.config import ConfigError
+from lightning_sp.data import locations
 from lightning_sp.data.conversation import reference_answer
 from lightning_sp.data.prepare import ensure_synthetic
 from lightning_sp.data.shards import load_index
@@ -120,8 +121,6 @@ def load_question_file(
 
 def synthetic_questions(cfg: DictConfig) -> list[Question]:
     """The run's validation shards (generated first when the config's synthetic data is missing)."""
-    import webdataset as wds
-
     if cfg.data.val_dir is None:
         raise ConfigError(
             "benchmark=synthetic evaluates data.val_dir, which this run's config leaves unset; "
@@ -129,10 +128,9 @@ def synthetic_questions(cfg: DictConfig) -> list[Question]:
         )
     if cfg.data.synthetic is not None:
         ensure_synthetic(cfg.data, image_size=cfg.model.vision.image_size)
-    val_dir = Path(cfg.data.val_dir)
+    val_dir = locations.normalise(cfg.data.val_dir)  # a directory or a URL, as training reads it
     index = load_index(val_dir)
-    urls = [str(val_dir / s["name"]) for s in index["shards"] if s["samples"] > 0]
-    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+    dataset = locations.ShardDataset([locations.join(val_dir, s["name"]) for s in index["shards"] if s["samples"] > 0])
     questions = []
     for sample in dataset:
         record = json.loads(sample["json"])

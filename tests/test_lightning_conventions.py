@@ -22,7 +22,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def fit_record():
+    """What trained_run's fit really did: its training batches' shapes and attention-mask sums, the wall time of
+    the whole `train` call."""
+    return {"batches": [], "wall_s": None}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, fit_record):
+    import time
+
     from lightning_sp.config import compose
     from conftest import TINY
 
@@ -40,10 +49,20 @@ def trained_run(tmp_path_factory):
             f"run_dir={root / 'run'}",
         ]
     )
-    with warnings.catch_warnings(record=True) as caught:
+    original = LlavaSPModule.training_step
+
+    def recorded(self, batch, batch_idx):
+        mask = batch["attention_mask"]
+        fit_record["batches"].append((batch["input_ids"].shape[0], batch["input_ids"].numel(), int(mask.sum())))
+        return original(self, batch, batch_idx)
+
+    with warnings.catch_warnings(record=True) as caught, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LlavaSPModule, "training_step", recorded)
         warnings.simplefilter("always")
         filters_before = list(warnings.filters)
+        started = time.perf_counter()
         metrics = train(cfg)
+        fit_record["wall_s"] = time.perf_counter() - started
         filters_after = list(warnings.filters)
     return root / "run", metrics, caught, (filters_before, filters_after)
 
@@ -140,6 +159,51 @@ def test_last_holds_the_final_steps_after_the_last_validation(tmp_path):
     assert _step(tmp_path / "last.ckpt") == 5 and _step(tmp_path / "step000004.ckpt") == 4
 
 
+@pytest.mark.slow
+def test_a_run_without_validation_keeps_the_newest_and_links_last_to_it(tmp_path):
+    """No validation (trainer.limit_val_batches=0): ModelCheckpoint saves every val_check_interval steps, keeps the
+    newest save_top_k by step, and last.ckpt is a link to the newest kept file, not a second copy of its bytes."""
+    from lightning_sp.config import compose
+    from conftest import TINY
+
+    train(
+        compose(
+            [
+                *TINY,
+                *small_data(tmp_path / "data"),
+                "trainer.max_steps=4",
+                "trainer.val_check_interval=2",
+                "trainer.limit_val_batches=0",
+                "trainer.enable_progress_bar=false",
+                "viz.enabled=false",
+                f"run_dir={tmp_path / 'run'}",
+            ]
+        )
+    )
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step000004.ckpt"]  # step 2 dropped (top 1)
+    last = ckpts / "last.ckpt"
+    assert last.is_symlink() and os.path.samefile(last, ckpts / "step000004.ckpt")
+    assert _step(last) == 4
+
+
+def test_without_validation_last_holds_the_final_steps_after_the_last_save(tmp_path):
+    """max_steps not a multiple of the interval: the newest by step is kept (step 4, not 2), and last.ckpt is the
+    final step's own file, never a link back to the older step-4 state."""
+    callback = BestAndLastCheckpoint(tmp_path, save_top_k=1, validates=False, every_n_train_steps=2)
+    L.Trainer(
+        max_steps=5,
+        limit_val_batches=0,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(BoringModel())
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["last.ckpt", "step000004.ckpt"]
+    assert not (tmp_path / "last.ckpt").is_symlink() and _step(tmp_path / "last.ckpt") == 5
+    assert _step(tmp_path / "step000004.ckpt") == 4
+
+
 def test_fit_leaves_the_callers_warning_filters_and_hides_no_resume_warning(trained_run):
     _, _, caught, (before, after) = trained_run
     assert before == after
@@ -163,7 +227,7 @@ def test_importing_the_package_changes_no_warning_filter():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_logs_learning_rate_per_group_throughput_without_padding_and_grad_norm(trained_run):
+def test_logs_learning_rate_per_group_throughput_without_padding_and_grad_norm(trained_run, fit_record):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir, metrics, _, _ = trained_run
@@ -171,10 +235,29 @@ def test_logs_learning_rate_per_group_throughput_without_padding_and_grad_norm(t
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"lr-AdamW/projector", "lr-AdamW/sp_conv", "lr-AdamW/lora", "train/grad_norm"} <= tags, tags
-    # The fit's average in metrics.json: real tokens only, so fewer per sample than the padded batch holds.
-    assert 0 < metrics["fit_tokens_per_sec"] and 0 < metrics["fit_samples_per_sec"]
     grad_norms = [e.value for e in acc.Scalars("train/grad_norm")]
     assert grad_norms and all(v > 0 for v in grad_norms)
+
+    batches = fit_record["batches"]  # (samples, padded tokens, attention-mask sum) of each training batch
+    assert len(batches) == 4 and all(size == 4 for size, _, _ in batches)
+    samples, padded, real = (sum(b[i] for b in batches) for i in range(3))
+    assert 0 < real < padded  # the batches do carry padding, so counting it would show
+    # The fit's averages in metrics.json are the fit's totals over its own time: the samples trained and the tokens
+    # of the attention masks (not the padded size), divided by a fit time inside the wall time of train().
+    fit_s = metrics["fit_time_s"]
+    assert 0 < fit_s <= fit_record["wall_s"]
+    assert metrics["fit_samples_per_sec"] * fit_s == pytest.approx(samples, rel=1e-9)
+    assert metrics["fit_tokens_per_sec"] * fit_s == pytest.approx(real, rel=1e-9)
+    # Lightning's ThroughputMonitor (a window of 2 timestamps at log_every_n_steps=1: each rate covers the newest
+    # batch alone) divides the same elapsed time into samples and items, so items / samples is that batch's real
+    # tokens per sample -- the padded width would give padded / size instead.
+    per_sample = [
+        v.value / s.value
+        for v, s in zip(acc.Scalars("train/device/items_per_sec"), acc.Scalars("train/device/samples_per_sec"))
+    ]
+    expected = [r / size for size, _, r in batches]
+    assert per_sample and per_sample == pytest.approx(expected[-len(per_sample) :], rel=1e-5), (per_sample, expected)
+    assert all(p < n / size for p, (size, n, _) in zip(per_sample, batches[-len(per_sample) :]))
 
 
 @pytest.mark.parametrize("content", [os.urandom(4000), b"PK\x03\x04 cut short", b""])

@@ -2,6 +2,7 @@
 pretrained tiny encoder are package data, and a tiny training run needs nothing from the checkout."""
 
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -86,6 +87,31 @@ def test_config_from_outside_the_checkout(installed, tmp_path):
     done = run_installed(target, tmp_path, "config", "variant=cropping")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "name: cropping" in done.stdout and "tokenizer: data/tokenizer" in done.stdout
+
+
+def imported_package_files(stderr: str) -> set[str]:
+    """The lightning_sp source files a `PYTHONVERBOSE=1` interpreter reported importing (its `# code object from`
+    / `# ... matches` lines on stderr)."""
+    return set(re.findall(r"(/[^\s'\"]*?/lightning_sp/[^\s'\"]*?\.py)\b", stderr))
+
+
+@pytest.mark.parametrize("entry", ["python -m lightning_sp", "lightning-sp"])
+def test_the_installed_entry_points_run_from_outside_the_checkout(installed, tmp_path, entry):
+    """The two ways a user starts the installed package, as they would: the module entry (`__main__`) and the
+    console script pip wrote for `[project.scripts]`. No guard script can run inside them, so the interpreter's own
+    import trace (PYTHONVERBOSE) shows which copy answered: every lightning_sp file it loaded is the wheel's."""
+    _, target = installed
+    script = target / "bin" / "lightning-sp"
+    command = [sys.executable, "-m", "lightning_sp"] if entry.startswith("python") else [str(script)]
+    env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1", "PYTHONVERBOSE": "1"}
+    done = subprocess.run(
+        [*command, "config", "variant=cropping"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "name: cropping" in done.stdout and "tokenizer: data/tokenizer" in done.stdout
+    loaded = imported_package_files(done.stderr)
+    assert str(target / "lightning_sp" / "cli.py") in loaded, sorted(loaded)[:10]
+    assert all(f.startswith(str(target)) for f in loaded), sorted(f for f in loaded if not f.startswith(str(target)))
 
 
 @pytest.mark.slow

@@ -26,6 +26,8 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 from webdataset.utils import pytorch_worker_info
 
+from lightning_sp.data import locations
+
 
 @dataclass
 class StreamPosition:
@@ -112,7 +114,7 @@ class TrainStream(IterableDataset):
             nonlocal unpacked
             for url in urls:
                 found = 0
-                for sample in wds.tarfile_to_samples(handler=self.handler)([{"url": url}]):
+                for sample in locations.tar_samples([{"url": url}], handler=self.handler):
                     unpacked += 1
                     found += 1
                     yield sample
