@@ -4,7 +4,7 @@ A release directory holds (docs/METHOD.md §3):
   adapter_config.json                      PEFT LoRA config (r, lora_alpha, target_modules, base_model_name_or_path)
   adapter_model.safetensors | .bin         LoRA tensors, `base_model.model.model.layers.N.<proj>.lora_{A,B}.weight`
   non_lora_trainables.bin                  SFE, DFI, W_s, W_p under PEFT names (`base_model.model.model.conv_4.1.weight`)
-  config.json (optional)                   the LLaVA config (`mm_vision_tower`, `mm_vision_select_layer`, ...)
+  config.json                              the LLaVA config (`mm_vision_tower`, `mm_vision_select_layer`, ...)
 
 `import_official` builds our full model from it plus a base LLM and a vision encoder (ids or local dirs) and writes
 one of our run directories (`config.yaml` + `checkpoints/last.ckpt`: trainable tensors + `lightning_sp_config`,
@@ -31,6 +31,8 @@ import torch
 
 from lightning_sp.checkpoint import checkpoint_config, read_checkpoint, save_module_checkpoint
 from lightning_sp.config import compose, group_choices
+from lightning_sp.constants import IMAGE_TOKEN
+from lightning_sp.data.tokenizer import load_tokenizer
 from lightning_sp.models.official import (
     VARIANTS,
     OfficialCheckpointError,
@@ -43,6 +45,7 @@ from lightning_sp.models.official import (
 )
 from lightning_sp.models.projectors import build_projector
 from lightning_sp.module import LlavaSPModule
+from lightning_sp.paths import resolve
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +145,13 @@ _LLAVA_SETTINGS = {
 }
 
 
-def check_llava_config(llava_config: dict, where: str) -> None:
+def check_llava_config(llava_config: dict, where: str, vision_depth: Optional[int] = None) -> None:
     """Refuse a release whose config.json asks for preprocessing or prompt tokens our path does not reproduce: an
-    import would load and then answer from inputs the model was not trained on. Every problem is listed."""
+    import would load and then answer from inputs the model was not trained on. Every problem is listed.
+
+    `vision_depth`: the vision tower's number of transformer layers; when given, `mm_vision_select_layer` must index
+    its hidden states (LLaVA reads `hidden_states[mm_vision_select_layer]`, depth + 1 entries: the embeddings, then
+    one per layer), else the import would write a run whose first forward fails, or read another layer."""
     problems = []
     for key, (ours, default, why) in _LLAVA_SETTINGS.items():
         value = llava_config.get(key, default)
@@ -154,11 +161,38 @@ def check_llava_config(llava_config: dict, where: str) -> None:
     layer = llava_config.get("mm_vision_select_layer", -2)
     if not isinstance(layer, int) or isinstance(layer, bool):
         problems.append(f"mm_vision_select_layer = {layer!r}; supported: an integer hidden-state index (e.g. -2)")
+    elif vision_depth is not None and not -(vision_depth + 1) <= layer <= vision_depth:
+        problems.append(
+            f"mm_vision_select_layer = {layer}; supported: a hidden-state index of the vision tower, "
+            f"{-(vision_depth + 1)}..{vision_depth} (it has {vision_depth} layers); pass the encoder the release "
+            "was trained with (--vision)"
+        )
     if problems:
         raise OfficialCheckpointError(
             f"{where}: this release was trained with settings lightning_sp does not "
             f"reproduce:\n  " + "\n  ".join(problems)
         )
+
+
+def check_vocabulary(tokenizer, llm_config, where: str) -> None:
+    """Refuse a tokenizer whose vocabulary is not the LLM's embedding table: the adapter was trained on the ids of
+    the LLM's own tokenizer, so another one feeds it other tokens (or ids past the table). `load_tokenizer` appends
+    `<image>` when the tokenizer lacks it (Vicuna's does; LLaVA-1.5 uses id -200 instead): that one id past the
+    table is allowed, as it is never looked up (models/vlm.py). Checked on the LLM's config (its `vocab_size`, the
+    rows of its embedding table), before any weight is loaded."""
+    text_config = llm_config.get_text_config() if hasattr(llm_config, "get_text_config") else llm_config
+    rows = getattr(text_config, "vocab_size", None)
+    if rows is None:
+        return  # a config that does not say; build_llm still refuses ids past the table
+    size, image_id = len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if (size == rows and image_id < rows) or (size == rows + 1 and image_id == rows):
+        return
+    raise OfficialCheckpointError(
+        f"{where} (model.tokenizer) = {tokenizer.name_or_path!r} has {size} tokens ({IMAGE_TOKEN} is id {image_id}) "
+        f"but the LLM's embedding table has {rows} rows; supported: the LLM's own tokenizer, its vocabulary exactly "
+        f"the table's rows, {IMAGE_TOKEN} one of them or the single id {rows} appended past it. Pass the tokenizer "
+        f"the release was trained with (--tokenizer, default: the --llm)"
+    )
 
 
 def _integer(value, key: str, where: str) -> int:
@@ -206,7 +240,7 @@ def import_official(
     the model config group whose settings (LLM dtype, gradient checkpointing, ...) the run config starts from;
     `overrides`: further `a.b=value` config overrides. Returns the checkpoint path (`out/checkpoints/last.ckpt`).
     """
-    from transformers import CLIPVisionConfig
+    from transformers import AutoConfig, CLIPVisionConfig
 
     if variant not in VARIANTS:
         raise OfficialCheckpointError(
@@ -214,8 +248,18 @@ def import_official(
         )
     release = read_release(lora_dir)
     where = str(lora_dir)
-    adapter_config, llava_config = release["adapter_config"], release["llava_config"] or {}
+    adapter_config, llava_config = release["adapter_config"], release["llava_config"]
     _check_adapter_config(adapter_config, f"{where}/{ADAPTER_CONFIG}")
+    if llava_config is None:
+        # Refused, not assumed: the config records the preprocessing the adapter was trained with, LLaVA's own
+        # loader (builder.load_pretrained_model) cannot load a LoRA folder without it, and for an absent
+        # image_aspect_ratio LLaVA uses 'square', not the 'pad' we reproduce.
+        raise OfficialCheckpointError(
+            f"{where}: no {LLAVA_CONFIG}, so what the release was trained with (image_aspect_ratio, "
+            f"mm_vision_select_layer, ...) is unknown; supported: a release with LLaVA's {LLAVA_CONFIG} beside the "
+            f"adapter (LLaVA's LoRA training writes it there). Copy it from the training run, or write one with "
+            f'"image_aspect_ratio": "pad" if you know the release was trained so'
+        )
     llm = llm or adapter_config.get("base_model_name_or_path")
     vision = vision or llava_config.get("mm_vision_tower")
     if not llm or not vision:
@@ -224,10 +268,8 @@ def import_official(
             f"llm={adapter_config.get('base_model_name_or_path')!r}, "
             f"vision={llava_config.get('mm_vision_tower')!r}"
         )
-    if release["llava_config"] is not None:
-        check_llava_config(llava_config, f"{where}/{LLAVA_CONFIG}")
-
     vision_config = CLIPVisionConfig.from_pretrained(vision)
+    check_llava_config(llava_config, f"{where}/{LLAVA_CONFIG}", vision_depth=vision_config.num_hidden_layers)
     grid = vision_config.image_size // vision_config.patch_size
     projector_part, rest = split_official_state_dict(release["non_lora"])
     if rest:
@@ -267,7 +309,12 @@ def import_official(
         f"projector.head_bias={'true' if variant == 'cropping' else 'false'}",
     ]
     cfg = compose([*fields, *overrides])
-    module = LlavaSPModule(cfg)  # loads the config's tokenizer
+    tok = load_tokenizer(str(resolve(cfg.model.tokenizer)))
+    llm_config = AutoConfig.from_pretrained(
+        cfg.model.llm.name_or_path, trust_remote_code=cfg.model.llm.trust_remote_code
+    )
+    check_vocabulary(tok, llm_config, f"{where}: --tokenizer")
+    module = LlavaSPModule(cfg, tok)
     llm_width = module.model.llm.config.hidden_size
     if widths.H != llm_width:
         raise OfficialCheckpointError(

@@ -181,7 +181,9 @@ class TrainerConfig:
     profiler: Optional[str] = None  # "simple", "advanced" or "pytorch": report at the end of fit
     # trainer=fsdp only: each checkpoint a directory of per-rank torch distributed checkpoint shards (model and
     # optimizer state never gathered to one rank: 7B full fine-tuning) instead of one file gathered on rank 0.
-    sharded_checkpoints: bool = False
+    # None (the default): on exactly for stage.full_llm under trainer.strategy=fsdp, whose gathered checkpoint would
+    # pass ~92 GB through rank 0 at 7B; a LoRA run keeps its small, anywhere-loadable file. Compose fills it in.
+    sharded_checkpoints: Optional[bool] = None
 
 
 @dataclass

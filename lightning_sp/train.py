@@ -23,6 +23,7 @@ from lightning_sp.callbacks.nonfinite import NonFiniteGuard
 from lightning_sp.callbacks.skip_limit import SkipLimit
 from lightning_sp.callbacks.throughput import throughput_monitor
 from lightning_sp.checkpoint import checkpoint_step, is_sharded_checkpoint
+from lightning_sp.data.checks import check_data_paths
 from lightning_sp.data.datamodule import ShardDataModule
 from lightning_sp.data.prepare import ensure_synthetic
 from lightning_sp.distributed import RankSummary, build_strategy
@@ -250,6 +251,21 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(path)
 
 
+def gathered_checkpoint_warning(cfg: DictConfig, module: LlavaSPModule) -> str | None:
+    """What a full fine-tune under FSDP without sharded checkpoints costs at every checkpoint, or None. Left null,
+    trainer.sharded_checkpoints is on exactly there (config._fill_checkpoint_default); this speaks when a user turned
+    it off."""
+    if not (cfg.stage.full_llm and cfg.trainer.strategy == "fsdp") or cfg.trainer.sharded_checkpoints:
+        return None
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return (
+        f"stage.full_llm=true under trainer.strategy=fsdp with trainer.sharded_checkpoints=false: every checkpoint "
+        f"is gathered on rank 0, {trainable / 1e9:.2f} B trainable parameters x 12 bytes (fp32 weight + AdamW's "
+        f"two fp32 moments) = {trainable * 12 / 1e9:.1f} GB through rank 0's host memory each time; set "
+        f"trainer.sharded_checkpoints=true to write per-rank shards instead (nothing gathered)"
+    )
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train one run; returns the final logged metrics (also written to `<run_dir>/metrics.json`)."""
     started = time.perf_counter()
@@ -263,9 +279,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     if cfg.data.synthetic is not None:
         ensure_synthetic(cfg.data, image_size=cfg.model.vision.image_size)
-    config_lib.check_data_paths(cfg)  # missing shards fail here, before any model is built
+    check_data_paths(cfg)  # missing shards fail here, before any model is built
     module = LlavaSPModule(cfg)  # loads the config's tokenizer
     tokenizer = module.tokenizer
+    if launched_rank() == 0 and (message := gathered_checkpoint_warning(cfg, module)):
+        log.warning(message)
     if cfg.init:  # warm start: weights only; optimizer, schedule and step start fresh
         warm_start(module, resolve(cfg.init), cfg)
     datamodule = build_datamodule(cfg, tokenizer, module.model.num_visual_tokens)

@@ -224,7 +224,7 @@ def test_scaling_bench_measures_one_point():
 def test_channels_last_image_path_is_bit_identical_to_the_previous_one(h, w):
     """input_bench reports the speed-up of ImageProcessor over the CHW pad/resize/normalise it replaced; that
     claim needs the two to give the very same numbers."""
-    ib = load("input_bench")
+    ib, previous = load("input_bench"), load("previous_pipeline")
     from lightning_sp.data.images import ImageProcessor, decode_pixels
 
     proc = ImageProcessor(336)
@@ -235,7 +235,7 @@ def test_channels_last_image_path_is_bit_identical_to_the_previous_one(h, w):
     )
     for x in (image, image.contiguous()):  # HWC memory (decoder output) and CHW memory
         out = proc(x)
-        assert out.is_contiguous() and torch.equal(out, ib.previous_image_path(x, proc.fill))
+        assert out.is_contiguous() and torch.equal(out, previous.previous_image_path(x, proc.fill))
 
 
 def test_length_group_bench_padding_and_draw():

@@ -78,6 +78,39 @@ def test_a_full_run_trains_and_saves_every_llm_weight(tmp_path, tiny_cfg, tokeni
     assert [g["name"] for g in ckpt["optimizer_states"][0]["param_groups"]] == ["projector", "sp_conv", "llm"]
     module = load_module(tmp_path / "run")  # rebuilt from the config, trained LLM weights loaded
     assert all(torch.equal(p, saved[n]) for n, p in module.model.llm.named_parameters())
+    # What gathered_checkpoint_warning says a gathered checkpoint costs, against the bytes of the one written here:
+    # the trainable tensors and AdamW's moments (its per-parameter step counters aside).
+    written = sum(v.numel() * v.element_size() for v in ckpt["state_dict"].values())
+    for state in ckpt["optimizer_states"][0]["state"].values():
+        written += sum(v.numel() * v.element_size() for k, v in state.items() if k != "step")
+    trainable = sum(p.numel() for p in LlavaSPModule(cfg, tokenizer).parameters() if p.requires_grad)
+    assert written == trainable * 12
+
+
+def test_full_checkpoints_under_fsdp_are_sharded_unless_turned_off_and_then_warned_about(tiny_cfg, tokenizer):
+    from lightning_sp.train import gathered_checkpoint_warning
+
+    assert tiny_cfg("stage=finetune_full", "trainer=fsdp").trainer.sharded_checkpoints  # on by default there
+    assert not tiny_cfg("stage=finetune", "trainer=fsdp").trainer.sharded_checkpoints  # LoRA: one small file
+    assert not tiny_cfg("stage=finetune_full").trainer.sharded_checkpoints  # nothing to shard without FSDP
+    cfg = tiny_cfg("stage=finetune_full", "trainer=fsdp", "trainer.sharded_checkpoints=false")
+    module = LlavaSPModule(cfg, tokenizer)
+    trainable = sum(p.numel() for p in module.model.llm.parameters()) + sum(
+        p.numel() for p in module.model.projector.parameters()
+    )
+    message = gathered_checkpoint_warning(cfg, module)
+    assert message == (
+        "stage.full_llm=true under trainer.strategy=fsdp with trainer.sharded_checkpoints=false: every checkpoint "
+        f"is gathered on rank 0, {trainable / 1e9:.2f} B trainable parameters x 12 bytes (fp32 weight + AdamW's "
+        f"two fp32 moments) = {trainable * 12 / 1e9:.1f} GB through rank 0's host memory each time; set "
+        "trainer.sharded_checkpoints=true to write per-rank shards instead (nothing gathered)"
+    )
+    for quiet in (
+        tiny_cfg("stage=finetune_full", "trainer=fsdp", "trainer.sharded_checkpoints=true"),
+        tiny_cfg("stage=finetune_full"),  # no FSDP: one process or DDP, nothing to shard
+        tiny_cfg("stage=finetune", "trainer=fsdp"),  # LoRA: a small gathered file
+    ):
+        assert gathered_checkpoint_warning(quiet, module) is None
 
 
 def test_sharded_checkpoints_need_fsdp():

@@ -331,3 +331,98 @@ def test_import_refuses_release_settings_it_does_not_reproduce(world, tmp_path, 
     with pytest.raises(OfficialCheckpointError, match=re.escape(shown)) as err:
         import_official(release, "pooling", tmp_path / "out")
     assert "config.json" in str(err.value) and not (tmp_path / "out").exists()
+
+
+def copy_release(world, release, config_changes):
+    """The fixture's release with config.json changed (None: without config.json)."""
+    release.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.bin"):
+        (release / f).write_bytes((world / "weights-v1" / f).read_bytes())
+    if config_changes is not None:
+        config = json.loads((world / "weights-v1" / "config.json").read_text())
+        (release / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return release
+
+
+@pytest.mark.parametrize("layer", [3, -4])
+def test_import_refuses_a_select_layer_outside_the_vision_tower(world, tmp_path, layer):
+    """The fixture's CLIP has 2 layers: `hidden_states` holds 3 entries (embeddings + one per layer), so LLaVA's
+    `hidden_states[layer]` exists for -3..2 only; anything else would be written into a run that cannot run."""
+    depth = CLIPVisionConfig.from_pretrained(world / "clip").num_hidden_layers
+    assert depth == 2
+    with torch.no_grad():
+        states = CLIPVisionModel.from_pretrained(world / "clip")(
+            torch.zeros(1, 3, 336, 336), output_hidden_states=True
+        ).hidden_states
+    with pytest.raises(IndexError):  # what the first forward of the imported run would meet
+        states[layer]
+    release = copy_release(world, tmp_path / "release", {"mm_vision_select_layer": layer})
+    shown = (
+        f"mm_vision_select_layer = {layer}; supported: a hidden-state index of the vision tower, -3..2 "
+        "(it has 2 layers); pass the encoder the release was trained with (--vision)"
+    )
+    with pytest.raises(OfficialCheckpointError, match=re.escape(shown)):
+        import_official(release, "pooling", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_refuses_a_release_without_its_llava_config(world, tmp_path):
+    release = copy_release(world, tmp_path / "release", None)
+    with pytest.raises(OfficialCheckpointError) as err:
+        import_official(release, "pooling", tmp_path / "out")
+    assert str(err.value).startswith(
+        f"{release}: no config.json, so what the release was trained with (image_aspect_ratio, "
+        "mm_vision_select_layer, ...) is unknown; supported: a release with LLaVA's config.json beside the adapter"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra_rows", [-1, -2, 3])
+def test_import_refuses_a_tokenizer_that_is_not_the_llms_vocabulary(world, tmp_path, tokenizer, extra_rows):
+    """The same LLM with a table of len(tokenizer) + extra_rows rows: the fixture's tokenizer holds `<image>` in
+    its own vocabulary (id 4), so no id past the table is allowed, and a table larger than the tokenizer means
+    the tokenizer is not the LLM's. LoRA shapes do not depend on the vocabulary: only this check refuses."""
+    rows = len(tokenizer) + extra_rows
+    assert tokenizer.convert_tokens_to_ids("<image>") == 4
+    llm = LlamaForCausalLM.from_pretrained(world / "llama")
+    llm.resize_token_embeddings(rows)
+    llm.save_pretrained(tmp_path / "llm")
+    assert LlamaConfig.from_pretrained(tmp_path / "llm").vocab_size == rows
+    with pytest.raises(OfficialCheckpointError) as err:
+        import_official(
+            world / "weights-v1",
+            "pooling",
+            tmp_path / "out",
+            llm=str(tmp_path / "llm"),
+            tokenizer=str(world / "llama"),
+            overrides=["model.llm.dtype=float32"],
+        )
+    assert str(err.value) == (
+        f"{world / 'weights-v1'}: --tokenizer (model.tokenizer) = '{world / 'llama'}' has {len(tokenizer)} tokens "
+        f"(<image> is id 4) but the LLM's embedding table has {rows} rows; supported: the LLM's own tokenizer, its "
+        f"vocabulary exactly the table's rows, <image> one of them or the single id {rows} appended past it. Pass "
+        "the tokenizer the release was trained with (--tokenizer, default: the --llm)"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_vocabulary_check_allows_the_image_id_appended_past_the_table(tmp_path):
+    """A Vicuna-like tokenizer without `<image>`: load_tokenizer appends it as id len(vocabulary), one past the
+    LLM's table (LLaVA itself uses id -200 and never adds it); accepted. A table one row short is not."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lightning_sp.data.tokenizer import load_tokenizer
+    from lightning_sp.import_official import check_vocabulary
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "a", "b", "c"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    ).save_pretrained(tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
+    assert (len(tok), tok.convert_tokens_to_ids("<image>")) == (len(vocab) + 1, len(vocab))
+    check_vocabulary(tok, LlamaConfig(vocab_size=len(vocab)), "here")
+    with pytest.raises(OfficialCheckpointError, match=r"has 7 tokens \(<image> is id 6\) but the LLM's embedding "):
+        check_vocabulary(tok, LlamaConfig(vocab_size=len(vocab) - 1), "here")

@@ -16,10 +16,12 @@ TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 @pytest.mark.parametrize("model, llm", [("llava7b", "lmsys/vicuna-7b-v1.5"), ("llava13b", "lmsys/vicuna-13b-v1.5")])
 def test_presets_carry_the_recipe(model, llm):
     """docs/METHOD.md §4: align 1e-3 / batch 256 on LCS-558K; finetune LoRA r128 a256 2e-4, projector 2e-5,
+    batch 128; finetune_full (LLaVA-1.5's scripts/v1_5/finetune.sh) every LLM weight and the projector at 2e-5,
     batch 128."""
     finetune = compose([f"model={model}", "data=llava665k", "stage=finetune", "trainer=gpu"])
+    full = compose([f"model={model}", "data=llava665k", "stage=finetune_full", "trainer=fsdp"])
     align = compose([f"model={model}", "data=lcs558k", "stage=align", "trainer=gpu"])
-    for cfg in (finetune, align):
+    for cfg in (finetune, full, align):
         m = cfg.model
         assert m.vision.name_or_path == "openai/clip-vit-large-patch14-336"
         assert (m.vision.image_size, m.vision.patch_size, m.vision.select_layer) == (336, 14, -2)
@@ -34,7 +36,13 @@ def test_presets_carry_the_recipe(model, llm):
     assert finetune.stage.lora and finetune.stage.template == "vicuna_v1"
     assert (finetune.optim.lr_projector, finetune.optim.lr_lora) == (2e-5, 2e-4)
     assert not align.stage.lora and align.stage.template == "plain" and align.optim.lr_projector == 1e-3
-    for cfg, global_batch, samples in ((finetune, 128, 665298), (align, 256, 558128)):
+    assert full.stage.full_llm and not full.stage.lora and full.stage.template == "vicuna_v1"
+    assert (full.optim.lr_llm, full.optim.lr_projector, full.optim.schedule) == (2e-5, 2e-5, "cosine")
+    # Stage 2 groups by modality and length in groups of 8 of a rank's batches (the value the README's and
+    # benchmarks/RESULTS.md's padding figures are for); stage 1 (captions, one modality) does not group.
+    assert finetune.data.length_group_batches == full.data.length_group_batches == 8
+    assert align.data.length_group_batches == 1
+    for cfg, global_batch, samples in ((finetune, 128, 665298), (full, 128, 665298), (align, 256, 558128)):
         assert cfg.data.batch_size * GPUS * cfg.trainer.accumulate_grad_batches == global_batch
         assert cfg.trainer.max_steps == samples // global_batch  # one epoch
     assert compose(["model=llava7b", "variant=cropping"]).projector.sp_width == 512  # variants keep D = 512
