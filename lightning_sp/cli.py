@@ -154,7 +154,7 @@ _OPTION_HELP = {
 
 # What each command's key=value arguments are. Only the commands that compose a config take group selections and
 # experiment=; eval/export/generate work on a trained run whose checkpoint fixes the model, and refuse them
-# (config.parse_command_options).
+# (command_options.parse_command_options).
 _COMPOSE_HELP = "group=name (variant=pooling), experiment=NAME (conf/experiment/NAME.yaml) or key=value (seed=3)"
 _RUN_CONFIG_HELP = (
     "dotted keys (model.llm.dtype=bfloat16) override the run's stored config; no group=name or experiment="

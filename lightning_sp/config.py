@@ -19,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 from lightning_sp import schema as schemas
-from lightning_sp.data import locations
 from lightning_sp.data.conversation import TEMPLATES
 from lightning_sp.dtypes import dtype_named
 from lightning_sp.errors import ConfigError, InputError  # noqa: F401 (re-exported)
@@ -60,19 +59,23 @@ def group_choices(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
     return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
 
 
-def run_schema() -> DictConfig:
-    """The structured RunConfig, with the option keys that registered components declare beyond it: a projector's
-    ``Options`` (`projector.*`), a vision or LLM backbone's ``Options`` (`model.vision.*`, `model.llm.*`). So a
-    plug-in registered from outside the package brings its own keys, validated like every other."""
+def run_schema_class() -> type:
+    """RunConfig with the option keys that registered components declare beyond it: a projector's ``Options``
+    (`projector.*`), a vision or LLM backbone's ``Options`` (`model.vision.*`, `model.llm.*`). So a plug-in
+    registered from outside the package brings its own keys, validated like every other."""
     try:
-        cls = schemas.run_schema(
+        return schemas.run_schema(
             projector_options=[c.Options for c in PROJECTORS.values()],
             vision_options=[c.Options for c in VISION_BACKBONES.values() if c.Options is not None],
             llm_options=[c.Options for c in LLM_BACKBONES.values() if c.Options is not None],
         )
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    return OmegaConf.structured(cls)
+
+
+def run_schema() -> DictConfig:
+    """:func:`run_schema_class`, structured: what every config is merged onto."""
+    return OmegaConf.structured(run_schema_class())
 
 
 def _load_yaml(path: Path) -> DictConfig:
@@ -190,6 +193,7 @@ def compose(
     given = {override_key(item) for item in field_overrides}
     derive_accumulation(cfg, explicit="trainer.accumulate_grad_batches" in given)
     _fill_llm_defaults(cfg)
+    _fill_checkpoint_default(cfg)
     _warn_unused_lora_overrides(cfg, given)
     _warn_unused_projector_overrides(cfg, given)
     validate(cfg)
@@ -215,6 +219,13 @@ def _fill_llm_defaults(cfg: DictConfig) -> None:
         cfg.stage.template = backbone.chat_format
     if not cfg.model.lora.target_modules:
         cfg.model.lora.target_modules = list(backbone.lora_targets)
+
+
+def _fill_checkpoint_default(cfg: DictConfig) -> None:
+    """trainer.sharded_checkpoints left null: sharded exactly when every LLM weight trains under FSDP (a gathered
+    7B full fine-tuning checkpoint is ~92 GB through rank 0's memory); filled in, so a saved config says which."""
+    if cfg.trainer.sharded_checkpoints is None:
+        cfg.trainer.sharded_checkpoints = bool(cfg.stage.full_llm and cfg.trainer.strategy == "fsdp")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -331,40 +342,6 @@ def _warn_unused_projector_overrides(cfg: DictConfig, given: set[str]) -> None:
         )
 
 
-def check_data_paths(cfg: DictConfig) -> None:
-    """Every shard directory the run reads must hold an `index.json` (train.py calls this after generating the
-    synthetic data and before building the model). Not part of `validate`: saved configs of finished runs are
-    validated too, and their data may be gone."""
-    data = cfg.data
-    for key, directory in (("data.train_dir", data.train_dir), ("data.val_dir", data.val_dir)):
-        if directory is None:
-            continue
-        if locations.exists(directory, "index.json"):
-            continue
-        index = locations.join(directory, "index.json")
-        state = (
-            "cannot be read"
-            if locations.is_url(directory)
-            else "does not exist"
-            if not Path(directory).exists()
-            else "has no index.json"
-        )
-        source = (
-            "data.synthetic is set but did not produce it"
-            if data.synthetic is not None
-            else "data.synthetic is unset, so nothing generates it"
-        )
-        fix = (
-            f"make the shards with `python -m lightning_sp convert --json <llava.json> --image-root <images> "
-            f"--out {directory}`, or point {key} at a shard directory"
-        )
-        if key == "data.val_dir":
-            fix += ", or set data.val_dir=null (no validation)"
-        raise ConfigError(
-            f"{key}={directory} {state} ({index} missing; {source}): {fix}. data=synthetic generates its own data"
-        )
-
-
 def _validate_distribution(cfg: DictConfig) -> None:
     t = cfg.trainer
     if t.strategy == "fsdp" and str(t.precision) in ("16-mixed", "16", "16-true", "half"):
@@ -401,41 +378,6 @@ def _validate_distribution(cfg: DictConfig) -> None:
     )
 
 
-def parse_command_options(args, options_cls, command: str, usage: str) -> tuple[dict, list[str]]:
-    """`key=value` arguments of a command that works on an existing run (eval, export) -> (the command's own
-    options, a `options_cls` dataclass, as a dict; the dotted `a.b=value` overrides of the run's stored config).
-    A group selection (`variant=pooling`) is refused with the reason: the checkpoint fixes the model."""
-    plain, dotted = [], []
-    for item in args:
-        (dotted if "." in override_key(item, f"{command} {usage}") else plain).append(item)
-    valid = list(OmegaConf.structured(options_cls).keys())
-    for item in plain:
-        key = override_key(item)
-        if key in GROUPS or key == "experiment":
-            raise ConfigError(
-                f"{command}: '{item}' selects a config group, but {command} works on a trained run "
-                f"whose config (model, variant, data, ...) is stored in its checkpoint; name the run "
-                f"with ckpt=... ({usage}). Dotted keys such as model.llm.dtype=bfloat16 override the "
-                f"stored config"
-            )
-        if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"unknown {command} option '{key}'.{hint} Valid: {', '.join(valid)} (dotted keys such as "
-                f"model.llm.dtype=bfloat16 override the run's config)"
-            )
-    schema = OmegaConf.structured(options_cls)
-    try:
-        opts = OmegaConf.merge(schema, parse_dotlist(plain, f"{command} options"))
-        missing = sorted(OmegaConf.missing_keys(opts))
-    except Exception as exc:  # type errors: batch_size=many
-        raise ConfigError(f"bad {command} option: {exc}") from exc
-    if missing:
-        raise ConfigError(f"{command} needs {', '.join(missing)}: {usage}")
-    return OmegaConf.to_container(opts), dotted
-
-
 def save(cfg: DictConfig, path: Path | str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, path, resolve=True)
@@ -449,6 +391,7 @@ def from_container(container: Any, source: str, overrides: list[str] | tuple[str
     if overrides:
         cfg = _merge(cfg, parse_dotlist(overrides, "overrides"), schema, "overrides")
     _fill_llm_defaults(cfg)
+    _fill_checkpoint_default(cfg)
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg

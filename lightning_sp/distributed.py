@@ -65,6 +65,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from lightning_sp.checkpoint import SHARDED_META, is_sharded_checkpoint, sharded_tensor_keys
+from lightning_sp.thirdparty.transformers_internals import no_split_module_classes
 
 log = logging.getLogger(__name__)
 
@@ -146,16 +147,8 @@ class _Planner:
         return found
 
 
-def _layer_classes(model: nn.Module) -> set[str]:
-    """Repeated-block class names (`LlamaDecoderLayer`, `CLIPEncoderLayer`) from HF's `_no_split_modules`."""
-    names: set[str] = set()
-    for m in model.modules():
-        names.update(getattr(m, "_no_split_modules", None) or ())
-    return names
-
-
 def _layers(model: nn.Module) -> list[nn.Module]:
-    classes = _layer_classes(model)
+    classes = no_split_module_classes(model)
     return [m for m in model.modules() if m is not model and type(m).__name__ in classes]
 
 

@@ -40,7 +40,8 @@ from typing import Optional, Sequence
 from omegaconf import MISSING, DictConfig
 
 from lightning_sp.checkpoint import resolve_checkpoint
-from lightning_sp.config import ConfigError, parse_command_options
+from lightning_sp.command_options import parse_command_options
+from lightning_sp.config import ConfigError
 from lightning_sp.inference import PAPER_MAX_NEW_TOKENS, Predictor, Question
 from lightning_sp.metrics import ExactMatch, POPEMetrics, VQAAccuracy
 from lightning_sp.question_files import (
@@ -121,10 +122,15 @@ def score(benchmark: str, questions: Sequence[Question], predictions: Sequence[s
 # ---- the command ------------------------------------------------------------------------------------------
 
 
+def run_dir_of(ckpt: Path) -> Path:
+    """The run directory a checkpoint file belongs to: ``<run>/checkpoints/last.ckpt`` -> ``<run>``; a checkpoint
+    elsewhere -> its own folder."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
 def _default_out(ckpt: Path, benchmark: str, questions: Optional[str]) -> Path:
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     name = benchmark if questions is None else f"{benchmark}-{Path(questions).stem}"
-    return run_dir / "eval" / name
+    return run_dir_of(ckpt) / "eval" / name
 
 
 def load_benchmark(
@@ -213,7 +219,7 @@ def evaluate(
 
     out_dir = Path(out) if out else _default_out(ckpt_path, benchmark, questions)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_id = str(ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent)
+    model_id = str(run_dir_of(ckpt_path))
     with open(out_dir / "predictions.jsonl", "w") as f:
         for q, pred in zip(items, predictions):  # LLaVA's answer-file format (question_id, prompt, text, ...)
             row = {"question_id": q.question_id, "prompt": q.text, "text": pred, "model_id": model_id}

@@ -43,9 +43,10 @@ from typing import Optional, Sequence
 import torch
 from omegaconf import MISSING
 
-from lightning_sp.config import ConfigError, parse_command_options
+from lightning_sp.command_options import parse_command_options
+from lightning_sp.config import ConfigError
+from lightning_sp.constants import IMAGE_TOKEN
 from lightning_sp.data.conversation import MarkupTemplate, get_template, one_pass_exact
-from lightning_sp.data.tokenizer import IMAGE_TOKEN
 from lightning_sp.dtypes import dtype_named
 from lightning_sp.hf_remote.configuration_llava_sp import LlavaSPConfig
 from lightning_sp.hf_remote.modeling_llava_sp import LlavaSPForConditionalGeneration

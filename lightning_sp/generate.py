@@ -17,7 +17,8 @@ import torch
 from omegaconf import MISSING
 from transformers import TextStreamer
 
-from lightning_sp.config import ConfigError, parse_command_options
+from lightning_sp.command_options import parse_command_options
+from lightning_sp.config import ConfigError
 from lightning_sp.inference import Predictor, Question
 
 USAGE = 'python -m lightning_sp generate ckpt=<run, .ckpt or HF export> image=PATH [question="..."] [max_new_tokens=64]'

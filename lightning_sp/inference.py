@@ -15,10 +15,10 @@ from typing import Any, Optional, Sequence
 import torch
 from tqdm import tqdm
 
+from lightning_sp.constants import IMAGE_TOKEN
 from lightning_sp.data.collate import left_padded_prompts
 from lightning_sp.data.conversation import encode_continuation, expanded_prompt_ids
 from lightning_sp.data.images import DEFAULT_STATS, ImageProcessor, ImageStats
-from lightning_sp.data.tokenizer import IMAGE_TOKEN
 from lightning_sp.dtypes import dtype_named
 from lightning_sp.errors import InputError
 from lightning_sp.module import load_module

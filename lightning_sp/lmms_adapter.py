@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 import torch
 
-from lightning_sp.data.tokenizer import IMAGE_TOKEN
+from lightning_sp.constants import IMAGE_TOKEN
 from lightning_sp.inference import PAPER_MAX_NEW_TOKENS, Predictor, Question
 
 log = logging.getLogger(__name__)

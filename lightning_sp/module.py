@@ -17,7 +17,7 @@ from lightning_sp import config as config_lib
 from lightning_sp import rng
 from lightning_sp.callbacks.throughput import batch_samples, batch_tokens
 from lightning_sp.checkpoint import checkpoint_config, read_checkpoint, resolve_checkpoint
-from lightning_sp.data.conversation import IGNORE_INDEX, supervised_logit_positions
+from lightning_sp.constants import IGNORE_INDEX, supervised_logit_positions
 from lightning_sp.data.tokenizer import load_tokenizer
 from lightning_sp.distributed import BF16_PRECISIONS, FSDP2Strategy, describe_units, shard_model
 from lightning_sp.models.vlm import LlavaSP
@@ -170,22 +170,18 @@ class LlavaSPModule(L.LightningModule):
         self, batch, max_new_tokens: Optional[int] = None, streamer=None, stop_strings: Sequence[str] = ()
     ) -> torch.Tensor:
         """Greedy new tokens for the batch's left-padded prompts (B, <= max_new_tokens, default
-        eval.max_new_tokens), pad after EOS; decoding also stops at ``stop_strings``. The one greedy decoding call:
-        evaluation (``inference.Predictor``), the lmms-eval adapter and ``generate`` go through here; validation
-        scores by :func:`teacher_forced_hits`, which tests/test_val_scoring.py proves equal to this."""
-        device = next(self.model.parameters()).device
-        return self.model.generate(
-            batch["prompt_ids"].to(device),
-            batch["prompt_attention_mask"].to(device),
-            batch["pixel_values"].to(device),
-            max_new_tokens=max_new_tokens or self.cfg.eval.max_new_tokens,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            streamer=streamer,
-            stop_strings=stop_strings,
-            tokenizer=self.tokenizer,
+        eval.max_new_tokens), pad after EOS; decoding also stops at ``stop_strings``. The module's greedy decoding
+        call, over ``LlavaSP.generate_batch`` (which the attention maps share): evaluation (``inference.Predictor``),
+        the lmms-eval adapter and ``generate`` go through here; validation scores by :func:`teacher_forced_hits`,
+        which tests/test_val_scoring.py proves equal to this."""
+        return self.model.generate_batch(
+            batch,
+            self.tokenizer,
+            max_new_tokens or self.cfg.eval.max_new_tokens,
             # Sharded weights: every rank must run the same number of decoding steps (all-gathers in each).
             synced_gpus=self.ranks_in_lockstep,
+            streamer=streamer,
+            stop_strings=stop_strings,
         )
 
     def on_validation_epoch_end(self):

@@ -13,7 +13,7 @@ import re
 
 from omegaconf import OmegaConf
 
-from lightning_sp.config import GROUPS, RunConfig, SyntheticDataConfig, compose, group_choices
+from lightning_sp.config import GROUPS, SyntheticDataConfig, compose, group_choices, run_schema_class
 
 _FIELD = re.compile(r"^\s+(\w+)\s*:[^=]*(?:=.*?)?(?:#\s*(.*))?$")
 
@@ -26,9 +26,15 @@ def _first_sentence(text: str, limit: int = 110) -> str:
 
 
 def field_meanings(cls) -> dict[str, str]:
-    """field name -> one-line meaning, from the comments of `cls`'s source."""
+    """field name -> one-line meaning, from the comments of `cls`'s source (and its bases': a schema section that
+    plug-ins extended is made at run time and has no source of its own)."""
     meanings, block = {}, []
-    for line in inspect.getsource(cls).splitlines()[1:]:
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        bases = [b for b in cls.__mro__[1:] if dataclasses.is_dataclass(b)]
+        return {k: v for base in reversed(bases) for k, v in field_meanings(base).items()}
+    for line in source.splitlines()[1:]:
         stripped = line.strip()
         if stripped.startswith("#"):
             block.append(stripped.lstrip("# "))
@@ -71,7 +77,7 @@ def run_options_help() -> str:
     lines.append(f"  experiment=NAME  (conf/experiment/: {', '.join(group_choices('experiment')) or '-'})")
     lines.append("")
     lines.append("keys (key=value; the value shown is the embedded default's):")
-    rows = list(_walk(RunConfig))
+    rows = list(_walk(run_schema_class()))  # plug-ins' own keys included
     rows += [(f"data.synthetic.{k}", m) for k, m in _walk(SyntheticDataConfig)]  # Optional: not reached above
     width = max(len(k) for k, _ in rows)
     for key, meaning in rows:

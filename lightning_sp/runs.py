@@ -17,9 +17,9 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
+from lightning_sp.constants import IMAGE_TOKEN
 from lightning_sp.data.conversation import expanded_prompt_ids
 from lightning_sp.data.prepare import ensure_synthetic
-from lightning_sp.data.tokenizer import IMAGE_TOKEN
 from lightning_sp.module import load_module
 from lightning_sp.paths import anchored, resolve
 from lightning_sp.train import build_datamodule
@@ -92,7 +92,13 @@ def val_batch(run: Run, batch_size: int = 4) -> dict:
     cfg = run.cfg
     if not cfg.data.val_dir:
         raise ValueError(f"run {run.run_dir} has no data.val_dir: nothing to take samples from")
-    data = {"train_dir": anchored(cfg.data.train_dir), "val_dir": anchored(cfg.data.val_dir)}
+    # This process reads the batch itself: the requested size, no worker processes to start.
+    data = {
+        "train_dir": anchored(cfg.data.train_dir),
+        "val_dir": anchored(cfg.data.val_dir),
+        "val_batch_size": batch_size,
+        "num_workers": 0,
+    }
     if cfg.data.synthetic is not None:
         data["synthetic"] = {"raw_dir": anchored(cfg.data.synthetic.raw_dir)}
     cfg = OmegaConf.merge(cfg, {"data": data})
@@ -101,7 +107,6 @@ def val_batch(run: Run, batch_size: int = 4) -> dict:
             raise FileNotFoundError(f"validation shards {cfg.data.val_dir} are missing (data.val_dir of {run.run_dir})")
         ensure_synthetic(cfg.data, image_size=cfg.model.vision.image_size)
     datamodule = build_datamodule(cfg, run.tokenizer, run.model.num_visual_tokens)
-    datamodule.val_batch_size, datamodule.num_workers = batch_size, 0
     datamodule.setup("validate")
     return next(iter(datamodule.val_dataloader()))
 

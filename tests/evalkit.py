@@ -31,12 +31,27 @@ def few_step_fit(tmp_path: Path) -> list[str]:
     ]
 
 
+def budget_trainer(max_steps: int):
+    """A Trainer with a step budget and nothing else (no logger, checkpoints or progress bar), to attach to a module
+    through Lightning's public ``module.trainer = ...`` where only ``configure_optimizers`` is called (it reads the
+    budget: the schedule's length)."""
+    import lightning as L
+
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
 def first_and_last_loss(module, batch: dict, steps: int = 3) -> tuple[float, float]:
     """The loss before the first and the last of ``steps`` AdamW steps on one fixed batch, with the module's own
     optimizer groups and learning rates."""
-    from types import SimpleNamespace
-
-    module._trainer = SimpleNamespace(max_steps=10)  # configure_optimizers reads only max_steps
+    module.trainer = budget_trainer(10)
     optimizer = module.configure_optimizers()["optimizer"]
     losses = []
     for _ in range(steps):

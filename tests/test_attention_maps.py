@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from evalkit import small_data
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_sp import viz
 from lightning_sp.callbacks import AttentionMapLogger
 from lightning_sp.callbacks.attention import image_samples
-from lightning_sp.data.conversation import IGNORE_INDEX, encode_prompt, expand_image_token
-from lightning_sp.data.tokenizer import IMAGE_TOKEN
+from lightning_sp.constants import IGNORE_INDEX, IMAGE_TOKEN
+from lightning_sp.data.conversation import encode_prompt, expand_image_token
 from lightning_sp.models.vlm import LlavaSP
 from lightning_sp.train import build_trainer
-from evalkit import small_data
 
 QUESTION = {
     "id": "q",

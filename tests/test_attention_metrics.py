@@ -10,14 +10,13 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from evalkit import small_data
 
 from lightning_sp import viz
 from lightning_sp.callbacks import AttentionMetrics
+from lightning_sp.constants import IGNORE_INDEX, IMAGE_TOKEN
 from lightning_sp.data import synthetic
-from lightning_sp.data.conversation import IGNORE_INDEX, encode_prompt, expand_image_token
-from lightning_sp.data.tokenizer import IMAGE_TOKEN
-from evalkit import small_data
-
+from lightning_sp.data.conversation import encode_prompt, expand_image_token
 
 # ---- geometry and ratios against hand computation --------------------------------------------------------------
 

@@ -332,7 +332,7 @@ def test_missing_shards_are_refused_before_the_model_is_built(tmp_path, monkeypa
 
 
 def test_check_data_paths(tmp_path):
-    from lightning_sp.config import check_data_paths
+    from lightning_sp.data.checks import check_data_paths
 
     train_dir, val_dir = tmp_path / "train", tmp_path / "val"
     train_dir.mkdir()
@@ -362,3 +362,36 @@ def test_dtype_names_are_checked_in_one_place_naming_the_key():
         from lightning_sp.inference import load_for_inference
 
         load_for_inference("no/such/run", dtype="fp8")  # refused before anything is read
+
+
+@pytest.mark.parametrize(
+    "command, module, options",
+    [
+        ("eval", "evaluate", "EvalOptions"),
+        ("export", "export", "ExportOptions"),
+        ("generate", "generate", "GenerateOptions"),
+    ],
+)
+def test_run_commands_help_gives_their_own_usage_not_group_selections(command, module, options, capsys):
+    """eval/export/generate work on a trained run and refuse `variant=pooling` / `experiment=`: their --help must
+    name the keys they take (every required field of their options dataclass), not train's group selections."""
+    import dataclasses
+    import importlib
+    import re
+
+    from lightning_sp.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    usage = " ".join(text.split("positional arguments:")[1].split("options:")[0].split())
+    assert "variant=pooling" not in usage and "experiment=NAME" not in usage, usage
+    cls = getattr(importlib.import_module(f"lightning_sp.{module}"), options)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING or f.default == "???"}
+    named = set(re.findall(r"(?<![\w.])([a-z_]+)=", usage)) - {"group", "experiment"}  # the refused ones
+    assert required and required <= named <= fields, (required, named, fields)
+    # and the command does refuse what train's help offers
+    assert main([command, "ckpt=no/such/run", "variant=pooling"]) == 2
+    assert "selects a config group" in capsys.readouterr().err

@@ -11,20 +11,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_sp.thirdparty.transformers_internals import rust_backend
+from lightning_sp.constants import IGNORE_INDEX, IMAGE_TOKEN
 from lightning_sp.data.conversation import (
-    IGNORE_INDEX,
     TEMPLATES,
     RecordError,
-    _tokenize,
     encode,
     encode_prompt,
     expand_image_token,
     get_template,
+    one_pass_exact,
     reference_answer,
     render_prompt,
+    tokenize_pieces,
 )
-from lightning_sp.data.tokenizer import IMAGE_TOKEN, VICUNA_SYSTEM, load_tokenizer
+from lightning_sp.data.tokenizer import VICUNA_SYSTEM, load_tokenizer
+from lightning_sp.thirdparty.transformers_internals import rust_backend
 
 SHIPPED = Path(__file__).resolve().parents[1] / "data" / "tokenizer"
 
@@ -276,13 +277,21 @@ TOKENIZE_TEXTS = [
 ]
 
 
+def tokenize(tokenizer, text: str, offsets: bool = True):
+    """The tokenizer call the conversation code makes (directly on the Rust backend where it can), through the public
+    tokenize_pieces: one call per piece between <image> placeholders, so one call for a text without one."""
+    return tokenize_pieces(tokenizer, text, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), offsets)
+
+
 def test_direct_tokenizer_call_is_the_transformers_call(tok):
-    """encode() calls the Rust tokenizer itself, skipping transformers' Python layers: the same ids and offsets."""
+    """encode() calls the Rust tokenizer itself, skipping transformers' Python layers: the same ids and offsets
+    (texts with <image> are tokenised piece by piece here, which the shipped tokenizer's one pass equals, see
+    test_shipped_tokenizer_keeps_one_pass)."""
     assert rust_backend(tok) is tok._tokenizer
     for text in TOKENIZE_TEXTS:
         ref = tok(text, return_offsets_mapping=True, add_special_tokens=True)
-        assert _tokenize(tok, text) == (ref["input_ids"], ref["offset_mapping"])
-        assert _tokenize(tok, text, offsets=False) == (ref["input_ids"], None)
+        assert tokenize(tok, text) == (ref["input_ids"], ref["offset_mapping"])
+        assert tokenize(tok, text, offsets=False) == (ref["input_ids"], None)
 
 
 def test_direct_tokenizer_call_steps_aside_where_it_could_differ(tok):
@@ -290,13 +299,13 @@ def test_direct_tokenizer_call_steps_aside_where_it_could_differ(tok):
     text = "A red circle on the left. " * 10
     fresh._tokenizer.enable_truncation(8)  # state transformers resets before encoding; a direct call would keep it
     assert rust_backend(fresh) is None
-    assert _tokenize(fresh, text)[0] == tok(text)["input_ids"]  # went through transformers: untruncated, as before
+    assert tokenize(fresh, text)[0] == tok(text)["input_ids"]  # went through transformers: untruncated, as before
     assert rust_backend(fresh) is fresh._tokenizer  # which turned the truncation off again
     fresh.model_max_length = 10  # transformers' one-time warning about over-long sequences is still recorded
-    assert _tokenize(fresh, text)[0] == tok(text)["input_ids"]
+    assert tokenize(fresh, text)[0] == tok(text)["input_ids"]
     assert fresh.deprecation_warnings.get("sequence-length-is-longer-than-the-specified-maximum")
     fresh.split_special_tokens = True
-    assert rust_backend(fresh) is None and _tokenize(fresh, "<s> x</s>")[0] == fresh("<s> x</s>")["input_ids"]
+    assert rust_backend(fresh) is None and tokenize(fresh, "<s> x</s>")[0] == fresh("<s> x</s>")["input_ids"]
     fresh.split_special_tokens = False
 
     class Custom(type(tok)):  # a tokenizer class that changes the encode path: always through transformers
@@ -306,7 +315,7 @@ def test_direct_tokenizer_call_steps_aside_where_it_could_differ(tok):
             return out
 
     fresh.__class__ = Custom
-    assert rust_backend(fresh) is None and _tokenize(fresh, "Hi")[0] == [7] + tok("Hi")["input_ids"]
+    assert rust_backend(fresh) is None and tokenize(fresh, "Hi")[0] == [7] + tok("Hi")["input_ids"]
     assert encode(rec("<image>\nQ?", "A."), fresh, "vicuna_v1").input_ids[0] == 7
 
 
@@ -345,20 +354,31 @@ def test_answer_span_starts_at_the_space_after_the_colon(tok):
     assert enc.labels[:end_of_colon] == [IGNORE_INDEX] * end_of_colon and enc.labels[end_of_colon] != IGNORE_INDEX
 
 
-def test_shipped_tokenizer_keeps_one_pass(tok, monkeypatch):
+def test_shipped_tokenizer_keeps_one_pass(tok):
     """The byte-level BPE tokenises the text after <image> as it would alone, so one tokenizer pass is LLaVA's
     piece-by-piece tokenizer_image_token: ids and offsets alike."""
-    from lightning_sp.data import conversation
-
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    assert conversation.one_pass_exact(tok, image_id)
+    assert one_pass_exact(tok, image_id)
     for text in TOKENIZE_TEXTS + [IMAGE_TOKEN, f"{IMAGE_TOKEN}A red circle.\n", f"x {IMAGE_TOKEN}\n3 {IMAGE_TOKEN}"]:
-        assert conversation.tokenize_pieces(tok, text, image_id) == _tokenize(tok, text)
-    calls = []
-    monkeypatch.setattr(conversation, "_tokenize", lambda *a, **k: calls.append(a[1]) or _tokenize(*a, **k))
+        one_pass = tok(text, return_offsets_mapping=True, add_special_tokens=True)
+        assert tokenize_pieces(tok, text, image_id) == (one_pass["input_ids"], one_pass["offset_mapping"])
+
+    class Counting(type(tok)):  # overrides the call, so the conversation code goes through it, not the backend
+        calls: list = []
+
+        def __call__(self, text, *args, **kwargs):
+            self.calls.append(text)
+            return super().__call__(text, *args, **kwargs)
+
+    counting = load_tokenizer(SHIPPED)
+    counting.__class__ = Counting
+    assert rust_backend(counting) is None and one_pass_exact(counting, image_id)  # probed (and cached) here
+    Counting.calls.clear()
     record = rec("<image>\nWhat shape?", "A circle.", "Where?", "Top left.")
-    enc = encode(record, tok, "vicuna_v1")
+    enc = encode(record, counting, "vicuna_v1")
+    calls = Counting.calls
     assert len(calls) == 1 and IMAGE_TOKEN in calls[0]  # one pass over the whole conversation
+    assert enc.input_ids == encode(record, tok, "vicuna_v1").input_ids
     assert encode_prompt(record, tok, "vicuna_v1") == enc.input_ids[: len(encode_prompt(record, tok, "vicuna_v1"))]
 
 

@@ -7,11 +7,10 @@ import lightning as L
 import pytest
 import torch
 
+from lightning_sp.constants import IGNORE_INDEX, IMAGE_TOKEN
 from lightning_sp.data import shards, synthetic
-from lightning_sp.data.conversation import IGNORE_INDEX
 from lightning_sp.data.collate import collate_train
 from lightning_sp.data.datamodule import ShardDataModule
-from lightning_sp.data.tokenizer import IMAGE_TOKEN
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
 
@@ -212,8 +211,8 @@ def _bench():
     import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "input_bench.py"
-    spec = importlib.util.spec_from_file_location("bench_input_bench", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "previous_pipeline.py"
+    spec = importlib.util.spec_from_file_location("bench_previous_pipeline", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -221,7 +220,8 @@ def _bench():
 
 
 def _previous_batch(ib, raw, ids, tokenizer):
-    """What the sample building + collate before the speed-up (benchmarks/input_bench.py) make of these records."""
+    """What the sample building + collate before the speed-up (benchmarks/previous_pipeline.py) make of these
+    records."""
     return ib.previous_collate(
         [ib.previous_sample(raw[i], tokenizer, num_visual=N_VIS, image_size=SIZE, max_length=512) for i in ids],
         tokenizer.pad_token_id,

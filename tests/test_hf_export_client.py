@@ -20,10 +20,11 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer
 
+from lightning_sp.constants import IGNORE_INDEX, IMAGE_TOKEN
 from lightning_sp.module import load_module
 from lightning_sp.config import compose
-from lightning_sp.data.conversation import IGNORE_INDEX, encode, encode_prompt, render_prompt
-from lightning_sp.data.tokenizer import IMAGE_TOKEN, load_tokenizer
+from lightning_sp.data.conversation import encode, encode_prompt, render_prompt
+from lightning_sp.data.tokenizer import load_tokenizer
 from lightning_sp.inference import Predictor, PromptBuilder, Question
 from lightning_sp.export import export_hf
 from test_export import SIZE, trained_run

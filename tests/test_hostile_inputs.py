@@ -27,12 +27,11 @@ from PIL import Image
 
 from lightning_sp.callbacks import SkipLimit, SkippedRecordsError
 from lightning_sp.config import ConfigError, compose
+from lightning_sp.constants import IGNORE_INDEX, IMAGE_TOKEN
 from lightning_sp.data import shards, synthetic
-from lightning_sp.data.conversation import IGNORE_INDEX
 from lightning_sp.data.collate import collate_train
 from lightning_sp.data.datamodule import ShardDataModule
 from lightning_sp.data.images import ImageDecodeError, ImageProcessor
-from lightning_sp.data.tokenizer import IMAGE_TOKEN
 from lightning_sp.paths import REPO_ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29

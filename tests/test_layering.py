@@ -14,13 +14,13 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_sp"
 
 LAYERS = [
-    # 0 base: paths, dtypes, errors, key=value args, global-batch arithmetic, config schema, registries, ranks, RNG,
-    # statistics, third-party internals
-    ["paths", "dtypes", "errors", "overrides", "global_batch", "schema", "registry", "rng", "ranks", "stats",
-     "thirdparty"],
+    # 0 base: shared token constants, paths, dtypes, errors, key=value args, global-batch arithmetic, config schema,
+    # registries, ranks, RNG, statistics, third-party internals
+    ["constants", "paths", "dtypes", "errors", "overrides", "global_batch", "schema", "registry", "rng", "ranks",
+     "stats", "thirdparty"],
     ["data"],  # 1 data: tokenizers, conversation formats, images, shards, streams, the datamodule
     ["models"],  # 2 components: vision and LLM backbones, projectors, the VLM, official key tables
-    ["config", "options_help"],  # 3 composition and validation (against the component registries)
+    ["config", "options_help", "command_options"],  # 3 composition and validation (against the registries)
     # 4 training: checkpoints, FSDP, trainable sets, metrics, attention maps, callbacks, the LightningModule
     ["checkpoint", "distributed", "trainable", "metrics", "viz", "callbacks", "module", "warm_start"],
     # 5 commands and interop: train, evaluate, generate, studies, HF/official export and import, lmms-eval, notebook

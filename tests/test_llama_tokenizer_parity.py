@@ -26,9 +26,10 @@ tokenizers = pytest.importorskip("tokenizers")
 from packaging import version  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
+from lightning_sp.constants import IGNORE_INDEX, IMAGE_TOKEN  # noqa: E402
 from lightning_sp.data import conversation  # noqa: E402
-from lightning_sp.data.conversation import IGNORE_INDEX, encode, encode_continuation, encode_prompt  # noqa: E402
-from lightning_sp.data.tokenizer import IMAGE_TOKEN, VICUNA_SYSTEM, load_tokenizer  # noqa: E402
+from lightning_sp.data.conversation import encode, encode_continuation, encode_prompt  # noqa: E402
+from lightning_sp.data.tokenizer import VICUNA_SYSTEM, load_tokenizer  # noqa: E402
 
 SHIPPED = Path(__file__).resolve().parents[1] / "data" / "tokenizer"
 

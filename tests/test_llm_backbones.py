@@ -4,13 +4,22 @@ models train with every projector; a family added from outside the package train
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 from lightning_sp.config import ConfigError, compose, group_choices
-from lightning_sp.data.conversation import IGNORE_INDEX, encode, encode_prompt
+from lightning_sp.data.conversation import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    Template,
+    encode,
+    encode_prompt,
+    register_template,
+)
 from lightning_sp.data.tokenizer import load_tokenizer
 from lightning_sp.models.llm import LLM_BACKBONES, LLMBackbone, build_llm, register_llm
 from lightning_sp.module import LlavaSPModule
@@ -186,30 +195,45 @@ def test_train_command_runs_each_family_end_to_end(llm, tmp_path, one_thread):
     assert f"template: {FAMILIES[llm]}" in saved and f"backbone: {FAMILIES[llm][:5]}" in saved
 
 
-class TiedVicuna(LLMBackbone):
-    """A family written outside the package: Llama in Vicuna's format with tied input and output embeddings."""
+# The outside family's own conversation format: other role names and system prompt than Vicuna's.
+HUMAN_BOT = Template("test_human_bot", system="A person talks with a bot.", roles=("Human", "Bot"))
 
-    chat_format = "vicuna_v1"
+
+@dataclass
+class TiedOptions:
+    tie_embeddings: bool = False  # a model.llm key no shipped family has
+
+
+class TiedVicuna(LLMBackbone):
+    """A family written outside the package: Llama in a format of its own, its input and output embeddings tied
+    when its own key `model.llm.tie_embeddings` says so."""
+
+    chat_format = "test_human_bot"
     lora_targets = ("q_proj", "v_proj")
+    Options = TiedOptions
 
     @classmethod
     def random_config(cls, cfg, tokenizer):
         config = super().random_config(cfg, tokenizer)
-        config.tie_word_embeddings = True
+        config.tie_word_embeddings = cfg.tie_embeddings
         return config
 
 
 @pytest.fixture
 def tied_vicuna():
+    register_template(HUMAN_BOT)
     register_llm("test_tied_vicuna")(TiedVicuna)
     yield
     LLM_BACKBONES.pop("test_tied_vicuna")
+    TEMPLATES.pop("test_human_bot")
 
 
 @pytest.mark.slow
 def test_a_family_added_from_outside_is_one_class_and_one_yaml(tied_vicuna, tmp_path, tokenizer, one_thread):
     preset = tmp_path / "tied.yaml"
-    preset.write_text("model:\n  llm: {backbone: test_tied_vicuna}\n  lora: {modules_to_save: []}\n")
+    preset.write_text(
+        "model:\n  llm: {backbone: test_tied_vicuna, tie_embeddings: true}\n  lora: {modules_to_save: []}\n"
+    )
     cfg = compose(
         [
             "variant=pooling",
@@ -219,6 +243,43 @@ def test_a_family_added_from_outside_is_one_class_and_one_yaml(tied_vicuna, tmp_
         config_files=[str(preset)],
     )
     assert list(cfg.model.lora.target_modules) == ["q_proj", "v_proj"]
+    assert cfg.stage.template == "test_human_bot"  # the family's own format, chosen by the family
+    # Its prompt, written out by hand, and its supervised tokens: the answer and the end of turn.
+    record = RECORDS[0]
+    expected = (
+        "<s>A person talks with a bot. Human: <image>\nWhat color is the circle? Bot: Red.</s>"
+        "Human: How many shapes are there? Bot:"
+    )
+    assert tokenizer.decode(encode_prompt(record, tokenizer, cfg.stage.template)) == expected
+    encoded = encode(record, tokenizer, cfg.stage.template)
+    supervised = [t for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode(supervised).split() == ["Red.</s>", "2</s>"]
     assert math.isfinite(train(cfg)["val/loss"])
     llm = LlavaSPModule(cfg, tokenizer).model.llm
     assert llm.get_input_embeddings().weight is llm.get_output_embeddings().weight
+
+
+def test_the_tokenizers_own_chat_template_decides_the_format(chat):
+    """A tokenizer whose chat template renders otherwise than its family's format is refused, naming where; one
+    whose template marks the assistant's tokens ({% generation %}) is checked against what we supervise."""
+    fmt, tok = chat
+    record = RECORDS[0]
+    marked = copy.deepcopy(tok)
+    marked.chat_template = MARKED[fmt]
+    assert encode(record, marked, fmt).labels == encode(record, tok, fmt).labels  # marks what we supervise
+    dated = copy.deepcopy(tok)  # e.g. Llama-3.1's template, which writes a dated system turn
+    dated.chat_template = "{{ '<|start_header_id|>system<|end_header_id|>\n\nToday Date: 28 Nov 2026<|eot_id|>' }}" + (
+        MARKED[fmt].replace("{{ bos_token }}", "")
+    )
+    with pytest.raises(ValueError, match="renders a conversation differently from the .* format from token"):
+        encode(record, dated, fmt)
+    with pytest.raises(ValueError, match="renders a conversation differently"):
+        encode_prompt(record, dated, fmt)  # eval prompts too
+    unmarked_end = copy.deepcopy(tok)  # marks the answers but not their end-of-turn token
+    end = "<|eot_id|>" if fmt == "llama3" else "<|im_end|>"
+    unmarked_end.chat_template = MARKED[fmt].replace(
+        f" + '{end}' }}}}{{% endgeneration %}}", f" }}}}{{% endgeneration %}}{{{{ '{end}' }}}}"
+    )
+    assert unmarked_end.chat_template != MARKED[fmt]
+    with pytest.raises(ValueError, match="marks .* as what the assistant emits"):
+        encode(record, unmarked_end, fmt)

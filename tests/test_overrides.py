@@ -4,7 +4,8 @@ that name the argument, from train's overrides, eval/export's options and a stud
 import pytest
 
 from lightning_sp.ablate import parse_ablate_args
-from lightning_sp.config import ConfigError, compose, parse_command_options
+from lightning_sp.command_options import parse_command_options
+from lightning_sp.config import ConfigError, compose
 from lightning_sp.overrides import override_key, parse_dotlist
 from lightning_sp.evaluate import EvalOptions
 

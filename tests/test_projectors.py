@@ -272,9 +272,13 @@ def test_a_projector_added_from_outside_is_one_class_and_one_yaml(row_tokens, tm
 
 def test_a_plug_ins_own_key_is_a_config_key_only_while_it_is_registered(row_tokens):
     from lightning_sp.config import ConfigError, compose
+    from lightning_sp.options_help import run_options_help
 
     cfg = compose(["variant=mlp", "projector.name=test_row_tokens", "projector.row_scale=0.25"])
     assert cfg.projector.row_scale == 0.25
+    listed = {line.split()[0]: line for line in run_options_help().splitlines() if line.startswith("  ")}
+    assert listed["projector.row_scale"].split()[1] == "1.0"  # --help lists its key, with its default
+    assert "D, width of the SP branch" in listed["projector.sp_width"]  # shipped keys keep their meanings
     with pytest.raises(ConfigError, match="bad value for config key 'projector.row_scale'"):
         compose(["projector.name=test_row_tokens", "projector.row_scale=many"])  # typed like every key
     PROJECTORS.pop("test_row_tokens")

@@ -1,10 +1,10 @@
 """Recipe knobs of the embedded default: the learning-rate schedule and the random LLM's init scale."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
+from evalkit import budget_trainer
 
 from lightning_sp.config import ConfigError, compose
 from lightning_sp.models.llm import build_llm
@@ -12,7 +12,7 @@ from lightning_sp.module import LlavaSPModule
 
 
 def _lrs(module: LlavaSPModule, steps: int) -> list[float]:
-    module._trainer = SimpleNamespace(max_steps=steps)  # configure_optimizers reads only max_steps
+    module.trainer = budget_trainer(steps)
     scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
     lrs = []
     for _ in range(steps):

@@ -16,13 +16,12 @@ import pytest
 import torch
 from conftest import TINY
 
+from lightning_sp.constants import IGNORE_INDEX, IMAGE_TOKEN
 from lightning_sp.config import compose
 from lightning_sp.data import synthetic
 from lightning_sp.data.answers import normalize_answer
-from lightning_sp.data.conversation import IGNORE_INDEX
 from lightning_sp.data.collate import collate_eval
 from lightning_sp.data.samples import SampleBuilder
-from lightning_sp.data.tokenizer import IMAGE_TOKEN
 from lightning_sp.module import LlavaSPModule, teacher_forced_hits
 
 IMAGE_SIZE = 126  # a 9x9 patch grid, the smallest the pooling projector takes: short sequences, a fast test

@@ -64,7 +64,7 @@ def test_loss_from_supervised_positions_only_equals_the_lms_own_loss_and_gradien
     """LlavaSP computes logits only where a label follows (not over the 582 visual positions); the loss and every
     trainable gradient must be the LM's own full-logits `labels=` loss, on a right-padded batch whose rows are
     supervised at different positions, with the positions given (collate) or computed (no host helper)."""
-    from lightning_sp.data.conversation import supervised_logit_positions
+    from lightning_sp.constants import supervised_logit_positions
 
     torch.manual_seed(0)
     model = build(tiny_cfg, tokenizer).train()

@@ -22,7 +22,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
-from lightning_sp.data.tokenizer import IMAGE_TOKEN, UNK
+from lightning_sp.constants import IMAGE_TOKEN
+from lightning_sp.data.tokenizer import UNK
 
 LLAMA3_CHAT_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "

@@ -8,10 +8,8 @@ from collections import Counter
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from lightning_sp.data.conversation import (
-    IGNORE_INDEX,
-    supervised_logit_positions,
-)
+from lightning_sp.constants import IGNORE_INDEX, supervised_logit_positions
+from lightning_sp.thirdparty.torch_internals import view_base
 
 
 def collate_train(samples: list[dict], pad_token_id: int, *, image_token_id: int, num_visual_tokens: int) -> dict:
@@ -61,12 +59,12 @@ def collate_train(samples: list[dict], pad_token_id: int, *, image_token_id: int
 def _filled_buffer(pixels: list[torch.Tensor]) -> torch.Tensor | None:
     """The buffer whose slots ``pixels`` are, in order and exactly (SampleBuilder writes them so), else None. That
     buffer holds what ``torch.stack(pixels)`` would return, so the batch needs no copy."""
-    base = pixels[0]._base if pixels else None
+    base = view_base(pixels[0]) if pixels else None
     if base is None or not base.is_contiguous() or tuple(base.shape) != (len(pixels), *pixels[0].shape):
         return None
     step = base.stride(0) * base.element_size()
     if all(
-        p._base is base
+        view_base(p) is base
         and p.is_contiguous()
         and p.dtype == base.dtype
         and p.device == base.device

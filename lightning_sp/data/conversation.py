@@ -21,16 +21,17 @@ same boundaries as every other (a deliberate difference, see :func:`encode`).
 
 from __future__ import annotations
 
+import re
 import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from lightning_sp.data.tokenizer import IMAGE_TOKEN, VICUNA_SYSTEM
+from lightning_sp.constants import IGNORE_INDEX, IMAGE_TOKEN
+from lightning_sp.data.tokenizer import VICUNA_SYSTEM
 from lightning_sp.thirdparty.transformers_internals import rust_backend, warn_if_too_long
 
-IGNORE_INDEX = -100
 HUMAN, GPT = "human", "gpt"
 
 
@@ -164,6 +165,17 @@ TEMPLATES: dict[str, Template | MarkupTemplate] = {
 }
 
 
+def register_template(template: Template | MarkupTemplate) -> Template | MarkupTemplate:
+    """Make a conversation format known by its ``name`` (an LLM backbone's ``chat_format``, `stage.template`);
+    a name is registered once."""
+    if not isinstance(template, (Template, MarkupTemplate)):
+        raise TypeError(f"register_template takes a Template or MarkupTemplate, got {type(template).__name__}")
+    if template.name in TEMPLATES:
+        raise ValueError(f"conversation template {template.name!r} registered twice")
+    TEMPLATES[template.name] = template
+    return template
+
+
 def get_template(name: str | Template | MarkupTemplate) -> Template | MarkupTemplate:
     if isinstance(name, (Template, MarkupTemplate)):
         return name
@@ -272,7 +284,61 @@ def check_tokenizer(tokenizer, template: Template) -> int:
             f"template {template.name!r} ends turns with {template.sep2!r} but the tokenizer's eos_token is "
             f"{tokenizer.eos_token!r}; use the LLM's own (chat) tokenizer, whose eos is its end-of-turn token"
         )
+    if isinstance(template, MarkupTemplate) and getattr(tokenizer, "chat_template", None):
+        _check_own_chat_template(tokenizer, template, image_id)
     return image_id
+
+
+# A conversation every chat format must render as the tokenizer's own template does: an image, two rounds.
+_PROBE = {
+    "id": "chat-template probe",
+    "image": "probe.jpg",
+    "conversations": [
+        {"from": HUMAN, "value": IMAGE_TOKEN + "\nWhat is left of the red square?"},
+        {"from": GPT, "value": "A blue circle."},
+        {"from": HUMAN, "value": "How many shapes are there?"},
+        {"from": GPT, "value": "3"},
+    ],
+}
+# tokenizer -> the (chat template, format name) pairs already checked
+_CHECKED_CHAT_TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _check_own_chat_template(tokenizer, template: MarkupTemplate, image_id: int) -> None:
+    """The model's own chat template (``tokenizer.chat_template``) decides its format: a chat-markup format
+    (Llama-3, Qwen2, or one registered from outside) must render :data:`_PROBE` to the same ids, or the model would
+    train and be asked in a format it was never given (a Llama-3.1 template's dated system block, say). Where the
+    template marks what an assistant turn emits (HF's ``{% generation %}``), the tokens it marks must be the ones
+    we supervise. Checked once per tokenizer, template text and format."""
+    checked = _CHECKED_CHAT_TEMPLATES.setdefault(tokenizer, set())
+    if (tokenizer.chat_template, template.name) in checked:
+        return
+    role = {HUMAN: template.roles[0], GPT: template.roles[1]}
+    messages = [{"role": role[t["from"]], "content": t["value"]} for t in _PROBE["conversations"]]
+    encoded = _encode(_PROBE, tokenizer, template, None, image_id)
+    marked = re.search(r"{%-?\s*generation\s*-?%}", tokenizer.chat_template) is not None
+    own = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=marked)
+    if own["input_ids"] != encoded.input_ids:
+        at = next((i for i, (a, b) in enumerate(zip(own["input_ids"], encoded.input_ids)) if a != b), None)
+        at = min(len(own["input_ids"]), len(encoded.input_ids)) if at is None else at
+        raise ValueError(
+            f"the tokenizer's own chat template renders a conversation differently from the {template.name!r} "
+            f"format from token {at} on: {tokenizer.decode(own['input_ids'][at : at + 12])!r} (its template) against "
+            f"{tokenizer.decode(encoded.input_ids[at : at + 12])!r} ({template.name}). The model's template decides: "
+            "register a format that renders as it does (lightning_sp.data.conversation.register_template, named by "
+            "an LLM backbone's chat_format), or use the tokenizer whose template this format restates"
+        )
+    if marked:
+        ours = [int(label != IGNORE_INDEX) for label in encoded.labels]
+        if own["assistant_masks"] != ours:
+            theirs = [t for t, m in zip(own["input_ids"], own["assistant_masks"]) if m]
+            mine = [t for t, m in zip(encoded.input_ids, ours) if m]
+            raise ValueError(
+                f"the tokenizer's chat template marks {tokenizer.decode(theirs)!r} as what the assistant emits "
+                f"({{% generation %}}), but the {template.name!r} format supervises {tokenizer.decode(mine)!r}: "
+                "mark each answer through its end-of-turn token, or register a format whose answers end as marked"
+            )
+    checked.add((tokenizer.chat_template, template.name))
 
 
 def _tokenize(tokenizer, text: str, offsets: bool = True) -> tuple[list[int], list[tuple[int, int]] | None]:
@@ -354,12 +420,6 @@ def _tokenize_text(
     if IMAGE_TOKEN not in text or one_pass_exact(tokenizer, image_id):
         return _tokenize(tokenizer, text, offsets)
     return tokenize_pieces(tokenizer, text, image_id, offsets)
-
-
-def supervised_logit_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Sequence positions whose next token is supervised in at least one row of ``labels`` (B, L), ascending:
-    where a causal LM needs logits for the loss (LlavaSP.forward)."""
-    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
 
 
 def _check_image(ids: list[int], image_id: int, has_image: bool, rid) -> None:

@@ -27,12 +27,13 @@ import torch
 import webdataset as wds
 from webdataset.utils import pytorch_worker_info
 
+from lightning_sp.constants import IMAGE_TOKEN
 from lightning_sp.data import locations
 from lightning_sp.data.collate import collate_eval, collate_train
 from lightning_sp.data.images import ImageStats
 from lightning_sp.data.samples import SampleBuilder
 from lightning_sp.data.shards import load_index
-from lightning_sp.data.tokenizer import IMAGE_TOKEN, load_tokenizer
+from lightning_sp.data.tokenizer import load_tokenizer
 from lightning_sp.data.train_stream import StreamPosition, TrainStream, take_exactly
 from lightning_sp.ranks import gather_objects
 
@@ -89,8 +90,10 @@ class ShardDataModule(L.LightningDataModule):
         image_stats: ImageStats | None = None,
     ):
         """``num_visual_tokens`` (SP + patch tokens per image) and ``image_size`` come from the model (its projector
-        and vision backbone), so they have no defaults; ``image_stats``: the vision backbone's (mean, std)
-        normalisation (default CLIP's)."""
+        and vision backbone), so they have no defaults. ``template`` (the config's ``stage.template``) and
+        ``image_stats`` (the vision backbone's (mean, std) normalisation, ``image_stats(cfg.model.vision)``) come from
+        the config too: ``train.build_datamodule`` passes both. Their defaults, LLaVA-1.5's ``vicuna_v1`` and CLIP's
+        stats (``images.DEFAULT_STATS``), serve direct use of this class (tests, benchmarks/input_bench.py) only."""
         super().__init__()
         self.image_stats = image_stats
         if tokenizer is None:
@@ -266,14 +269,7 @@ class ShardDataModule(L.LightningDataModule):
             batch_size=self.val_batch_size,
             image_stats=self.image_stats,
         )
-        dataset = wds.WebDataset(
-            self._urls(self.val_dir, self.val_index),
-            handler=builder.shard_error,
-            nodesplitter=None,
-            workersplitter=None,
-            shardshuffle=False,
-            empty_check=False,
-        )
+        dataset = locations.ShardDataset(self._urls(self.val_dir, self.val_index), handler=builder.shard_error)
         dataset = dataset.compose(split_samples, builder)
         if self.equal_val_shares:
             dataset = dataset.compose(EqualShare(self.val_index["totals"]["samples"]))

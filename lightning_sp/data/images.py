@@ -151,14 +151,17 @@ def _square_hwc(image: torch.Tensor, fill_row: torch.Tensor) -> torch.Tensor:
 class ImageProcessor:
     """Bytes (any encoded image) or a uint8 (3,H,W) tensor -> normalised float (3,S,S) tensor.
 
+    ``mean``/``std``: the vision backbone's normalisation (``VisionBackbone.stats``, ``image_stats(cfg.model.vision)``)
+    -- the data pipeline and the predictor pass it. The default, :data:`DEFAULT_STATS` (CLIP's, LLaVA-1.5's encoder),
+    serves direct use (LLaVA preprocessing parity checks, the CLIP-normalised encoder pretraining).
     ``max_pixels``: images whose padded square is larger are refused (ImageDecodeError, reason ``too_large``).
     """
 
     def __init__(
         self,
         image_size: int = 336,
-        mean=CLIP_MEAN,
-        std=CLIP_STD,
+        mean=DEFAULT_STATS[0],
+        std=DEFAULT_STATS[1],
         max_pixels: int = MAX_PIXELS,
     ):
         self.image_size = int(image_size)

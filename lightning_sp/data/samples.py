@@ -12,6 +12,7 @@ from pathlib import PurePosixPath
 
 import torch
 
+from lightning_sp.constants import IMAGE_TOKEN
 from lightning_sp.data.conversation import (
     RecordEncoder,
     RecordError,
@@ -20,7 +21,6 @@ from lightning_sp.data.conversation import (
     reference_answer,
 )
 from lightning_sp.data.images import DEFAULT_STATS, ImageDecodeError, ImageProcessor, ImageStats
-from lightning_sp.data.tokenizer import IMAGE_TOKEN
 from lightning_sp.thirdparty.torch_internals import shared_empty
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,8 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-IMAGE_TOKEN = "<image>"
+from lightning_sp.constants import IMAGE_TOKEN
+
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 # Order fixes the ids: 0..4, matching Llama's unk/bos/eos = 0/1/2.
 SPECIAL_TOKENS = [UNK, BOS, EOS, PAD, IMAGE_TOKEN]

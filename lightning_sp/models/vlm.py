@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_sp.data.conversation import IGNORE_INDEX, supervised_logit_positions
+from lightning_sp.constants import IGNORE_INDEX, supervised_logit_positions
 from lightning_sp.models.llm import attach_lora, build_llm
 from lightning_sp.models.projectors import Projector, build_projector
 from lightning_sp.models.vision import VisionBackbone, build_vision
@@ -133,4 +133,32 @@ class LlavaSP(nn.Module):
             synced_gpus=synced_gpus,
             streamer=streamer,
             **stops,
+        )
+
+    def generate_batch(
+        self,
+        batch: dict,
+        tokenizer,
+        max_new_tokens: int,
+        *,
+        synced_gpus: Optional[bool] = None,
+        streamer=None,
+        stop_strings: Sequence[str] = (),
+    ) -> torch.Tensor:
+        """:meth:`generate` on a batch's left-padded ``prompt_ids`` / ``prompt_attention_mask`` / ``pixel_values``
+        (moved to the model's device), stopping at ``tokenizer``'s EOS and padding with its pad id. The one greedy
+        decoding every caller goes through: ``LlavaSPModule.generate_tokens`` (evaluation, the lmms-eval adapter,
+        ``generate``) and the attention maps (lightning_sp/viz/maps.py)."""
+        device = next(self.parameters()).device
+        return self.generate(
+            batch["prompt_ids"].to(device),
+            batch["prompt_attention_mask"].to(device),
+            batch["pixel_values"].to(device),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            synced_gpus=synced_gpus,
+            streamer=streamer,
+            stop_strings=stop_strings,
+            tokenizer=tokenizer,
         )

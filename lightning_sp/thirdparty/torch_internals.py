@@ -1,5 +1,5 @@
 """torch internals: a shared-memory buffer allocated the way ``default_collate`` allocates one in a DataLoader
-worker, and an assertion checked on the device without a host sync."""
+worker, the tensor a view was taken from, and an assertion checked on the device without a host sync."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ def shared_empty(*shape: int) -> torch.Tensor:
         numel *= side
     elem = torch.empty(0)
     return elem.new(elem._typed_storage()._new_shared(numel)).resize_(*shape)
+
+
+def view_base(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The tensor ``tensor`` is a view of (the root one, for a view of a view), or None where it is no view. The
+    collator uses it to hand over the shared buffer whose slots a batch's images already are, without a copy."""
+    return tensor._base
 
 
 def assert_async(condition: torch.Tensor, message: str) -> None:

@@ -1,5 +1,6 @@
-"""transformers internals: the fast tokenizer's Rust backend (a per-record speed-up of the data pipeline) and the
-attention-implementation switch (eager attention for one pass, the only kind that returns weights)."""
+"""transformers internals: the fast tokenizer's Rust backend (a per-record speed-up of the data pipeline), the
+attention-implementation switch (eager attention for one pass, the only kind that returns weights) and the names of
+a model's repeated blocks (the FSDP units)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,15 @@ def warn_if_too_long(tokenizer, ids: list[int]) -> None:
     """The one-time "sequence longer than model_max_length" warning transformers logs from ``tokenizer(text)``."""
     if len(ids) > tokenizer.model_max_length:
         tokenizer._eventual_warn_about_too_long_sequence(ids, None, True)
+
+
+def no_split_module_classes(model) -> set[str]:
+    """Class names of the repeated blocks (``LlamaDecoderLayer``, ``CLIPEncoderLayer``) that an HF model and its HF
+    submodules declare in ``_no_split_modules`` (what accelerate's device_map keeps whole); FSDP wraps each one."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return names
 
 
 def _base_model(llm):

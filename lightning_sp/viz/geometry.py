@@ -10,14 +10,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lightning_sp.data.images import CLIP_MEAN, CLIP_STD
+from lightning_sp.data.images import DEFAULT_STATS
 
 Box = tuple[float, float, float, float]  # pixels: (x0, y0, x1, y1)
 GridBox = tuple[int, int, int, int]  # patch grid: (row0, col0, row1, col1), end exclusive
 
 
-def denormalize(pixel_values: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
-    """A normalised (3, H, W) image (or a (B, 3, H, W) batch) -> (H, W, 3) (or (B, H, W, 3)) uint8."""
+def denormalize(pixel_values: torch.Tensor, mean=DEFAULT_STATS[0], std=DEFAULT_STATS[1]) -> np.ndarray:
+    """A normalised (3, H, W) image (or a (B, 3, H, W) batch) -> (H, W, 3) (or (B, H, W, 3)) uint8.
+
+    ``mean``/``std``: the normalisation the pixels went through, the vision backbone's (``model.vision.stats``, as
+    the attention maps pass it); the default is ImageProcessor's, for pixels made with its default."""
     x = pixel_values.detach().float().cpu()
     shape = (3, 1, 1) if x.ndim == 3 else (1, 3, 1, 1)
     x = x * torch.tensor(std).view(shape) + torch.tensor(mean).view(shape)
@@ -53,7 +56,7 @@ def sp_windows(projector, image_hw: tuple[int, int]) -> list[SPWindow]:
     layout = projector.layout
     grid_boxes = projector.sp_boxes()
     sfe = getattr(projector, "sfe", None)
-    sides, window_layout = getattr(sfe, "sides", None), getattr(sfe, "layout", None)
+    sides, window_layout = getattr(sfe, "sides", None), getattr(sfe, "window_layout", None)
     windows = []
     for k in range(layout.num_sp_tokens):
         box = grid_boxes[k] if k < len(grid_boxes) else None

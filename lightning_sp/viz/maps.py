@@ -166,18 +166,19 @@ def compute_sample_maps(
     was_training = model.training
     model.eval()
     try:
-        device = next(model.parameters()).device
         prompt_ids = prompt_ids.cpu().long()
         if answer_ids is None:
-            new = model.generate(
-                prompt_ids.unsqueeze(0).to(device),
-                torch.ones(1, prompt_ids.numel(), dtype=torch.long, device=device),
-                pixel_values.unsqueeze(0).to(device),
-                max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                synced_gpus=synced_gpus,
-            )
+            # The decoding evaluation runs (LlavaSP.generate_batch, as LlavaSPModule.generate_tokens), so the maps
+            # show the answer the model gives there. It needs no attentions: those come from the teacher-forced
+            # eager pass over the answer below, which decoding with output_attentions could not replace (SDPA and
+            # flash attention return no weights, and the DFI attention is not part of generate's output).
+            batch = {
+                "prompt_ids": prompt_ids.unsqueeze(0),
+                "prompt_attention_mask": torch.ones(1, prompt_ids.numel(), dtype=torch.long),
+                "pixel_values": pixel_values.unsqueeze(0),
+            }
+            new = model.generate_batch(batch, tokenizer, max_new_tokens, synced_gpus=synced_gpus)
+            # Kept as ids up to the first EOS (not as text, as evaluation keeps it): the attention pass scores them.
             answer_ids = _strip_answer(new[0].cpu(), tokenizer.eos_token_id, tokenizer.pad_token_id)
             if not answer_ids:
                 answer_ids = [tokenizer.eos_token_id]

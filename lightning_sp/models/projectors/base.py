@@ -38,8 +38,9 @@ class ProjectorOptions:
     """The `projector.*` keys a projector reads, one dataclass per kind of arm (subclass it and name it as the
     projector's `Options`). `build_projector` and config validation hand a projector its own options only, so a key
     it does not declare never reaches it, and a command-line override of such a key is reported as having no effect.
-    The config schema (`schema.ProjectorConfig`) is the union of the registered arms' options, with the same
-    defaults (tests/test_projectors.py checks both). This base declares none: the MLP's."""
+    `schema.ProjectorConfig` is the union of the shipped arms' options, with the same defaults
+    (tests/test_projectors.py checks both); a field no shipped arm has becomes a `projector.*` key when its arm is
+    registered (config.run_schema). This base declares none: the MLP's."""
 
     @classmethod
     def from_config(cls, cfg) -> "ProjectorOptions":

@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_sp.models.projectors import register
-from lightning_sp.models.projectors.base import Projector, ProjectorConfigError, SpatialOptions, TokenLayout
+from lightning_sp.models.projectors.base import Projector, ProjectorConfigError, SpatialOptions, TokenLayout, register
 from lightning_sp.models.projectors.mlp import patch_head
 
 PAPER_GRID = 24
@@ -62,11 +61,12 @@ class SpatialWindows(nn.Module):
     """The SP windows, no weights: centred crops (`cropping`) or adaptive pools (`pooling`) of the patch grid.
     Extractors (this file's SFE, the ablation arms in baselines.py) subclass it and turn each window into a token."""
 
-    def __init__(self, layout: str, grid: int, sides=None) -> None:
+    def __init__(self, window_layout: str, grid: int, sides=None) -> None:
         super().__init__()
-        if layout not in ("cropping", "pooling"):
-            raise ValueError(f"SP window layout must be 'cropping' or 'pooling', got '{layout}'")
-        self.layout, self.grid = layout, grid
+        if window_layout not in ("cropping", "pooling"):
+            raise ValueError(f"SP window layout must be 'cropping' or 'pooling', got '{window_layout}'")
+        # The projector class's `window_layout` (a string); `Projector.layout` is the token layout (TokenLayout).
+        self.window_layout, self.grid = window_layout, grid
         self.sides = scaled_sides(grid, sides)
 
     @property
@@ -80,7 +80,7 @@ class SpatialWindows(nn.Module):
     def windows(self, grid_features: torch.Tensor):
         """Each token's input window (B, C', s, s), in token order; any channel count C'."""
         for side, (r0, c0, r1, c1) in zip(self.sides, self.boxes()):
-            if self.layout == "cropping":
+            if self.window_layout == "cropping":
                 yield grid_features[:, :, r0:r1, c0:c1]
             elif side == self.grid:
                 yield grid_features  # the global token is the conv alone, no pooling
@@ -89,7 +89,7 @@ class SpatialWindows(nn.Module):
 
     def boxes(self) -> list[tuple[int, int, int, int]]:
         """(row0, col0, row1, col1) of each token's window on the grid (pooling tokens see the whole grid)."""
-        if self.layout == "pooling":
+        if self.window_layout == "pooling":
             return [(0, 0, self.grid, self.grid)] * len(self.sides)
         return [
             ((self.grid - s) // 2, (self.grid - s) // 2, (self.grid + s) // 2, (self.grid + s) // 2) for s in self.sides
@@ -99,8 +99,8 @@ class SpatialWindows(nn.Module):
 class SpatialFeatureExtractor(SpatialWindows):
     """Six multi-scale tokens from the patch grid: one full-window conv per crop (`cropping`) or pool (`pooling`)."""
 
-    def __init__(self, layout: str, vision_width: int, sp_width: int, grid: int, sides=None) -> None:
-        super().__init__(layout, grid, sides)
+    def __init__(self, window_layout: str, vision_width: int, sp_width: int, grid: int, sides=None) -> None:
+        super().__init__(window_layout, grid, sides)
         self.weights = nn.ParameterList(conv_weight(sp_width, vision_width, s) for s in self.sides)
 
     def full_window_weights(self) -> list[nn.Parameter]:
