@@ -192,8 +192,7 @@ def compose(
     cfg.choices = {g: choices[g] for g in GROUPS if g in choices} | ({"experiment": experiment} if experiment else {})
     given = {override_key(item) for item in field_overrides}
     derive_accumulation(cfg, explicit="trainer.accumulate_grad_batches" in given)
-    _fill_llm_defaults(cfg)
-    _fill_checkpoint_default(cfg)
+    _fill_open_defaults(cfg)
     _warn_unused_lora_overrides(cfg, given)
     _warn_unused_projector_overrides(cfg, given)
     validate(cfg)
@@ -210,20 +209,16 @@ def _registered(lookup, key):
         raise ConfigError(e.args[0]) from e
 
 
-def _fill_llm_defaults(cfg: DictConfig) -> None:
-    """What the LLM backbone decides when the config leaves it open (the model, not the stage, owns its format):
-    stage.template null -> its chat format; model.lora.target_modules empty -> its LoRA targets. Filled in, so a
-    saved config names what the run used."""
+def _fill_open_defaults(cfg: DictConfig) -> None:
+    """What the run decides when the config leaves it open, filled in so a saved config names what the run used.
+    The LLM backbone (the model, not the stage, owns its format): stage.template null -> its chat format;
+    model.lora.target_modules empty -> its LoRA targets. trainer.sharded_checkpoints null -> sharded exactly when
+    every LLM weight trains under FSDP (a gathered 7B full fine-tuning checkpoint is ~92 GB through rank 0)."""
     backbone = _registered(llm_backbone, cfg.model.llm)
     if cfg.stage.template is None:
         cfg.stage.template = backbone.chat_format
     if not cfg.model.lora.target_modules:
         cfg.model.lora.target_modules = list(backbone.lora_targets)
-
-
-def _fill_checkpoint_default(cfg: DictConfig) -> None:
-    """trainer.sharded_checkpoints left null: sharded exactly when every LLM weight trains under FSDP (a gathered
-    7B full fine-tuning checkpoint is ~92 GB through rank 0's memory); filled in, so a saved config says which."""
     if cfg.trainer.sharded_checkpoints is None:
         cfg.trainer.sharded_checkpoints = bool(cfg.stage.full_llm and cfg.trainer.strategy == "fsdp")
 
@@ -390,8 +385,7 @@ def from_container(container: Any, source: str, overrides: list[str] | tuple[str
     cfg = _merge(schema, container, schema, source)
     if overrides:
         cfg = _merge(cfg, parse_dotlist(overrides, "overrides"), schema, "overrides")
-    _fill_llm_defaults(cfg)
-    _fill_checkpoint_default(cfg)
+    _fill_open_defaults(cfg)
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg

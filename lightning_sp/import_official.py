@@ -32,7 +32,7 @@ import torch
 from lightning_sp.checkpoint import checkpoint_config, read_checkpoint, save_module_checkpoint
 from lightning_sp.config import compose, group_choices
 from lightning_sp.constants import IMAGE_TOKEN
-from lightning_sp.data.tokenizer import load_tokenizer
+from lightning_sp.data.tokenizer import run_tokenizer
 from lightning_sp.models.official import (
     VARIANTS,
     OfficialCheckpointError,
@@ -45,7 +45,6 @@ from lightning_sp.models.official import (
 )
 from lightning_sp.models.projectors import build_projector
 from lightning_sp.module import LlavaSPModule
-from lightning_sp.paths import resolve
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +308,7 @@ def import_official(
         f"projector.head_bias={'true' if variant == 'cropping' else 'false'}",
     ]
     cfg = compose([*fields, *overrides])
-    tok = load_tokenizer(str(resolve(cfg.model.tokenizer)))
+    tok = run_tokenizer(cfg)
     llm_config = AutoConfig.from_pretrained(
         cfg.model.llm.name_or_path, trust_remote_code=cfg.model.llm.trust_remote_code
     )

@@ -18,10 +18,9 @@ from lightning_sp import rng
 from lightning_sp.callbacks.throughput import batch_samples, batch_tokens
 from lightning_sp.checkpoint import checkpoint_config, read_checkpoint, resolve_checkpoint
 from lightning_sp.constants import IGNORE_INDEX, supervised_logit_positions
-from lightning_sp.data.tokenizer import load_tokenizer
+from lightning_sp.data.tokenizer import run_tokenizer
 from lightning_sp.distributed import BF16_PRECISIONS, FSDP2Strategy, describe_units, shard_model
 from lightning_sp.models.vlm import LlavaSP
-from lightning_sp.paths import resolve
 from lightning_sp.ranks import gather_objects
 from lightning_sp.trainable import llm_part, parameter_table, set_trainable
 
@@ -87,7 +86,7 @@ class LlavaSPModule(L.LightningModule):
         # Plain data only: checkpoints are read with torch.load(weights_only=True), which refuses a DictConfig.
         # Not sent to the logger: train.log_hparams logs the keys that differ between runs, with final metrics.
         self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True)}, logger=False)
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(resolve(cfg.model.tokenizer)))
+        self.tokenizer = tokenizer if tokenizer is not None else run_tokenizer(cfg)
         self.model = LlavaSP.from_config(cfg, self.tokenizer)
         set_trainable(self.model, cfg.stage)
         # Checkpoints hold trainable state only; frozen weights are rebuilt from the config on load.

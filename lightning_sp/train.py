@@ -253,7 +253,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
 
 def gathered_checkpoint_warning(cfg: DictConfig, module: LlavaSPModule) -> str | None:
     """What a full fine-tune under FSDP without sharded checkpoints costs at every checkpoint, or None. Left null,
-    trainer.sharded_checkpoints is on exactly there (config._fill_checkpoint_default); this speaks when a user turned
+    trainer.sharded_checkpoints is on exactly there (config._fill_open_defaults); this speaks when a user turned
     it off."""
     if not (cfg.stage.full_llm and cfg.trainer.strategy == "fsdp") or cfg.trainer.sharded_checkpoints:
         return None

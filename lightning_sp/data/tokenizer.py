@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from lightning_sp.constants import IMAGE_TOKEN
+from lightning_sp.paths import resolve
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 # Order fixes the ids: 0..4, matching Llama's unk/bos/eos = 0/1/2.
@@ -150,6 +151,12 @@ _GENERIC_ENGLISH = [
     'The text on the sign says "STOP". The number on the shirt is 23. The title of the book is unknown.',
     "Thank you for your question. I am not sure, but I believe that the object on the left is a bicycle.",
 ]
+
+
+def run_tokenizer(cfg) -> PreTrainedTokenizerFast:
+    """The tokenizer a run config names (``model.tokenizer``, repo-relative paths resolved): the one place a run's
+    tokenizer is loaded (LlavaSPModule, import-official)."""
+    return load_tokenizer(str(resolve(cfg.model.tokenizer)))
 
 
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
